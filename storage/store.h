@@ -1,0 +1,181 @@
+/* store.h — durable state of msad in one LMDB environment.
+ *
+ * Owns the environment, its named databases and the commit sequence. Holds
+ * collections (id, name, schema, counters), document records, text, metadata
+ * and pooled tensor blocks; knows nothing above it (no index, no protobuf).
+ * Threads: any number of read transactions from any thread (MDB_NOTLS); one
+ * write transaction at a time, owned by the engine's single writer thread.
+ * A txn handle and every view it returned must stay on the calling request and
+ * end before the request does.
+ *
+ * Layout (keys big-endian so cursor order is numeric order):
+ *   meta         "format" -> u32, "seq" -> u64, "next_coll" -> u32
+ *   coll_names   name -> coll_id (u32)
+ *   collections  coll_id -> collection record (schema, counters, created_seq)
+ *   docs         (coll_id u32, doc_id u64) -> document record
+ *   text, metadata (coll_id, doc_id) -> bytes
+ *   blocks       (coll_id, doc_id, layer_pos u16, kind u8) -> pooled tensor bytes
+ */
+#ifndef MSA_STORE_H
+#define MSA_STORE_H
+
+#include "msa_err.h"
+#include "schema.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct msa_store msa_store_t;
+typedef struct msa_store_txn msa_store_txn_t;
+
+typedef struct msa_store_opts {
+    uint64_t map_size;     /* initial LMDB map size in bytes (0 = 1 GiB) */
+    uint64_t map_max;      /* growth stops here; then writes get MSA_EFULL (0 = 1 TiB) */
+    unsigned max_readers;  /* LMDB reader slots (0 = 1024) */
+    bool nosync;           /* MDB_NOSYNC: commits are not fsync'd (explicit opt-in only) */
+    bool read_only;        /* open without taking the writer lock (tools, verify of a backup) */
+} msa_store_opts_t;
+
+/* Block kinds of one (document, layer). */
+typedef enum { MSA_BLOCK_K = 0, MSA_BLOCK_V = 1, MSA_BLOCK_R = 2 } msa_block_kind_t;
+
+typedef struct msa_coll_rec {
+    uint32_t id;                         /* never reused */
+    char name[MSA_MAX_NAME_LEN + 1];
+    uint64_t created_seq;
+    msa_schema_t schema;
+    uint64_t documents;                  /* live documents */
+    uint64_t chunks;                     /* sum of their chunks (index rows per layer) */
+    uint64_t tokens;                     /* sum of their tokens */
+    uint64_t bytes;                      /* tensor + text + metadata bytes */
+} msa_coll_rec_t;
+
+typedef struct msa_doc_rec {
+    uint64_t id;
+    uint64_t version;                    /* 1 on insert, +1 per replace */
+    uint32_t tokens;
+    uint32_t chunks;                     /* ceil(tokens / P) */
+    uint64_t created_seq;                /* commit that inserted the id */
+    uint64_t updated_seq;                /* commit that wrote this version */
+    int64_t updated_unix_ms;
+    uint64_t text_bytes;
+    uint64_t metadata_bytes;
+    uint64_t tensor_bytes;               /* all blocks of this version */
+} msa_doc_rec_t;
+
+/* A borrowed, zero-copy view into the map; valid until its txn ends. */
+typedef struct msa_store_view {
+    const void *data;
+    size_t len;
+} msa_store_view_t;
+
+/* One block to write: pooled tensor bytes of (layer_pos, kind). */
+typedef struct msa_store_block {
+    uint16_t layer_pos;                  /* index into schema.layers */
+    uint8_t kind;                        /* msa_block_kind_t */
+    const void *data;
+    size_t len;
+} msa_store_block_t;
+
+/* ---- environment ----------------------------------------------------------- */
+
+/* Opens (creating when missing) the store in directory dir and takes an
+ * exclusive lock on dir/msad.lock unless read_only. Errors: MSA_EIO (cannot
+ * create/lock: another msad owns it), MSA_ECORRUPT (not an msad store, wrong
+ * format version, damaged file), MSA_ENOMEM. st names the file at fault. */
+int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **out,
+                   msa_status_t *st);
+/* Closes; every txn must have ended. NULL is a no-op. */
+void msa_store_close(msa_store_t *s);
+/* Size of the data file in bytes. */
+uint64_t msa_store_file_bytes(const msa_store_t *s);
+/* Last committed sequence number (0 for a new store). */
+uint64_t msa_store_last_seq(const msa_store_t *s);
+
+/* ---- transactions ---------------------------------------------------------- */
+
+/* A read snapshot; *out's seq (msa_store_txn_seq) is the commit it sees.
+ * MSA_EFULL when every reader slot is taken. */
+int msa_store_read_begin(msa_store_t *s, msa_store_txn_t **out);
+/* The single write txn. Blocks while the map is being grown. */
+int msa_store_write_begin(msa_store_t *s, msa_store_txn_t **out);
+uint64_t msa_store_txn_seq(const msa_store_txn_t *t);
+/* Write txn: stores seq as the new commit sequence and commits (fsync unless
+ * nosync). On error the txn is gone and nothing was written. */
+int msa_store_commit(msa_store_txn_t *t, uint64_t seq);
+/* Ends a read txn, or rolls back a write txn. NULL is a no-op. */
+void msa_store_abort(msa_store_txn_t *t);
+
+/* Savepoints (nested LMDB txns) make one request of a group commit atomic:
+ * begin, apply its ops, then end with keep=true, or keep=false to undo them. */
+int msa_store_savepoint_begin(msa_store_txn_t *t);
+int msa_store_savepoint_end(msa_store_txn_t *t, bool keep);
+
+/* After MSA_EFULL from a write: call with no txn of this process open (the
+ * write txn aborted); doubles the map up to map_max. MSA_EFULL at the max. */
+int msa_store_grow(msa_store_t *s);
+
+/* ---- collections ----------------------------------------------------------- */
+
+/* Creates a collection (schema already validated); fills *out. MSA_EEXIST. */
+int msa_store_coll_create(msa_store_txn_t *w, const char *name, const msa_schema_t *schema,
+                          uint64_t seq, msa_coll_rec_t *out);
+/* Removes the collection and every record, text, metadata and block of it.
+ * Fills *out with the record as it was. MSA_ENOTFOUND. */
+int msa_store_coll_drop(msa_store_txn_t *w, const char *name, msa_coll_rec_t *out);
+int msa_store_coll_get(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out);
+int msa_store_coll_get_by_id(msa_store_txn_t *t, uint32_t id, msa_coll_rec_t *out);
+/* Calls fn for each collection in id order; stops at fn's first non-zero return
+ * and returns it. */
+int msa_store_coll_foreach(msa_store_txn_t *t,
+                           int (*fn)(void *arg, const msa_coll_rec_t *c), void *arg);
+
+/* ---- documents ------------------------------------------------------------- */
+
+int msa_store_doc_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_doc_rec_t *out);
+/* Writes rec, text, metadata and blocks of one document version, replacing
+ * every block of an earlier version, and adjusts the collection's counters.
+ * rec->tensor_bytes must equal the sum of blocks' lengths. */
+int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t *rec,
+                      const void *text, size_t text_len, const void *meta, size_t meta_len,
+                      const msa_store_block_t *blocks, size_t n_blocks);
+/* Removes a document and all its data; adjusts counters. MSA_ENOTFOUND. */
+int msa_store_doc_delete(msa_store_txn_t *w, uint32_t coll_id, uint64_t doc_id);
+/* Up to limit records with id > after_id, ascending; *next_after is the last id
+ * returned when more remain, else 0. */
+int msa_store_doc_list(msa_store_txn_t *t, uint32_t coll_id, uint64_t after_id, uint32_t limit,
+                       msa_doc_rec_t *out, uint32_t *n_out, uint64_t *next_after);
+/* Calls fn for every document of the collection in id order (index rebuild). */
+int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
+                          int (*fn)(void *arg, const msa_doc_rec_t *d), void *arg);
+
+int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
+int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
+int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
+                        msa_block_kind_t kind, msa_store_view_t *out);
+
+/* ---- maintenance ----------------------------------------------------------- */
+
+/* Writes a consistent copy of the live store into the directory path (created;
+ * must not exist), compacting when asked; the copy is itself a store that
+ * msa_store_open accepts. *seq is the commit the copy holds. */
+int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq,
+                     uint64_t *bytes, msa_status_t *st);
+
+/* Checks records against blocks (presence and byte sizes per schema), text and
+ * metadata sizes, orphan blocks, and collection counters, for one collection
+ * (coll_id != 0) or all. Each problem is a malloc'd string appended to
+ * *problems (a malloc'd array, free with msa_store_problems_free). */
+int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, char ***problems,
+                     size_t *n_problems);
+void msa_store_problems_free(char **problems, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
