@@ -1,0 +1,61 @@
+/* config.h — msad's options: command-line flags and a config file with the
+ * same keys (`key = value` lines, # comments; flags win over the file; a
+ * repeatable key such as listen may appear several times).
+ *
+ * Parsing is pure apart from reading the config file; no globals. The result
+ * owns its strings: free with msa_rpc_opts_free.
+ */
+#ifndef MSA_RPC_CONFIG_H
+#define MSA_RPC_CONFIG_H
+
+#include "engine.h"
+#include "msa_err.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MSA_RPC_DEFAULT_LISTEN "127.0.0.1:7420"
+#define MSA_RPC_DEFAULT_DATA "./msa-data"
+
+typedef enum { MSA_RPC_RUN = 0, MSA_RPC_HELP = 1, MSA_RPC_VERSION = 2 } msa_rpc_action_t;
+
+typedef struct msa_rpc_opts {
+    msa_rpc_action_t action;
+    char *config;              /* --config F */
+    char *data_dir;            /* --data DIR */
+    char **listen;             /* --listen ADDR (repeatable) */
+    size_t n_listen;
+    msa_backend_kind_t backend;/* --backend auto|cpu|cuda */
+    unsigned threads;          /* --threads N: pollers and engine compute threads (0 = cores) */
+    unsigned handlers;         /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
+    unsigned max_queue;        /* --max-queue N: calls waiting for a handler (0 = 4096) */
+    char *tokens_file;         /* --tokens-file F */
+    char *tls_cert, *tls_key;  /* --tls-cert F --tls-key F */
+    char *tls_client_ca;       /* --tls-client-ca F */
+    char *backup_dir;          /* --backup-dir DIR */
+    unsigned max_message_mb;   /* --max-message-mb N (1..2047, default 256) */
+    bool nosync;               /* --sync full|nosync */
+    unsigned map_max_gb;       /* --map-max-gb N (0 = engine default) */
+    unsigned shutdown_grace_s; /* --shutdown-grace S: then in-flight calls are cancelled (30) */
+    char *metrics;             /* --metrics ADDR */
+    char *log_level;           /* --log-level debug|info|warn|error */
+    bool log_json;             /* --log-format text|json */
+} msa_rpc_opts_t;
+
+/* Parses argv (and the --config file it names). On MSA_EINVAL st holds a
+ * message for the user (exit 2); MSA_EIO when the config file cannot be read.
+ * *o is filled with defaults first and must be freed in every case. */
+int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *st);
+void msa_rpc_opts_free(msa_rpc_opts_t *o);
+/* Prints the --help text. */
+void msa_rpc_opts_usage(FILE *f);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,79 @@
+/* server.h — msad's gRPC face: a server on the gRPC core C API that serves
+ * msa.v1.Memory, msa.v1.Admin and grpc.health.v1.Health/Check over an engine.
+ *
+ * Threads. N completion-queue threads ("pollers", default one per core), each
+ * with its own completion queue and its own requested calls for every method.
+ * A poller never runs engine work: when a call arrives it checks shutdown,
+ * auth and deadline, then hands the call to a pool of handler threads
+ * (default 4 per poller, at least 16) through a bounded queue (full ->
+ * RESOURCE_EXHAUSTED "too many concurrent requests"). A handler decodes,
+ * calls the engine (which may block: Write waits for its group commit's
+ * fsync, reads may wait for min_seq), encodes and starts the reply batch; the
+ * batch completes on the call's poller, which records metrics and frees the
+ * call. So a slow fsync or min_seq wait occupies one handler thread, never a
+ * poller, and the other handlers keep serving. Health checks are answered on
+ * the poller itself, so probes work even when every handler is busy.
+ *
+ * Lifecycle: _start (listening, threads running) -> _shutdown (stop
+ * accepting, finish in-flight calls, join threads) -> _destroy.
+ */
+#ifndef MSA_RPC_SERVER_H
+#define MSA_RPC_SERVER_H
+
+#include "auth.h"
+#include "engine.h"
+#include "metrics.h"
+#include "msa_err.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct msa_rpc_server msa_rpc_server_t;
+
+typedef struct msa_rpc_server_opts {
+    const char *const *listen;   /* "HOST:PORT" or "unix:/path"; port 0 picks a free one */
+    size_t n_listen;
+    unsigned pollers;            /* completion-queue threads (0 = online CPUs) */
+    unsigned handlers;           /* handler threads (0 = max(16, 4 * pollers)) */
+    unsigned max_queue;          /* calls waiting for a handler at most (0 = 4096) */
+    size_t max_message;          /* bytes, both directions (0 = 256 MiB; at most 2 GiB - 1) */
+    const msa_rpc_auth_t *auth;  /* NULL: no tokens required; borrowed for the server's life */
+    const char *tls_cert_pem;    /* PEM contents; NULL: plaintext */
+    const char *tls_key_pem;
+    const char *tls_client_ca_pem; /* non-NULL: clients must present a certificate it signed */
+} msa_rpc_server_opts_t;
+
+/* Maps an MSA_E* code to its gRPC status code: the one place where this
+ * happens (SEMANTICS "Validation and errors"). */
+int msa_rpc_grpc_status(int msa_code);
+
+/* Creates the server, binds every listen address and starts the threads.
+ * Bound addresses (with the real port when 0 was asked) are available from
+ * msa_rpc_server_bound. Errors: MSA_EIO (cannot bind: st names the address),
+ * MSA_EINVAL (bad option), MSA_ENOMEM. The engine is borrowed and must
+ * outlive the server. */
+int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
+                         msa_rpc_server_t **out, msa_status_t *st);
+
+/* The i-th bound address as printed in the "listening on" line, or NULL. */
+const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i);
+
+const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s);
+
+/* Graceful stop: no new connections or calls (late arrivals get
+ * UNAVAILABLE), calls in flight run to completion; after grace_ms the rest are
+ * cancelled. Returns when every thread has been joined. The engine is not
+ * touched: close it afterwards. Idempotent. */
+void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms);
+
+/* Shuts down when still running, then frees everything. NULL is a no-op. */
+void msa_rpc_server_destroy(msa_rpc_server_t *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,1734 @@
+/* store.c — the LMDB store behind store.h.
+ *
+ * One environment per data directory, seven named databases, keys big-endian
+ * and records explicit little-endian with a leading version byte. LMDB error
+ * codes are translated here and nowhere else. A process-local rwlock (the
+ * "gate") lets msa_store_grow remap the file while no transaction can point
+ * into the old mapping.
+ */
+#define _GNU_SOURCE /* pthread_rwlockattr_setkind_np */
+
+#include "store.h"
+
+#include "tensor.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define STORE_FORMAT 1u
+#define COLL_REC_VERSION 1u
+#define DOC_REC_VERSION 1u
+#define DOC_REC_LEN 73u /* version byte + 8 u64/i64 + 2 u32 */
+#define COLL_REC_FIXED 46u /* version, id, created_seq, 4 counters, name length */
+#define DEFAULT_MAP_SIZE (1ull << 30)
+#define DEFAULT_MAP_MAX (1ull << 40)
+#define DEFAULT_MAX_READERS 1024u
+#define MAX_DBS 16
+#define DOC_KEY_LEN 12u   /* coll_id u32 + doc_id u64 */
+#define BLOCK_KEY_LEN 15u /* + layer_pos u16 + kind u8 */
+#define VERIFY_MAX_PROBLEMS 1000u
+
+static const char KEY_FORMAT[] = "format";
+static const char KEY_SEQ[] = "seq";
+static const char KEY_NEXT_COLL[] = "next_coll";
+
+struct msa_store {
+    MDB_env *st_env;
+    MDB_dbi st_meta;          /* "meta": format, seq, next_coll */
+    MDB_dbi st_names;         /* "coll_names": name -> coll_id */
+    MDB_dbi st_colls;         /* "collections": coll_id -> collection record */
+    MDB_dbi st_docs;          /* "docs": (coll_id, doc_id) -> document record */
+    MDB_dbi st_text;          /* "text": (coll_id, doc_id) -> bytes */
+    MDB_dbi st_metadata;      /* "metadata": (coll_id, doc_id) -> bytes */
+    MDB_dbi st_blocks;        /* "blocks": (coll_id, doc_id, layer_pos, kind) -> bytes */
+    pthread_rwlock_t st_gate; /* shared by every txn, exclusive while the map is resized */
+    int st_lock_fd;           /* flock'd dir/msad.lock; -1 when read_only */
+    bool st_read_only;
+    uint64_t st_map_size;     /* bytes; changed only under the exclusive gate */
+    uint64_t st_map_max;      /* bytes */
+    _Atomic uint64_t st_last_seq; /* last committed seq, read by any thread */
+    atomic_bool st_broken;    /* MDB_PANIC seen: every later txn gets MSA_EBROKEN */
+    char *st_dir;
+    char *st_data_path;       /* dir/data.mdb */
+};
+
+struct msa_store_txn {
+    msa_store_t *tx_store;
+    MDB_txn *tx_root;
+    MDB_txn *tx_child;  /* the open savepoint, or NULL */
+    bool tx_write;
+    int tx_err;         /* first failure that left the root txn half-written */
+    int tx_child_err;   /* the same for the open savepoint */
+    uint64_t tx_seq;    /* snapshot seq (read) or last committed seq at begin (write) */
+};
+
+/* ==== errors ================================================================= */
+
+/* The one place where LMDB's codes become ours. MDB_PANIC means the environment
+ * can no longer be trusted, so it marks the store broken for every later txn. */
+static int xlate(msa_store_t *s, int rc)
+{
+    switch (rc) {
+    case MDB_SUCCESS:
+        return MSA_OK;
+    case MDB_MAP_FULL:
+    case MDB_READERS_FULL:
+    case MDB_TXN_FULL: /* too many dirty pages in one txn: also a resource limit */
+        return MSA_EFULL;
+    case MDB_NOTFOUND:
+        return MSA_ENOTFOUND;
+    case MDB_KEYEXIST:
+        return MSA_EEXIST;
+    case MDB_INVALID:
+    case MDB_CORRUPTED:
+    case MDB_VERSION_MISMATCH:
+    case MDB_PAGE_NOTFOUND:
+    case MDB_INCOMPATIBLE:
+        return MSA_ECORRUPT;
+    case MDB_PANIC:
+        if (s) atomic_store(&s->st_broken, true);
+        return MSA_EBROKEN;
+    case ENOMEM:
+        return MSA_ENOMEM;
+    default:
+        return MSA_EIO;
+    }
+}
+
+/* ==== encoding =============================================================== */
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint32_t get_le32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static uint64_t get_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (24 - 8 * i));
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (56 - 8 * i));
+}
+
+static uint16_t get_be16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 0; i < 4; i++) v = v << 8 | p[i];
+    return v;
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = v << 8 | p[i];
+    return v;
+}
+
+static void doc_key(uint8_t k[DOC_KEY_LEN], uint32_t coll_id, uint64_t doc_id)
+{
+    put_be32(k, coll_id);
+    put_be64(k + 4, doc_id);
+}
+
+static void block_key(uint8_t k[BLOCK_KEY_LEN], uint32_t coll_id, uint64_t doc_id,
+                      uint16_t layer_pos, uint8_t kind)
+{
+    doc_key(k, coll_id, doc_id);
+    put_be16(k + 12, layer_pos);
+    k[14] = kind;
+}
+
+static MDB_val mval(const void *p, size_t n)
+{
+    MDB_val v = {n, (void *)p};
+    return v;
+}
+
+/* Collection record v1: u8 version, u32 id, u64 created_seq, u64 documents,
+ * chunks, tokens, bytes, u8 name_len, name, u32 schema_len, schema encoding.
+ * Returns the encoded length; buf holds COLL_REC_FIXED + 64 + 4 + MSA_SCHEMA_ENC_MAX. */
+#define COLL_REC_MAX (COLL_REC_FIXED + MSA_MAX_NAME_LEN + 4 + MSA_SCHEMA_ENC_MAX)
+
+static size_t coll_encode(const msa_coll_rec_t *c, uint8_t *buf)
+{
+    size_t nlen = strnlen(c->name, MSA_MAX_NAME_LEN);
+    uint8_t *p = buf;
+    *p++ = COLL_REC_VERSION;
+    put_le32(p, c->id), p += 4;
+    put_le64(p, c->created_seq), p += 8;
+    put_le64(p, c->documents), p += 8;
+    put_le64(p, c->chunks), p += 8;
+    put_le64(p, c->tokens), p += 8;
+    put_le64(p, c->bytes), p += 8;
+    *p++ = (uint8_t)nlen;
+    memcpy(p, c->name, nlen), p += nlen;
+    size_t slen = msa_schema_encode(&c->schema, p + 4);
+    put_le32(p, (uint32_t)slen), p += 4 + slen;
+    return (size_t)(p - buf);
+}
+
+static int coll_decode(const MDB_val *v, msa_coll_rec_t *out)
+{
+    const uint8_t *p = v->mv_data;
+    size_t len = v->mv_size;
+    if (len < COLL_REC_FIXED || p[0] != COLL_REC_VERSION) return MSA_ECORRUPT;
+    size_t nlen = p[COLL_REC_FIXED - 1];
+    if (nlen == 0 || nlen > MSA_MAX_NAME_LEN || len < COLL_REC_FIXED + nlen + 4) return MSA_ECORRUPT;
+    const uint8_t *sp = p + COLL_REC_FIXED + nlen;
+    size_t slen = get_le32(sp);
+    if (len != COLL_REC_FIXED + nlen + 4 + slen) return MSA_ECORRUPT;
+    if (memchr(p + COLL_REC_FIXED, '\0', nlen)) return MSA_ECORRUPT;
+
+    msa_coll_rec_t c;
+    memset(&c, 0, sizeof c);
+    if (msa_schema_decode(sp + 4, slen, &c.schema) != MSA_OK) return MSA_ECORRUPT;
+    c.id = get_le32(p + 1);
+    c.created_seq = get_le64(p + 5);
+    c.documents = get_le64(p + 13);
+    c.chunks = get_le64(p + 21);
+    c.tokens = get_le64(p + 29);
+    c.bytes = get_le64(p + 37);
+    memcpy(c.name, p + COLL_REC_FIXED, nlen);
+    c.name[nlen] = '\0';
+    *out = c;
+    return MSA_OK;
+}
+
+/* Document record v1: u8 version, u64 id, u64 version, u32 tokens, u32 chunks,
+ * u64 created_seq, u64 updated_seq, i64 updated_unix_ms, u64 text_bytes,
+ * u64 metadata_bytes, u64 tensor_bytes. */
+static void doc_encode(const msa_doc_rec_t *d, uint8_t buf[DOC_REC_LEN])
+{
+    uint8_t *p = buf;
+    *p++ = DOC_REC_VERSION;
+    put_le64(p, d->id), p += 8;
+    put_le64(p, d->version), p += 8;
+    put_le32(p, d->tokens), p += 4;
+    put_le32(p, d->chunks), p += 4;
+    put_le64(p, d->created_seq), p += 8;
+    put_le64(p, d->updated_seq), p += 8;
+    put_le64(p, (uint64_t)d->updated_unix_ms), p += 8;
+    put_le64(p, d->text_bytes), p += 8;
+    put_le64(p, d->metadata_bytes), p += 8;
+    put_le64(p, d->tensor_bytes), p += 8;
+    msa_assert(p - buf == DOC_REC_LEN);
+}
+
+static int doc_decode(const MDB_val *v, msa_doc_rec_t *out)
+{
+    const uint8_t *p = v->mv_data;
+    if (v->mv_size != DOC_REC_LEN || p[0] != DOC_REC_VERSION) return MSA_ECORRUPT;
+    p++;
+    out->id = get_le64(p), p += 8;
+    out->version = get_le64(p), p += 8;
+    out->tokens = get_le32(p), p += 4;
+    out->chunks = get_le32(p), p += 4;
+    out->created_seq = get_le64(p), p += 8;
+    out->updated_seq = get_le64(p), p += 8;
+    out->updated_unix_ms = (int64_t)get_le64(p), p += 8;
+    out->text_bytes = get_le64(p), p += 8;
+    out->metadata_bytes = get_le64(p), p += 8;
+    out->tensor_bytes = get_le64(p);
+    return MSA_OK;
+}
+
+/* ==== the gate =============================================================== */
+
+/* A thread that already holds the gate shared must not ask for it again: with
+ * a writer-preferring rwlock, the second request would wait behind a pending
+ * grow that itself waits for the first hold, a deadlock. So each thread counts
+ * its holds per store and takes the lock only on the first. Writer preference
+ * is needed so a steady stream of readers cannot starve msa_store_grow. */
+#define GATE_SLOTS 4
+
+static _Thread_local struct {
+    const msa_store_t *store;
+    unsigned depth;
+} gate_held[GATE_SLOTS];
+
+static bool gate_held_by_me(const msa_store_t *s)
+{
+    for (int i = 0; i < GATE_SLOTS; i++)
+        if (gate_held[i].store == s && gate_held[i].depth > 0) return true;
+    return false;
+}
+
+static void gate_enter(msa_store_t *s)
+{
+    for (int i = 0; i < GATE_SLOTS; i++) {
+        if (gate_held[i].store == s && gate_held[i].depth > 0) {
+            gate_held[i].depth++;
+            return;
+        }
+    }
+    msa_assert(pthread_rwlock_rdlock(&s->st_gate) == 0);
+    /* With every slot in use (txns on more than GATE_SLOTS stores at once) the
+     * hold goes uncounted; it still balances because gate_leave then finds no
+     * slot and unlocks. */
+    for (int i = 0; i < GATE_SLOTS; i++) {
+        if (gate_held[i].depth == 0) {
+            gate_held[i].store = s;
+            gate_held[i].depth = 1;
+            return;
+        }
+    }
+}
+
+static void gate_leave(msa_store_t *s)
+{
+    for (int i = 0; i < GATE_SLOTS; i++) {
+        if (gate_held[i].store == s && gate_held[i].depth > 0) {
+            if (--gate_held[i].depth == 0) {
+                gate_held[i].store = NULL;
+                pthread_rwlock_unlock(&s->st_gate);
+            }
+            return;
+        }
+    }
+    pthread_rwlock_unlock(&s->st_gate);
+}
+
+/* ==== small LMDB helpers ===================================================== */
+
+/* Every operation goes to the savepoint while one is open: LMDB refuses the
+ * parent of an open nested txn. */
+static MDB_txn *cur(const msa_store_txn_t *t)
+{
+    return t->tx_child ? t->tx_child : t->tx_root;
+}
+
+/* Records a failure that may have left the current level half-written, so a
+ * later commit (or savepoint keep) refuses it instead of persisting half an op. */
+static int poison(msa_store_txn_t *t, int rc)
+{
+    if (rc == MSA_OK) return rc;
+    if (t->tx_child) {
+        if (!t->tx_child_err) t->tx_child_err = rc;
+    } else if (!t->tx_err) {
+        t->tx_err = rc;
+    }
+    return rc;
+}
+
+static int level_err(const msa_store_txn_t *t)
+{
+    return t->tx_child ? t->tx_child_err : t->tx_err;
+}
+
+static int meta_get_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_t width,
+                        uint64_t *out)
+{
+    MDB_val k = mval(key, strlen(key)), v;
+    int rc = mdb_get(txn, s->st_meta, &k, &v);
+    if (rc == MDB_NOTFOUND) return MSA_ECORRUPT; /* every store has all meta keys */
+    if (rc) return xlate(s, rc);
+    if (v.mv_size != width) return MSA_ECORRUPT;
+    *out = width == 4 ? get_le32(v.mv_data) : get_le64(v.mv_data);
+    return MSA_OK;
+}
+
+static int meta_put_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_t width, uint64_t val)
+{
+    uint8_t buf[8];
+    if (width == 4)
+        put_le32(buf, (uint32_t)val);
+    else
+        put_le64(buf, val);
+    MDB_val k = mval(key, strlen(key)), v = mval(buf, width);
+    return xlate(s, mdb_put(txn, s->st_meta, &k, &v, 0));
+}
+
+/* Deletes every key of dbi that starts with prefix. After mdb_cursor_del the
+ * cursor already rests on the next key, so the walk reads on from there; a
+ * fresh seek confirms that the range is empty before it stops, which keeps the
+ * result right even where LMDB's cursor state after a delete at a page edge
+ * is not what this loop expects. */
+static int del_prefix(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix,
+                      size_t plen)
+{
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(txn, dbi, &c);
+    if (rc) return xlate(s, rc);
+    MDB_val k, v;
+    bool seek = true;
+    for (;;) {
+        if (seek) {
+            k = mval(prefix, plen);
+            rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE);
+        } else {
+            rc = mdb_cursor_get(c, &k, &v, MDB_GET_CURRENT);
+            if (rc == MDB_NOTFOUND || rc == EINVAL) {
+                seek = true;
+                continue;
+            }
+        }
+        if (rc == MDB_NOTFOUND) {
+            rc = MDB_SUCCESS;
+            break;
+        }
+        if (rc) break;
+        if (k.mv_size < plen || memcmp(k.mv_data, prefix, plen) != 0) {
+            if (seek) break;
+            seek = true;
+            continue;
+        }
+        rc = mdb_cursor_del(c, 0);
+        if (rc) break;
+        seek = false;
+    }
+    mdb_cursor_close(c);
+    return xlate(s, rc);
+}
+
+static int coll_get_id_txn(msa_store_t *s, MDB_txn *txn, uint32_t id, msa_coll_rec_t *out)
+{
+    uint8_t key[4];
+    put_be32(key, id);
+    MDB_val k = mval(key, 4), v;
+    int rc = mdb_get(txn, s->st_colls, &k, &v);
+    if (rc) return xlate(s, rc);
+    rc = coll_decode(&v, out);
+    if (rc == MSA_OK && out->id != id) rc = MSA_ECORRUPT;
+    return rc;
+}
+
+static int coll_put_txn(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c)
+{
+    uint8_t key[4], buf[COLL_REC_MAX];
+    put_be32(key, c->id);
+    MDB_val k = mval(key, 4), v = mval(buf, coll_encode(c, buf));
+    return xlate(s, mdb_put(txn, s->st_colls, &k, &v, 0));
+}
+
+static int doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint64_t doc_id,
+                       msa_doc_rec_t *out)
+{
+    uint8_t key[DOC_KEY_LEN];
+    doc_key(key, coll_id, doc_id);
+    MDB_val k = mval(key, DOC_KEY_LEN), v;
+    int rc = mdb_get(txn, s->st_docs, &k, &v);
+    if (rc) return xlate(s, rc);
+    return doc_decode(&v, out);
+}
+
+static uint64_t sub_sat(uint64_t a, uint64_t b)
+{
+    return a > b ? a - b : 0;
+}
+
+/* Adds (sign > 0) or removes (sign < 0) one document's share of the counters.
+ * Removal saturates at zero so a damaged counter cannot wrap to 2^64; verify
+ * reports the mismatch. */
+static void coll_account(msa_coll_rec_t *c, const msa_doc_rec_t *d, int sign)
+{
+    uint64_t bytes = d->tensor_bytes + d->text_bytes + d->metadata_bytes;
+    if (sign > 0) {
+        c->documents += 1;
+        c->chunks += d->chunks;
+        c->tokens += d->tokens;
+        c->bytes += bytes;
+    } else {
+        c->documents = sub_sat(c->documents, 1);
+        c->chunks = sub_sat(c->chunks, d->chunks);
+        c->tokens = sub_sat(c->tokens, d->tokens);
+        c->bytes = sub_sat(c->bytes, bytes);
+    }
+}
+
+/* ==== environment ============================================================ */
+
+static char *path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* mkdir -p with mode 0700 for the directories it creates. */
+static int mkdir_p(const char *dir)
+{
+    char *tmp = strdup(dir);
+    if (!tmp) return ENOMEM;
+    int err = 0;
+    for (char *p = tmp + 1; ; p++) {
+        if (*p == '/' || *p == '\0') {
+            char c = *p;
+            *p = '\0';
+            if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+                err = errno;
+                break;
+            }
+            *p = c;
+            if (c == '\0') break;
+        }
+    }
+    free(tmp);
+    if (err) return err;
+    struct stat sb;
+    if (stat(dir, &sb) != 0) return errno;
+    return S_ISDIR(sb.st_mode) ? 0 : ENOTDIR;
+}
+
+static int open_dbi(msa_store_t *s, MDB_txn *txn, const char *name, unsigned flags, MDB_dbi *out,
+                    msa_status_t *st)
+{
+    int rc = mdb_dbi_open(txn, name, flags, out);
+    if (rc == MDB_NOTFOUND || rc == MDB_INCOMPATIBLE)
+        return msa_status_set(st, MSA_ECORRUPT, "%s: not an msad store (database '%s' missing)",
+                              s->st_data_path, name);
+    if (rc)
+        return msa_status_set(st, xlate(s, rc), "%s: cannot open database '%s': %s",
+                              s->st_data_path, name, mdb_strerror(rc));
+    return MSA_OK;
+}
+
+/* Opens the named databases, creating them and the meta keys in a new store,
+ * and checks the format of an existing one. */
+static int setup_dbs(msa_store_t *s, msa_status_t *st)
+{
+    MDB_txn *txn = NULL;
+    int rc = mdb_txn_begin(s->st_env, NULL, s->st_read_only ? MDB_RDONLY : 0, &txn);
+    if (rc) {
+        rc = msa_status_set(st, xlate(s, rc), "%s: cannot begin txn: %s", s->st_data_path,
+                            mdb_strerror(rc));
+        goto fail;
+    }
+    bool fresh = false;
+    rc = mdb_dbi_open(txn, "meta", 0, &s->st_meta);
+    if (rc == MDB_NOTFOUND && !s->st_read_only) {
+        /* A new environment has an empty main database. Anything else is some
+         * other program's LMDB file, which must not be turned into a store. */
+        MDB_stat ms;
+        rc = mdb_stat(txn, 0, &ms);
+        if (rc) {
+            rc = msa_status_set(st, xlate(s, rc), "%s: %s", s->st_data_path, mdb_strerror(rc));
+            goto fail;
+        }
+        if (ms.ms_entries != 0) {
+            rc = msa_status_set(st, MSA_ECORRUPT, "%s: an LMDB file but not an msad store",
+                                s->st_data_path);
+            goto fail;
+        }
+        fresh = true;
+        rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &s->st_meta);
+    }
+    if (rc == MDB_NOTFOUND || rc == MDB_INCOMPATIBLE) {
+        rc = msa_status_set(st, MSA_ECORRUPT, "%s: not an msad store (no meta database)",
+                            s->st_data_path);
+        goto fail;
+    }
+    if (rc) {
+        rc = msa_status_set(st, xlate(s, rc), "%s: cannot open database 'meta': %s",
+                            s->st_data_path, mdb_strerror(rc));
+        goto fail;
+    }
+
+    unsigned flags = fresh ? MDB_CREATE : 0;
+    if ((rc = open_dbi(s, txn, "coll_names", flags, &s->st_names, st)) ||
+        (rc = open_dbi(s, txn, "collections", flags, &s->st_colls, st)) ||
+        (rc = open_dbi(s, txn, "docs", flags, &s->st_docs, st)) ||
+        (rc = open_dbi(s, txn, "text", flags, &s->st_text, st)) ||
+        (rc = open_dbi(s, txn, "metadata", flags, &s->st_metadata, st)) ||
+        (rc = open_dbi(s, txn, "blocks", flags, &s->st_blocks, st)))
+        goto fail;
+
+    if (fresh) {
+        if ((rc = meta_put_u64(s, txn, KEY_FORMAT, 4, STORE_FORMAT)) ||
+            (rc = meta_put_u64(s, txn, KEY_SEQ, 8, 0)) ||
+            (rc = meta_put_u64(s, txn, KEY_NEXT_COLL, 4, 1))) {
+            rc = msa_status_set(st, rc, "%s: cannot initialise the store: %s", s->st_data_path,
+                                msa_strerror(rc));
+            goto fail;
+        }
+    }
+    uint64_t format = 0, seq = 0, next = 0;
+    if ((rc = meta_get_u64(s, txn, KEY_FORMAT, 4, &format))) {
+        rc = msa_status_set(st, rc, "%s: store format unreadable: %s", s->st_data_path,
+                            msa_strerror(rc));
+        goto fail;
+    }
+    if (format != STORE_FORMAT) {
+        rc = msa_status_set(st, MSA_ECORRUPT, "%s: unsupported store format %llu",
+                            s->st_data_path, (unsigned long long)format);
+        goto fail;
+    }
+    if ((rc = meta_get_u64(s, txn, KEY_SEQ, 8, &seq)) ||
+        (rc = meta_get_u64(s, txn, KEY_NEXT_COLL, 4, &next))) {
+        rc = msa_status_set(st, rc, "%s: meta database damaged: %s", s->st_data_path,
+                            msa_strerror(rc));
+        goto fail;
+    }
+    atomic_store(&s->st_last_seq, seq);
+    /* Commit keeps the dbi handles for later txns, also for a read-only txn. */
+    rc = mdb_txn_commit(txn);
+    txn = NULL;
+    if (rc) {
+        rc = msa_status_set(st, xlate(s, rc), "%s: cannot commit setup: %s", s->st_data_path,
+                            mdb_strerror(rc));
+        goto fail;
+    }
+    return MSA_OK;
+
+fail:
+    mdb_txn_abort(txn);
+    return rc;
+}
+
+int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **out,
+                   msa_status_t *st)
+{
+    msa_store_opts_t o = {0};
+    if (opts) o = *opts;
+    if (!o.map_size) o.map_size = DEFAULT_MAP_SIZE;
+    if (!o.map_max) o.map_max = DEFAULT_MAP_MAX;
+    if (!o.max_readers) o.max_readers = DEFAULT_MAX_READERS;
+    /* Page-size multiples keep LMDB's page arithmetic exact. */
+    o.map_size = (o.map_size + 4095) & ~4095ull;
+    o.map_max = (o.map_max + 4095) & ~4095ull;
+    if (o.map_max < o.map_size) o.map_max = o.map_size;
+
+    *out = NULL;
+    msa_status_clear(st);
+    int rc;
+    msa_store_t *s = calloc(1, sizeof *s);
+    if (!s) return msa_status_set(st, MSA_ENOMEM, "out of memory opening %s", dir);
+    s->st_lock_fd = -1;
+    s->st_read_only = o.read_only;
+    s->st_map_max = o.map_max;
+    bool gate_init = false;
+
+    s->st_dir = strdup(dir);
+    s->st_data_path = path_join(dir, "data.mdb");
+    if (!s->st_dir || !s->st_data_path) {
+        rc = msa_status_set(st, MSA_ENOMEM, "out of memory opening %s", dir);
+        goto fail;
+    }
+
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    rc = pthread_rwlock_init(&s->st_gate, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    if (rc) {
+        rc = msa_status_set(st, MSA_ENOMEM, "cannot create the store lock: %s", strerror(rc));
+        goto fail;
+    }
+    gate_init = true;
+
+    if (!o.read_only) {
+        int err = mkdir_p(dir);
+        if (err) {
+            rc = msa_status_set(st, MSA_EIO, "cannot create data dir %s: %s", dir, strerror(err));
+            goto fail;
+        }
+        char *lock_path = path_join(dir, "msad.lock");
+        if (!lock_path) {
+            rc = msa_status_set(st, MSA_ENOMEM, "out of memory opening %s", dir);
+            goto fail;
+        }
+        s->st_lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        err = errno;
+        free(lock_path);
+        if (s->st_lock_fd < 0) {
+            rc = msa_status_set(st, MSA_EIO, "cannot open %s/msad.lock: %s", dir, strerror(err));
+            goto fail;
+        }
+        if (flock(s->st_lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            err = errno;
+            if (err == EWOULDBLOCK)
+                rc = msa_status_set(st, MSA_EIO, "data dir %s is in use by another msad", dir);
+            else
+                rc = msa_status_set(st, MSA_EIO, "cannot lock %s/msad.lock: %s", dir,
+                                    strerror(err));
+            goto fail;
+        }
+    } else {
+        struct stat sb;
+        if (stat(s->st_data_path, &sb) != 0) {
+            rc = msa_status_set(st, MSA_EIO, "%s: %s", s->st_data_path, strerror(errno));
+            goto fail;
+        }
+    }
+
+    /* The map size is set after opening: LMDB then starts from the size the
+     * file last had (it records grown sizes), and we raise it to map_size. */
+    if ((rc = mdb_env_create(&s->st_env)) || (rc = mdb_env_set_maxdbs(s->st_env, MAX_DBS)) ||
+        (rc = mdb_env_set_maxreaders(s->st_env, o.max_readers))) {
+        rc = msa_status_set(st, xlate(s, rc), "%s: cannot set up LMDB: %s", dir, mdb_strerror(rc));
+        goto fail;
+    }
+    unsigned flags = MDB_NOTLS | (o.nosync ? MDB_NOSYNC : 0) | (o.read_only ? MDB_RDONLY : 0);
+    rc = mdb_env_open(s->st_env, dir, flags, 0600);
+    if (rc) {
+        int code = xlate(s, rc);
+        if (code == MSA_ECORRUPT)
+            rc = msa_status_set(st, code, "%s: not an LMDB store or damaged: %s", s->st_data_path,
+                                mdb_strerror(rc));
+        else
+            rc = msa_status_set(st, code, "%s: cannot open: %s", s->st_data_path,
+                                mdb_strerror(rc));
+        goto fail;
+    }
+
+    /* A data file shorter than the pages its meta page claims would make LMDB
+     * read past the end of the mapping (SIGBUS). Refuse it here instead. */
+    MDB_envinfo info;
+    MDB_stat ms;
+    struct stat sb;
+    if ((rc = mdb_env_info(s->st_env, &info)) || (rc = mdb_env_stat(s->st_env, &ms))) {
+        rc = msa_status_set(st, xlate(s, rc), "%s: %s", s->st_data_path, mdb_strerror(rc));
+        goto fail;
+    }
+    if (stat(s->st_data_path, &sb) != 0) {
+        rc = msa_status_set(st, MSA_EIO, "%s: %s", s->st_data_path, strerror(errno));
+        goto fail;
+    }
+    uint64_t need = ((uint64_t)info.me_last_pgno + 1) * ms.ms_psize;
+    if ((uint64_t)sb.st_size < need) {
+        rc = msa_status_set(st, MSA_ECORRUPT, "%s: truncated: %llu bytes, its pages need %llu",
+                            s->st_data_path, (unsigned long long)sb.st_size,
+                            (unsigned long long)need);
+        goto fail;
+    }
+    if (!o.read_only && info.me_mapsize < o.map_size) {
+        if ((rc = mdb_env_set_mapsize(s->st_env, (size_t)o.map_size)) ||
+            (rc = mdb_env_info(s->st_env, &info))) {
+            rc = msa_status_set(st, xlate(s, rc), "%s: cannot set the map size: %s",
+                                s->st_data_path, mdb_strerror(rc));
+            goto fail;
+        }
+    }
+    s->st_map_size = info.me_mapsize;
+    if (s->st_map_max < s->st_map_size) s->st_map_max = s->st_map_size;
+
+    if ((rc = setup_dbs(s, st))) goto fail;
+    *out = s;
+    return MSA_OK;
+
+fail:
+    if (s->st_env) mdb_env_close(s->st_env);
+    if (s->st_lock_fd >= 0) close(s->st_lock_fd);
+    if (gate_init) pthread_rwlock_destroy(&s->st_gate);
+    free(s->st_dir);
+    free(s->st_data_path);
+    free(s);
+    return rc;
+}
+
+void msa_store_close(msa_store_t *s)
+{
+    if (!s) return;
+    mdb_env_close(s->st_env);
+    /* The flock goes last, once nothing of this process touches the files. */
+    if (s->st_lock_fd >= 0) close(s->st_lock_fd);
+    pthread_rwlock_destroy(&s->st_gate);
+    free(s->st_dir);
+    free(s->st_data_path);
+    free(s);
+}
+
+uint64_t msa_store_file_bytes(const msa_store_t *s)
+{
+    struct stat sb;
+    if (stat(s->st_data_path, &sb) != 0) return 0;
+    return (uint64_t)sb.st_size;
+}
+
+uint64_t msa_store_last_seq(const msa_store_t *s)
+{
+    return atomic_load(&((msa_store_t *)s)->st_last_seq);
+}
+
+/* ==== transactions =========================================================== */
+
+/* Another process grew the map (only possible for a read-only store beside a
+ * live msad): adopt the new size under the exclusive gate. */
+static int adopt_map_size(msa_store_t *s)
+{
+    if (gate_held_by_me(s)) return MSA_EIO; /* cannot remap under our own txn */
+    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    int rc = mdb_env_set_mapsize(s->st_env, 0);
+    if (rc == 0) {
+        MDB_envinfo info;
+        if (mdb_env_info(s->st_env, &info) == 0) s->st_map_size = info.me_mapsize;
+    }
+    pthread_rwlock_unlock(&s->st_gate);
+    return xlate(s, rc);
+}
+
+int msa_store_read_begin(msa_store_t *s, msa_store_txn_t **out)
+{
+    *out = NULL;
+    if (atomic_load(&s->st_broken)) return MSA_EBROKEN;
+    msa_store_txn_t *t = calloc(1, sizeof *t);
+    if (!t) return MSA_ENOMEM;
+    t->tx_store = s;
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        gate_enter(s);
+        rc = mdb_txn_begin(s->st_env, NULL, MDB_RDONLY, &t->tx_root);
+        if (rc != MDB_MAP_RESIZED || attempt > 0) break;
+        gate_leave(s);
+        if ((rc = adopt_map_size(s))) {
+            free(t);
+            return rc;
+        }
+    }
+    if (rc) {
+        rc = xlate(s, rc);
+        goto fail;
+    }
+    if ((rc = meta_get_u64(s, t->tx_root, KEY_SEQ, 8, &t->tx_seq))) goto fail;
+    *out = t;
+    return MSA_OK;
+
+fail:
+    if (t->tx_root) mdb_txn_abort(t->tx_root);
+    gate_leave(s);
+    free(t);
+    return rc;
+}
+
+int msa_store_write_begin(msa_store_t *s, msa_store_txn_t **out)
+{
+    *out = NULL;
+    if (s->st_read_only) return MSA_EINVAL;
+    if (atomic_load(&s->st_broken)) return MSA_EBROKEN;
+    msa_store_txn_t *t = calloc(1, sizeof *t);
+    if (!t) return MSA_ENOMEM;
+    t->tx_store = s;
+    t->tx_write = true;
+    gate_enter(s);
+    int rc = mdb_txn_begin(s->st_env, NULL, 0, &t->tx_root);
+    if (rc) {
+        rc = xlate(s, rc);
+        goto fail;
+    }
+    if ((rc = meta_get_u64(s, t->tx_root, KEY_SEQ, 8, &t->tx_seq))) goto fail;
+    *out = t;
+    return MSA_OK;
+
+fail:
+    if (t->tx_root) mdb_txn_abort(t->tx_root);
+    gate_leave(s);
+    free(t);
+    return rc;
+}
+
+uint64_t msa_store_txn_seq(const msa_store_txn_t *t)
+{
+    return t->tx_seq;
+}
+
+static void txn_free(msa_store_txn_t *t)
+{
+    gate_leave(t->tx_store);
+    free(t);
+}
+
+int msa_store_commit(msa_store_txn_t *t, uint64_t seq)
+{
+    msa_assert(t->tx_write);
+    msa_assert(t->tx_child == NULL); /* a savepoint must be ended before commit */
+    msa_store_t *s = t->tx_store;
+    int rc = t->tx_err;
+    if (rc) {
+        mdb_txn_abort(t->tx_root);
+        goto out;
+    }
+    if ((rc = meta_put_u64(s, t->tx_root, KEY_SEQ, 8, seq))) {
+        mdb_txn_abort(t->tx_root);
+        goto out;
+    }
+    /* mdb_txn_commit frees the txn on success and on failure alike. */
+    rc = xlate(s, mdb_txn_commit(t->tx_root));
+    if (rc == MSA_OK) atomic_store(&s->st_last_seq, seq);
+out:
+    txn_free(t);
+    return rc;
+}
+
+void msa_store_abort(msa_store_txn_t *t)
+{
+    if (!t) return;
+    if (t->tx_child) mdb_txn_abort(t->tx_child);
+    mdb_txn_abort(t->tx_root);
+    txn_free(t);
+}
+
+int msa_store_savepoint_begin(msa_store_txn_t *t)
+{
+    msa_assert(t->tx_write);
+    msa_assert(t->tx_child == NULL); /* one level of nesting is all the engine needs */
+    if (t->tx_err) return t->tx_err;
+    int rc = mdb_txn_begin(t->tx_store->st_env, t->tx_root, 0, &t->tx_child);
+    if (rc) {
+        t->tx_child = NULL;
+        return xlate(t->tx_store, rc);
+    }
+    t->tx_child_err = MSA_OK;
+    return MSA_OK;
+}
+
+int msa_store_savepoint_end(msa_store_txn_t *t, bool keep)
+{
+    msa_assert(t->tx_write);
+    msa_assert(t->tx_child != NULL);
+    MDB_txn *child = t->tx_child;
+    int err = t->tx_child_err;
+    t->tx_child = NULL;
+    t->tx_child_err = MSA_OK;
+    if (!keep || err) {
+        /* A failed savepoint is undone, never merged: the enclosing txn stays
+         * as it was before savepoint_begin and remains usable. */
+        mdb_txn_abort(child);
+        return keep ? err : MSA_OK;
+    }
+    int rc = xlate(t->tx_store, mdb_txn_commit(child));
+    /* A failed merge may leave the parent partly updated: refuse its commit. */
+    return poison(t, rc);
+}
+
+int msa_store_grow(msa_store_t *s)
+{
+    if (s->st_read_only) return MSA_EINVAL;
+    /* Growing under one's own txn would wait for itself forever. */
+    msa_assert(!gate_held_by_me(s));
+    /* Waits for every open read snapshot to end: readers that hold snapshots
+     * delay growth, and new ones queue behind it (writer-preferring lock). */
+    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    int rc = MSA_OK;
+    if (s->st_map_size >= s->st_map_max) {
+        rc = MSA_EFULL;
+        goto out;
+    }
+    uint64_t next = s->st_map_size * 2;
+    if (next > s->st_map_max || next < s->st_map_size) next = s->st_map_max;
+    rc = mdb_env_set_mapsize(s->st_env, (size_t)next);
+    if (rc) {
+        rc = xlate(s, rc);
+        goto out;
+    }
+    MDB_envinfo info;
+    s->st_map_size = mdb_env_info(s->st_env, &info) == 0 ? info.me_mapsize : next;
+out:
+    pthread_rwlock_unlock(&s->st_gate);
+    return rc;
+}
+
+/* ==== collections ============================================================ */
+
+static int name_lookup(msa_store_t *s, MDB_txn *txn, const char *name, uint32_t *id)
+{
+    size_t n = strlen(name);
+    if (n == 0 || n > MSA_MAX_NAME_LEN) return MSA_ENOTFOUND;
+    MDB_val k = mval(name, n), v;
+    int rc = mdb_get(txn, s->st_names, &k, &v);
+    if (rc) return xlate(s, rc);
+    if (v.mv_size != 4) return MSA_ECORRUPT;
+    *id = get_le32(v.mv_data);
+    return MSA_OK;
+}
+
+int msa_store_coll_create(msa_store_txn_t *w, const char *name, const msa_schema_t *schema,
+                          uint64_t seq, msa_coll_rec_t *out)
+{
+    msa_assert(w->tx_write);
+    msa_store_t *s = w->tx_store;
+    MDB_txn *txn = cur(w);
+    int rc = level_err(w);
+    if (rc) return rc;
+    size_t nlen = strlen(name);
+    if (nlen == 0 || nlen > MSA_MAX_NAME_LEN) return MSA_EINVAL;
+    uint32_t id;
+    rc = name_lookup(s, txn, name, &id);
+    if (rc == MSA_OK) return MSA_EEXIST;
+    if (rc != MSA_ENOTFOUND) return rc;
+    uint64_t next;
+    if ((rc = meta_get_u64(s, txn, KEY_NEXT_COLL, 4, &next))) return rc;
+    if (next == 0 || next >= UINT32_MAX) return MSA_EFULL;
+
+    msa_coll_rec_t c;
+    memset(&c, 0, sizeof c);
+    c.id = (uint32_t)next;
+    memcpy(c.name, name, nlen);
+    c.created_seq = seq;
+    c.schema = *schema;
+    uint8_t idbuf[4];
+    put_le32(idbuf, c.id);
+    MDB_val k = mval(name, nlen), v = mval(idbuf, 4);
+    if ((rc = xlate(s, mdb_put(txn, s->st_names, &k, &v, MDB_NOOVERWRITE))) ||
+        (rc = coll_put_txn(s, txn, &c)) ||
+        (rc = meta_put_u64(s, txn, KEY_NEXT_COLL, 4, next + 1)))
+        goto fail;
+    if (out) *out = c;
+    return MSA_OK;
+
+fail:
+    return poison(w, rc);
+}
+
+int msa_store_coll_drop(msa_store_txn_t *w, const char *name, msa_coll_rec_t *out)
+{
+    msa_assert(w->tx_write);
+    msa_store_t *s = w->tx_store;
+    MDB_txn *txn = cur(w);
+    int rc = level_err(w);
+    if (rc) return rc;
+    uint32_t id;
+    msa_coll_rec_t c;
+    if ((rc = name_lookup(s, txn, name, &id))) return rc;
+    if ((rc = coll_get_id_txn(s, txn, id, &c))) return rc;
+
+    uint8_t prefix[4], idkey[4];
+    put_be32(prefix, id);
+    memcpy(idkey, prefix, 4);
+    MDB_val nk = mval(name, strlen(name)), ik = mval(idkey, 4);
+    if ((rc = del_prefix(s, txn, s->st_blocks, prefix, 4)) ||
+        (rc = del_prefix(s, txn, s->st_text, prefix, 4)) ||
+        (rc = del_prefix(s, txn, s->st_metadata, prefix, 4)) ||
+        (rc = del_prefix(s, txn, s->st_docs, prefix, 4)) ||
+        (rc = xlate(s, mdb_del(txn, s->st_names, &nk, NULL))) ||
+        (rc = xlate(s, mdb_del(txn, s->st_colls, &ik, NULL))))
+        goto fail;
+    if (out) *out = c;
+    return MSA_OK;
+
+fail:
+    return poison(w, rc);
+}
+
+int msa_store_coll_get(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out)
+{
+    uint32_t id;
+    int rc = name_lookup(t->tx_store, cur(t), name, &id);
+    if (rc) return rc;
+    return coll_get_id_txn(t->tx_store, cur(t), id, out);
+}
+
+int msa_store_coll_get_by_id(msa_store_txn_t *t, uint32_t id, msa_coll_rec_t *out)
+{
+    return coll_get_id_txn(t->tx_store, cur(t), id, out);
+}
+
+int msa_store_coll_foreach(msa_store_txn_t *t,
+                           int (*fn)(void *arg, const msa_coll_rec_t *c), void *arg)
+{
+    msa_store_t *s = t->tx_store;
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(cur(t), s->st_colls, &c);
+    if (rc) return xlate(s, rc);
+    MDB_val k, v;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        msa_coll_rec_t rec;
+        int r = coll_decode(&v, &rec);
+        if (r) {
+            mdb_cursor_close(c);
+            return r;
+        }
+        if ((r = fn(arg, &rec))) {
+            mdb_cursor_close(c);
+            return r;
+        }
+    }
+    mdb_cursor_close(c);
+    return rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+}
+
+/* ==== documents ============================================================== */
+
+int msa_store_doc_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_doc_rec_t *out)
+{
+    return doc_get_txn(t->tx_store, cur(t), coll_id, doc_id, out);
+}
+
+/* Puts bytes under key, or removes the key when there are none, so empty text
+ * and metadata cost nothing. */
+static int put_or_del(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const uint8_t *key,
+                      const void *data, size_t len)
+{
+    MDB_val k = mval(key, DOC_KEY_LEN);
+    if (len == 0) {
+        int rc = mdb_del(txn, dbi, &k, NULL);
+        return rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+    }
+    MDB_val v = mval(data, len);
+    return xlate(s, mdb_put(txn, dbi, &k, &v, 0));
+}
+
+int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t *rec,
+                      const void *text, size_t text_len, const void *meta, size_t meta_len,
+                      const msa_store_block_t *blocks, size_t n_blocks)
+{
+    msa_assert(w->tx_write);
+    msa_store_t *s = w->tx_store;
+    MDB_txn *txn = cur(w);
+    int rc = level_err(w);
+    if (rc) return rc;
+    msa_coll_rec_t c;
+    if ((rc = coll_get_id_txn(s, txn, coll_id, &c))) return rc;
+    for (size_t i = 0; i < n_blocks; i++) {
+        if (blocks[i].layer_pos >= c.schema.n_layers || blocks[i].kind > MSA_BLOCK_R ||
+            (blocks[i].len > 0 && !blocks[i].data))
+            return MSA_EINVAL;
+    }
+    msa_doc_rec_t old;
+    rc = doc_get_txn(s, txn, coll_id, rec->id, &old);
+    if (rc == MSA_OK)
+        coll_account(&c, &old, -1);
+    else if (rc != MSA_ENOTFOUND)
+        return rc;
+
+    uint8_t key[DOC_KEY_LEN], bkey[BLOCK_KEY_LEN], buf[DOC_REC_LEN];
+    doc_key(key, coll_id, rec->id);
+    doc_encode(rec, buf);
+    MDB_val k = mval(key, DOC_KEY_LEN), v = mval(buf, DOC_REC_LEN);
+    /* The prefix delete also clears blocks that a damaged store left behind
+     * without a record, so a put always leaves exactly the blocks it names. */
+    if ((rc = del_prefix(s, txn, s->st_blocks, key, DOC_KEY_LEN)) ||
+        (rc = xlate(s, mdb_put(txn, s->st_docs, &k, &v, 0))) ||
+        (rc = put_or_del(s, txn, s->st_text, key, text, text_len)) ||
+        (rc = put_or_del(s, txn, s->st_metadata, key, meta, meta_len)))
+        goto fail;
+    for (size_t i = 0; i < n_blocks; i++) {
+        block_key(bkey, coll_id, rec->id, blocks[i].layer_pos, blocks[i].kind);
+        MDB_val bk = mval(bkey, BLOCK_KEY_LEN), bv = mval(blocks[i].data, blocks[i].len);
+        if ((rc = xlate(s, mdb_put(txn, s->st_blocks, &bk, &bv, 0)))) goto fail;
+    }
+    coll_account(&c, rec, +1);
+    if ((rc = coll_put_txn(s, txn, &c))) goto fail;
+    return MSA_OK;
+
+fail:
+    return poison(w, rc);
+}
+
+int msa_store_doc_delete(msa_store_txn_t *w, uint32_t coll_id, uint64_t doc_id)
+{
+    msa_assert(w->tx_write);
+    msa_store_t *s = w->tx_store;
+    MDB_txn *txn = cur(w);
+    int rc = level_err(w);
+    if (rc) return rc;
+    msa_coll_rec_t c;
+    msa_doc_rec_t old;
+    if ((rc = coll_get_id_txn(s, txn, coll_id, &c))) return rc;
+    if ((rc = doc_get_txn(s, txn, coll_id, doc_id, &old))) return rc;
+    coll_account(&c, &old, -1);
+
+    uint8_t key[DOC_KEY_LEN];
+    doc_key(key, coll_id, doc_id);
+    MDB_val k = mval(key, DOC_KEY_LEN);
+    if ((rc = del_prefix(s, txn, s->st_blocks, key, DOC_KEY_LEN)) ||
+        (rc = put_or_del(s, txn, s->st_text, key, NULL, 0)) ||
+        (rc = put_or_del(s, txn, s->st_metadata, key, NULL, 0)) ||
+        (rc = xlate(s, mdb_del(txn, s->st_docs, &k, NULL))) || (rc = coll_put_txn(s, txn, &c)))
+        goto fail;
+    return MSA_OK;
+
+fail:
+    return poison(w, rc);
+}
+
+/* Walks the documents of one collection from id `from` upward; fn returns
+ * non-zero to stop, and that value is returned. */
+static int doc_walk(msa_store_txn_t *t, uint32_t coll_id, uint64_t from,
+                    int (*fn)(void *arg, const msa_doc_rec_t *d), void *arg)
+{
+    msa_store_t *s = t->tx_store;
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(cur(t), s->st_docs, &c);
+    if (rc) return xlate(s, rc);
+    uint8_t key[DOC_KEY_LEN];
+    doc_key(key, coll_id, from);
+    MDB_val k = mval(key, DOC_KEY_LEN), v;
+    int r = MSA_OK;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_SET_RANGE); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (k.mv_size != DOC_KEY_LEN || get_be32(k.mv_data) != coll_id) break;
+        msa_doc_rec_t d;
+        if ((r = doc_decode(&v, &d)) || (r = fn(arg, &d))) break;
+    }
+    mdb_cursor_close(c);
+    if (r) return r;
+    return rc == 0 || rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+}
+
+struct list_ctx {
+    msa_doc_rec_t *out;
+    uint32_t limit, n;
+    bool more;
+};
+
+static int list_one(void *arg, const msa_doc_rec_t *d)
+{
+    struct list_ctx *l = arg;
+    if (l->n == l->limit) {
+        l->more = true;
+        return 1;
+    }
+    l->out[l->n++] = *d;
+    return 0;
+}
+
+int msa_store_doc_list(msa_store_txn_t *t, uint32_t coll_id, uint64_t after_id, uint32_t limit,
+                       msa_doc_rec_t *out, uint32_t *n_out, uint64_t *next_after)
+{
+    *n_out = 0;
+    *next_after = 0;
+    msa_coll_rec_t c;
+    int rc = coll_get_id_txn(t->tx_store, cur(t), coll_id, &c);
+    if (rc) return rc;
+    if (limit == 0 || after_id == UINT64_MAX) return MSA_OK;
+    struct list_ctx l = {out, limit, 0, false};
+    rc = doc_walk(t, coll_id, after_id + 1, list_one, &l);
+    if (rc < 0) return rc;
+    *n_out = l.n;
+    if (l.more) *next_after = out[l.n - 1].id;
+    return MSA_OK;
+}
+
+int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
+                          int (*fn)(void *arg, const msa_doc_rec_t *d), void *arg)
+{
+    msa_coll_rec_t c;
+    int rc = coll_get_id_txn(t->tx_store, cur(t), coll_id, &c);
+    if (rc) return rc;
+    return doc_walk(t, coll_id, 0, fn, arg);
+}
+
+/* Text and metadata of a document that has none are empty views, not
+ * ENOTFOUND: the keys are simply not stored. ENOTFOUND means no document. */
+static int bytes_get(msa_store_txn_t *t, MDB_dbi dbi, uint32_t coll_id, uint64_t doc_id,
+                     msa_store_view_t *out)
+{
+    msa_store_t *s = t->tx_store;
+    uint8_t key[DOC_KEY_LEN];
+    doc_key(key, coll_id, doc_id);
+    MDB_val k = mval(key, DOC_KEY_LEN), v;
+    out->data = NULL;
+    out->len = 0;
+    int rc = mdb_get(cur(t), dbi, &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        rc = mdb_get(cur(t), s->st_docs, &k, &v);
+        return xlate(s, rc);
+    }
+    if (rc) return xlate(s, rc);
+    out->data = v.mv_data;
+    out->len = v.mv_size;
+    return MSA_OK;
+}
+
+int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out)
+{
+    return bytes_get(t, t->tx_store->st_text, coll_id, doc_id, out);
+}
+
+int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out)
+{
+    return bytes_get(t, t->tx_store->st_metadata, coll_id, doc_id, out);
+}
+
+int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
+                        msa_block_kind_t kind, msa_store_view_t *out)
+{
+    msa_store_t *s = t->tx_store;
+    uint8_t key[BLOCK_KEY_LEN];
+    block_key(key, coll_id, doc_id, layer_pos, (uint8_t)kind);
+    MDB_val k = mval(key, BLOCK_KEY_LEN), v;
+    int rc = mdb_get(cur(t), s->st_blocks, &k, &v);
+    if (rc) return xlate(s, rc);
+    out->data = v.mv_data;
+    out->len = v.mv_size;
+    return MSA_OK;
+}
+
+/* ==== backup ================================================================= */
+
+/* Reads the commit seq of a copy without taking it over as a store: a plain
+ * read-only environment without a lock file, which nothing else shares. */
+static int read_copy_seq(const char *path, uint64_t *seq, msa_status_t *st)
+{
+    MDB_env *env = NULL;
+    MDB_txn *txn = NULL;
+    MDB_dbi dbi;
+    int rc;
+    if ((rc = mdb_env_create(&env)) || (rc = mdb_env_set_maxdbs(env, MAX_DBS)) ||
+        (rc = mdb_env_open(env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600)) ||
+        (rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
+        (rc = mdb_dbi_open(txn, "meta", 0, &dbi))) {
+        rc = msa_status_set(st, xlate(NULL, rc), "backup %s: cannot open the copy: %s", path,
+                            mdb_strerror(rc));
+        goto out;
+    }
+    MDB_val k = mval(KEY_SEQ, strlen(KEY_SEQ)), v;
+    rc = mdb_get(txn, dbi, &k, &v);
+    if (rc || v.mv_size != 8) {
+        rc = msa_status_set(st, MSA_ECORRUPT, "backup %s: the copy has no commit seq", path);
+        goto out;
+    }
+    *seq = get_le64(v.mv_data);
+    rc = MSA_OK;
+out:
+    if (txn) mdb_txn_abort(txn);
+    if (env) mdb_env_close(env);
+    return rc;
+}
+
+int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq,
+                     uint64_t *bytes, msa_status_t *st)
+{
+    msa_status_clear(st);
+    *seq = 0;
+    *bytes = 0;
+    if (mkdir(path, 0700) != 0) {
+        int err = errno;
+        return msa_status_set(st, err == EEXIST ? MSA_EEXIST : MSA_EIO, "backup %s: %s", path,
+                              err == EEXIST ? "already exists" : strerror(err));
+    }
+    char *data = path_join(path, "data.mdb");
+    if (!data) {
+        rmdir(path);
+        return msa_status_set(st, MSA_ENOMEM, "backup %s: out of memory", path);
+    }
+    /* The copy reads through the live mapping, so it holds the gate like any
+     * reader: a concurrent grow must not remap under it. */
+    gate_enter(s);
+    int rc = mdb_env_copy2(s->st_env, path, compact ? MDB_CP_COMPACT : 0);
+    gate_leave(s);
+    if (rc) {
+        rc = msa_status_set(st, xlate(s, rc), "backup %s: copy failed: %s", path,
+                            mdb_strerror(rc));
+        goto fail;
+    }
+    if ((rc = read_copy_seq(path, seq, st))) goto fail;
+    struct stat sb;
+    if (stat(data, &sb) != 0) {
+        rc = msa_status_set(st, MSA_EIO, "backup %s: %s", data, strerror(errno));
+        goto fail;
+    }
+    *bytes = (uint64_t)sb.st_size;
+    free(data);
+    return MSA_OK;
+
+fail:
+    /* Leave nothing half-made behind, so the same name can be tried again. */
+    unlink(data);
+    rmdir(path);
+    free(data);
+    *seq = 0;
+    return rc;
+}
+
+/* ==== verify ================================================================= */
+
+typedef struct problems {
+    char **v;
+    size_t n, cap;
+    uint64_t dropped; /* problems past VERIFY_MAX_PROBLEMS, counted only */
+    bool oom;
+} problems_t;
+
+static void add_problem(problems_t *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* A damaged store can have millions of problems; the first VERIFY_MAX_PROBLEMS
+ * are kept verbatim and the rest counted into one closing line. */
+static void add_problem(problems_t *p, const char *fmt, ...)
+{
+    if (p->oom) return;
+    if (p->n >= VERIFY_MAX_PROBLEMS) {
+        p->dropped++;
+        return;
+    }
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? p->cap * 2 : 16;
+        char **nv = realloc(p->v, cap * sizeof *nv);
+        if (!nv) {
+            p->oom = true;
+            return;
+        }
+        p->v = nv;
+        p->cap = cap;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vasprintf(&p->v[p->n], fmt, ap);
+    va_end(ap);
+    if (n < 0) {
+        p->oom = true;
+        return;
+    }
+    p->n++;
+}
+
+static char kind_char(unsigned kind)
+{
+    return kind == MSA_BLOCK_K ? 'K' : kind == MSA_BLOCK_V ? 'V' : kind == MSA_BLOCK_R ? 'R' : '?';
+}
+
+typedef unsigned long long ull;
+
+/* Checks the blocks of one document against its record and the schema;
+ * returns the sum of their lengths through *sum. */
+static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
+                         const msa_doc_rec_t *d, problems_t *p, uint64_t *sum)
+{
+    const msa_schema_t *sc = &c->schema;
+    uint64_t row = (uint64_t)sc->kv_heads * sc->head_dim;
+    uint64_t want[3] = {
+        (uint64_t)d->chunks * row * msa_dtype_size(sc->kv_dtype),
+        (uint64_t)d->chunks * row * msa_dtype_size(sc->kv_dtype),
+        (uint64_t)d->chunks * row * msa_dtype_size(msa_schema_router_store_dtype(sc)),
+    };
+    unsigned kinds = sc->separate_router_keys ? 3 : 2;
+    bool seen[MSA_MAX_LAYERS][3];
+    memset(seen, 0, sizeof seen);
+    *sum = 0;
+
+    MDB_cursor *cur_ = NULL;
+    int rc = mdb_cursor_open(txn, s->st_blocks, &cur_);
+    if (rc) return xlate(s, rc);
+    uint8_t prefix[DOC_KEY_LEN];
+    doc_key(prefix, c->id, d->id);
+    MDB_val k = mval(prefix, DOC_KEY_LEN), v;
+    for (rc = mdb_cursor_get(cur_, &k, &v, MDB_SET_RANGE); rc == 0;
+         rc = mdb_cursor_get(cur_, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < DOC_KEY_LEN || memcmp(k.mv_data, prefix, DOC_KEY_LEN) != 0) break;
+        *sum += v.mv_size;
+        if (k.mv_size != BLOCK_KEY_LEN) {
+            add_problem(p, "collection %s: doc %llu: block key of %zu bytes, want %u", c->name,
+                        (ull)d->id, k.mv_size, BLOCK_KEY_LEN);
+            continue;
+        }
+        unsigned pos = get_be16((const uint8_t *)k.mv_data + 12);
+        unsigned kind = ((const uint8_t *)k.mv_data)[14];
+        if (pos >= sc->n_layers || kind >= kinds) {
+            add_problem(p, "collection %s: doc %llu: unexpected block layer_pos %u kind %c (%u)",
+                        c->name, (ull)d->id, pos, kind_char(kind), kind);
+            continue;
+        }
+        seen[pos][kind] = true;
+        if (v.mv_size != want[kind])
+            add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c: %zu bytes, want "
+                           "%llu",
+                        c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), v.mv_size,
+                        (ull)want[kind]);
+    }
+    mdb_cursor_close(cur_);
+    if (rc != 0 && rc != MDB_NOTFOUND) return xlate(s, rc);
+    for (unsigned pos = 0; pos < sc->n_layers; pos++)
+        for (unsigned kind = 0; kind < kinds; kind++)
+            if (!seen[pos][kind])
+                add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c missing",
+                            c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind));
+    return MSA_OK;
+}
+
+static int stored_len(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, uint32_t coll_id,
+                      uint64_t doc_id, uint64_t *len)
+{
+    uint8_t key[DOC_KEY_LEN];
+    doc_key(key, coll_id, doc_id);
+    MDB_val k = mval(key, DOC_KEY_LEN), v;
+    int rc = mdb_get(txn, dbi, &k, &v);
+    *len = rc == 0 ? v.mv_size : 0;
+    return rc == 0 || rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+}
+
+static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, problems_t *p,
+                       uint64_t *docs_checked)
+{
+    uint64_t documents = 0, chunks = 0, tokens = 0, bytes = 0;
+    uint32_t P = c->schema.chunk_tokens ? c->schema.chunk_tokens : 1;
+    MDB_cursor *dc = NULL;
+    int rc = mdb_cursor_open(txn, s->st_docs, &dc);
+    if (rc) return xlate(s, rc);
+    uint8_t prefix[4];
+    put_be32(prefix, c->id);
+    MDB_val k = mval(prefix, 4), v;
+    int r = MSA_OK;
+    for (rc = mdb_cursor_get(dc, &k, &v, MDB_SET_RANGE); rc == 0;
+         rc = mdb_cursor_get(dc, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < 4 || memcmp(k.mv_data, prefix, 4) != 0) break;
+        if (k.mv_size != DOC_KEY_LEN) {
+            add_problem(p, "collection %s: document key of %zu bytes, want %u", c->name,
+                        k.mv_size, DOC_KEY_LEN);
+            continue;
+        }
+        uint64_t key_id = get_be64((const uint8_t *)k.mv_data + 4);
+        msa_doc_rec_t d;
+        if (doc_decode(&v, &d) != MSA_OK) {
+            add_problem(p, "collection %s: doc %llu: record undecodable (%zu bytes)", c->name,
+                        (ull)key_id, v.mv_size);
+            continue;
+        }
+        (*docs_checked)++;
+        if (d.id != key_id)
+            add_problem(p, "collection %s: doc %llu: record says id %llu", c->name, (ull)key_id,
+                        (ull)d.id);
+        d.id = key_id;
+        uint64_t want_chunks = ((uint64_t)d.tokens + P - 1) / P;
+        if (d.chunks != want_chunks)
+            add_problem(p, "collection %s: doc %llu: chunks %u, want ceil(tokens %u / %u) = %llu",
+                        c->name, (ull)d.id, d.chunks, d.tokens, P, (ull)want_chunks);
+        uint64_t sum, tlen, mlen;
+        if ((r = verify_blocks(s, txn, c, &d, p, &sum)) ||
+            (r = stored_len(s, txn, s->st_text, c->id, d.id, &tlen)) ||
+            (r = stored_len(s, txn, s->st_metadata, c->id, d.id, &mlen)))
+            break;
+        if (sum != d.tensor_bytes)
+            add_problem(p, "collection %s: doc %llu: tensor_bytes %llu, its blocks hold %llu",
+                        c->name, (ull)d.id, (ull)d.tensor_bytes, (ull)sum);
+        if (tlen != d.text_bytes)
+            add_problem(p, "collection %s: doc %llu: text_bytes %llu, text holds %llu", c->name,
+                        (ull)d.id, (ull)d.text_bytes, (ull)tlen);
+        if (mlen != d.metadata_bytes)
+            add_problem(p, "collection %s: doc %llu: metadata_bytes %llu, metadata holds %llu",
+                        c->name, (ull)d.id, (ull)d.metadata_bytes, (ull)mlen);
+        documents++;
+        chunks += d.chunks;
+        tokens += d.tokens;
+        bytes += d.tensor_bytes + d.text_bytes + d.metadata_bytes;
+    }
+    mdb_cursor_close(dc);
+    if (r) return r;
+    if (rc != 0 && rc != MDB_NOTFOUND) return xlate(s, rc);
+
+    const struct {
+        const char *name;
+        uint64_t have, want;
+    } ctr[] = {{"documents", c->documents, documents},
+               {"chunks", c->chunks, chunks},
+               {"tokens", c->tokens, tokens},
+               {"bytes", c->bytes, bytes}};
+    for (size_t i = 0; i < sizeof ctr / sizeof ctr[0]; i++)
+        if (ctr[i].have != ctr[i].want)
+            add_problem(p, "collection %s: counter %s is %llu, its documents sum to %llu",
+                        c->name, ctr[i].name, (ull)ctr[i].have, (ull)ctr[i].want);
+    return MSA_OK;
+}
+
+/* Finds keys of dbi (in the collection coll_id, or all when 0) whose document
+ * has no record. Consecutive keys of one document share one lookup. */
+static int verify_orphans(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const char *what,
+                          uint32_t coll_id, problems_t *p)
+{
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(txn, dbi, &c);
+    if (rc) return xlate(s, rc);
+    uint8_t prefix[4];
+    put_be32(prefix, coll_id);
+    MDB_val k = mval(prefix, 4), v;
+    uint8_t last[DOC_KEY_LEN];
+    bool have_last = false, last_exists = false;
+    for (rc = coll_id ? mdb_cursor_get(c, &k, &v, MDB_SET_RANGE)
+                      : mdb_cursor_get(c, &k, &v, MDB_FIRST);
+         rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (coll_id && (k.mv_size < 4 || memcmp(k.mv_data, prefix, 4) != 0)) break;
+        const uint8_t *kp = k.mv_data;
+        if (k.mv_size < DOC_KEY_LEN) {
+            add_problem(p, "%s: key of %zu bytes, want at least %u", what, k.mv_size,
+                        DOC_KEY_LEN);
+            continue;
+        }
+        if (!have_last || memcmp(kp, last, DOC_KEY_LEN) != 0) {
+            memcpy(last, kp, DOC_KEY_LEN);
+            have_last = true;
+            MDB_val dk = mval(last, DOC_KEY_LEN), dv;
+            int g = mdb_get(txn, s->st_docs, &dk, &dv);
+            if (g != 0 && g != MDB_NOTFOUND) {
+                mdb_cursor_close(c);
+                return xlate(s, g);
+            }
+            last_exists = g == 0;
+        }
+        if (last_exists) continue;
+        uint32_t cid = get_be32(kp);
+        uint64_t did = get_be64(kp + 4);
+        msa_coll_rec_t cr;
+        char cname[MSA_MAX_NAME_LEN + 16];
+        if (coll_get_id_txn(s, txn, cid, &cr) == MSA_OK)
+            snprintf(cname, sizeof cname, "%s", cr.name);
+        else
+            snprintf(cname, sizeof cname, "#%u (dropped)", cid);
+        if (k.mv_size == BLOCK_KEY_LEN)
+            add_problem(p, "collection %s: doc %llu: orphan %s layer_pos %u kind %c without a "
+                           "document record",
+                        cname, (ull)did, what, get_be16(kp + 12), kind_char(kp[14]));
+        else
+            add_problem(p, "collection %s: doc %llu: orphan %s without a document record", cname,
+                        (ull)did, what);
+    }
+    mdb_cursor_close(c);
+    return rc == 0 || rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+}
+
+/* Whole-store checks: document records of missing collections and the name
+ * table against the collection records. */
+static int verify_catalog(msa_store_t *s, MDB_txn *txn, problems_t *p)
+{
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(txn, s->st_docs, &c);
+    if (rc) return xlate(s, rc);
+    MDB_val k, v;
+    uint32_t last = 0;
+    bool have_last = false, last_exists = false;
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (k.mv_size < 4) continue;
+        uint32_t cid = get_be32(k.mv_data);
+        if (!have_last || cid != last) {
+            msa_coll_rec_t cr;
+            last = cid;
+            have_last = true;
+            last_exists = coll_get_id_txn(s, txn, cid, &cr) == MSA_OK;
+        }
+        if (!last_exists)
+            add_problem(p, "collection #%u: doc %llu: orphan document record (no collection)",
+                        cid, k.mv_size == DOC_KEY_LEN ? (ull)get_be64((uint8_t *)k.mv_data + 4)
+                                                      : 0ull);
+    }
+    mdb_cursor_close(c);
+    if (rc != MDB_NOTFOUND) return xlate(s, rc);
+
+    if ((rc = mdb_cursor_open(txn, s->st_names, &c))) return xlate(s, rc);
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        int nlen = (int)(k.mv_size > MSA_MAX_NAME_LEN ? MSA_MAX_NAME_LEN : k.mv_size);
+        msa_coll_rec_t cr;
+        if (v.mv_size != 4) {
+            add_problem(p, "collection %.*s: name entry of %zu bytes, want 4", nlen,
+                        (char *)k.mv_data, v.mv_size);
+            continue;
+        }
+        uint32_t cid = get_le32(v.mv_data);
+        if (coll_get_id_txn(s, txn, cid, &cr) != MSA_OK)
+            add_problem(p, "collection %.*s: names id %u, which has no readable record", nlen,
+                        (char *)k.mv_data, cid);
+        else if (strlen(cr.name) != k.mv_size || memcmp(cr.name, k.mv_data, k.mv_size) != 0)
+            add_problem(p, "collection %.*s: names id %u, whose record is named %s", nlen,
+                        (char *)k.mv_data, cid, cr.name);
+    }
+    mdb_cursor_close(c);
+    return rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
+}
+
+int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, char ***problems,
+                     size_t *n_problems)
+{
+    *docs_checked = 0;
+    *problems = NULL;
+    *n_problems = 0;
+    problems_t p = {0};
+    msa_store_txn_t *t = NULL;
+    MDB_cursor *cc = NULL;
+    int rc = msa_store_read_begin(s, &t);
+    if (rc) return rc;
+    MDB_txn *txn = t->tx_root;
+
+    if (coll_id) {
+        msa_coll_rec_t c;
+        if ((rc = coll_get_id_txn(s, txn, coll_id, &c))) goto fail;
+        if ((rc = verify_coll(s, txn, &c, &p, docs_checked))) goto fail;
+    } else {
+        if ((rc = xlate(s, mdb_cursor_open(txn, s->st_colls, &cc)))) goto fail;
+        MDB_val k, v;
+        int g;
+        for (g = mdb_cursor_get(cc, &k, &v, MDB_FIRST); g == 0;
+             g = mdb_cursor_get(cc, &k, &v, MDB_NEXT)) {
+            msa_coll_rec_t c;
+            uint32_t kid = k.mv_size == 4 ? get_be32(k.mv_data) : 0;
+            if (coll_decode(&v, &c) != MSA_OK || c.id != kid) {
+                add_problem(&p, "collection #%u: record undecodable", kid);
+                continue;
+            }
+            if ((rc = verify_coll(s, txn, &c, &p, docs_checked))) goto fail;
+        }
+        mdb_cursor_close(cc);
+        cc = NULL;
+        if (g != MDB_NOTFOUND) {
+            rc = xlate(s, g);
+            goto fail;
+        }
+        if ((rc = verify_catalog(s, txn, &p))) goto fail;
+    }
+    if ((rc = verify_orphans(s, txn, s->st_blocks, "block", coll_id, &p)) ||
+        (rc = verify_orphans(s, txn, s->st_text, "text", coll_id, &p)) ||
+        (rc = verify_orphans(s, txn, s->st_metadata, "metadata", coll_id, &p)))
+        goto fail;
+    if (p.dropped) {
+        uint64_t d = p.dropped;
+        p.dropped = 0;
+        /* Problems are dropped only once the list is full: the summary line
+         * takes the last slot. */
+        p.n = VERIFY_MAX_PROBLEMS - 1;
+        free(p.v[p.n]);
+        add_problem(&p, "... and %llu more problems", (ull)d + 1);
+    }
+    if (p.oom) {
+        rc = MSA_ENOMEM;
+        goto fail;
+    }
+    msa_store_abort(t);
+    *problems = p.v;
+    *n_problems = p.n;
+    return MSA_OK;
+
+fail:
+    if (cc) mdb_cursor_close(cc);
+    msa_store_abort(t);
+    msa_store_problems_free(p.v, p.n);
+    *docs_checked = 0;
+    return rc;
+}
+
+void msa_store_problems_free(char **problems, size_t n)
+{
+    if (!problems) return;
+    for (size_t i = 0; i < n; i++) free(problems[i]);
+    free(problems);
+}

@@ -1,0 +1,1403 @@
+/* test_store.c — unit tests of storage/store.c on a real LMDB in a temp dir.
+ *
+ * Each TEST is one case in the table at the bottom; main runs them all (or the
+ * ones named on the command line) and exits non-zero when any check failed.
+ * Checks print both operands and end the failing case.
+ */
+#define _GNU_SOURCE
+
+#include "store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ==== harness ================================================================ */
+
+static int g_failed; /* checks failed in the running case */
+
+#define FAILF(...)                                                                \
+    do {                                                                          \
+        fprintf(stderr, "  %s:%d: ", __FILE__, __LINE__);                         \
+        fprintf(stderr, __VA_ARGS__);                                             \
+        fputc('\n', stderr);                                                      \
+        g_failed++;                                                               \
+        return;                                                                   \
+    } while (0)
+
+#define CHECK(c)                                                                  \
+    do {                                                                          \
+        if (!(c)) FAILF("CHECK(%s) failed", #c);                                  \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                            \
+    do {                                                                          \
+        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b); \
+        if (a_ != b_) FAILF("%s == %s failed: %llu vs %llu", #a, #b, a_, b_);     \
+    } while (0)
+
+/* Error codes print by name: "EFULL vs OK". */
+#define CHECK_RC(expr, want)                                                      \
+    do {                                                                          \
+        int r_ = (expr), w_ = (want);                                             \
+        if (r_ != w_)                                                             \
+            FAILF("%s: got %s (%d), want %s (%d)", #expr, msa_errname(r_), r_,    \
+                  msa_errname(w_), w_);                                           \
+    } while (0)
+
+#define CHECK_OK(expr) CHECK_RC(expr, MSA_OK)
+
+#define CHECK_STR_HAS(hay, needle)                                                \
+    do {                                                                          \
+        const char *h_ = (hay), *n_ = (needle);                                   \
+        if (!strstr(h_, n_)) FAILF("\"%s\" does not contain \"%s\"", h_, n_);     \
+    } while (0)
+
+#define TEST(name) static void test_##name(void)
+
+/* ==== fixtures =============================================================== */
+
+static char g_root[] = "/tmp/test_store_XXXXXX";
+static int g_dirs;
+
+/* A fresh, not yet existing path under the temp root. */
+static const char *newdir(void)
+{
+    static char buf[8][256];
+    char *p = buf[g_dirs % 8];
+    snprintf(p, sizeof buf[0], "%s/d%d", g_root, g_dirs++);
+    return p;
+}
+
+static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    return remove(path);
+}
+
+static void rm_rf(const char *path)
+{
+    nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static msa_schema_t schema_of(uint32_t H, uint32_t D, uint32_t P, bool sep)
+{
+    msa_schema_t s;
+    memset(&s, 0, sizeof s);
+    s.n_layers = 2;
+    s.layers[0] = 3;
+    s.layers[1] = 7;
+    s.kv_heads = H;
+    s.query_heads = 2 * H;
+    s.head_dim = D;
+    s.chunk_tokens = P;
+    s.kv_dtype = MSA_DT_BF16;
+    s.routing_dtype = MSA_DT_F32; /* router blocks get another size than K/V */
+    s.separate_router_keys = sep;
+    s.similarity = MSA_SIM_COSINE;
+    s.head_reduce = MSA_HEAD_MEAN;
+    s.query_reduce = MSA_QUERY_MAX;
+    s.chunk_reduce = MSA_CHUNK_MAX;
+    s.default_top_k = 16;
+    snprintf(s.model, sizeof s.model, "test-model");
+    return s;
+}
+
+static msa_schema_t small_schema(void)
+{
+    return schema_of(2, 8, 4, true);
+}
+
+static bool schema_eq(const msa_schema_t *a, const msa_schema_t *b)
+{
+    return a->n_layers == b->n_layers &&
+           memcmp(a->layers, b->layers, a->n_layers * sizeof a->layers[0]) == 0 &&
+           a->kv_heads == b->kv_heads && a->query_heads == b->query_heads &&
+           a->head_dim == b->head_dim && a->chunk_tokens == b->chunk_tokens &&
+           a->kv_dtype == b->kv_dtype && a->routing_dtype == b->routing_dtype &&
+           a->separate_router_keys == b->separate_router_keys &&
+           a->similarity == b->similarity && a->default_top_k == b->default_top_k &&
+           strcmp(a->model, b->model) == 0;
+}
+
+static size_t block_len(const msa_schema_t *s, uint32_t chunks, unsigned kind)
+{
+    msa_dtype_t dt = kind == MSA_BLOCK_R ? msa_schema_router_store_dtype(s) : s->kv_dtype;
+    return (size_t)chunks * s->kv_heads * s->head_dim * msa_dtype_size(dt);
+}
+
+static uint8_t pattern(uint64_t id, unsigned pos, unsigned kind, uint8_t salt)
+{
+    return (uint8_t)(id * 31 + pos * 7 + kind * 3 + salt);
+}
+
+/* Writes a well-formed document: every block the schema asks for, filled with
+ * pattern(id, pos, kind, salt). Version and created_seq follow an earlier
+ * version when there is one, as the engine would do. */
+static int put_doc(msa_store_txn_t *w, const msa_coll_rec_t *c, uint64_t id, uint32_t tokens,
+                   uint64_t seq, const char *text, const char *meta, uint8_t salt,
+                   msa_doc_rec_t *out)
+{
+    const msa_schema_t *s = &c->schema;
+    msa_doc_rec_t rec = {0}, old;
+    rec.id = id;
+    rec.version = 1;
+    rec.created_seq = seq;
+    if (msa_store_doc_get(w, c->id, id, &old) == MSA_OK) {
+        rec.version = old.version + 1;
+        rec.created_seq = old.created_seq;
+    }
+    rec.tokens = tokens;
+    rec.chunks = (tokens + s->chunk_tokens - 1) / s->chunk_tokens;
+    rec.updated_seq = seq;
+    rec.updated_unix_ms = 1700000000000 + (int64_t)seq;
+    rec.text_bytes = text ? strlen(text) : 0;
+    rec.metadata_bytes = meta ? strlen(meta) : 0;
+    unsigned kinds = s->separate_router_keys ? 3 : 2;
+    msa_store_block_t blocks[2 * 3];
+    size_t nb = 0;
+    for (unsigned pos = 0; pos < s->n_layers; pos++) {
+        for (unsigned kind = 0; kind < kinds; kind++) {
+            size_t len = block_len(s, rec.chunks, kind);
+            uint8_t *b = malloc(len ? len : 1);
+            memset(b, pattern(id, pos, kind, salt), len);
+            blocks[nb++] = (msa_store_block_t){(uint16_t)pos, (uint8_t)kind, b, len};
+            rec.tensor_bytes += len;
+        }
+    }
+    int rc = msa_store_doc_put(w, c->id, &rec, text, rec.text_bytes, meta, rec.metadata_bytes,
+                               blocks, nb);
+    for (size_t i = 0; i < nb; i++) free((void *)blocks[i].data);
+    if (out) *out = rec;
+    return rc;
+}
+
+/* Returns NULL when the stored document matches what put_doc wrote, else a
+ * static description of the first difference. */
+static const char *doc_mismatch(msa_store_txn_t *t, const msa_coll_rec_t *c, uint64_t id,
+                                uint32_t tokens, const char *text, const char *meta, uint8_t salt)
+{
+    static char why[256];
+    msa_doc_rec_t d;
+    int rc = msa_store_doc_get(t, c->id, id, &d);
+    if (rc) return snprintf(why, sizeof why, "doc_get %llu: %s", (unsigned long long)id,
+                            msa_errname(rc)), why;
+    if (d.tokens != tokens) return "tokens differ";
+    msa_store_view_t v;
+    if (msa_store_text_get(t, c->id, id, &v)) return "text_get failed";
+    size_t tl = text ? strlen(text) : 0;
+    if (v.len != tl || (tl && memcmp(v.data, text, tl))) return "text differs";
+    if (msa_store_meta_get(t, c->id, id, &v)) return "meta_get failed";
+    size_t ml = meta ? strlen(meta) : 0;
+    if (v.len != ml || (ml && memcmp(v.data, meta, ml))) return "metadata differs";
+    unsigned kinds = c->schema.separate_router_keys ? 3 : 2;
+    for (unsigned pos = 0; pos < c->schema.n_layers; pos++) {
+        for (unsigned kind = 0; kind < kinds; kind++) {
+            if (msa_store_block_get(t, c->id, id, (uint16_t)pos, kind, &v))
+                return "block missing";
+            if (v.len != block_len(&c->schema, d.chunks, kind)) return "block length differs";
+            const uint8_t *b = v.data;
+            for (size_t i = 0; i < v.len; i++)
+                if (b[i] != pattern(id, pos, kind, salt)) return "block bytes differ";
+        }
+    }
+    return NULL;
+}
+
+#define CHECK_DOC(t, c, id, tokens, text, meta, salt)                             \
+    do {                                                                          \
+        const char *why_ = doc_mismatch(t, c, id, tokens, text, meta, salt);      \
+        if (why_) FAILF("doc %llu: %s", (unsigned long long)(id), why_);          \
+    } while (0)
+
+static int verify_count(msa_store_t *s, uint32_t coll_id, uint64_t *docs, bool print)
+{
+    char **pr = NULL;
+    size_t n = 0;
+    uint64_t d = 0;
+    int rc = msa_store_verify(s, coll_id, &d, &pr, &n);
+    if (rc) return -1000 + rc;
+    if (print)
+        for (size_t i = 0; i < n; i++) fprintf(stderr, "    problem: %s\n", pr[i]);
+    msa_store_problems_free(pr, n);
+    if (docs) *docs = d;
+    return (int)n;
+}
+
+static msa_store_t *open_new(const char *dir, const msa_store_opts_t *o)
+{
+    msa_store_t *s = NULL;
+    msa_status_t st;
+    int rc = msa_store_open(dir, o, &s, &st);
+    if (rc) fprintf(stderr, "  open %s: %s: %s\n", dir, msa_errname(rc), st.msg);
+    return s;
+}
+
+/* A raw LMDB env on a closed store, to inject damage the API cannot make. */
+static MDB_env *raw_open(const char *dir)
+{
+    MDB_env *env = NULL;
+    if (mdb_env_create(&env) || mdb_env_set_maxdbs(env, 16) ||
+        mdb_env_set_mapsize(env, 256u << 20) || mdb_env_open(env, dir, MDB_NOTLS, 0600)) {
+        if (env) mdb_env_close(env);
+        return NULL;
+    }
+    return env;
+}
+
+static void key_doc(uint8_t k[12], uint32_t coll, uint64_t doc)
+{
+    for (int i = 0; i < 4; i++) k[i] = (uint8_t)(coll >> (24 - 8 * i));
+    for (int i = 0; i < 8; i++) k[4 + i] = (uint8_t)(doc >> (56 - 8 * i));
+}
+
+/* ==== cases ================================================================== */
+
+TEST(create_reopen)
+{
+    const char *dir = newdir();
+    msa_schema_t sc = small_schema();
+    CHECK_OK(msa_schema_validate(&sc, "schema", NULL));
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    CHECK_EQ(msa_store_last_seq(s), 0);
+    struct stat sb;
+    CHECK(stat(dir, &sb) == 0 && (sb.st_mode & 0777) == 0700);
+
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_EQ(msa_store_txn_seq(w), 0);
+    CHECK_OK(msa_store_coll_create(w, "alpha", &sc, 1, &c));
+    CHECK_EQ(c.id, 1);
+    CHECK_OK(put_doc(w, &c, 1, 10, 1, "hello world", "{\"k\":1}", 0, NULL));
+    CHECK_OK(put_doc(w, &c, 2, 4, 1, NULL, NULL, 0, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK(msa_store_file_bytes(s) > 0);
+    msa_store_close(s);
+
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    CHECK_EQ(msa_store_last_seq(s), 1);
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    CHECK_EQ(msa_store_txn_seq(t), 1);
+    msa_coll_rec_t g, gi;
+    CHECK_OK(msa_store_coll_get(t, "alpha", &g));
+    CHECK_OK(msa_store_coll_get_by_id(t, 1, &gi));
+    CHECK_EQ(g.id, 1);
+    CHECK_EQ(gi.id, 1);
+    CHECK(strcmp(g.name, "alpha") == 0);
+    CHECK(strcmp(gi.name, "alpha") == 0);
+    CHECK_EQ(g.created_seq, 1);
+    CHECK(schema_eq(&g.schema, &sc));
+    CHECK_EQ(g.documents, 2);
+    CHECK_DOC(t, &g, 1, 10, "hello world", "{\"k\":1}", 0);
+    CHECK_DOC(t, &g, 2, 4, NULL, NULL, 0);
+    msa_doc_rec_t d;
+    CHECK_OK(msa_store_doc_get(t, 1, 1, &d));
+    CHECK_EQ(d.version, 1);
+    CHECK_EQ(d.chunks, 3);
+    CHECK_EQ(d.updated_unix_ms, 1700000000001);
+    CHECK_EQ(d.text_bytes, 11);
+    msa_store_view_t v = {(void *)1, 99};
+    CHECK_OK(msa_store_text_get(t, 1, 2, &v)); /* no text: an empty view, not ENOTFOUND */
+    CHECK_EQ(v.len, 0);
+    msa_store_abort(t);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+TEST(collection_ids_not_reused)
+{
+    const char *dir = newdir();
+    msa_schema_t sc = small_schema();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_store_txn_t *w;
+    msa_coll_rec_t a, b, c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "a", &sc, 1, &a));
+    CHECK_OK(msa_store_commit(w, 1));
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_drop(w, "a", NULL));
+    CHECK_OK(msa_store_coll_create(w, "a", &sc, 2, &b));
+    CHECK_OK(msa_store_commit(w, 2));
+    CHECK_EQ(a.id, 1);
+    CHECK_EQ(b.id, 2);
+    msa_store_close(s);
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 3, &c));
+    CHECK_OK(msa_store_commit(w, 3));
+    CHECK_EQ(c.id, 3);
+    msa_store_close(s);
+}
+
+TEST(savepoint_keep_and_undo)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c, x;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_savepoint_begin(w));
+    CHECK_OK(put_doc(w, &c, 1, 8, 1, "one", NULL, 0, NULL));
+    CHECK_OK(msa_store_savepoint_end(w, true));
+    CHECK_OK(msa_store_savepoint_begin(w));
+    CHECK_OK(put_doc(w, &c, 2, 8, 1, "two", NULL, 0, NULL));
+    CHECK_OK(put_doc(w, &c, 1, 12, 1, "one again", NULL, 5, NULL)); /* replace, then undo */
+    CHECK_OK(msa_store_coll_create(w, "undone", &sc, 1, &x));
+    msa_doc_rec_t d;
+    CHECK_OK(msa_store_doc_get(w, c.id, 2, &d)); /* the savepoint sees its own writes */
+    CHECK_OK(msa_store_savepoint_end(w, false));
+    CHECK_RC(msa_store_doc_get(w, c.id, 2, &d), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_coll_get(w, "undone", &x), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_commit(w, 1));
+
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    CHECK_OK(msa_store_coll_get(t, "c", &x));
+    CHECK_EQ(x.documents, 1);
+    CHECK_EQ(x.tokens, 8);
+    CHECK_DOC(t, &x, 1, 8, "one", NULL, 0);
+    CHECK_RC(msa_store_doc_get(t, c.id, 2, &d), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_doc_get(t, c.id, 1, &d));
+    CHECK_EQ(d.version, 1);
+    CHECK_RC(msa_store_coll_get(t, "undone", &x), MSA_ENOTFOUND);
+    msa_store_abort(t);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+TEST(abort_writes_nothing)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w, *t;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_commit(w, 1));
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(put_doc(w, &c, 7, 8, 2, "x", "y", 0, NULL));
+    CHECK_OK(msa_store_coll_create(w, "d", &sc, 2, NULL));
+    CHECK_OK(msa_store_savepoint_begin(w));
+    CHECK_OK(put_doc(w, &c, 8, 8, 2, "x", "y", 0, NULL));
+    msa_store_abort(w); /* with a savepoint still open */
+    CHECK_EQ(msa_store_last_seq(s), 1);
+    msa_store_close(s);
+
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK_OK(msa_store_read_begin(s, &t));
+    CHECK_EQ(msa_store_txn_seq(t), 1);
+    msa_doc_rec_t d;
+    CHECK_RC(msa_store_doc_get(t, c.id, 7, &d), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_doc_get(t, c.id, 8, &d), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_coll_get(t, "d", &c), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_coll_get(t, "c", &c));
+    CHECK_EQ(c.documents, 0);
+    CHECK_EQ(c.bytes, 0);
+    msa_store_abort(t);
+    msa_store_abort(NULL);
+    msa_store_close(s);
+    msa_store_close(NULL);
+}
+
+TEST(counters_put_replace_delete_drop)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c, g;
+    msa_doc_rec_t r1, r2, r1b;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(put_doc(w, &c, 1, 10, 1, "abcd", "m", 0, &r1));
+    CHECK_OK(put_doc(w, &c, 2, 4, 1, "abc", "xy", 0, &r2));
+    CHECK_OK(msa_store_commit(w, 1));
+    uint64_t b1 = r1.tensor_bytes + 4 + 1, b2 = r2.tensor_bytes + 3 + 2;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_get(w, "c", &g));
+    CHECK_EQ(g.documents, 2);
+    CHECK_EQ(g.chunks, 3 + 1);
+    CHECK_EQ(g.tokens, 14);
+    CHECK_EQ(g.bytes, b1 + b2);
+    CHECK_EQ(r1.tensor_bytes, 2 * (3 * 2 * 8 * 2 * 2 + 3 * 2 * 8 * 4));
+
+    /* Replace doc 1 with a shorter version and no text. */
+    CHECK_OK(put_doc(w, &c, 1, 5, 2, NULL, "meta", 9, &r1b));
+    CHECK_EQ(r1b.version, 2);
+    CHECK_OK(msa_store_coll_get(w, "c", &g));
+    CHECK_EQ(g.documents, 2);
+    CHECK_EQ(g.chunks, 2 + 1);
+    CHECK_EQ(g.tokens, 9);
+    CHECK_EQ(g.bytes, r1b.tensor_bytes + 4 + b2);
+    CHECK_DOC(w, &g, 1, 5, NULL, "meta", 9);
+    CHECK_OK(msa_store_commit(w, 2));
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+
+    /* A replace that names fewer blocks leaves none of the old ones behind. */
+    CHECK_OK(msa_store_write_begin(s, &w));
+    uint8_t kb[2 * 8 * 2 * 2];
+    memset(kb, 1, sizeof kb);
+    msa_doc_rec_t r = r1b;
+    r.version = 3;
+    r.tensor_bytes = sizeof kb;
+    r.text_bytes = 0;
+    r.metadata_bytes = 0;
+    msa_store_block_t only = {0, MSA_BLOCK_K, kb, sizeof kb};
+    CHECK_OK(msa_store_doc_put(w, c.id, &r, NULL, 0, NULL, 0, &only, 1));
+    msa_store_view_t v;
+    CHECK_OK(msa_store_block_get(w, c.id, 1, 0, MSA_BLOCK_K, &v));
+    CHECK_EQ(v.len, sizeof kb);
+    CHECK_RC(msa_store_block_get(w, c.id, 1, 0, MSA_BLOCK_V, &v), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_block_get(w, c.id, 1, 1, MSA_BLOCK_R, &v), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_meta_get(w, c.id, 1, &v));
+    CHECK_EQ(v.len, 0);
+    CHECK_OK(msa_store_coll_get(w, "c", &g));
+    CHECK_EQ(g.bytes, sizeof kb + b2);
+    msa_store_abort(w);
+
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_doc_delete(w, c.id, 2));
+    CHECK_OK(msa_store_coll_get(w, "c", &g));
+    CHECK_EQ(g.documents, 1);
+    CHECK_EQ(g.chunks, 2);
+    CHECK_EQ(g.tokens, 5);
+    CHECK_EQ(g.bytes, r1b.tensor_bytes + 4);
+    CHECK_RC(msa_store_text_get(w, c.id, 2, &v), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_block_get(w, c.id, 2, 0, MSA_BLOCK_K, &v), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_doc_delete(w, c.id, 1));
+    CHECK_OK(msa_store_coll_get(w, "c", &g));
+    CHECK_EQ(g.documents, 0);
+    CHECK_EQ(g.chunks, 0);
+    CHECK_EQ(g.tokens, 0);
+    CHECK_EQ(g.bytes, 0);
+    CHECK_OK(msa_store_commit(w, 3));
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(put_doc(w, &c, 3, 4, 4, "t", NULL, 0, NULL));
+    msa_coll_rec_t dropped;
+    CHECK_OK(msa_store_coll_drop(w, "c", &dropped));
+    CHECK_EQ(dropped.id, c.id);
+    CHECK_EQ(dropped.documents, 1); /* the record as it was, with this txn's put */
+    CHECK_RC(msa_store_coll_get_by_id(w, c.id, &g), MSA_ENOTFOUND);
+    CHECK_OK(msa_store_commit(w, 4));
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+TEST(doc_list_paging)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w, *t;
+    msa_coll_rec_t c, c2;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_coll_create(w, "c2", &sc, 1, &c2));
+    for (uint64_t i = 1; i <= 25; i++) CHECK_OK(put_doc(w, &c, i * 10, 4, 1, NULL, NULL, 0, NULL));
+    for (uint64_t i = 1; i <= 3; i++) CHECK_OK(put_doc(w, &c2, i, 4, 1, NULL, NULL, 0, NULL));
+    CHECK_OK(put_doc(w, &c2, UINT64_MAX >> 1, 4, 1, NULL, NULL, 0, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+
+    CHECK_OK(msa_store_read_begin(s, &t));
+    msa_doc_rec_t out[30];
+    uint32_t n;
+    uint64_t next, after = 0, seen = 0;
+    int pages = 0;
+    do {
+        CHECK_OK(msa_store_doc_list(t, c.id, after, 10, out, &n, &next));
+        for (uint32_t i = 0; i < n; i++) {
+            seen++;
+            CHECK_EQ(out[i].id, seen * 10);
+        }
+        pages++;
+        CHECK_EQ(n, pages < 3 ? 10 : 5);
+        CHECK_EQ(next, pages < 3 ? seen * 10 : 0);
+        after = next;
+    } while (next);
+    CHECK_EQ(seen, 25);
+    CHECK_EQ(pages, 3);
+
+    CHECK_OK(msa_store_doc_list(t, c.id, 15, 2, out, &n, &next));
+    CHECK_EQ(n, 2);
+    CHECK_EQ(out[0].id, 20);
+    CHECK_EQ(next, 30);
+    CHECK_OK(msa_store_doc_list(t, c.id, 0, 25, out, &n, &next)); /* exactly all: no more */
+    CHECK_EQ(n, 25);
+    CHECK_EQ(next, 0);
+    CHECK_OK(msa_store_doc_list(t, c.id, 250, 10, out, &n, &next));
+    CHECK_EQ(n, 0);
+    CHECK_EQ(next, 0);
+    CHECK_OK(msa_store_doc_list(t, c2.id, 0, 30, out, &n, &next));
+    CHECK_EQ(n, 4);
+    CHECK_EQ(out[3].id, UINT64_MAX >> 1);
+    CHECK_RC(msa_store_doc_list(t, 99, 0, 10, out, &n, &next), MSA_ENOTFOUND);
+    msa_store_abort(t);
+    msa_store_close(s);
+}
+
+static int count_doc(void *arg, const msa_doc_rec_t *d)
+{
+    uint64_t *n = arg;
+    if (d->id <= n[1]) return -77; /* out of order */
+    n[1] = d->id;
+    n[0]++;
+    return 0;
+}
+
+static int count_coll(void *arg, const msa_coll_rec_t *c)
+{
+    (*(int *)arg)++;
+    return strcmp(c->name, "stop") == 0 ? 42 : 0;
+}
+
+TEST(foreach)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_coll_create(w, "stop", &sc, 1, NULL));
+    CHECK_OK(msa_store_coll_create(w, "z", &sc, 1, NULL));
+    for (uint64_t i = 1; i <= 300; i++) CHECK_OK(put_doc(w, &c, i * 3, 4, 1, NULL, NULL, 0, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    uint64_t n[2] = {0, 0};
+    CHECK_OK(msa_store_doc_foreach(t, c.id, count_doc, n));
+    CHECK_EQ(n[0], 300);
+    int nc = 0;
+    CHECK_EQ(msa_store_coll_foreach(t, count_coll, &nc), 42); /* stopped at the 2nd */
+    CHECK_EQ(nc, 2);
+    CHECK_RC(msa_store_doc_foreach(t, 77, count_doc, n), MSA_ENOTFOUND);
+    msa_store_abort(t);
+    msa_store_close(s);
+}
+
+TEST(drop_removes_everything)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    /* Blocks of 2.5 KiB and more go to overflow pages, small ones share leaves. */
+    msa_schema_t big = schema_of(2, 64, 4, true), sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t a, b;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "b", &sc, 1, &b));
+    CHECK_OK(msa_store_coll_create(w, "a", &big, 1, &a));
+    for (uint64_t i = 1; i <= 300; i++)
+        CHECK_OK(put_doc(w, &a, i, i % 2 ? 40 : 3, 1, i % 3 ? "text" : NULL, "meta", 0, NULL));
+    for (uint64_t i = 1; i <= 5; i++) CHECK_OK(put_doc(w, &b, i, 6, 1, "bt", "bm", 1, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_drop(w, "a", NULL));
+    CHECK_OK(msa_store_commit(w, 2));
+    uint64_t docs = 0;
+    CHECK_EQ(verify_count(s, 0, &docs, true), 0);
+    CHECK_EQ(docs, 5);
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    for (uint64_t i = 1; i <= 5; i++) CHECK_DOC(t, &b, i, 6, "bt", "bm", 1);
+    msa_store_abort(t);
+    msa_store_close(s);
+
+    /* No key of collection a is left in any database. */
+    MDB_env *env = raw_open(dir);
+    CHECK(env != NULL);
+    MDB_txn *txn;
+    CHECK_EQ(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    const char *dbs[] = {"docs", "text", "metadata", "blocks", "collections"};
+    for (size_t i = 0; i < 5; i++) {
+        MDB_dbi dbi;
+        MDB_cursor *cur;
+        MDB_val k, v;
+        CHECK_EQ(mdb_dbi_open(txn, dbs[i], 0, &dbi), 0);
+        CHECK_EQ(mdb_cursor_open(txn, dbi, &cur), 0);
+        uint64_t left = 0, kept = 0;
+        for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
+             rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+            const uint8_t *p = k.mv_data;
+            uint32_t id = (uint32_t)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3];
+            if (id == a.id) left++;
+            if (id == b.id) kept++;
+        }
+        mdb_cursor_close(cur);
+        if (left) {
+            mdb_txn_abort(txn);
+            mdb_env_close(env);
+        }
+        CHECK_EQ(left, 0);
+        CHECK(kept > 0);
+    }
+    MDB_dbi names;
+    MDB_val nk = {1, "a"}, nv;
+    CHECK_EQ(mdb_dbi_open(txn, "coll_names", 0, &names), 0);
+    CHECK_EQ(mdb_get(txn, names, &nk, &nv), MDB_NOTFOUND);
+    mdb_txn_abort(txn);
+    mdb_env_close(env);
+}
+
+TEST(duplicates_and_not_found)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c, g;
+    msa_doc_rec_t d;
+    msa_store_view_t v;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_RC(msa_store_coll_create(w, "c", &sc, 1, &g), MSA_EEXIST);
+    CHECK_RC(msa_store_coll_create(w, "", &sc, 1, &g), MSA_EINVAL);
+    CHECK_RC(msa_store_coll_get(w, "nope", &g), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_coll_get_by_id(w, 9, &g), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_coll_drop(w, "nope", &g), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_doc_get(w, c.id, 1, &d), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_doc_delete(w, c.id, 1), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_doc_delete(w, 9, 1), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_text_get(w, c.id, 1, &v), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_meta_get(w, c.id, 1, &v), MSA_ENOTFOUND);
+    CHECK_RC(msa_store_block_get(w, c.id, 1, 0, MSA_BLOCK_K, &v), MSA_ENOTFOUND);
+    CHECK_RC(put_doc(w, &(msa_coll_rec_t){.id = 9, .schema = sc}, 1, 4, 1, NULL, NULL, 0, NULL),
+             MSA_ENOTFOUND);
+    /* A block outside the schema is a caller bug, refused before any write. */
+    msa_doc_rec_t r = {.id = 1, .version = 1, .tokens = 4, .chunks = 1, .tensor_bytes = 1};
+    msa_store_block_t bad = {2, MSA_BLOCK_K, "x", 1};
+    CHECK_RC(msa_store_doc_put(w, c.id, &r, NULL, 0, NULL, 0, &bad, 1), MSA_EINVAL);
+    bad = (msa_store_block_t){0, 3, "x", 1};
+    CHECK_RC(msa_store_doc_put(w, c.id, &r, NULL, 0, NULL, 0, &bad, 1), MSA_EINVAL);
+    /* Refused ops leave the txn usable. */
+    CHECK_OK(put_doc(w, &c, 1, 4, 1, NULL, NULL, 0, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    char **pr;
+    size_t n;
+    uint64_t dc;
+    CHECK_RC(msa_store_verify(s, 9, &dc, &pr, &n), MSA_ENOTFOUND);
+    msa_store_close(s);
+}
+
+TEST(second_open_is_refused)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL), *s2 = NULL;
+    CHECK(s != NULL);
+    msa_status_t st;
+    CHECK_RC(msa_store_open(dir, NULL, &s2, &st), MSA_EIO);
+    CHECK(s2 == NULL);
+    CHECK_EQ(st.code, MSA_EIO);
+    CHECK_STR_HAS(st.msg, "is in use by another msad");
+    CHECK_STR_HAS(st.msg, dir);
+    msa_store_close(s);
+    CHECK_OK(msa_store_open(dir, NULL, &s2, &st));
+    msa_store_close(s2);
+}
+
+static void write_file(const char *path, const void *data, size_t len)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd >= 0) {
+        if (write(fd, data, len) != (ssize_t)len) perror("write");
+        close(fd);
+    }
+}
+
+TEST(garbage_file_is_corrupt)
+{
+    size_t sizes[] = {100, 5000, 65536};
+    for (size_t i = 0; i < 3; i++) {
+        const char *dir = newdir();
+        CHECK(mkdir(dir, 0700) == 0);
+        char path[300];
+        snprintf(path, sizeof path, "%s/data.mdb", dir);
+        uint8_t *junk = malloc(sizes[i]);
+        uint32_t x = 12345;
+        for (size_t j = 0; j < sizes[i]; j++) junk[j] = (uint8_t)((x = x * 1103515245 + 12345) >> 16);
+        write_file(path, junk, sizes[i]);
+        free(junk);
+        msa_store_t *s = NULL;
+        msa_status_t st;
+        CHECK_RC(msa_store_open(dir, NULL, &s, &st), MSA_ECORRUPT);
+        CHECK(s == NULL);
+        CHECK_STR_HAS(st.msg, "data.mdb");
+        msa_store_opts_t ro = {.read_only = true};
+        CHECK_RC(msa_store_open(dir, &ro, &s, &st), MSA_ECORRUPT);
+    }
+}
+
+TEST(truncated_file_is_an_error)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_schema_t big = schema_of(2, 64, 4, true);
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &big, 1, &c));
+    for (uint64_t i = 1; i <= 100; i++) CHECK_OK(put_doc(w, &c, i, 40, 1, "t", "m", 0, NULL));
+    CHECK_OK(msa_store_commit(w, 1));
+    msa_store_close(s);
+    char path[300];
+    snprintf(path, sizeof path, "%s/data.mdb", dir);
+    struct stat sb;
+    CHECK(stat(path, &sb) == 0);
+    CHECK(sb.st_size > 200000);
+    off_t cuts[] = {sb.st_size / 2, 3 * 4096, 5000};
+    for (size_t i = 0; i < 3; i++) {
+        CHECK(truncate(path, cuts[i]) == 0);
+        msa_status_t st;
+        CHECK_RC(msa_store_open(dir, NULL, &s, &st), MSA_ECORRUPT);
+        CHECK_STR_HAS(st.msg, "data.mdb");
+    }
+}
+
+TEST(foreign_lmdb_and_wrong_format)
+{
+    /* Some other program's LMDB file. */
+    const char *dir = newdir();
+    CHECK(mkdir(dir, 0700) == 0);
+    MDB_env *env = raw_open(dir);
+    CHECK(env != NULL);
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_val k = {5, "hello"}, v = {5, "world"};
+    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ(mdb_dbi_open(txn, NULL, 0, &dbi), 0);
+    CHECK_EQ(mdb_put(txn, dbi, &k, &v, 0), 0);
+    CHECK_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    msa_store_t *s = NULL;
+    msa_status_t st;
+    CHECK_RC(msa_store_open(dir, NULL, &s, &st), MSA_ECORRUPT);
+    CHECK_STR_HAS(st.msg, "not an msad store");
+
+    /* A store of a format this build does not know. */
+    dir = newdir();
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_store_close(s);
+    env = raw_open(dir);
+    CHECK(env != NULL);
+    uint8_t two[4] = {2, 0, 0, 0};
+    k = (MDB_val){6, "format"};
+    v = (MDB_val){4, two};
+    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    CHECK_EQ(mdb_put(txn, dbi, &k, &v, 0), 0);
+    CHECK_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+    CHECK_RC(msa_store_open(dir, NULL, &s, &st), MSA_ECORRUPT);
+    CHECK_STR_HAS(st.msg, "unsupported store format 2");
+}
+
+TEST(read_only)
+{
+    const char *dir = newdir();
+    msa_store_opts_t ro = {.read_only = true};
+    msa_store_t *s = NULL;
+    msa_status_t st;
+    CHECK_RC(msa_store_open(dir, &ro, &s, &st), MSA_EIO); /* nothing there: not created */
+    struct stat sb;
+    CHECK(stat(dir, &sb) != 0);
+
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(put_doc(w, &c, 1, 4, 1, "t", NULL, 0, NULL));
+    CHECK_OK(msa_store_commit(w, 7));
+    msa_store_close(s);
+
+    CHECK_OK(msa_store_open(dir, &ro, &s, &st));
+    CHECK_EQ(msa_store_last_seq(s), 7);
+    CHECK_RC(msa_store_write_begin(s, &w), MSA_EINVAL);
+    CHECK_RC(msa_store_grow(s), MSA_EINVAL);
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    CHECK_DOC(t, &c, 1, 4, "t", NULL, 0);
+    msa_store_abort(t);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+/* Writes documents of about 100 KiB until the map is full; grows and retries. */
+TEST(map_full_and_grow)
+{
+    const char *dir = newdir();
+    msa_store_opts_t o = {.map_size = 1u << 20, .map_max = 4u << 20};
+    msa_store_t *s = open_new(dir, &o);
+    CHECK(s != NULL);
+    msa_schema_t sc = schema_of(8, 128, 64, true);
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_commit(w, 1));
+
+    uint64_t seq = 1, id = 0;
+    int grows = 0, fulls = 0, put_fulls = 0;
+    for (int iter = 0; iter < 200; iter++) {
+        CHECK_OK(msa_store_write_begin(s, &w));
+        int rc = put_doc(w, &c, id + 1, 640, seq + 1, "text", NULL, 0, NULL);
+        if (rc == MSA_OK) {
+            rc = msa_store_commit(w, seq + 1);
+        } else {
+            CHECK_RC(rc, MSA_EFULL);
+            put_fulls++;
+            /* The failed op poisons the txn: a commit refuses it. */
+            CHECK_RC(msa_store_commit(w, seq + 1), MSA_EFULL);
+        }
+        if (rc == MSA_OK) {
+            seq++;
+            id++;
+            continue;
+        }
+        CHECK_RC(rc, MSA_EFULL);
+        CHECK_EQ(msa_store_last_seq(s), seq);
+        fulls++;
+        rc = msa_store_grow(s);
+        if (rc == MSA_EFULL) break;
+        CHECK_OK(rc);
+        grows++;
+    }
+    CHECK_EQ(grows, 2); /* 1 -> 2 -> 4 MiB */
+    CHECK_EQ(fulls, 3);
+    CHECK(put_fulls > 0);
+    CHECK(id > 10);
+    CHECK_RC(msa_store_grow(s), MSA_EFULL);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+
+    s = open_new(dir, &o);
+    CHECK(s != NULL);
+    CHECK_EQ(msa_store_last_seq(s), seq);
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    for (uint64_t i = 1; i <= id; i++) CHECK_DOC(t, &c, i, 640, "text", NULL, 0);
+    msa_store_abort(t);
+    CHECK_RC(msa_store_grow(s), MSA_EFULL);
+    /* Deleting frees pages for reuse: writes fit again at the max. */
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_doc_delete(w, c.id, 1));
+    CHECK_OK(msa_store_doc_delete(w, c.id, 2));
+    CHECK_OK(msa_store_commit(w, seq + 1));
+    msa_store_close(s);
+    s = open_new(dir, NULL); /* default opts: a larger map */
+    CHECK(s != NULL);
+    CHECK_EQ(msa_store_last_seq(s), seq + 1);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+TEST(savepoint_failure_leaves_parent_usable)
+{
+    msa_store_opts_t o = {.map_size = 1u << 20, .map_max = 1u << 20};
+    msa_store_t *s = open_new(newdir(), &o);
+    CHECK(s != NULL);
+    msa_schema_t sc = schema_of(8, 128, 64, true);
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(put_doc(w, &c, 1, 64, 1, "small", NULL, 0, NULL));
+    CHECK_OK(msa_store_savepoint_begin(w));
+    CHECK_RC(put_doc(w, &c, 2, 64 * 40, 1, "huge", NULL, 0, NULL), MSA_EFULL);
+    CHECK_RC(msa_store_savepoint_end(w, true), MSA_EFULL); /* undone, not merged */
+    CHECK_OK(msa_store_commit(w, 1));
+    msa_store_txn_t *t;
+    CHECK_OK(msa_store_read_begin(s, &t));
+    CHECK_DOC(t, &c, 1, 64, "small", NULL, 0);
+    msa_doc_rec_t d;
+    CHECK_RC(msa_store_doc_get(t, c.id, 2, &d), MSA_ENOTFOUND);
+    msa_store_abort(t);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+}
+
+TEST(backup)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w, *t;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    for (uint64_t i = 1; i <= 50; i++) CHECK_OK(put_doc(w, &c, i, 9, 1, "tx", "mx", 0, NULL));
+    CHECK_OK(msa_store_commit(w, 4));
+    CHECK_OK(msa_store_write_begin(s, &w)); /* freed pages: compaction has work */
+    for (uint64_t i = 1; i <= 25; i++) CHECK_OK(msa_store_doc_delete(w, c.id, i));
+    CHECK_OK(msa_store_commit(w, 5));
+
+    CHECK_OK(msa_store_read_begin(s, &t)); /* a live reader does not stop a backup */
+    for (int compact = 0; compact < 2; compact++) {
+        const char *bk = newdir();
+        uint64_t seq = 0, bytes = 0;
+        msa_status_t st;
+        CHECK_OK(msa_store_backup(s, bk, compact, &seq, &bytes, &st));
+        CHECK_EQ(seq, 5);
+        char p[300];
+        snprintf(p, sizeof p, "%s/data.mdb", bk);
+        struct stat sb;
+        CHECK(stat(p, &sb) == 0);
+        CHECK_EQ(bytes, sb.st_size);
+        if (compact) CHECK(bytes < msa_store_file_bytes(s));
+        CHECK_RC(msa_store_backup(s, bk, compact, &seq, &bytes, &st), MSA_EEXIST);
+        CHECK_STR_HAS(st.msg, bk);
+
+        msa_store_t *b = open_new(bk, NULL);
+        CHECK(b != NULL);
+        CHECK_EQ(msa_store_last_seq(b), 5);
+        msa_store_txn_t *bt;
+        msa_coll_rec_t bc;
+        CHECK_OK(msa_store_read_begin(b, &bt));
+        CHECK_OK(msa_store_coll_get(bt, "c", &bc));
+        CHECK_EQ(bc.documents, 25);
+        for (uint64_t i = 26; i <= 50; i++) CHECK_DOC(bt, &bc, i, 9, "tx", "mx", 0);
+        msa_doc_rec_t d;
+        CHECK_RC(msa_store_doc_get(bt, bc.id, 1, &d), MSA_ENOTFOUND);
+        msa_store_abort(bt);
+        CHECK_EQ(verify_count(b, 0, NULL, true), 0);
+        msa_store_close(b);
+    }
+    msa_store_abort(t);
+    uint64_t seq, bytes;
+    msa_status_t st;
+    char bad[300];
+    snprintf(bad, sizeof bad, "%s/no/such/parent", g_root);
+    CHECK_RC(msa_store_backup(s, bad, false, &seq, &bytes, &st), MSA_EIO);
+    CHECK_STR_HAS(st.msg, bad);
+    msa_store_close(s);
+}
+
+static bool has_problem(char **pr, size_t n, const char *a, const char *b)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strstr(pr[i], a) && (!b || strstr(pr[i], b))) return true;
+    return false;
+}
+
+#define CHECK_PROBLEM(pr, n, a, b)                                                \
+    do {                                                                          \
+        if (!has_problem(pr, n, a, b)) {                                          \
+            for (size_t i_ = 0; i_ < (n); i_++) fprintf(stderr, "    %s\n", (pr)[i_]); \
+            FAILF("no problem mentions \"%s\" and \"%s\"", a, b ? b : "");       \
+        }                                                                         \
+    } while (0)
+
+TEST(verify_finds_injected_problems)
+{
+    const char *dir = newdir();
+    msa_store_t *s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema(); /* H 2, D 8, P 4, K/V BF16, R F32 */
+    msa_store_txn_t *w;
+    msa_coll_rec_t c, clean;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "bad", &sc, 1, &c));
+    CHECK_OK(msa_store_coll_create(w, "clean", &sc, 1, &clean));
+    CHECK_OK(put_doc(w, &clean, 1, 8, 1, "t", "m", 0, NULL));
+    CHECK_OK(put_doc(w, &c, 1, 8, 1, "t", "m", 0, NULL)); /* good */
+
+    uint8_t buf[4096];
+    memset(buf, 7, sizeof buf);
+    size_t kv = 2 * 2 * 8 * 2, r = 2 * 2 * 8 * 4; /* 2 chunks */
+    msa_store_block_t full[6] = {
+        {0, MSA_BLOCK_K, buf, kv}, {0, MSA_BLOCK_V, buf, kv}, {0, MSA_BLOCK_R, buf, r},
+        {1, MSA_BLOCK_K, buf, kv}, {1, MSA_BLOCK_V, buf, kv}, {1, MSA_BLOCK_R, buf, r},
+    };
+    msa_doc_rec_t rec = {.version = 1, .tokens = 8, .chunks = 2, .tensor_bytes = 4 * kv + 2 * r};
+    msa_store_block_t blk[6];
+
+    rec.id = 2; /* layer 7's V block missing */
+    memcpy(blk, full, sizeof full);
+    blk[4] = blk[5];
+    rec.tensor_bytes = 3 * kv + 2 * r;
+    CHECK_OK(msa_store_doc_put(w, c.id, &rec, NULL, 0, NULL, 0, blk, 5));
+
+    rec.id = 3; /* layer 3's K block one byte short */
+    memcpy(blk, full, sizeof full);
+    blk[0].len = kv - 1;
+    rec.tensor_bytes = 4 * kv + 2 * r - 1;
+    CHECK_OK(msa_store_doc_put(w, c.id, &rec, NULL, 0, NULL, 0, blk, 6));
+
+    rec.id = 4; /* tensor_bytes disagrees with the blocks */
+    rec.tensor_bytes = 4 * kv + 2 * r + 1;
+    CHECK_OK(msa_store_doc_put(w, c.id, &rec, NULL, 0, NULL, 0, full, 6));
+
+    rec.id = 5; /* chunks disagree with tokens: 10 tokens need 3 chunks of 4 */
+    rec.tokens = 10;
+    rec.tensor_bytes = 4 * kv + 2 * r;
+    CHECK_OK(msa_store_doc_put(w, c.id, &rec, NULL, 0, NULL, 0, full, 6));
+    rec.tokens = 8;
+
+    rec.id = 6; /* text_bytes disagrees with the text */
+    rec.text_bytes = 3;
+    CHECK_OK(msa_store_doc_put(w, c.id, &rec, "ab", 2, NULL, 0, full, 6));
+    rec.text_bytes = 0;
+    CHECK_OK(msa_store_commit(w, 1));
+
+    char **pr = NULL;
+    size_t n = 0;
+    uint64_t docs = 0;
+    CHECK_OK(msa_store_verify(s, c.id, &docs, &pr, &n));
+    CHECK_EQ(docs, 6);
+    CHECK_PROBLEM(pr, n, "collection bad: doc 2: layer 7 (pos 1) block V missing", NULL);
+    CHECK_PROBLEM(pr, n, "doc 3: layer 3 (pos 0) block K: 63 bytes, want 64", NULL);
+    CHECK_PROBLEM(pr, n, "doc 4: tensor_bytes", "blocks hold");
+    CHECK_PROBLEM(pr, n, "doc 5: chunks 2", "= 3");
+    CHECK_PROBLEM(pr, n, "doc 6: text_bytes 3", "text holds 2");
+    CHECK(!has_problem(pr, n, "doc 1:", NULL));
+    CHECK_EQ(n, 5);
+    msa_store_problems_free(pr, n);
+    CHECK_EQ(verify_count(s, clean.id, &docs, true), 0);
+    CHECK_EQ(docs, 1);
+    CHECK_EQ(verify_count(s, 0, &docs, false), 5);
+    CHECK_EQ(docs, 7);
+    msa_store_close(s);
+
+    /* Damage the API cannot make: orphans and a record gone under its data. */
+    MDB_env *env = raw_open(dir);
+    CHECK(env != NULL);
+    MDB_txn *txn;
+    MDB_dbi blocks, text, dd;
+    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ(mdb_dbi_open(txn, "blocks", 0, &blocks), 0);
+    CHECK_EQ(mdb_dbi_open(txn, "text", 0, &text), 0);
+    CHECK_EQ(mdb_dbi_open(txn, "docs", 0, &dd), 0);
+    uint8_t bk[15];
+    key_doc(bk, c.id, 99);
+    bk[12] = 0, bk[13] = 1, bk[14] = MSA_BLOCK_V;
+    MDB_val k = {15, bk}, v = {4, "abcd"};
+    CHECK_EQ(mdb_put(txn, blocks, &k, &v, 0), 0);
+    uint8_t tk[12];
+    key_doc(tk, c.id, 98);
+    k = (MDB_val){12, tk};
+    CHECK_EQ(mdb_put(txn, text, &k, &v, 0), 0);
+    key_doc(tk, clean.id, 1);
+    CHECK_EQ(mdb_del(txn, dd, &k, NULL), 0);
+    CHECK_EQ(mdb_txn_commit(txn), 0);
+    mdb_env_close(env);
+
+    s = open_new(dir, NULL);
+    CHECK(s != NULL);
+    CHECK_OK(msa_store_verify(s, 0, &docs, &pr, &n));
+    CHECK_EQ(docs, 6);
+    CHECK_PROBLEM(pr, n, "collection bad: doc 99: orphan block layer_pos 1 kind V", NULL);
+    CHECK_PROBLEM(pr, n, "collection bad: doc 98: orphan text", NULL);
+    CHECK_PROBLEM(pr, n, "collection clean: doc 1: orphan block", NULL);
+    CHECK_PROBLEM(pr, n, "collection clean: doc 1: orphan text", NULL);
+    CHECK_PROBLEM(pr, n, "collection clean: doc 1: orphan metadata", NULL);
+    CHECK_PROBLEM(pr, n, "collection clean: counter documents is 1", "sum to 0");
+    CHECK_PROBLEM(pr, n, "collection clean: counter bytes", NULL);
+    msa_store_problems_free(pr, n);
+    msa_store_close(s);
+}
+
+TEST(verify_caps_problem_list)
+{
+    msa_store_t *s = open_new(newdir(), NULL);
+    CHECK(s != NULL);
+    msa_schema_t sc = small_schema();
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    for (uint64_t i = 1; i <= 1100; i++) {
+        msa_doc_rec_t rec = {.id = i, .version = 1, .tokens = 4, .chunks = 1};
+        CHECK_OK(msa_store_doc_put(w, c.id, &rec, NULL, 0, NULL, 0, NULL, 0));
+    }
+    CHECK_OK(msa_store_commit(w, 1));
+    char **pr;
+    size_t n;
+    uint64_t docs;
+    CHECK_OK(msa_store_verify(s, 0, &docs, &pr, &n));
+    CHECK_EQ(docs, 1100);
+    CHECK_EQ(n, 1000);
+    CHECK_STR_HAS(pr[n - 1], "... and 5601 more problems"); /* 6 missing blocks per doc */
+    msa_store_problems_free(pr, n);
+    msa_store_close(s);
+}
+
+/* ---- concurrency ------------------------------------------------------------ */
+
+struct rd {
+    msa_store_t *s;
+    uint32_t coll;
+    atomic_bool *stop;
+    atomic_int errors;
+    uint64_t reads, max_seq;
+    char first_error[200];
+};
+
+static void rd_fail(struct rd *r, const char *what, unsigned long long a, unsigned long long b)
+{
+    if (atomic_fetch_add(&r->errors, 1) == 0)
+        snprintf(r->first_error, sizeof r->first_error, "%s: %llu vs %llu", what, a, b);
+}
+
+/* Each commit i rewrites doc 1 with updated_seq = i, text "seq=i" and blocks
+ * filled with byte i; a snapshot must show exactly one such version, before
+ * and after the writer moved on. */
+static void *reader(void *arg)
+{
+    struct rd *r = arg;
+    uint64_t last = 0;
+    while (!atomic_load(r->stop)) {
+        msa_store_txn_t *t;
+        int rc = msa_store_read_begin(r->s, &t);
+        if (rc) {
+            rd_fail(r, "read_begin", (unsigned long long)-rc, 0);
+            break;
+        }
+        uint64_t seq = msa_store_txn_seq(t);
+        if (seq < last) rd_fail(r, "snapshot seq went back", seq, last);
+        if (msa_store_last_seq(r->s) < seq) rd_fail(r, "last_seq behind a snapshot", 0, seq);
+        last = seq;
+        for (int pass = 0; pass < 2 && seq > 1; pass++) {
+            msa_doc_rec_t d;
+            msa_store_view_t tv, kv;
+            char want[32];
+            snprintf(want, sizeof want, "seq=%llu", (unsigned long long)seq);
+            if (msa_store_doc_get(t, r->coll, 1, &d) || d.updated_seq != seq)
+                rd_fail(r, "doc version vs snapshot", d.updated_seq, seq);
+            else if (msa_store_text_get(t, r->coll, 1, &tv) || tv.len != strlen(want) ||
+                     memcmp(tv.data, want, tv.len) != 0)
+                rd_fail(r, "text vs snapshot", tv.len, seq);
+            else if (msa_store_block_get(t, r->coll, 1, 0, MSA_BLOCK_K, &kv) || kv.len == 0)
+                rd_fail(r, "block missing", 0, seq);
+            else
+                for (size_t i = 0; i < kv.len; i++)
+                    if (((const uint8_t *)kv.data)[i] != (uint8_t)seq) {
+                        rd_fail(r, "block bytes vs snapshot", ((const uint8_t *)kv.data)[i], seq);
+                        break;
+                    }
+            sched_yield(); /* let the writer commit between the two passes */
+        }
+        msa_store_abort(t);
+        r->reads++;
+    }
+    r->max_seq = last;
+    return NULL;
+}
+
+static int write_version(msa_store_t *s, uint32_t coll, const msa_schema_t *sc, uint64_t seq,
+                         uint32_t tokens)
+{
+    msa_store_txn_t *w;
+    int rc = msa_store_write_begin(s, &w);
+    if (rc) return rc;
+    msa_doc_rec_t rec = {.id = 1, .version = seq, .tokens = tokens, .updated_seq = seq};
+    rec.chunks = (tokens + sc->chunk_tokens - 1) / sc->chunk_tokens;
+    char text[32];
+    snprintf(text, sizeof text, "seq=%llu", (unsigned long long)seq);
+    rec.text_bytes = strlen(text);
+    size_t len = block_len(sc, rec.chunks, MSA_BLOCK_K);
+    uint8_t *b = malloc(len);
+    memset(b, (uint8_t)seq, len);
+    msa_store_block_t blk = {0, MSA_BLOCK_K, b, len};
+    rec.tensor_bytes = len;
+    rc = msa_store_doc_put(w, coll, &rec, text, rec.text_bytes, NULL, 0, &blk, 1);
+    free(b);
+    if (rc) {
+        msa_store_abort(w);
+        return rc;
+    }
+    return msa_store_commit(w, seq);
+}
+
+static void run_readers_during_writes(msa_store_opts_t *o, uint32_t head_dim, int commits,
+                                      int *grows_out)
+{
+    msa_store_t *s = open_new(newdir(), o);
+    CHECK(s != NULL);
+    msa_schema_t sc = schema_of(8, head_dim, 64, false);
+    msa_store_txn_t *w;
+    msa_coll_rec_t c;
+    CHECK_OK(msa_store_write_begin(s, &w));
+    CHECK_OK(msa_store_coll_create(w, "c", &sc, 1, &c));
+    CHECK_OK(msa_store_commit(w, 1));
+
+    enum { NR = 4 };
+    atomic_bool stop = false;
+    struct rd r[NR];
+    pthread_t th[NR];
+    for (int i = 0; i < NR; i++) {
+        memset(&r[i], 0, sizeof r[i]);
+        r[i].s = s;
+        r[i].coll = c.id;
+        r[i].stop = &stop;
+        CHECK(pthread_create(&th[i], NULL, reader, &r[i]) == 0);
+    }
+    int grows = 0, failed = 0;
+    uint64_t seq = 2;
+    for (int i = 0; i < commits && !failed; i++, seq++) {
+        /* Documents grow with seq, so a small map fills and must be grown. */
+        uint32_t tokens = 64 * (1 + (uint32_t)(seq % 8)) * (o->map_size ? 8 : 1);
+        int rc;
+        while ((rc = write_version(s, c.id, &sc, seq, tokens)) == MSA_EFULL) {
+            if ((rc = msa_store_grow(s)) != MSA_OK) break;
+            grows++;
+        }
+        if (rc) {
+            fprintf(stderr, "  write seq %llu: %s\n", (unsigned long long)seq, msa_errname(rc));
+            failed = 1;
+        }
+    }
+    atomic_store(&stop, true);
+    uint64_t reads = 0;
+    for (int i = 0; i < NR; i++) {
+        pthread_join(th[i], NULL);
+        reads += r[i].reads;
+        if (r[i].errors) FAILF("reader %d: %d errors, first: %s", i, r[i].errors, r[i].first_error);
+    }
+    CHECK_EQ(failed, 0);
+    CHECK(reads > 0);
+    CHECK_EQ(msa_store_last_seq(s), seq - 1);
+    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    msa_store_close(s);
+    *grows_out = grows;
+}
+
+TEST(concurrent_readers_see_one_snapshot)
+{
+    msa_store_opts_t o = {0};
+    int grows = -1;
+    run_readers_during_writes(&o, 16, 400, &grows);
+    CHECK_EQ(grows, 0);
+}
+
+TEST(grow_while_readers_run)
+{
+    msa_store_opts_t o = {.map_size = 1u << 20, .map_max = 64u << 20};
+    int grows = 0;
+    run_readers_during_writes(&o, 128, 120, &grows);
+    CHECK(grows >= 1);
+}
+
+/* A thread that holds a snapshot may open a second one even while a grow is
+ * waiting for the gate (no self-deadlock), and the grow then completes. */
+struct grower {
+    msa_store_t *s;
+    atomic_int done;
+    int rc;
+};
+
+static void *grow_thread(void *arg)
+{
+    struct grower *g = arg;
+    g->rc = msa_store_grow(g->s);
+    atomic_store(&g->done, 1);
+    return NULL;
+}
+
+TEST(nested_read_during_pending_grow)
+{
+    msa_store_opts_t o = {.map_size = 1u << 20, .map_max = 8u << 20};
+    msa_store_t *s = open_new(newdir(), &o);
+    CHECK(s != NULL);
+    msa_store_txn_t *t1, *t2;
+    CHECK_OK(msa_store_read_begin(s, &t1));
+    struct grower g = {.s = s};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, grow_thread, &g) == 0);
+    usleep(50000);
+    CHECK_EQ(atomic_load(&g.done), 0); /* waits for our snapshot */
+    CHECK_OK(msa_store_read_begin(s, &t2));
+    msa_store_abort(t2);
+    msa_store_abort(t1);
+    pthread_join(th, NULL);
+    CHECK_EQ(g.done, 1);
+    CHECK_OK(g.rc);
+    msa_store_close(s);
+}
+
+/* ==== main =================================================================== */
+
+static const struct {
+    const char *name;
+    void (*fn)(void);
+} tests[] = {
+#define T(n) {#n, test_##n}
+    T(create_reopen),
+    T(collection_ids_not_reused),
+    T(savepoint_keep_and_undo),
+    T(abort_writes_nothing),
+    T(counters_put_replace_delete_drop),
+    T(doc_list_paging),
+    T(foreach),
+    T(drop_removes_everything),
+    T(duplicates_and_not_found),
+    T(second_open_is_refused),
+    T(garbage_file_is_corrupt),
+    T(truncated_file_is_an_error),
+    T(foreign_lmdb_and_wrong_format),
+    T(read_only),
+    T(map_full_and_grow),
+    T(savepoint_failure_leaves_parent_usable),
+    T(backup),
+    T(verify_finds_injected_problems),
+    T(verify_caps_problem_list),
+    T(concurrent_readers_see_one_snapshot),
+    T(grow_while_readers_run),
+    T(nested_read_during_pending_grow),
+#undef T
+};
+
+int main(int argc, char **argv)
+{
+    if (!mkdtemp(g_root)) {
+        perror("mkdtemp");
+        return 1;
+    }
+    int failed = 0, ran = 0;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+        bool pick = argc < 2;
+        for (int a = 1; a < argc; a++) pick |= strcmp(argv[a], tests[i].name) == 0;
+        if (!pick) continue;
+        g_failed = 0;
+        tests[i].fn();
+        ran++;
+        printf("%s %s\n", g_failed ? "FAIL" : "ok  ", tests[i].name);
+        fflush(stdout);
+        if (g_failed) failed++;
+    }
+    if (failed)
+        printf("%d of %d tests failed; data left in %s\n", failed, ran, g_root);
+    else
+        rm_rf(g_root);
+    printf("%d tests, %d failed\n", ran, failed);
+    return failed ? 1 : 0;
+}
