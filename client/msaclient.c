@@ -14,6 +14,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
 #include <errno.h>
@@ -313,7 +314,6 @@ static int do_call(msa_cli_t *c, void *reg, const char *method, const ProtobufCM
     if (c->auth) {
         md.key = grpc_slice_from_static_string("authorization");
         md.value = grpc_slice_from_static_buffer(c->auth, c->auth_len);
-        md.flags = 0;
         n_md = 1;
     }
     grpc_metadata_array initial_md, trailing_md;
@@ -574,7 +574,7 @@ static int tensor_alloc(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *s
     for (size_t i = 0; i < ndim; i++) n *= shape[i];
     msa__v1__tensor__init(t);
     t->shape = malloc(ndim * sizeof *t->shape);
-    t->data.data = malloc(n * es ? n * es : 1);
+    t->data.data = malloc(n * es > 0 ? n * es : 1);
     if (!t->shape || !t->data.data) {
         free(t->shape);
         free(t->data.data);
@@ -983,11 +983,13 @@ int msa_cli_writer_flush(msa_cli_writer_t *w, msa_cli_status_t *st) {
     int rc = msa_cli_write(w->c, &req, &r, w->timeout_ms, &w->err);
     free(ops);
     if (rc != MSA_OK) {
-        char m[MSA_STATUS_MSG_MAX];
+        /* Prefix the batch position; the message is cut to fit, never overflows. */
+        char m[MSA_STATUS_MSG_MAX + 96];
         snprintf(m, sizeof m, "batch %llu (ops %llu..%llu): %s",
                  (unsigned long long)w->batches, (unsigned long long)w->next_op,
                  (unsigned long long)(w->next_op + w->nq - 1), w->err.msg);
-        memcpy(w->err.msg, m, sizeof m);
+        memcpy(w->err.msg, m, sizeof w->err.msg - 1);
+        w->err.msg[sizeof w->err.msg - 1] = '\0';
         drop_queue(w);
         if (st) *st = w->err;
         return rc;

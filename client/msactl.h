@@ -31,7 +31,7 @@ typedef struct ctl {
 msa_cli_t *ctl_conn(ctl_t *ctl);
 
 /* Prints "msactl: <GRPC_NAME>: message" (and a JSON error object on stdout with
- * --json); returns EXIT_SERVER, or EXIT_USAGE for errors found on the client. */
+ * --json); returns EXIT_SERVER. */
 int ctl_fail(ctl_t *ctl, const msa_cli_status_t *st);
 /* Prints "msactl: message" for a usage error and returns EXIT_USAGE. */
 int ctl_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

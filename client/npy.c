@@ -121,13 +121,15 @@ static bool parse_word(cursor_t *c, const char *w)
 static int parse_shape(cursor_t *c, uint32_t *shape, uint32_t *ndim, const char *name,
                        msa_status_t *st)
 {
-    if (!eat(c, '(')) return msa_status_set(st, MSA_EINVAL, "%s: header: shape is not a tuple", name);
+    if (!eat(c, '('))
+        return msa_status_set(st, MSA_EINVAL, "%s: header: shape is not a tuple", name);
     uint32_t n = 0;
     for (;;) {
         if (eat(c, ')')) break;
         skip_ws(c);
         if (c->p >= c->end || *c->p < '0' || *c->p > '9')
-            return msa_status_set(st, MSA_EINVAL, "%s: header: shape has a non-integer entry", name);
+            return msa_status_set(st, MSA_EINVAL, "%s: header: shape has a non-integer entry",
+                                  name);
         uint64_t v = 0;
         while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
             v = v * 10 + (uint64_t)(*c->p - '0');
@@ -215,10 +217,14 @@ int msa_cli_npy_parse(const void *buf, size_t len, const char *name, msa_cli_npy
                 return msa_status_set(st, MSA_EINVAL, "%s: header: bad descr", name);
             have_descr = true;
         } else if (!strcmp(key, "fortran_order")) {
-            if (have_fortran) return msa_status_set(st, MSA_EINVAL, "%s: header: bad fortran_order", name);
-            if (parse_word(&c, "True")) fortran = true;
-            else if (parse_word(&c, "False")) fortran = false;
-            else return msa_status_set(st, MSA_EINVAL, "%s: header: bad fortran_order", name);
+            if (have_fortran)
+                return msa_status_set(st, MSA_EINVAL, "%s: header: bad fortran_order", name);
+            if (parse_word(&c, "True"))
+                fortran = true;
+            else if (parse_word(&c, "False"))
+                fortran = false;
+            else
+                return msa_status_set(st, MSA_EINVAL, "%s: header: bad fortran_order", name);
             have_fortran = true;
         } else if (!strcmp(key, "shape")) {
             if (have_shape) return msa_status_set(st, MSA_EINVAL, "%s: header: shape twice", name);
@@ -266,8 +272,10 @@ int msa_cli_npy_parse(const void *buf, size_t len, const char *name, msa_cli_npy
             memcpy(&v, (uint8_t *)data + 8 * i, 8);
             if (v < 0) {
                 free(data);
-                return msa_status_set(st, MSA_EINVAL, "%s: element %" PRIu64 " is negative (%" PRId64
-                                      "), want ids >= 0", name, i, v);
+                return msa_status_set(st, MSA_EINVAL,
+                                      "%s: element %" PRIu64 " is negative (%" PRId64
+                                      "), want ids >= 0",
+                                      name, i, v);
             }
         }
     }
@@ -366,7 +374,8 @@ int msa_cli_npy_write(const char *path, msa_dtype_t dt, uint32_t ndim, const uin
         /* Re-prefix the message with the path. */
         char tmp[MSA_STATUS_MSG_MAX];
         snprintf(tmp, sizeof tmp, "%s", st ? st->msg : "");
-        return msa_status_set(st, rc, "%s: %s", path, strncmp(tmp, "npy: ", 5) == 0 ? tmp + 5 : tmp);
+        const char *why = strncmp(tmp, "npy: ", 5) == 0 ? tmp + 5 : tmp;
+        return msa_status_set(st, rc, "%s: %s", path, why);
     }
     FILE *f = fopen(path, "wb");
     if (!f) {

@@ -6,8 +6,10 @@
  * dtype mapping (numpy has no bfloat16):
  *   F32   <-> '<f4'
  *   F16   <-> '<f2'
- *   BF16  <-> '<u2'  the raw bf16 bit patterns as uint16 (numpy side:
- *                    a.view(np.uint16) of bits; to float: (u.astype(np.uint32) << 16).view(np.float32))
+ *   BF16  <-> '<u2'  the raw bf16 bit patterns as uint16 (numpy has no bf16;
+ *                    to float32: (u.astype(np.uint32) << 16).view(np.float32);
+ *                    from float32: round to nearest even on the top 16 bits,
+ *                    see tests/oracle.py f32_to_bf16_bits)
  *   I8    <-> '|i1'
  *   MSA_CLI_NPY_U64 <-> '<u8'  id lists; reading also accepts '<i8' (numpy's
  *                    default integer) when no value is negative

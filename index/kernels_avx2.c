@@ -45,7 +45,8 @@ AI __m256 reduce8(const __m256 *v)
     __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
     __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
     __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 /* 4 rows (k[0..3]) x NQB queries. */
@@ -53,16 +54,19 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
                  float *acc, size_t ld)
 {
     __m256 a[4][2];
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; i++)
         a[i][0] = a[i][1] = _mm256_setzero_ps();
     const size_t esz = esz_of[dt];
     uint32_t l = 0;
     for (; l < L; l += 16) {
         __m256 q0[2], q1[2];
+        #pragma GCC unroll 16
         for (int j = 0; j < NQB; j++) {
             q0[j] = _mm256_loadu_ps(q + j * qs + l);
             q1[j] = _mm256_loadu_ps(q + j * qs + l + 8);
         }
+        #pragma GCC unroll 16
         for (int i = 0; i < 4; i++) {
             __m256 k0, k1;
             const char *p = (const char *)k[i] + l * esz;
@@ -73,6 +77,7 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
                 memcpy(buf, p, (L - l) * esz);
                 load_key(dt, buf, &k0, &k1);
             }
+            #pragma GCC unroll 16
             for (int j = 0; j < NQB; j++) {
                 a[i][j] = _mm256_fmadd_ps(k0, q0[j], a[i][j]);
                 a[i][j] = _mm256_fmadd_ps(k1, q1[j], a[i][j]);
@@ -80,12 +85,14 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
         }
     }
     __m256 o[8];
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; i++) {
         o[2 * i] = a[i][0];
         o[2 * i + 1] = NQB == 2 ? a[i][1] : _mm256_setzero_ps();
     }
     float t[8];
     _mm256_storeu_ps(t, reduce8(o));
+    #pragma GCC unroll 16
     for (int i = 0; i < 4; i++) {
         acc[i * ld] = t[2 * i];
         if (NQB == 2)
@@ -155,7 +162,8 @@ static void axpy_avx2(float a, const float *x, float *y, uint32_t n)
     const __m256 va = _mm256_set1_ps(a);
     uint32_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+        _mm256_storeu_ps(y + i,
+                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++)
         y[i] += a * x[i];
 }

@@ -134,7 +134,11 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
     pthread_cond_init(&p->done_cv, NULL);
     for (unsigned i = 0; i < nthreads; i++) {
         worker_arg_t *wa = malloc(sizeof *wa);
-        if (!wa || (wa->p = p, wa->idx = i, pthread_create(&p->threads[i], NULL, worker_main, wa))) {
+        if (wa) {
+            wa->p = p;
+            wa->idx = i;
+        }
+        if (!wa || pthread_create(&p->threads[i], NULL, worker_main, wa) != 0) {
             free(wa);
             msa_idx_pool_destroy(p);
             return MSA_ENOMEM;

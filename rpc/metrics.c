@@ -201,6 +201,7 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
 
 struct msa_rpc_http {
     struct MHD_Daemon *d;
+    char bound[300];                 /* "HOST:PORT" as bound */
     const msa_rpc_metrics_t *mx;
     msa_engine_t *e;
 };
@@ -310,9 +311,21 @@ int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine
         free(h);
         return msa_status_set(st, MSA_EIO, "--metrics: cannot listen on %s", addr);
     }
+    char host[INET6_ADDRSTRLEN] = "?";
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
+    if (di && di->port) port = di->port;
+    if (ss.ss_family == AF_INET6) {
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof(host));
+        snprintf(h->bound, sizeof(h->bound), "[%s]:%u", host, (unsigned)port);
+    } else {
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof(host));
+        snprintf(h->bound, sizeof(h->bound), "%s:%u", host, (unsigned)port);
+    }
     *out = h;
     return MSA_OK;
 }
+
+const char *msa_rpc_http_bound(const msa_rpc_http_t *h) { return h->bound; }
 
 void msa_rpc_http_stop(msa_rpc_http_t *h) {
     if (!h) return;

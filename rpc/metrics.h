@@ -64,6 +64,8 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
 typedef struct msa_rpc_http msa_rpc_http_t;
 int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine_t *e,
                        msa_rpc_http_t **out, msa_status_t *st);
+/* The bound address as "HOST:PORT" (the real port when 0 was asked). */
+const char *msa_rpc_http_bound(const msa_rpc_http_t *h);
 /* Stops the thread and closes the socket. NULL is a no-op. */
 void msa_rpc_http_stop(msa_rpc_http_t *h);
 

@@ -178,8 +178,8 @@ int main(int argc, char **argv) {
         printf("msad: listening on %s\n", msa_rpc_server_bound(srv, i));
     }
     if (http) {
-        msa_log(MSA_LOG_INFO, "metrics on http://%s/metrics", o.metrics);
-        printf("msad: metrics on %s\n", o.metrics);
+        msa_log(MSA_LOG_INFO, "metrics on http://%s/metrics", msa_rpc_http_bound(http));
+        printf("msad: metrics on %s\n", msa_rpc_http_bound(http));
     }
     fflush(stdout);
 
@@ -199,11 +199,13 @@ int main(int argc, char **argv) {
      * then the metrics reader, then the engine (queued writes commit, the
      * store closes cleanly). */
     msa_rpc_server_shutdown(srv, (int)o.shutdown_grace_s * 1000);
+    msa_log(MSA_LOG_DEBUG, "shutdown: rpc server stopped");
     msa_rpc_http_stop(http);
     http = NULL;
     msa_srv_shutdown_begin(engine);
     msa_srv_close(engine);
     engine = NULL;
+    msa_log(MSA_LOG_DEBUG, "shutdown: engine closed");
     msa_log(MSA_LOG_INFO, "stopped cleanly");
     exit_code = 0;
 

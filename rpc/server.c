@@ -37,6 +37,11 @@
 
 #define REQUESTS_PER_METHOD 4   /* outstanding requested calls per method and CQ */
 #define DEFAULT_MAX_MESSAGE (256u << 20)
+/* Shutdown answers new calls UNAVAILABLE for at least this long before gRPC
+ * stops accepting: a client that sends its next call right after its last
+ * answer then gets UNAVAILABLE (retryable) rather than the CANCELLED that gRPC
+ * gives streams racing its GOAWAY. */
+#define LAME_DUCK_MIN_MS 100
 
 /* ==== status mapping ============================================================ */
 
@@ -81,6 +86,7 @@ typedef struct call {
     grpc_slice details;              /* status message */
     int code;                        /* gRPC status sent */
     int cancelled;                   /* from RECV_CLOSE_ON_SERVER */
+    int active;                      /* passed the gate: counted in srv->active */
     int64_t t0_ns;                   /* arrival, CLOCK_MONOTONIC */
     msa_rpc_arena_t arena;
     struct call *next;               /* handler queue link */
@@ -108,7 +114,9 @@ struct msa_rpc_server {
     msa_rpc_ctx_t ctx;
     char **bound;                    /* printable bound addresses */
     size_t n_bound;
-    atomic_int stopping;             /* shutdown began: no re-requests, UNAVAILABLE */
+    atomic_int draining;             /* shutdown began: new calls UNAVAILABLE, health NOT_SERVING */
+    atomic_int stopping;             /* gRPC shutdown began: no re-requests */
+    atomic_uint_fast64_t active;     /* calls past the gate, not yet answered */
     atomic_uint_fast64_t next_id;
 
     /* handler queue */
@@ -239,6 +247,7 @@ static void reply(call_t *c, int rc, const msa_status_t *st) {
                 (unsigned long long)c->id, msa__rpc_methods[c->method].name, (int)err);
         msa_rpc_metrics_record(&s->metrics, c->method, c->code, (uint64_t)(now_ns() - c->t0_ns));
         atomic_fetch_sub(&s->metrics.inflight, 1);
+        if (c->active) atomic_fetch_sub(&s->active, 1);
         call_free(c);
     }
 }
@@ -367,10 +376,13 @@ static void on_new_call(call_t *c) {
     atomic_fetch_add(&s->metrics.inflight, 1);
     request_call(s, c->pl, c->method);
 
-    if (atomic_load(&s->stopping)) {
+    /* Health checks still answer while draining (NOT_SERVING). */
+    if (atomic_load(&s->draining) && !m->on_poller) {
         rc = msa_status_set(&st, MSA_EUNAVAIL, "msad is shutting down");
         goto fail;
     }
+    c->active = 1;
+    atomic_fetch_add(&s->active, 1);
     if (s->auth && m->scope != MSA_RPC_SCOPE_NONE) {
         const grpc_slice *v = find_auth(&c->md);
         rc = msa_rpc_auth_check(s->auth, v ? (const char *)GRPC_SLICE_START_PTR(*v) : NULL,
@@ -396,6 +408,7 @@ static void on_sent(call_t *c) {
     msa_rpc_server_t *s = c->srv;
     msa_rpc_metrics_record(&s->metrics, c->method, c->code, (uint64_t)(now_ns() - c->t0_ns));
     atomic_fetch_sub(&s->metrics.inflight, 1);
+    if (c->active) atomic_fetch_sub(&s->active, 1);
     if (c->cancelled && c->code == GRPC_STATUS_OK)
         msa_log(MSA_LOG_DEBUG, "req %llu %s: cancelled by the client or its deadline",
                 (unsigned long long)c->id, msa__rpc_methods[c->method].name);
@@ -522,6 +535,8 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
     s->n_pollers = o->pollers ? o->pollers : online_cpus();
     s->n_handlers = o->handlers ? o->handlers : (4 * s->n_pollers < 16 ? 16 : 4 * s->n_pollers);
     atomic_init(&s->stopping, 0);
+    atomic_init(&s->draining, 0);
+    atomic_init(&s->active, 0);
     atomic_init(&s->next_id, 0);
     pthread_mutex_init(&s->q_mu, NULL);
     pthread_cond_init(&s->q_cv, NULL);
@@ -534,7 +549,7 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
     s->ctx.engine = e;
     s->ctx.metrics = &s->metrics;
     s->ctx.max_send = max_msg;
-    s->ctx.stopping = &s->stopping;
+    s->ctx.stopping = &s->draining;
 
     grpc_arg args[3];
     memset(args, 0, sizeof(args));
@@ -671,16 +686,35 @@ static int wait_shutdown_tag(msa_rpc_server_t *s, int ms) {
 
 void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms) {
     if (!s || s->shut) return;
+    /* Phase 1, lame duck: new calls get UNAVAILABLE while the calls already
+     * past the gate run to completion (bounded by the grace period). */
+    int64_t t0 = now_ns();
+    int64_t end = t0 + (int64_t)(grace_ms > 0 ? grace_ms : 1) * 1000000;
+    atomic_store(&s->draining, 1);
+    while ((atomic_load(&s->active) > 0 && now_ns() < end) ||
+           now_ns() < t0 + (int64_t)LAME_DUCK_MIN_MS * 1000000) {
+        struct timespec ts = {0, 5 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    /* Phase 2: no new connections or calls; requested calls fail; the tag
+     * completes when every call in flight has finished and every connection
+     * is gone. gRPC waits for clients to close idle connections after its
+     * GOAWAY, which a client may take seconds to do: once no call of ours is
+     * in flight, nothing is left to finish, so force the connections down.
+     * Past the grace period, in-flight calls are cancelled too. */
     atomic_store(&s->stopping, 1);
-    /* No new connections or calls; requested calls fail; the tag completes
-     * when every call in flight has finished. */
     grpc_server_shutdown_and_notify(s->server, s->pollers[0].cq, &s->sd_tag);
-    if (!wait_shutdown_tag(s, grace_ms > 0 ? grace_ms : 1)) {
-        msa_log(MSA_LOG_WARN, "shutdown: calls still running after %d ms; cancelling them",
-                grace_ms);
-        grpc_server_cancel_all_calls(s->server);
-        while (!wait_shutdown_tag(s, 1000))
-            msa_log(MSA_LOG_WARN, "shutdown: waiting for cancelled calls to finish");
+    int forced = 0;
+    while (!wait_shutdown_tag(s, 20)) {
+        if (!forced && atomic_load(&s->metrics.inflight) == 0) {
+            grpc_server_cancel_all_calls(s->server);
+            forced = 1;
+        } else if (!forced && now_ns() > end) {
+            msa_log(MSA_LOG_WARN, "shutdown: %llu calls still running after %d ms; cancelling them",
+                    (unsigned long long)atomic_load(&s->metrics.inflight), grace_ms);
+            grpc_server_cancel_all_calls(s->server);
+            forced = 1;
+        }
     }
     /* Handlers: finish whatever is queued (nothing, by now) and exit. */
     pthread_mutex_lock(&s->q_mu);

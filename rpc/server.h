@@ -14,8 +14,13 @@
  * poller, and the other handlers keep serving. Health checks are answered on
  * the poller itself, so probes work even when every handler is busy.
  *
- * Lifecycle: _start (listening, threads running) -> _shutdown (stop
- * accepting, finish in-flight calls, join threads) -> _destroy.
+ * Lifecycle: _start (listening, threads running) -> _shutdown -> _destroy.
+ * Shutdown has two phases. Lame duck: new calls get UNAVAILABLE ("msad is
+ * shutting down"), health answers NOT_SERVING, calls already accepted run to
+ * completion (at least 100 ms, at most the grace period). Then
+ * grpc_server_shutdown_and_notify stops accepting, idle connections are
+ * closed, threads are joined. Calls still running after the grace period are
+ * cancelled.
  */
 #ifndef MSA_RPC_SERVER_H
 #define MSA_RPC_SERVER_H

@@ -124,8 +124,9 @@ int msa_schema_validate(const msa_schema_t *s, const char *prefix, msa_status_t 
         return msa_status_set(st, MSA_EINVAL,
                               "%s.kv_dtype: DTYPE_UNSPECIFIED, want F32, F16 or BF16", prefix);
     default:
-        return msa_status_set(st, MSA_EINVAL, "%s.kv_dtype: unknown value %d, want F32, F16 or BF16",
-                              prefix, (int)s->kv_dtype);
+        return msa_status_set(st, MSA_EINVAL,
+                              "%s.kv_dtype: unknown value %d, want F32, F16 or BF16", prefix,
+                              (int)s->kv_dtype);
     }
     switch ((int)s->routing_dtype) {
     case MSA_DT_F32:
@@ -139,8 +140,8 @@ int msa_schema_validate(const msa_schema_t *s, const char *prefix, msa_status_t 
                               prefix);
     default:
         return msa_status_set(st, MSA_EINVAL,
-                              "%s.routing_dtype: unknown value %d, want F32, F16, BF16 or I8", prefix,
-                              (int)s->routing_dtype);
+                              "%s.routing_dtype: unknown value %d, want F32, F16, BF16 or I8",
+                              prefix, (int)s->routing_dtype);
     }
 
     if ((rc = check_enum(st, prefix, "similarity", (int)s->similarity, MSA_SIM_DOT,

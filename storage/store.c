@@ -215,7 +215,8 @@ static int coll_decode(const MDB_val *v, msa_coll_rec_t *out)
     size_t len = v->mv_size;
     if (len < COLL_REC_FIXED || p[0] != COLL_REC_VERSION) return MSA_ECORRUPT;
     size_t nlen = p[COLL_REC_FIXED - 1];
-    if (nlen == 0 || nlen > MSA_MAX_NAME_LEN || len < COLL_REC_FIXED + nlen + 4) return MSA_ECORRUPT;
+    if (nlen == 0 || nlen > MSA_MAX_NAME_LEN || len < COLL_REC_FIXED + nlen + 4)
+        return MSA_ECORRUPT;
     const uint8_t *sp = p + COLL_REC_FIXED + nlen;
     size_t slen = get_le32(sp);
     if (len != COLL_REC_FIXED + nlen + 4 + slen) return MSA_ECORRUPT;
@@ -541,8 +542,10 @@ static int setup_dbs(msa_store_t *s, msa_status_t *st)
     if (rc == MDB_NOTFOUND && !s->st_read_only) {
         /* A new environment has an empty main database. Anything else is some
          * other program's LMDB file, which must not be turned into a store. */
+        MDB_dbi main_db;
         MDB_stat ms;
-        rc = mdb_stat(txn, 0, &ms);
+        rc = mdb_dbi_open(txn, NULL, 0, &main_db);
+        if (rc == 0) rc = mdb_stat(txn, main_db, &ms);
         if (rc) {
             rc = msa_status_set(st, xlate(s, rc), "%s: %s", s->st_data_path, mdb_strerror(rc));
             goto fail;

@@ -94,15 +94,23 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
 void msa_store_close(msa_store_t *s);
 /* Size of the data file in bytes. */
 uint64_t msa_store_file_bytes(const msa_store_t *s);
-/* Last committed sequence number (0 for a new store). */
+/* Last committed sequence number (0 for a new store). Published right after
+ * the commit returns, so a snapshot begun in that instant may already see a
+ * newer seq; it never goes back. Safe from any thread. */
 uint64_t msa_store_last_seq(const msa_store_t *s);
 
 /* ---- transactions ---------------------------------------------------------- */
 
 /* A read snapshot; *out's seq (msa_store_txn_seq) is the commit it sees.
- * MSA_EFULL when every reader slot is taken. */
+ * MSA_EFULL when every reader slot is taken, MSA_EBROKEN after MDB_PANIC.
+ * A thread may hold several txns of one store at once (a nested begin never
+ * waits behind a pending grow). Open snapshots delay msa_store_grow. */
 int msa_store_read_begin(msa_store_t *s, msa_store_txn_t **out);
-/* The single write txn. Blocks while the map is being grown. */
+/* The single write txn. Blocks while the map is being grown. MSA_EINVAL on a
+ * read_only store. A write op that fails after it began writing (MSA_EFULL,
+ * MSA_EIO, ...) poisons its level: a later commit, or savepoint_end(keep),
+ * returns that error and writes nothing. Refusals before any write (EEXIST,
+ * ENOTFOUND, EINVAL) leave the txn usable. */
 int msa_store_write_begin(msa_store_t *s, msa_store_txn_t **out);
 uint64_t msa_store_txn_seq(const msa_store_txn_t *t);
 /* Write txn: stores seq as the new commit sequence and commits (fsync unless
@@ -112,12 +120,19 @@ int msa_store_commit(msa_store_txn_t *t, uint64_t seq);
 void msa_store_abort(msa_store_txn_t *t);
 
 /* Savepoints (nested LMDB txns) make one request of a group commit atomic:
- * begin, apply its ops, then end with keep=true, or keep=false to undo them. */
+ * begin, apply its ops, then end with keep=true, or keep=false to undo them.
+ * One level only; every op of the txn goes to the open savepoint. A savepoint
+ * whose ops failed is undone even with keep=true (that call returns the
+ * error) and the enclosing txn stays usable. Commit with a savepoint open is
+ * a bug (msa_assert). */
 int msa_store_savepoint_begin(msa_store_txn_t *t);
 int msa_store_savepoint_end(msa_store_txn_t *t, bool keep);
 
 /* After MSA_EFULL from a write: call with no txn of this process open (the
- * write txn aborted); doubles the map up to map_max. MSA_EFULL at the max. */
+ * write txn aborted); doubles the map up to map_max. MSA_EFULL at the max.
+ * Waits until every open read snapshot ends (new ones queue behind it), so
+ * long-held snapshots delay growth. Calling it while this thread holds a txn
+ * of s is a bug (msa_assert). MSA_EINVAL on a read_only store. */
 int msa_store_grow(msa_store_t *s);
 
 /* ---- collections ----------------------------------------------------------- */
@@ -131,7 +146,7 @@ int msa_store_coll_drop(msa_store_txn_t *w, const char *name, msa_coll_rec_t *ou
 int msa_store_coll_get(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out);
 int msa_store_coll_get_by_id(msa_store_txn_t *t, uint32_t id, msa_coll_rec_t *out);
 /* Calls fn for each collection in id order; stops at fn's first non-zero return
- * and returns it. */
+ * and returns it. fn may read through t but must not write. */
 int msa_store_coll_foreach(msa_store_txn_t *t,
                            int (*fn)(void *arg, const msa_coll_rec_t *c), void *arg);
 
@@ -140,20 +155,30 @@ int msa_store_coll_foreach(msa_store_txn_t *t,
 int msa_store_doc_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_doc_rec_t *out);
 /* Writes rec, text, metadata and blocks of one document version, replacing
  * every block of an earlier version, and adjusts the collection's counters.
- * rec->tensor_bytes must equal the sum of blocks' lengths. */
+ * rec->tensor_bytes must equal the sum of blocks' lengths, and text_bytes /
+ * metadata_bytes the lengths given: rec is stored as given (counters follow
+ * it), and msa_store_verify reports any disagreement. Empty text/metadata
+ * store no key. MSA_ENOTFOUND (collection), MSA_EINVAL (a block's layer_pos
+ * or kind outside the schema). */
 int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t *rec,
                       const void *text, size_t text_len, const void *meta, size_t meta_len,
                       const msa_store_block_t *blocks, size_t n_blocks);
 /* Removes a document and all its data; adjusts counters. MSA_ENOTFOUND. */
 int msa_store_doc_delete(msa_store_txn_t *w, uint32_t coll_id, uint64_t doc_id);
 /* Up to limit records with id > after_id, ascending; *next_after is the last id
- * returned when more remain, else 0. */
+ * returned when more remain, else 0. limit 0 returns nothing. MSA_ENOTFOUND
+ * when the collection is missing. */
 int msa_store_doc_list(msa_store_txn_t *t, uint32_t coll_id, uint64_t after_id, uint32_t limit,
                        msa_doc_rec_t *out, uint32_t *n_out, uint64_t *next_after);
-/* Calls fn for every document of the collection in id order (index rebuild). */
+/* Calls fn for every document of the collection in id order (index rebuild);
+ * stops at fn's first non-zero return and returns it. MSA_ENOTFOUND when the
+ * collection is missing. fn may read through t but must not write. */
 int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
                           int (*fn)(void *arg, const msa_doc_rec_t *d), void *arg);
 
+/* Zero-copy views, valid until t ends (in a write txn: until its next write).
+ * A document without text/metadata gives an empty view; MSA_ENOTFOUND means no
+ * such document (or, for blocks, no such block). */
 int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
 int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
 int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
@@ -163,14 +188,20 @@ int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, u
 
 /* Writes a consistent copy of the live store into the directory path (created;
  * must not exist), compacting when asked; the copy is itself a store that
- * msa_store_open accepts. *seq is the commit the copy holds. */
+ * msa_store_open accepts. *seq is the commit the copy holds, *bytes the size of
+ * its data.mdb. MSA_EEXIST (path exists), MSA_EIO; a failed copy is removed.
+ * A non-compacting copy waits for the write txn to end, so the thread that
+ * holds the write txn must not call it. */
 int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq,
                      uint64_t *bytes, msa_status_t *st);
 
 /* Checks records against blocks (presence and byte sizes per schema), text and
  * metadata sizes, orphan blocks, and collection counters, for one collection
  * (coll_id != 0) or all. Each problem is a malloc'd string appended to
- * *problems (a malloc'd array, free with msa_store_problems_free). */
+ * *problems (a malloc'd array, free with msa_store_problems_free). Runs in one
+ * read snapshot (which delays a grow while it runs). At most 1000 problems are
+ * listed, the last one then counting the rest. Returns MSA_OK when it could
+ * check (problems or not); MSA_ENOTFOUND for a missing coll_id. */
 int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, char ***problems,
                      size_t *n_problems);
 void msa_store_problems_free(char **problems, size_t n);

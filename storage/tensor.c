@@ -377,8 +377,8 @@ int msa_tensor_validate(const msa_tensor_t *t, msa_dtype_t want_dtype, uint32_t 
         return msa_status_set(st, MSA_EINVAL, "%s: shape %s, want %s", path, have, want);
     }
 
-    /* 4. byte length (the element count cannot overflow: 4 extents < 2^32 each
-     * could, so multiply with a check). */
+    /* 4. byte length. Four extents below 2^32 can overflow 64 bits, so the
+     * products are checked. */
     uint64_t n = 1;
     for (uint32_t i = 0; i < ndim; i++) {
         if (__builtin_mul_overflow(n, (uint64_t)t->shape[i], &n)) {
@@ -402,8 +402,8 @@ int msa_tensor_validate(const msa_tensor_t *t, msa_dtype_t want_dtype, uint32_t 
     long bad_i = msa_tensor_find_nonfinite(t->dtype, t->data, (size_t)n);
     if (bad_i >= 0) {
         float v;
-        msa_tensor_to_f32(t->dtype, (const uint8_t *)t->data + (size_t)bad_i * msa_dtype_size(t->dtype),
-                          1, &v);
+        const uint8_t *at = (const uint8_t *)t->data + (size_t)bad_i * msa_dtype_size(t->dtype);
+        msa_tensor_to_f32(t->dtype, at, 1, &v);
         return msa_status_set(st, MSA_EINVAL, "%s: element %ld is %s", path, bad_i,
                               isnan(v) ? "NaN" : (v > 0 ? "Inf" : "-Inf"));
     }

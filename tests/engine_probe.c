@@ -5,7 +5,8 @@
  * Usage: engine_probe SCRIPT.json OUT_DIR
  *
  * Script: {"data_dir": "...", "backup_dir": "...", "backend": "cpu"|"auto"|"cuda",
- *          "threads": 2, "nosync": true, "ops": [OP, ...]}
+ *          "threads": 2, "nosync": true, "map_size": bytes, "min_seq_wait_ms": ms,
+ *          "ops": [OP, ...]}
  * Relative .npy paths in the script are relative to the script's directory.
  * Output: OUT_DIR/results.json = {"results": [RESULT, ...]}; each RESULT has
  * "op", "code" ("OK", "EINVAL", ...), "msg", and the op's fields; tensors are
@@ -89,7 +90,10 @@ static uint64_t ju64(const cJSON *v, uint64_t dflt)
     return dflt;
 }
 
-static uint64_t jget_u64(const cJSON *o, const char *k, uint64_t dflt) { return ju64(jget(o, k), dflt); }
+static uint64_t jget_u64(const cJSON *o, const char *k, uint64_t dflt)
+{
+    return ju64(jget(o, k), dflt);
+}
 
 static bool jget_bool(const cJSON *o, const char *k)
 {
@@ -640,7 +644,8 @@ static int run_op(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
         if (rc == MSA_OK) {
             jadd_u64(res, "documents_checked", docs);
             cJSON *arr = cJSON_AddArrayToObject(res, "problems");
-            for (size_t i = 0; i < np; i++) cJSON_AddItemToArray(arr, cJSON_CreateString(problems[i]));
+            for (size_t i = 0; i < np; i++)
+                cJSON_AddItemToArray(arr, cJSON_CreateString(problems[i]));
         }
         for (size_t i = 0; i < np; i++) free(problems[i]);
         free(problems);
@@ -709,6 +714,7 @@ int main(int argc, char **argv)
     p.cfg.threads = (unsigned)jget_u64(script, "threads", 2);
     p.cfg.nosync = jget(script, "nosync") ? jget_bool(script, "nosync") : true;
     p.cfg.map_size = jget_u64(script, "map_size", 64ull << 20);
+    p.cfg.min_seq_wait_ms = (uint32_t)jget_u64(script, "min_seq_wait_ms", 0);
 
     cJSON *results = cJSON_CreateObject();
     cJSON *arr = cJSON_AddArrayToObject(results, "results");

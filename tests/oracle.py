@@ -451,11 +451,11 @@ class Store:
         return self.colls[name]
 
     # -- writes --
-    def _stored_layer(self, s: Schema, op: Op, i: int, pl: PutLayer):
+    def _stored_layer(self, s: Schema, op: Op, i: int, j: int, pl: PutLayer):
         H, D, P = s.kv_heads, s.head_dim, s.chunk_tokens
         C = -(-op.tokens // P)
         rows = op.tokens if op.raw else C
-        path = f"ops[{i}].put.layers"
+        path = f"ops[{i}].put.layers[{j}]"
         for name, arr, dt in (("k", pl.k, pl.k_dtype), ("v", pl.v, pl.v_dtype),
                               ("router_k", pl.router_k, pl.r_dtype)):
             if arr is None:
@@ -490,21 +490,25 @@ class Store:
             raise StoreError("EINVAL", "ops")
         staged = []
         for i, op in enumerate(ops):
-            if not 1 <= op.id <= ID_MAX:
+            if op.kind not in ("put", "delete"):
                 raise StoreError("EINVAL", f"ops[{i}]")
+            if not 1 <= op.id <= ID_MAX:
+                raise StoreError("EINVAL", f"ops[{i}].put.id" if op.kind == "put"
+                                 else f"ops[{i}].delete_id")
             if op.kind == "put":
                 if op.tokens <= 0:
                     raise StoreError("EINVAL", f"ops[{i}].put.tokens")
                 seen = set()
-                for pl in op.layers:
+                for j, pl in enumerate(op.layers):
                     if pl.layer not in s.layers or pl.layer in seen:
-                        raise StoreError("EINVAL", f"ops[{i}].put.layers")
+                        raise StoreError("EINVAL", f"ops[{i}].put.layers[{j}]")
                     seen.add(pl.layer)
                     if (pl.router_k is not None) != s.separate_router_keys:
-                        raise StoreError("EINVAL", f"ops[{i}].put.layers")
+                        raise StoreError("EINVAL", f"ops[{i}].put.layers[{j}].router_k")
                 if seen != set(s.layers):
                     raise StoreError("EINVAL", f"ops[{i}].put.layers")
-                staged.append({pl.layer: self._stored_layer(s, op, i, pl) for pl in op.layers})
+                staged.append({pl.layer: self._stored_layer(s, op, i, j, pl)
+                               for j, pl in enumerate(op.layers)})
             else:
                 staged.append(None)
         if model and model != s.model:

@@ -261,8 +261,10 @@ static void check_case(const case_t *c, msa_isa_t isa, const double *ref, const 
     out[c->n] = 12345.0f; /* canary */
     msa_idx_scorer_run(s, c->rows, c->dt == MSA_DT_I8 ? c->scales : NULL, c->n, out);
     CHECK(out[c->n] == 12345.0f);
-    /* hi+lo bf16 split: 2^-17 per element; float32 sums: ~1e-6 here. */
-    const double rel = 3e-5;
+    /* Tolerance relative to sum|q||k|: float32 accumulation over <= 1024 terms
+     * stays below ~2e-7 here (2e-6 allowed); vdpbf16ps with the hi+lo bf16
+     * query adds the split's error, <= 2^-18 per element (1e-5 allowed). */
+    const double rel = isa == MSA_ISA_AVX512BF16 && c->dt == MSA_DT_BF16 ? 1e-5 : 2e-6;
     for (size_t r = 0; r < c->n; r++) {
         double err = fabs(out[r] - ref[r]);
         double e = bound[r] > 0 ? err / bound[r] : err;
@@ -613,8 +615,10 @@ typedef struct {
 static void *caller_main(void *arg)
 {
     caller_t *c = arg;
+    uint64_t seed = (uint64_t)(uintptr_t)c * 2654435761u + 1; /* per thread */
     for (int rep = 0; rep < 100; rep++) {
-        size_t n = 1 + rnd() % 500; /* rnd is racy here; any value will do */
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        size_t n = 1 + (seed >> 33) % 500;
         atomic_int *hits = calloc(n, sizeof *hits);
         pool_arg_t a = {.hits = hits, .maxw = msa_idx_pool_size(c->pool), .pool = c->pool,
                         .nested = rep % 10 == 0};

@@ -1,0 +1,294 @@
+"""Start and stop a real msad for integration tests, and talk to it with
+grpcio stubs generated from the proto at test time.
+
+Reusable by any test:
+
+    from daemon_util import Daemon, stubs, tensor
+    pb, pb_grpc, hpb, hpb_grpc = stubs()
+    with Daemon() as d:                      # temp data dir, free loopback port
+        mem = d.memory()                     # msa.v1.Memory stub
+        mem.CreateCollection(pb.CreateCollectionRequest(...))
+
+Environment: MSA_BIN (directory holding msad; default /work/main/build/bin),
+MSA_SOURCE (repo root, for rpc/*.proto; default: this file's parent's parent).
+Daemon logs go to <tmp>/msad.log; Daemon.log_tail() returns its end for
+failure messages.
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+SOURCE = os.environ.get("MSA_SOURCE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("MSA_BIN") or os.path.join(SOURCE, "build", "bin")
+
+_stubs = None
+_stubs_lock = threading.Lock()
+
+
+def msad_path():
+    return os.path.join(BIN, "msad")
+
+
+def stubs():
+    """(memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc), generated
+    once per process with protoc + grpc_python_plugin into a temp dir."""
+    global _stubs
+    with _stubs_lock:
+        if _stubs is not None:
+            return _stubs
+        out = tempfile.mkdtemp(prefix="msa-stubs-")
+        plugin = shutil.which("grpc_python_plugin")
+        if not plugin or not shutil.which("protoc"):
+            raise RuntimeError("protoc and grpc_python_plugin are needed "
+                               "(apt: protobuf-compiler protobuf-compiler-grpc)")
+        rpc = os.path.join(SOURCE, "rpc")
+        subprocess.run(["protoc", "--python_out=" + out, "--grpc_out=" + out,
+                        "--plugin=protoc-gen-grpc=" + plugin, "-I", rpc,
+                        os.path.join(rpc, "memory.proto"), os.path.join(rpc, "health.proto")],
+                       check=True)
+        sys.path.insert(0, out)
+        import memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc  # noqa: E401
+        _stubs = (memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc)
+        return _stubs
+
+
+def free_port():
+    """A port that was free a moment ago (prefer --listen 127.0.0.1:0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- tensors -----------------------------------------------------------------
+
+def f32_to_bf16_bits(a):
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns (uint16)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def bf16_bits_to_f32(b):
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def tensor(a, dtype="F32"):
+    """A memory_pb2.Tensor from a NumPy array (dtype F32, F16 or BF16)."""
+    pb = stubs()[0]
+    a = np.asarray(a)
+    if dtype == "F32":
+        data = np.ascontiguousarray(a, dtype="<f4").tobytes()
+    elif dtype == "F16":
+        data = np.ascontiguousarray(a, dtype="<f2").tobytes()
+    elif dtype == "BF16":
+        data = f32_to_bf16_bits(a).astype("<u2").tobytes()
+    else:
+        raise ValueError(dtype)
+    return pb.Tensor(dtype=getattr(pb, dtype), shape=list(a.shape), data=data)
+
+
+def from_tensor(t):
+    """A float32 NumPy array from a memory_pb2.Tensor."""
+    pb = stubs()[0]
+    shape = tuple(t.shape)
+    if t.dtype == pb.F32:
+        return np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32)
+    if t.dtype == pb.F16:
+        return np.frombuffer(t.data, dtype="<f2").reshape(shape).astype(np.float32)
+    if t.dtype == pb.BF16:
+        return bf16_bits_to_f32(np.frombuffer(t.data, dtype="<u2")).reshape(shape)
+    raise ValueError(t.dtype)
+
+
+# ---- the daemon ----------------------------------------------------------------
+
+class Daemon:
+    """One msad process on a temp data dir (or data_dir) and loopback.
+
+    args: extra flags. listen: list of --listen values (default one
+    127.0.0.1:0; the real port is read from the "listening on" line).
+    metrics=True adds --metrics 127.0.0.1:0.
+    """
+
+    def __init__(self, data_dir=None, args=(), listen=None, metrics=False, tmp=None,
+                 start_timeout=30.0):
+        self.tmp = tmp or tempfile.mkdtemp(prefix="msad-test-")
+        self._own_tmp = tmp is None
+        self.data_dir = data_dir or os.path.join(self.tmp, "data")
+        self.args = list(args)
+        self.listen = list(listen) if listen else ["127.0.0.1:0"]
+        self.metrics = metrics
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.addrs = []
+        self.metrics_addr = None
+        self.log_path = os.path.join(self.tmp, "msad.log")
+        self._channels = []
+        self._drainer = None
+
+    # -- lifecycle
+    def cmdline(self):
+        cmd = [msad_path(), "--data", self.data_dir, "--log-level", "debug"]
+        for l in self.listen:
+            cmd += ["--listen", l]
+        if self.metrics:
+            cmd += ["--metrics", "127.0.0.1:0"]
+        return cmd + self.args
+
+    def start(self):
+        self.addrs = []
+        self.metrics_addr = None
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmdline(), stdout=subprocess.PIPE, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + self.start_timeout
+        want = len(self.listen)
+        lines = []
+        # Read stdout lines until every listen address is announced.
+        while len(self.addrs) < want or (self.metrics and not self.metrics_addr):
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("msad did not start in time:\n" + self.log_tail())
+            line = self.proc.stdout.readline().decode(errors="replace")
+            if not line:
+                rc = self.proc.wait()
+                raise RuntimeError("msad exited with %d before listening:\n%s" % (rc, self.log_tail()))
+            lines.append(line)
+            m = re.match(r"msad: listening on (\S+)", line)
+            if m:
+                self.addrs.append(m.group(1))
+            m = re.match(r"msad: metrics on (\S+)", line)
+            if m:
+                self.metrics_addr = m.group(1)
+        # Keep draining stdout so the daemon never blocks on a full pipe.
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        return self
+
+    def _drain(self):
+        try:
+            for _ in self.proc.stdout:
+                pass
+        except Exception:
+            pass
+
+    def stop(self, sig=signal.SIGTERM, timeout=60):
+        """Signals msad and waits; returns its exit code. Channels stay open
+        until it has exited, so clients see what a real client would."""
+        if not self.proc:
+            self.close_channels()
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError("msad did not stop within %ss:\n%s" % (timeout, self.log_tail()))
+        self.close_channels()
+        self._reap()
+        return rc
+
+    def _reap(self):
+        if self._drainer:
+            self._drainer.join(5)
+            self._drainer = None
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def kill(self):
+        self.close_channels()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reap()
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def cleanup(self):
+        self.kill()
+        if self._own_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        try:
+            if self.proc:
+                self.stop()
+        finally:
+            self.cleanup()
+
+    def log_tail(self, n=4000):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    # -- clients
+    @property
+    def addr(self):
+        return self.addrs[0]
+
+    def target(self, i=0):
+        a = self.addrs[i]
+        return a if a.startswith("unix:") else a
+
+    def channel(self, i=0, options=None):
+        import grpc
+        opts = [("grpc.max_receive_message_length", 512 << 20),
+                ("grpc.max_send_message_length", 512 << 20)]
+        ch = grpc.insecure_channel(self.target(i), options=opts + list(options or []))
+        self._channels.append(ch)
+        return ch
+
+    def close_channels(self):
+        for ch in self._channels:
+            try:
+                ch.close()
+            except Exception:
+                pass
+        self._channels = []
+
+    def memory(self, channel=None):
+        return stubs()[1].MemoryStub(channel or self.channel())
+
+    def admin(self, channel=None):
+        return stubs()[1].AdminStub(channel or self.channel())
+
+    def health(self, channel=None):
+        return stubs()[3].HealthStub(channel or self.channel())
+
+    def wait_healthy(self, timeout=10):
+        hpb = stubs()[2]
+        h = self.health()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = h.Check(hpb.HealthCheckRequest(), timeout=2)
+                if r.status == hpb.HealthCheckResponse.SERVING:
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+
+    def metrics_text(self):
+        import urllib.request
+        with urllib.request.urlopen("http://%s/metrics" % self.metrics_addr, timeout=10) as r:
+            return r.read().decode()
