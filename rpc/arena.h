@@ -20,11 +20,11 @@ extern "C" {
 typedef struct msa_rpc_arena_block msa_rpc_arena_block_t;
 
 typedef struct msa_rpc_arena {
-    msa_rpc_arena_block_t *head;  /* newest block first */
-    size_t used;                  /* bytes used in head */
-    size_t cap;                   /* bytes in head */
-    size_t total;                 /* bytes allocated over all blocks */
-    ProtobufCAllocator pb;        /* protobuf-c allocator backed by this arena */
+    msa_rpc_arena_block_t *head; /* newest block first */
+    size_t used;                 /* bytes used in head */
+    size_t cap;                  /* bytes in head */
+    size_t total;                /* bytes allocated over all blocks */
+    ProtobufCAllocator pb;       /* protobuf-c allocator backed by this arena */
 } msa_rpc_arena_t;
 
 /* Prepares an empty arena (no allocation yet). */

@@ -14,7 +14,7 @@
 #define TOKEN_MAX 4096
 
 typedef struct token {
-    char *tok;             /* owned */
+    char *tok; /* owned */
     size_t len;
     msa_rpc_scope_t scope;
 } token_t;
@@ -35,10 +35,14 @@ const char *msa_rpc_scope_name(msa_rpc_scope_t s) {
 }
 
 static int parse_scope(const char *s, msa_rpc_scope_t *out) {
-    if (!strcmp(s, "read")) *out = MSA_RPC_SCOPE_READ;
-    else if (!strcmp(s, "write")) *out = MSA_RPC_SCOPE_WRITE;
-    else if (!strcmp(s, "admin")) *out = MSA_RPC_SCOPE_ADMIN;
-    else return -1;
+    if (!strcmp(s, "read"))
+        *out = MSA_RPC_SCOPE_READ;
+    else if (!strcmp(s, "write"))
+        *out = MSA_RPC_SCOPE_WRITE;
+    else if (!strcmp(s, "admin"))
+        *out = MSA_RPC_SCOPE_ADMIN;
+    else
+        return -1;
     return 0;
 }
 
@@ -47,7 +51,8 @@ void msa_rpc_auth_free(msa_rpc_auth_t *a) {
     for (size_t i = 0; i < a->n; i++) {
         /* Scrub secrets before giving the memory back. */
         volatile char *p = a->tokens[i].tok;
-        for (size_t k = 0; k < a->tokens[i].len; k++) p[k] = 0;
+        for (size_t k = 0; k < a->tokens[i].len; k++)
+            p[k] = 0;
         free(a->tokens[i].tok);
     }
     free(a->tokens);
@@ -79,26 +84,31 @@ int msa_rpc_auth_load(const char *path, msa_rpc_auth_t **out, msa_status_t *st) 
     while ((len = getline(&line, &cap, f)) >= 0) {
         lineno++;
         char *p = line;
-        while (*p && isspace((unsigned char)*p)) p++;
+        while (*p && isspace((unsigned char)*p))
+            p++;
         if (*p == '\0' || *p == '#') continue;
         char *tok = p;
-        while (*p && !isspace((unsigned char)*p)) p++;
+        while (*p && !isspace((unsigned char)*p))
+            p++;
         size_t tok_len = (size_t)(p - tok);
         if (*p) *p++ = '\0';
-        while (*p && isspace((unsigned char)*p)) p++;
+        while (*p && isspace((unsigned char)*p))
+            p++;
         char *scope = p;
-        while (*p && !isspace((unsigned char)*p)) p++;
+        while (*p && !isspace((unsigned char)*p))
+            p++;
         if (*p) *p++ = '\0';
-        while (*p && isspace((unsigned char)*p)) p++;
+        while (*p && isspace((unsigned char)*p))
+            p++;
         msa_rpc_scope_t sc;
         if (*scope == '\0') {
-            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: want `token scope`, scope missing",
-                                path, lineno);
+            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: want `token scope`, scope missing", path,
+                                lineno);
             goto fail;
         }
         if (parse_scope(scope, &sc) != 0) {
-            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: scope '%.32s', want read|write|admin",
-                                path, lineno, scope);
+            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: scope '%.32s', want read|write|admin", path,
+                                lineno, scope);
             goto fail;
         }
         if (*p != '\0' && *p != '#') {
@@ -107,8 +117,8 @@ int msa_rpc_auth_load(const char *path, msa_rpc_auth_t **out, msa_status_t *st) 
             goto fail;
         }
         if (tok_len > TOKEN_MAX) {
-            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: token longer than %u bytes", path,
-                                lineno, TOKEN_MAX);
+            rc = msa_status_set(st, MSA_EINVAL, "%s:%u: token longer than %u bytes", path, lineno,
+                                TOKEN_MAX);
             goto fail;
         }
         for (size_t i = 0; i < a->n; i++) {
@@ -163,16 +173,16 @@ static unsigned ct_compare(const unsigned char *a, size_t alen, const unsigned c
                            size_t blen) {
     unsigned diff = (alen != blen);
     size_t n = alen < blen ? alen : blen;
-    for (size_t i = 0; i < n; i++) diff |= (unsigned)(a[i] ^ b[i]);
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned)(a[i] ^ b[i]);
     return diff;
 }
 
-int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len,
-                       msa_rpc_scope_t need, msa_status_t *st) {
+int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len, msa_rpc_scope_t need,
+                       msa_status_t *st) {
     if (need == MSA_RPC_SCOPE_NONE || !a) return MSA_OK;
     if (!value)
-        return msa_status_set(st, MSA_EUNAUTH,
-                              "missing `authorization: Bearer <token>` metadata");
+        return msa_status_set(st, MSA_EUNAUTH, "missing `authorization: Bearer <token>` metadata");
     if (len < 7 || strncasecmp(value, "bearer ", 7) != 0)
         return msa_status_set(st, MSA_EUNAUTH, "authorization: want `Bearer <token>`");
     const unsigned char *tok = (const unsigned char *)value + 7;
@@ -181,7 +191,8 @@ int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len,
         tok++;
         tok_len--;
     }
-    while (tok_len && (tok[tok_len - 1] == ' ' || tok[tok_len - 1] == '\r')) tok_len--;
+    while (tok_len && (tok[tok_len - 1] == ' ' || tok[tok_len - 1] == '\r'))
+        tok_len--;
     if (tok_len == 0) return msa_status_set(st, MSA_EUNAUTH, "authorization: empty token");
 
     /* Compare against every token, never stopping early, and pick the scope
@@ -195,8 +206,8 @@ int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len,
     }
     if (scope == 0) return msa_status_set(st, MSA_EUNAUTH, "authorization: unknown token");
     if (scope < (unsigned)need)
-        return msa_status_set(st, MSA_EPERM, "token scope '%s' does not allow this call (needs '%s')",
-                              msa_rpc_scope_name((msa_rpc_scope_t)scope),
-                              msa_rpc_scope_name(need));
+        return msa_status_set(st, MSA_EPERM,
+                              "token scope '%s' does not allow this call (needs '%s')",
+                              msa_rpc_scope_name((msa_rpc_scope_t)scope), msa_rpc_scope_name(need));
     return MSA_OK;
 }

@@ -40,8 +40,8 @@ size_t msa_rpc_auth_count(const msa_rpc_auth_t *a);
  * against the table for a method needing scope `need`. Returns MSA_OK,
  * MSA_EUNAUTH (missing, malformed or unknown token) or MSA_EPERM (token known,
  * scope too low), with a message in *st that never repeats the token. */
-int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len,
-                       msa_rpc_scope_t need, msa_status_t *st);
+int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len, msa_rpc_scope_t need,
+                       msa_status_t *st);
 
 #ifdef __cplusplus
 }

@@ -9,14 +9,33 @@
 #include <string.h>
 
 typedef enum {
-    O_CONFIG, O_DATA, O_LISTEN, O_BACKEND, O_THREADS, O_HANDLERS, O_MAX_QUEUE, O_TOKENS,
-    O_TLS_CERT, O_TLS_KEY, O_TLS_CA, O_BACKUP, O_MAX_MSG, O_SYNC, O_MAP_MAX, O_GRACE,
-    O_METRICS, O_LOG_LEVEL, O_LOG_FORMAT, O_HELP, O_VERSION, O_COUNT
+    O_CONFIG,
+    O_DATA,
+    O_LISTEN,
+    O_BACKEND,
+    O_THREADS,
+    O_HANDLERS,
+    O_MAX_QUEUE,
+    O_TOKENS,
+    O_TLS_CERT,
+    O_TLS_KEY,
+    O_TLS_CA,
+    O_BACKUP,
+    O_MAX_MSG,
+    O_SYNC,
+    O_MAP_MAX,
+    O_GRACE,
+    O_METRICS,
+    O_LOG_LEVEL,
+    O_LOG_FORMAT,
+    O_HELP,
+    O_VERSION,
+    O_COUNT
 } opt_id_t;
 
 typedef struct optdef {
-    const char *name;   /* flag without "--", and the config-file key */
-    const char *arg;    /* NULL: no value */
+    const char *name; /* flag without "--", and the config-file key */
+    const char *arg;  /* NULL: no value */
     const char *help;
 } optdef_t;
 
@@ -108,10 +127,14 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         return MSA_OK;
     }
     case O_BACKEND:
-        if (!strcmp(v, "auto")) o->backend = MSA_BACKEND_AUTO;
-        else if (!strcmp(v, "cpu")) o->backend = MSA_BACKEND_CPU;
-        else if (!strcmp(v, "cuda")) o->backend = MSA_BACKEND_CUDA;
-        else return msa_status_set(st, MSA_EINVAL, "%s: '%s', want auto|cpu|cuda", src, v);
+        if (!strcmp(v, "auto"))
+            o->backend = MSA_BACKEND_AUTO;
+        else if (!strcmp(v, "cpu"))
+            o->backend = MSA_BACKEND_CPU;
+        else if (!strcmp(v, "cuda"))
+            o->backend = MSA_BACKEND_CUDA;
+        else
+            return msa_status_set(st, MSA_EINVAL, "%s: '%s', want auto|cpu|cuda", src, v);
         return MSA_OK;
     case O_THREADS: return parse_uint(src, v, 0, 1024, &o->threads, st);
     case O_HANDLERS: return parse_uint(src, v, 0, 4096, &o->handlers, st);
@@ -123,9 +146,12 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_BACKUP: return set_str(&o->backup_dir, v, src, st);
     case O_MAX_MSG: return parse_uint(src, v, 1, 2047, &o->max_message_mb, st);
     case O_SYNC:
-        if (!strcmp(v, "full")) o->nosync = false;
-        else if (!strcmp(v, "nosync")) o->nosync = true;
-        else return msa_status_set(st, MSA_EINVAL, "%s: '%s', want full|nosync", src, v);
+        if (!strcmp(v, "full"))
+            o->nosync = false;
+        else if (!strcmp(v, "nosync"))
+            o->nosync = true;
+        else
+            return msa_status_set(st, MSA_EINVAL, "%s: '%s', want full|nosync", src, v);
         return MSA_OK;
     case O_MAP_MAX: return parse_uint(src, v, 0, 1u << 20, &o->map_max_gb, st);
     case O_GRACE: return parse_uint(src, v, 1, 86400, &o->shutdown_grace_s, st);
@@ -133,12 +159,16 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_LOG_LEVEL:
         if (strcmp(v, "debug") && strcmp(v, "info") && strcmp(v, "warn") && strcmp(v, "error") &&
             strcmp(v, "off"))
-            return msa_status_set(st, MSA_EINVAL, "%s: '%s', want debug|info|warn|error|off", src, v);
+            return msa_status_set(st, MSA_EINVAL, "%s: '%s', want debug|info|warn|error|off", src,
+                                  v);
         return set_str(&o->log_level, v, src, st);
     case O_LOG_FORMAT:
-        if (!strcmp(v, "text")) o->log_json = false;
-        else if (!strcmp(v, "json")) o->log_json = true;
-        else return msa_status_set(st, MSA_EINVAL, "%s: '%s', want text|json", src, v);
+        if (!strcmp(v, "text"))
+            o->log_json = false;
+        else if (!strcmp(v, "json"))
+            o->log_json = true;
+        else
+            return msa_status_set(st, MSA_EINVAL, "%s: '%s', want text|json", src, v);
         return MSA_OK;
     case O_HELP: o->action = MSA_RPC_HELP; return MSA_OK;
     case O_VERSION: o->action = MSA_RPC_VERSION; return MSA_OK;
@@ -148,9 +178,11 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
 }
 
 static char *trim(char *s) {
-    while (*s && isspace((unsigned char)*s)) s++;
+    while (*s && isspace((unsigned char)*s))
+        s++;
     char *e = s + strlen(s);
-    while (e > s && isspace((unsigned char)e[-1])) *--e = '\0';
+    while (e > s && isspace((unsigned char)e[-1]))
+        *--e = '\0';
     return s;
 }
 
@@ -176,7 +208,8 @@ static int read_config(msa_rpc_opts_t *o, const char *path, const bool *from_fla
         *eq = '\0';
         char *key = trim(p), *val = trim(eq + 1);
         size_t vl = strlen(val);
-        if (vl >= 2 && ((val[0] == '"' && val[vl - 1] == '"') || (val[0] == '\'' && val[vl - 1] == '\''))) {
+        if (vl >= 2 &&
+            ((val[0] == '"' && val[vl - 1] == '"') || (val[0] == '\'' && val[vl - 1] == '\''))) {
             val[vl - 1] = '\0';
             val++;
         }
@@ -214,12 +247,17 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
             const char *name = a + 2, *eq = strchr(name, '=');
             size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
             int id = find_opt(name, nlen);
-            if (id < 0) return msa_status_set(st, MSA_EINVAL, "unknown option '%.*s'", (int)(nlen + 2), a);
+            if (id < 0)
+                return msa_status_set(st, MSA_EINVAL, "unknown option '%.*s'", (int)(nlen + 2), a);
             const char *val = NULL;
             if (defs[id].arg) {
-                if (eq) val = eq + 1;
-                else if (i + 1 < argc) val = argv[++i];
-                else return msa_status_set(st, MSA_EINVAL, "--%s needs a value (%s)", defs[id].name, defs[id].arg);
+                if (eq)
+                    val = eq + 1;
+                else if (i + 1 < argc)
+                    val = argv[++i];
+                else
+                    return msa_status_set(st, MSA_EINVAL, "--%s needs a value (%s)", defs[id].name,
+                                          defs[id].arg);
             } else if (eq) {
                 return msa_status_set(st, MSA_EINVAL, "--%s takes no value", defs[id].name);
             }
@@ -240,7 +278,8 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
             return rc;
     }
     if (!o->n_listen && (rc = apply(o, O_LISTEN, MSA_RPC_DEFAULT_LISTEN, "default", st))) return rc;
-    if (!o->data_dir && (rc = set_str(&o->data_dir, MSA_RPC_DEFAULT_DATA, "default", st))) return rc;
+    if (!o->data_dir && (rc = set_str(&o->data_dir, MSA_RPC_DEFAULT_DATA, "default", st)))
+        return rc;
     if (!o->log_level && (rc = set_str(&o->log_level, "info", "default", st))) return rc;
     if (!!o->tls_cert != !!o->tls_key)
         return msa_status_set(st, MSA_EINVAL, "--tls-cert and --tls-key go together");
@@ -251,7 +290,8 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
 
 void msa_rpc_opts_free(msa_rpc_opts_t *o) {
     if (!o) return;
-    for (size_t i = 0; i < o->n_listen; i++) free(o->listen[i]);
+    for (size_t i = 0; i < o->n_listen; i++)
+        free(o->listen[i]);
     free(o->listen);
     free(o->config);
     free(o->data_dir);

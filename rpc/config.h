@@ -26,25 +26,25 @@ typedef enum { MSA_RPC_RUN = 0, MSA_RPC_HELP = 1, MSA_RPC_VERSION = 2 } msa_rpc_
 
 typedef struct msa_rpc_opts {
     msa_rpc_action_t action;
-    char *config;              /* --config F */
-    char *data_dir;            /* --data DIR */
-    char **listen;             /* --listen ADDR (repeatable) */
+    char *config;   /* --config F */
+    char *data_dir; /* --data DIR */
+    char **listen;  /* --listen ADDR (repeatable) */
     size_t n_listen;
-    msa_backend_kind_t backend;/* --backend auto|cpu|cuda */
-    unsigned threads;          /* --threads N: pollers and engine compute threads (0 = cores) */
-    unsigned handlers;         /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
-    unsigned max_queue;        /* --max-queue N: calls waiting for a handler (0 = 4096) */
-    char *tokens_file;         /* --tokens-file F */
-    char *tls_cert, *tls_key;  /* --tls-cert F --tls-key F */
-    char *tls_client_ca;       /* --tls-client-ca F */
-    char *backup_dir;          /* --backup-dir DIR */
-    unsigned max_message_mb;   /* --max-message-mb N (1..2047, default 256) */
-    bool nosync;               /* --sync full|nosync */
-    unsigned map_max_gb;       /* --map-max-gb N (0 = engine default) */
-    unsigned shutdown_grace_s; /* --shutdown-grace S: then in-flight calls are cancelled (30) */
-    char *metrics;             /* --metrics ADDR */
-    char *log_level;           /* --log-level debug|info|warn|error */
-    bool log_json;             /* --log-format text|json */
+    msa_backend_kind_t backend; /* --backend auto|cpu|cuda */
+    unsigned threads;           /* --threads N: pollers and engine compute threads (0 = cores) */
+    unsigned handlers;          /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
+    unsigned max_queue;         /* --max-queue N: calls waiting for a handler (0 = 4096) */
+    char *tokens_file;          /* --tokens-file F */
+    char *tls_cert, *tls_key;   /* --tls-cert F --tls-key F */
+    char *tls_client_ca;        /* --tls-client-ca F */
+    char *backup_dir;           /* --backup-dir DIR */
+    unsigned max_message_mb;    /* --max-message-mb N (1..2047, default 256) */
+    bool nosync;                /* --sync full|nosync */
+    unsigned map_max_gb;        /* --map-max-gb N (0 = engine default) */
+    unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */
+    char *metrics;              /* --metrics ADDR */
+    char *log_level;            /* --log-level debug|info|warn|error */
+    bool log_json;              /* --log-format text|json */
 } msa_rpc_opts_t;
 
 /* Parses argv (and the --config file it names). On MSA_EINVAL st holds a

@@ -38,8 +38,8 @@ static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
                   ProtobufCMessage **out, msa_status_t *st) {
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
     if (!*out)
-        return msa_status_set(st, MSA_EINVAL, "request: malformed %s message (%zu bytes)",
-                              d->name, req->len);
+        return msa_status_set(st, MSA_EINVAL, "request: malformed %s message (%zu bytes)", d->name,
+                              req->len);
     return MSA_OK;
 }
 
@@ -93,7 +93,8 @@ static int tensor_in(const Msa__V1__Tensor *t, msa_tensor_t *out, const char *pa
                               t->n_shape, MSA_TENSOR_MAX_DIMS);
     out->dtype = (msa_dtype_t)t->dtype;
     out->ndim = (uint32_t)t->n_shape;
-    for (size_t i = 0; i < t->n_shape; i++) out->shape[i] = t->shape[i];
+    for (size_t i = 0; i < t->n_shape; i++)
+        out->shape[i] = t->shape[i];
     out->data = t->data.data;
     out->nbytes = t->data.len;
     /* A present but empty tensor still counts as present. */
@@ -121,8 +122,8 @@ static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_st
     memset(s, 0, sizeof(*s));
     if (!p) return msa_status_set(st, MSA_EINVAL, "schema: missing");
     if (p->n_layers > MSA_MAX_LAYERS)
-        return msa_status_set(st, MSA_EINVAL, "schema.layers: %zu entries, at most %d",
-                              p->n_layers, MSA_MAX_LAYERS);
+        return msa_status_set(st, MSA_EINVAL, "schema.layers: %zu entries, at most %d", p->n_layers,
+                              MSA_MAX_LAYERS);
     int rc;
     if ((rc = check_enum((int)p->kv_dtype, MSA__V1__DTYPE__I8, "schema.kv_dtype", st)) ||
         (rc = check_enum((int)p->routing_dtype, MSA__V1__DTYPE__I8, "schema.routing_dtype", st)) ||
@@ -139,7 +140,8 @@ static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_st
         return msa_status_set(st, MSA_EINVAL, "schema.model: %zu bytes, at most %d", mlen,
                               MSA_MAX_MODEL_LEN);
     s->n_layers = (uint32_t)p->n_layers;
-    for (size_t i = 0; i < p->n_layers; i++) s->layers[i] = p->layers[i];
+    for (size_t i = 0; i < p->n_layers; i++)
+        s->layers[i] = p->layers[i];
     s->kv_heads = p->kv_heads;
     s->query_heads = p->query_heads;
     s->head_dim = p->head_dim;
@@ -336,8 +338,8 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
             doc->tokens = d->tokens;
             doc->raw = d->raw;
             doc->n_layers = (uint32_t)d->n_layers;
-            msa_layer_kv_t *ls = msa_rpc_arena_calloc(a, d->n_layers ? d->n_layers : 1,
-                                                      sizeof(*ls));
+            msa_layer_kv_t *ls =
+                msa_rpc_arena_calloc(a, d->n_layers ? d->n_layers : 1, sizeof(*ls));
             if (!ls) return OOM(st);
             for (size_t j = 0; j < d->n_layers; j++) {
                 const Msa__V1__LayerKV *pl = d->layers[j];
@@ -424,15 +426,15 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
                 if (!l) goto oom;
                 msa__v1__layer_kv__init(l);
                 l->layer = gl->layer;
-                l->k = tensor_out(a, gl->k.dtype, gl->k.shape, gl->k.ndim, gl->k.data,
-                                  gl->k.nbytes);
-                l->v = tensor_out(a, gl->v.dtype, gl->v.shape, gl->v.ndim, gl->v.data,
-                                  gl->v.nbytes);
+                l->k =
+                    tensor_out(a, gl->k.dtype, gl->k.shape, gl->k.ndim, gl->k.data, gl->k.nbytes);
+                l->v =
+                    tensor_out(a, gl->v.dtype, gl->v.shape, gl->v.ndim, gl->v.data, gl->v.nbytes);
                 if (!l->k || !l->v) goto oom;
                 if (gl->router_k.data) {
-                    l->router_k = tensor_out(a, gl->router_k.dtype, gl->router_k.shape,
-                                             gl->router_k.ndim, gl->router_k.data,
-                                             gl->router_k.nbytes);
+                    l->router_k =
+                        tensor_out(a, gl->router_k.dtype, gl->router_k.shape, gl->router_k.ndim,
+                                   gl->router_k.data, gl->router_k.nbytes);
                     if (!l->router_k) goto oom;
                 }
                 ls[j] = l;
@@ -462,15 +464,17 @@ static int h_list(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_re
     int rc = unpack(req, &msa__v1__list_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__ListRequest *r = (const void *)m;
-    msa_list_req_t lr = {.collection = str(r->collection), .after_id = r->after_id,
-                         .limit = r->limit};
+    msa_list_req_t lr = {
+        .collection = str(r->collection), .after_id = r->after_id, .limit = r->limit};
     msa_list_result_t res;
     memset(&res, 0, sizeof(res));
     rc = msa_srv_list(ctx->engine, &lr, &res, st);
     if (rc) return rc;
     Msa__V1__ListResponse out = MSA__V1__LIST_RESPONSE__INIT;
-    Msa__V1__DocumentInfo *items = msa_rpc_arena_alloc(req->arena, sizeof(*items) * (res.n ? res.n : 1));
-    Msa__V1__DocumentInfo **ptrs = msa_rpc_arena_alloc(req->arena, sizeof(*ptrs) * (res.n ? res.n : 1));
+    Msa__V1__DocumentInfo *items =
+        msa_rpc_arena_alloc(req->arena, sizeof(*items) * (res.n ? res.n : 1));
+    Msa__V1__DocumentInfo **ptrs =
+        msa_rpc_arena_alloc(req->arena, sizeof(*ptrs) * (res.n ? res.n : 1));
     if (!items || !ptrs) {
         rc = OOM(st);
         goto fail;
@@ -511,8 +515,10 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     rc = msa_srv_route(ctx->engine, &rr, &res, st);
     if (rc) return rc;
     Msa__V1__RouteResponse out = MSA__V1__ROUTE_RESPONSE__INIT;
-    Msa__V1__LayerRoute *ls = msa_rpc_arena_alloc(a, sizeof(*ls) * (res->n_layers ? res->n_layers : 1));
-    Msa__V1__LayerRoute **ptrs = msa_rpc_arena_alloc(a, sizeof(*ptrs) * (res->n_layers ? res->n_layers : 1));
+    Msa__V1__LayerRoute *ls =
+        msa_rpc_arena_alloc(a, sizeof(*ls) * (res->n_layers ? res->n_layers : 1));
+    Msa__V1__LayerRoute **ptrs =
+        msa_rpc_arena_alloc(a, sizeof(*ptrs) * (res->n_layers ? res->n_layers : 1));
     if (!ls || !ptrs) {
         rc = OOM(st);
         goto fail;
@@ -582,8 +588,8 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
         uint32_t oshape[3] = {la->T, la->Hq, la->D};
         uint32_t lshape[2] = {la->T, la->Hq};
         ls[i].out = tensor_out(a, odt, oshape, 3, la->out, la->out_bytes);
-        ls[i].lse = tensor_out(a, MSA_DT_F32, lshape, 2, la->lse,
-                               (size_t)la->T * la->Hq * sizeof(float));
+        ls[i].lse =
+            tensor_out(a, MSA_DT_F32, lshape, 2, la->lse, (size_t)la->T * la->Hq * sizeof(float));
         if (!ls[i].out || !ls[i].lse) {
             rc = OOM(st);
             goto fail;
@@ -640,7 +646,8 @@ static void host_memory(uint64_t *total, uint64_t *used) {
     FILE *f = fopen("/proc/self/statm", "r");
     if (f) {
         unsigned long size, rss;
-        if (fscanf(f, "%lu %lu", &size, &rss) == 2 && psz > 0) *used = (uint64_t)rss * (uint64_t)psz;
+        if (fscanf(f, "%lu %lu", &size, &rss) == 2 && psz > 0)
+            *used = (uint64_t)rss * (uint64_t)psz;
         fclose(f);
     }
 }
@@ -705,8 +712,8 @@ static int h_verify(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     Msa__V1__VerifyResponse out = MSA__V1__VERIFY_RESPONSE__INIT;
     char **problems = NULL;
     size_t n = 0;
-    rc = msa_srv_verify(ctx->engine, opt_str(r->collection), &out.documents_checked, &problems,
-                        &n, st);
+    rc = msa_srv_verify(ctx->engine, opt_str(r->collection), &out.documents_checked, &problems, &n,
+                        st);
     if (rc) return rc;
     out.n_problems = n;
     out.problems = problems;
@@ -717,8 +724,8 @@ static int h_verify(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
 
 /* ==== Health =================================================================== */
 
-static int h_health_check(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                          msa_rpc_reply_t *rep, msa_status_t *st) {
+static int h_health_check(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
+                          msa_status_t *st) {
     ProtobufCMessage *m;
     int rc = unpack(req, &grpc__health__v1__health_check_request__descriptor, &m, st);
     if (rc) return rc;
@@ -762,9 +769,18 @@ const msa_rpc_method_t msa__rpc_methods[] = {
 const size_t msa__rpc_n_methods = sizeof(msa__rpc_methods) / sizeof(msa__rpc_methods[0]);
 
 const char *const msa__rpc_method_names[] = {
-    "CreateCollection", "DropCollection", "ListCollections", "DescribeCollection",
-    "Write",            "Get",            "List",            "Route",
-    "Attend",           "Stats",          "Backup",          "Verify",
+    "CreateCollection",
+    "DropCollection",
+    "ListCollections",
+    "DescribeCollection",
+    "Write",
+    "Get",
+    "List",
+    "Route",
+    "Attend",
+    "Stats",
+    "Backup",
+    "Verify",
     "HealthCheck",
 };
 _Static_assert(sizeof(msa__rpc_method_names) / sizeof(msa__rpc_method_names[0]) ==

@@ -30,16 +30,16 @@ extern "C" {
 typedef struct msa_rpc_ctx {
     msa_engine_t *engine;
     const msa_rpc_metrics_t *metrics;
-    size_t max_send;               /* response bytes at most (--max-message-mb) */
-    const atomic_int *stopping;    /* non-zero once shutdown began */
+    size_t max_send;            /* response bytes at most (--max-message-mb) */
+    const atomic_int *stopping; /* non-zero once shutdown began */
 } msa_rpc_ctx_t;
 
 /* One request as the handler sees it. */
 typedef struct msa_rpc_req {
-    const uint8_t *data;           /* serialized request message */
+    const uint8_t *data; /* serialized request message */
     size_t len;
-    int64_t deadline_ms;           /* CLOCK_MONOTONIC ms; 0 = none */
-    msa_rpc_arena_t *arena;        /* lives until the call is answered */
+    int64_t deadline_ms;    /* CLOCK_MONOTONIC ms; 0 = none */
+    msa_rpc_arena_t *arena; /* lives until the call is answered */
 } msa_rpc_req_t;
 
 /* The packed response: malloc'd, handed to gRPC without a copy. */
@@ -54,10 +54,10 @@ typedef int (*msa_rpc_handler_fn)(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t 
                                   msa_rpc_reply_t *rep, msa_status_t *st);
 
 typedef struct msa_rpc_method {
-    const char *path;              /* "/msa.v1.Memory/Write" */
-    const char *name;              /* "Write" (metrics, counters, logs) */
-    msa_rpc_scope_t scope;         /* token scope needed */
-    bool on_poller;                /* cheap and never blocking: answered on the CQ thread */
+    const char *path;      /* "/msa.v1.Memory/Write" */
+    const char *name;      /* "Write" (metrics, counters, logs) */
+    msa_rpc_scope_t scope; /* token scope needed */
+    bool on_poller;        /* cheap and never blocking: answered on the CQ thread */
     msa_rpc_handler_fn fn;
 } msa_rpc_method_t;
 

@@ -20,11 +20,10 @@ static const double bucket_le[MSA_RPC_N_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.0
                                                     0.25,   0.5,     1.0,    2.5,   10.0};
 
 static const char *const code_names[MSA_RPC_N_CODES] = {
-    "OK",          "CANCELLED",        "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",       "DATA_LOSS",
-    "UNAUTHENTICATED"};
+    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED"};
 
 const char *msa_rpc_code_name(int code) {
     if (code < 0 || code >= MSA_RPC_N_CODES) return "UNKNOWN";
@@ -38,8 +37,10 @@ int msa_rpc_metrics_init(msa_rpc_metrics_t *mx, size_t n_methods, const char *co
     mx->n_methods = n_methods;
     mx->names = names;
     for (size_t i = 0; i < n_methods; i++) {
-        for (int c = 0; c < MSA_RPC_N_CODES; c++) atomic_init(&mx->m[i].by_code[c], 0);
-        for (int b = 0; b <= MSA_RPC_N_BUCKETS; b++) atomic_init(&mx->m[i].buckets[b], 0);
+        for (int c = 0; c < MSA_RPC_N_CODES; c++)
+            atomic_init(&mx->m[i].by_code[c], 0);
+        for (int b = 0; b <= MSA_RPC_N_BUCKETS; b++)
+            atomic_init(&mx->m[i].buckets[b], 0);
         atomic_init(&mx->m[i].sum_us, 0);
     }
     return MSA_OK;
@@ -59,7 +60,8 @@ void msa_rpc_metrics_record(msa_rpc_metrics_t *mx, size_t method, int code, uint
     atomic_fetch_add_explicit(&m->by_code[code], 1, memory_order_relaxed);
     double s = (double)ns * 1e-9;
     int b = 0;
-    while (b < MSA_RPC_N_BUCKETS && s > bucket_le[b]) b++;
+    while (b < MSA_RPC_N_BUCKETS && s > bucket_le[b])
+        b++;
     atomic_fetch_add_explicit(&m->buckets[b], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&m->sum_us, ns / 1000, memory_order_relaxed);
 }
@@ -129,7 +131,8 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
                "# TYPE msad_errors_total counter\n");
     for (int c = 1; c < MSA_RPC_N_CODES; c++) {
         uint64_t v = 0;
-        for (size_t i = 0; i < mx->n_methods; i++) v += ld(&mx->m[i].by_code[c]);
+        for (size_t i = 0; i < mx->n_methods; i++)
+            v += ld(&mx->m[i].by_code[c]);
         fprintf(f, "msad_errors_total{code=\"%s\"} %llu\n", code_names[c], (unsigned long long)v);
     }
     fprintf(f, "# HELP msad_request_duration_seconds Time from call arrival to status sent.\n"
@@ -166,10 +169,11 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
     msa_status_clear(&st);
     if (e && msa_srv_stats(e, &es, &st) == MSA_OK) {
         es.backend[sizeof(es.backend) - 1] = '\0';
-        fprintf(f, "# TYPE msad_build_info gauge\nmsad_build_info{version=\"%s\",backend=\"%s\"} 1\n",
+        fprintf(f,
+                "# TYPE msad_build_info gauge\nmsad_build_info{version=\"%s\",backend=\"%s\"} 1\n",
                 MSA_VERSION, es.backend);
-#define GAUGE(name, help, v)                                                                  \
-    fprintf(f, "# HELP msad_" name " " help "\n# TYPE msad_" name " gauge\nmsad_" name " %llu\n", \
+#define GAUGE(name, help, v)                                                                       \
+    fprintf(f, "# HELP msad_" name " " help "\n# TYPE msad_" name " gauge\nmsad_" name " %llu\n",  \
             (unsigned long long)(v))
         GAUGE("commit_seq", "Last committed sequence number.", es.commit_seq);
         GAUGE("store_bytes", "Size of the LMDB data file in bytes.", es.store_bytes);
@@ -178,8 +182,9 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         GAUGE("chunks", "Pooled chunks over all collections (index rows per layer).", es.chunks);
         GAUGE("index_bytes", "Routing rows resident in host memory, bytes.", es.index_bytes);
 #undef GAUGE
-#define COUNTER(name, help, v)                                                                  \
-    fprintf(f, "# HELP msad_" name " " help "\n# TYPE msad_" name " counter\nmsad_" name " %llu\n", \
+#define COUNTER(name, help, v)                                                                     \
+    fprintf(f,                                                                                     \
+            "# HELP msad_" name " " help "\n# TYPE msad_" name " counter\nmsad_" name " %llu\n",   \
             (unsigned long long)(v))
         COUNTER("engine_writes_total", "Write requests committed by the engine.", es.writes);
         COUNTER("engine_write_groups_total", "Group commits (LMDB transactions).", es.write_groups);
@@ -201,22 +206,21 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
 
 struct msa_rpc_http {
     struct MHD_Daemon *d;
-    char bound[300];                 /* "HOST:PORT" as bound */
+    char bound[300]; /* "HOST:PORT" as bound */
     const msa_rpc_metrics_t *mx;
     msa_engine_t *e;
 };
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls) {
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls) {
     msa_rpc_http_t *h = cls;
     struct MHD_Response *resp;
     enum MHD_Result ret;
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
         static const char msg[] = "method not allowed\n";
-        resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
-                                               MHD_RESPMEM_PERSISTENT);
+        resp =
+            MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg, MHD_RESPMEM_PERSISTENT);
         if (!resp) return MHD_NO;
         ret = MHD_queue_response(conn, MHD_HTTP_METHOD_NOT_ALLOWED, resp);
         MHD_destroy_response(resp);
@@ -224,8 +228,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (strcmp(url, "/metrics") != 0 && strcmp(url, "/") != 0) {
         static const char msg[] = "not found; try /metrics\n";
-        resp = MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg,
-                                               MHD_RESPMEM_PERSISTENT);
+        resp =
+            MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg, MHD_RESPMEM_PERSISTENT);
         if (!resp) return MHD_NO;
         ret = MHD_queue_response(conn, MHD_HTTP_NOT_FOUND, resp);
         MHD_destroy_response(resp);

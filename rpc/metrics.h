@@ -20,24 +20,24 @@
 extern "C" {
 #endif
 
-#define MSA_RPC_N_CODES 17    /* gRPC status codes 0..16 */
-#define MSA_RPC_N_BUCKETS 15  /* latency bucket bounds, plus +Inf */
+#define MSA_RPC_N_CODES 17   /* gRPC status codes 0..16 */
+#define MSA_RPC_N_BUCKETS 15 /* latency bucket bounds, plus +Inf */
 
 typedef struct msa_rpc_method_metrics {
-    _Atomic uint64_t by_code[MSA_RPC_N_CODES];      /* finished calls per status */
+    _Atomic uint64_t by_code[MSA_RPC_N_CODES];       /* finished calls per status */
     _Atomic uint64_t buckets[MSA_RPC_N_BUCKETS + 1]; /* latency, not cumulative; last = +Inf */
     _Atomic uint64_t sum_us;                         /* latency sum, microseconds */
 } msa_rpc_method_metrics_t;
 
 typedef struct msa_rpc_metrics {
     size_t n_methods;
-    const char *const *names;          /* method names, borrowed (static) */
-    msa_rpc_method_metrics_t *m;       /* n_methods entries */
-    _Atomic uint64_t inflight;         /* calls accepted and not yet answered */
-    _Atomic uint64_t queued;           /* calls waiting for a handler thread */
-    _Atomic uint64_t busy_rejects;     /* calls refused: handler queue full */
-    _Atomic uint64_t bytes_in;         /* request payload bytes */
-    _Atomic uint64_t bytes_out;        /* response payload bytes */
+    const char *const *names;      /* method names, borrowed (static) */
+    msa_rpc_method_metrics_t *m;   /* n_methods entries */
+    _Atomic uint64_t inflight;     /* calls accepted and not yet answered */
+    _Atomic uint64_t queued;       /* calls waiting for a handler thread */
+    _Atomic uint64_t busy_rejects; /* calls refused: handler queue full */
+    _Atomic uint64_t bytes_in;     /* request payload bytes */
+    _Atomic uint64_t bytes_out;    /* response payload bytes */
 } msa_rpc_metrics_t;
 
 /* "OK", "INVALID_ARGUMENT", ... for 0..16; "UNKNOWN" otherwise. */

@@ -5,8 +5,11 @@
  * 2 for bad options or unreadable option files (config, tokens, TLS);
  * 1 when the store, the listen addresses or the metrics port fail at start.
  *
- * Signals are blocked in every thread and taken synchronously by the main
- * thread with sigwait, so no work happens in signal handlers.
+ * Signals: a handler only writes the signal number to a pipe that the main
+ * thread reads (self-pipe), so no work happens in signal context. Blocking
+ * the signals and sigwait would not do: libraries start threads before main
+ * (OpenBLAS's pool), and a signal delivered to one of those would take its
+ * default action and kill the daemon mid-write.
  */
 #include "auth.h"
 #include "config.h"
@@ -17,7 +20,7 @@
 #include "server.h"
 
 #include <errno.h>
-#include <pthread.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +28,54 @@
 #include <unistd.h>
 
 #define EXIT_USAGE 2
+
+/* The self-pipe: written by on_signal, read by main. */
+static int sig_pipe[2] = {-1, -1};
+
+static void on_signal(int sig) {
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t n = write(sig_pipe[1], &b, 1); /* full pipe: a signal is already pending */
+    (void)n;
+    errno = saved;
+}
+
+static int install_signals(void) {
+    if (pipe(sig_pipe) != 0) return -1;
+    for (int i = 0; i < 2; i++) {
+        fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    fcntl(sig_pipe[1], F_SETFL, O_NONBLOCK);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGTERM, &sa, NULL) || sigaction(SIGINT, &sa, NULL) ||
+        sigaction(SIGHUP, &sa, NULL))
+        return -1;
+    signal(SIGPIPE, SIG_IGN);
+    return 0;
+}
+
+/* Blocks until SIGTERM or SIGINT; returns it. */
+static int wait_stop_signal(void) {
+    for (;;) {
+        unsigned char b;
+        ssize_t n = read(sig_pipe[0], &b, 1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n != 1) {
+            msa_log(MSA_LOG_ERROR, "signal pipe: %s; shutting down",
+                    n < 0 ? strerror(errno) : "closed");
+            return SIGTERM;
+        }
+        if (b == SIGHUP) {
+            msa_log(MSA_LOG_INFO, "SIGHUP ignored (restart to reload the configuration)");
+            continue;
+        }
+        return b;
+    }
+}
 
 /* Reads a whole (small, PEM) file; NULL with st set on failure. */
 static char *read_file(const char *path, const char *what, msa_status_t *st) {
@@ -124,14 +175,12 @@ int main(int argc, char **argv) {
         }
     }
 
-    /* Every thread started from here on inherits the blocked set. */
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    sigaddset(&sigs, SIGHUP);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    /* From here on SIGTERM/SIGINT mean "shut down cleanly", even while the
+     * store opens: the main thread sees them once the server is up. */
+    if (install_signals() != 0) {
+        fprintf(stderr, "msad: cannot install signal handlers: %s\n", strerror(errno));
+        goto fail;
+    }
 
     msa_log(MSA_LOG_INFO, "msad %s starting: data %s, sync %s", MSA_VERSION, o.data_dir,
             o.nosync ? "nosync" : "full");
@@ -174,7 +223,8 @@ int main(int argc, char **argv) {
         goto fail;
     }
     for (size_t i = 0; msa_rpc_server_bound(srv, i); i++) {
-        msa_log(MSA_LOG_INFO, "listening on %s%s", msa_rpc_server_bound(srv, i), cert ? " (TLS)" : "");
+        msa_log(MSA_LOG_INFO, "listening on %s%s", msa_rpc_server_bound(srv, i),
+                cert ? " (TLS)" : "");
         printf("msad: listening on %s\n", msa_rpc_server_bound(srv, i));
     }
     if (http) {
@@ -183,17 +233,9 @@ int main(int argc, char **argv) {
     }
     fflush(stdout);
 
-    for (;;) {
-        int sig = 0;
-        if (sigwait(&sigs, &sig) != 0) continue;
-        if (sig == SIGHUP) {
-            msa_log(MSA_LOG_INFO, "SIGHUP ignored (restart to reload the configuration)");
-            continue;
-        }
-        msa_log(MSA_LOG_INFO, "%s: shutting down (finishing calls in flight, grace %u s)",
-                sig == SIGTERM ? "SIGTERM" : "SIGINT", o.shutdown_grace_s);
-        break;
-    }
+    int sig = wait_stop_signal();
+    msa_log(MSA_LOG_INFO, "%s: shutting down (finishing calls in flight, grace %u s)",
+            sig == SIGINT ? "SIGINT" : "SIGTERM", o.shutdown_grace_s);
 
     /* Order: stop the network (in-flight calls finish against a live engine),
      * then the metrics reader, then the engine (queued writes commit, the

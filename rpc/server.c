@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define REQUESTS_PER_METHOD 4   /* outstanding requested calls per method and CQ */
+#define REQUESTS_PER_METHOD 4 /* outstanding requested calls per method and CQ */
 #define DEFAULT_MAX_MESSAGE (256u << 20)
 /* Shutdown answers new calls UNAVAILABLE for at least this long before gRPC
  * stops accepting: a client that sends its next call right after its last
@@ -73,23 +73,23 @@ enum { CALL_WAIT = 1, CALL_SEND = 2 };
 typedef struct poller poller_t;
 
 typedef struct call {
-    int state;                       /* CALL_WAIT / CALL_SEND */
+    int state; /* CALL_WAIT / CALL_SEND */
     msa_rpc_server_t *srv;
-    poller_t *pl;                    /* whose CQ the call is bound to */
-    size_t method;                   /* index into msa__rpc_methods */
-    uint64_t id;                     /* request id for logs */
+    poller_t *pl;  /* whose CQ the call is bound to */
+    size_t method; /* index into msa__rpc_methods */
+    uint64_t id;   /* request id for logs */
     grpc_call *call;
     gpr_timespec deadline;
     grpc_metadata_array md;
-    grpc_byte_buffer *payload;       /* request; NULL when none arrived */
-    grpc_byte_buffer *resp;          /* response; NULL on error */
-    grpc_slice details;              /* status message */
-    int code;                        /* gRPC status sent */
-    int cancelled;                   /* from RECV_CLOSE_ON_SERVER */
-    int active;                      /* passed the gate: counted in srv->active */
-    int64_t t0_ns;                   /* arrival, CLOCK_MONOTONIC */
+    grpc_byte_buffer *payload; /* request; NULL when none arrived */
+    grpc_byte_buffer *resp;    /* response; NULL on error */
+    grpc_slice details;        /* status message */
+    int code;                  /* gRPC status sent */
+    int cancelled;             /* from RECV_CLOSE_ON_SERVER */
+    int active;                /* passed the gate: counted in srv->active */
+    int64_t t0_ns;             /* arrival, CLOCK_MONOTONIC */
     msa_rpc_arena_t arena;
-    struct call *next;               /* handler queue link */
+    struct call *next; /* handler queue link */
 } call_t;
 
 struct poller {
@@ -102,7 +102,7 @@ struct poller {
 struct msa_rpc_server {
     msa_engine_t *engine;
     grpc_server *server;
-    void **method_tags;              /* per method, from grpc_server_register_method */
+    void **method_tags; /* per method, from grpc_server_register_method */
     poller_t *pollers;
     unsigned n_pollers;
     pthread_t *handlers;
@@ -112,11 +112,11 @@ struct msa_rpc_server {
     const msa_rpc_auth_t *auth;
     msa_rpc_metrics_t metrics;
     msa_rpc_ctx_t ctx;
-    char **bound;                    /* printable bound addresses */
+    char **bound; /* printable bound addresses */
     size_t n_bound;
-    atomic_int draining;             /* shutdown began: new calls UNAVAILABLE, health NOT_SERVING */
-    atomic_int stopping;             /* gRPC shutdown began: no re-requests */
-    atomic_uint_fast64_t active;     /* calls past the gate, not yet answered */
+    atomic_int draining;         /* shutdown began: new calls UNAVAILABLE, health NOT_SERVING */
+    atomic_int stopping;         /* gRPC shutdown began: no re-requests */
+    atomic_uint_fast64_t active; /* calls past the gate, not yet answered */
     atomic_uint_fast64_t next_id;
 
     /* handler queue */
@@ -124,14 +124,14 @@ struct msa_rpc_server {
     pthread_cond_t q_cv;
     call_t *q_head, *q_tail;
     size_t q_len;
-    int q_quit;                      /* handlers exit once the queue is empty */
+    int q_quit; /* handlers exit once the queue is empty */
 
     /* shutdown notification (tag completes on pollers[0]) */
     pthread_mutex_t sd_mu;
     pthread_cond_t sd_cv;
     int sd_done;
-    char sd_tag;                     /* its address is the tag */
-    int shut;                        /* msa_rpc_server_shutdown finished */
+    char sd_tag; /* its address is the tag */
+    int shut;    /* msa_rpc_server_shutdown finished */
 };
 
 static int64_t now_ns(void) {
@@ -168,7 +168,8 @@ static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
     if (atomic_load(&s->stopping)) return;
     call_t *c = calloc(1, sizeof(*c));
     if (!c) {
-        msa_log(MSA_LOG_ERROR, "out of memory requesting a call of %s", msa__rpc_methods[method].name);
+        msa_log(MSA_LOG_ERROR, "out of memory requesting a call of %s",
+                msa__rpc_methods[method].name);
         return;
     }
     c->state = CALL_WAIT;
@@ -178,9 +179,9 @@ static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
     c->details = grpc_empty_slice();
     grpc_metadata_array_init(&c->md);
     msa_rpc_arena_init(&c->arena);
-    grpc_call_error err = grpc_server_request_registered_call(
-        s->server, s->method_tags[method], &c->call, &c->deadline, &c->md, &c->payload, pl->cq,
-        pl->cq, c);
+    grpc_call_error err =
+        grpc_server_request_registered_call(s->server, s->method_tags[method], &c->call,
+                                            &c->deadline, &c->md, &c->payload, pl->cq, pl->cq, c);
     if (err != GRPC_CALL_OK) {
         /* Only expected while shutting down. */
         if (!atomic_load(&s->stopping))
@@ -273,8 +274,7 @@ static void handle(call_t *c) {
     }
     /* One contiguous buffer for protobuf-c. A single uncompressed slice is
      * used as it is; anything else is copied once. */
-    if (c->payload->type == GRPC_BB_RAW &&
-        c->payload->data.raw.compression == GRPC_COMPRESS_NONE &&
+    if (c->payload->type == GRPC_BB_RAW && c->payload->data.raw.compression == GRPC_COMPRESS_NONE &&
         c->payload->data.raw.slice_buffer.count == 1) {
         flat = grpc_slice_ref(c->payload->data.raw.slice_buffer.slices[0]);
     } else {
@@ -286,8 +286,7 @@ static void handle(call_t *c) {
         flat = grpc_byte_buffer_reader_readall(&rd);
         grpc_byte_buffer_reader_destroy(&rd);
     }
-    atomic_fetch_add_explicit(&s->metrics.bytes_in, GRPC_SLICE_LENGTH(flat),
-                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->metrics.bytes_in, GRPC_SLICE_LENGTH(flat), memory_order_relaxed);
 
     msa_rpc_req_t req = {.data = GRPC_SLICE_START_PTR(flat),
                          .len = GRPC_SLICE_LENGTH(flat),
@@ -332,8 +331,10 @@ static int enqueue(msa_rpc_server_t *s, call_t *c) {
         return MSA_EFULL;
     }
     c->next = NULL;
-    if (s->q_tail) s->q_tail->next = c;
-    else s->q_head = c;
+    if (s->q_tail)
+        s->q_tail->next = c;
+    else
+        s->q_head = c;
     s->q_tail = c;
     s->q_len++;
     atomic_fetch_add(&s->metrics.queued, 1);
@@ -346,7 +347,8 @@ static void *handler_main(void *arg) {
     msa_rpc_server_t *s = arg;
     for (;;) {
         pthread_mutex_lock(&s->q_mu);
-        while (!s->q_head && !s->q_quit) pthread_cond_wait(&s->q_cv, &s->q_mu);
+        while (!s->q_head && !s->q_quit)
+            pthread_cond_wait(&s->q_cv, &s->q_mu);
         call_t *c = s->q_head;
         if (!c) { /* quit and drained */
             pthread_mutex_unlock(&s->q_mu);
@@ -419,7 +421,8 @@ static void *poller_main(void *arg) {
     poller_t *pl = arg;
     msa_rpc_server_t *s = pl->srv;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(pl->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        grpc_event ev =
+            grpc_completion_queue_next(pl->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
         if (ev.type != GRPC_OP_COMPLETE) continue;
         if (ev.tag == &s->sd_tag) {
@@ -485,8 +488,10 @@ static int bind_all(msa_rpc_server_t *s, const msa_rpc_server_opts_t *o, msa_sta
         int port = grpc_server_add_http2_port(s->server, addr, c);
         if (!creds) grpc_server_credentials_release(c);
         if (port <= 0) {
-            rc = msa_status_set(st, MSA_EIO, "--listen %s: cannot bind (in use, bad address or "
-                                "no permission)", addr);
+            rc = msa_status_set(st, MSA_EIO,
+                                "--listen %s: cannot bind (in use, bad address or "
+                                "no permission)",
+                                addr);
             goto fail;
         }
         char buf[600];
@@ -514,8 +519,8 @@ fail:
     return rc;
 }
 
-int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
-                         msa_rpc_server_t **out, msa_status_t *st) {
+int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rpc_server_t **out,
+                         msa_status_t *st) {
     int rc = MSA_OK;
     if (o->n_listen == 0) return msa_status_set(st, MSA_EINVAL, "no listen address");
     size_t max_msg = o->max_message ? o->max_message : DEFAULT_MAX_MESSAGE;
@@ -577,8 +582,9 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
         goto fail;
     }
     for (size_t i = 0; i < msa__rpc_n_methods; i++) {
-        s->method_tags[i] = grpc_server_register_method(
-            s->server, msa__rpc_methods[i].path, NULL, GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        s->method_tags[i] =
+            grpc_server_register_method(s->server, msa__rpc_methods[i].path, NULL,
+                                        GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
         if (!s->method_tags[i]) {
             rc = msa_status_set(st, MSA_EINTERNAL, "cannot register %s", msa__rpc_methods[i].path);
             goto fail;
@@ -594,7 +600,8 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
 
     for (unsigned i = 0; i < s->n_pollers; i++)
         for (size_t m = 0; m < msa__rpc_n_methods; m++)
-            for (int k = 0; k < REQUESTS_PER_METHOD; k++) request_call(s, &s->pollers[i], m);
+            for (int k = 0; k < REQUESTS_PER_METHOD; k++)
+                request_call(s, &s->pollers[i], m);
     for (unsigned i = 0; i < s->n_handlers; i++) {
         if (pthread_create(&s->handlers[i], NULL, handler_main, s) != 0) {
             rc = msa_status_set(st, MSA_ENOMEM, "cannot start handler thread %u", i);
@@ -609,9 +616,10 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
         }
         s->pollers[i].started = 1;
     }
-    msa_log(MSA_LOG_INFO, "rpc: %u pollers, %u handlers, queue %u, max message %zu bytes, auth %s, tls %s",
-            s->n_pollers, s->n_handlers, s->max_queue, max_msg,
-            s->auth ? "tokens" : "off", o->tls_cert_pem ? (o->tls_client_ca_pem ? "mutual" : "on") : "off");
+    msa_log(MSA_LOG_INFO,
+            "rpc: %u pollers, %u handlers, queue %u, max message %zu bytes, auth %s, tls %s",
+            s->n_pollers, s->n_handlers, s->max_queue, max_msg, s->auth ? "tokens" : "off",
+            o->tls_cert_pem ? (o->tls_client_ca_pem ? "mutual" : "on") : "off");
     *out = s;
     return MSA_OK;
 
@@ -641,7 +649,8 @@ fail:
     if (s->pollers)
         for (unsigned i = 0; i < s->n_pollers; i++)
             if (s->pollers[i].cq) grpc_completion_queue_destroy(s->pollers[i].cq);
-    for (size_t i = 0; i < s->n_bound; i++) free(s->bound[i]);
+    for (size_t i = 0; i < s->n_bound; i++)
+        free(s->bound[i]);
     free(s->bound);
     free(s->method_tags);
     free(s->pollers);
@@ -721,10 +730,12 @@ void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms) {
     s->q_quit = 1;
     pthread_cond_broadcast(&s->q_cv);
     pthread_mutex_unlock(&s->q_mu);
-    for (unsigned i = 0; i < s->n_handlers_started; i++) pthread_join(s->handlers[i], NULL);
+    for (unsigned i = 0; i < s->n_handlers_started; i++)
+        pthread_join(s->handlers[i], NULL);
     s->n_handlers_started = 0;
     /* Pollers: drain their queues and exit. */
-    for (unsigned i = 0; i < s->n_pollers; i++) grpc_completion_queue_shutdown(s->pollers[i].cq);
+    for (unsigned i = 0; i < s->n_pollers; i++)
+        grpc_completion_queue_shutdown(s->pollers[i].cq);
     for (unsigned i = 0; i < s->n_pollers; i++) {
         if (s->pollers[i].started) pthread_join(s->pollers[i].thread, NULL);
         s->pollers[i].started = 0;
@@ -738,7 +749,8 @@ void msa_rpc_server_destroy(msa_rpc_server_t *s) {
         /* Threads may be partly started (failed start): make sure pollers
          * exist to receive the tag before waiting for it. */
         int any_poller = 0;
-        for (unsigned i = 0; i < s->n_pollers; i++) any_poller |= s->pollers[i].started;
+        for (unsigned i = 0; i < s->n_pollers; i++)
+            any_poller |= s->pollers[i].started;
         if (any_poller && s->pollers[0].started) {
             msa_rpc_server_shutdown(s, 5000);
         } else {
@@ -749,7 +761,8 @@ void msa_rpc_server_destroy(msa_rpc_server_t *s) {
             s->q_quit = 1;
             pthread_cond_broadcast(&s->q_cv);
             pthread_mutex_unlock(&s->q_mu);
-            for (unsigned i = 0; i < s->n_handlers_started; i++) pthread_join(s->handlers[i], NULL);
+            for (unsigned i = 0; i < s->n_handlers_started; i++)
+                pthread_join(s->handlers[i], NULL);
             for (unsigned i = 0; i < s->n_pollers; i++) {
                 grpc_completion_queue_shutdown(s->pollers[i].cq);
                 if (s->pollers[i].started) {
@@ -767,8 +780,10 @@ void msa_rpc_server_destroy(msa_rpc_server_t *s) {
         }
     }
     grpc_server_destroy(s->server);
-    for (unsigned i = 0; i < s->n_pollers; i++) grpc_completion_queue_destroy(s->pollers[i].cq);
-    for (size_t i = 0; i < s->n_bound; i++) free(s->bound[i]);
+    for (unsigned i = 0; i < s->n_pollers; i++)
+        grpc_completion_queue_destroy(s->pollers[i].cq);
+    for (size_t i = 0; i < s->n_bound; i++)
+        free(s->bound[i]);
     free(s->bound);
     free(s->method_tags);
     free(s->pollers);

@@ -40,14 +40,14 @@ extern "C" {
 typedef struct msa_rpc_server msa_rpc_server_t;
 
 typedef struct msa_rpc_server_opts {
-    const char *const *listen;   /* "HOST:PORT" or "unix:/path"; port 0 picks a free one */
+    const char *const *listen; /* "HOST:PORT" or "unix:/path"; port 0 picks a free one */
     size_t n_listen;
-    unsigned pollers;            /* completion-queue threads (0 = online CPUs) */
-    unsigned handlers;           /* handler threads (0 = max(16, 4 * pollers)) */
-    unsigned max_queue;          /* calls waiting for a handler at most (0 = 4096) */
-    size_t max_message;          /* bytes, both directions (0 = 256 MiB; at most 2 GiB - 1) */
-    const msa_rpc_auth_t *auth;  /* NULL: no tokens required; borrowed for the server's life */
-    const char *tls_cert_pem;    /* PEM contents; NULL: plaintext */
+    unsigned pollers;           /* completion-queue threads (0 = online CPUs) */
+    unsigned handlers;          /* handler threads (0 = max(16, 4 * pollers)) */
+    unsigned max_queue;         /* calls waiting for a handler at most (0 = 4096) */
+    size_t max_message;         /* bytes, both directions (0 = 256 MiB; at most 2 GiB - 1) */
+    const msa_rpc_auth_t *auth; /* NULL: no tokens required; borrowed for the server's life */
+    const char *tls_cert_pem;   /* PEM contents; NULL: plaintext */
     const char *tls_key_pem;
     const char *tls_client_ca_pem; /* non-NULL: clients must present a certificate it signed */
 } msa_rpc_server_opts_t;
@@ -61,8 +61,8 @@ int msa_rpc_grpc_status(int msa_code);
  * msa_rpc_server_bound. Errors: MSA_EIO (cannot bind: st names the address),
  * MSA_EINVAL (bad option), MSA_ENOMEM. The engine is borrowed and must
  * outlive the server. */
-int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o,
-                         msa_rpc_server_t **out, msa_status_t *st);
+int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rpc_server_t **out,
+                         msa_status_t *st);
 
 /* The i-th bound address as printed in the "listening on" line, or NULL. */
 const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i);

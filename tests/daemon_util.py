@@ -226,10 +226,13 @@ class Daemon:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, etype, evalue, tb):
+        """Stops msad; a non-zero exit (a crash, a sanitizer report) fails
+        the block unless it is already failing."""
         try:
-            if self.proc:
-                self.stop()
+            rc = self.stop() if self.proc else 0
+            if rc not in (0, None) and etype is None:
+                raise RuntimeError("msad exited with %r:\n%s" % (rc, self.log_tail()))
         finally:
             self.cleanup()
 

@@ -2,11 +2,17 @@
 loopback, driven by grpcio stubs generated from rpc/memory.proto at test
 time (a client this project did not write).
 
-Covers: health; collections CRUD; write + route + attend against an fp64
-reference (tests/oracle.py when it provides route/attend, else the small
-reference below); Get/List; every status code of SEMANTICS' table; message
-limit; auth scopes; deadlines; restart; SIGTERM under write load; unix
-socket; metrics endpoint; Stats counters; flags, config file and exit codes.
+Covers: health; collections CRUD; write + route + attend against a small
+inline fp64 reference (F32, COSINE/HEAD_MEAN/QUERY_MAX/CHUNK_MAX) and against
+tests/oracle.py (BF16, separate router keys, DOT/HEAD_MAX/QUERY_MEAN/
+CHUNK_MEAN, raw writes); Get/List/versions; every status code of SEMANTICS'
+table except INTERNAL (INVALID_ARGUMENT with field names, NOT_FOUND,
+ALREADY_EXISTS, FAILED_PRECONDITION, RESOURCE_EXHAUSTED for request, response
+and handler-queue limits, UNAUTHENTICATED, PERMISSION_DENIED,
+DEADLINE_EXCEEDED from min_seq and from a client deadline, UNAVAILABLE while
+shutting down); garbage bytes to every method; TLS; restart keeps
+everything; SIGTERM under write load loses no acknowledged write; unix
+socket; metrics endpoint; Stats counters; flags, config file, exit codes.
 
 Run: /usr/bin/python3 tests/test_daemon.py  (MSA_BIN, MSA_SOURCE as in
 daemon_util.py). Exits 77 (skipped) when msad has not been built.
@@ -388,6 +394,25 @@ class TestFunctional(DaemonCase):
                         b"\x0a\xff\xff\xff\xff\x0f", contains="malformed")
         # Nothing was written by any of the above.
         self.assertEqual(self.m.DescribeCollection(pb.DescribeCollectionRequest(name="inv")).documents, 0)
+
+    def test_garbage_to_every_method(self):
+        """Random bytes to every method: an error status (or, for bytes that
+        happen to parse, an answer), never a crash."""
+        ch = self.d.channel()
+        rng = np.random.default_rng(77)
+        methods = ["/msa.v1.Memory/" + n for n in (
+            "CreateCollection", "DropCollection", "ListCollections", "DescribeCollection", "Write",
+            "Get", "List", "Route", "Attend", "Stats")] + ["/msa.v1.Admin/Verify",
+                                                          "/grpc.health.v1.Health/Check"]
+        allowed = {SC.INVALID_ARGUMENT, SC.NOT_FOUND, SC.FAILED_PRECONDITION, SC.ALREADY_EXISTS}
+        for meth in methods:
+            for _ in range(15):
+                payload = rng.integers(0, 256, size=int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+                try:
+                    raw_call(ch, meth, payload)
+                except grpc.RpcError as e:
+                    self.assertIn(e.code(), allowed, "%s: %s" % (meth, e.details()))
+        self.d.wait_healthy()
 
     def test_not_found(self):
         q = tensor(np.ones((1, HQ, D), np.float32))
