@@ -363,7 +363,7 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
             if (j) {
                 cJSON_AddStringToObject(o, "metadata_hex", hx);
                 if (printable(mp, ml)) {
-                    char *s = strndup((const char *)mp, ml);
+                    char *s = ml ? strndup((const char *)mp, ml) : strdup("");
                     cJSON_AddStringToObject(o, "metadata", s);
                     free(s);
                 }

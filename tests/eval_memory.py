@@ -219,8 +219,12 @@ class TfidfIndex:
         self.docs = docs
 
     def scores(self, text):
-        """max over paragraphs (like QUERY_MAX over query rows)."""
-        paras = [p for p in re.split(r"\n\s*\n", text) if p.strip()] or [text]
+        """text: a string (rows = paragraphs) or a list of row strings; the score is
+        the max over rows (like QUERY_MAX)."""
+        if isinstance(text, str):
+            paras = [p for p in re.split(r"\n\s*\n", text) if p.strip()] or [text]
+        else:
+            paras = list(text) or [""]
         Q = self.vec.transform(paras)
         s = (self.X @ Q.T).toarray()
         return s.max(axis=1)
@@ -232,10 +236,15 @@ class TfidfIndex:
         top = np.argsort(-s, kind="stable")[:k]
         return [(int(i), float(s[i])) for i in top]
 
-    def interleave(self, question, max_rounds, k_per_round, threshold=0.0):
+    def interleave(self, question, max_rounds, k_per_round, threshold=0.0, rows=None):
+        """The same loop as Memory.interleave. rows=None: the query is the question and
+        the evidence read so far, one row per paragraph; rows=f: f(question, evidence)
+        -> row strings (e.g. the LexicalEncoder's focus rows, to compare routers with
+        the same query construction)."""
         read, ctx = [], [question]
         for _ in range(max_rounds):
-            hits = [(i, s) for i, s in self.search("\n\n".join(ctx), k_per_round, read)
+            q = "\n\n".join(ctx) if rows is None else rows(question, ctx[1:])
+            hits = [(i, s) for i, s in self.search(q, k_per_round, read)
                     if s > threshold]
             if not hits:
                 break
@@ -337,6 +346,12 @@ def run_size(n, args, fortunes):
                                     lambda q: tf.interleave(q, args.rounds, args.kpr),
                                     questions, rounds=args.rounds, kpr=args.kpr)
             res["tfidf"]["eval_s"] = round(time.monotonic() - t0, 2)
+            rows = lambda q, ev: [" ".join(w) for w in enc.interleave_windows(q, ev)]  # noqa: E731
+            m = evaluate(lambda q, k: [i for i, _ in tf.search(q, k)],
+                         lambda q: tf.interleave(q, args.rounds, args.kpr, rows=rows),
+                         questions, rounds=args.rounds, kpr=args.kpr)
+            res["tfidf"]["chain_interleave_focus_both"] = m["chain_interleave_both"]
+            res["tfidf"]["single_interleave_focus_recall"] = m["single_interleave_recall"]
         except ImportError:
             res["tfidf"] = None
     res["corpus_s"] = round(t_corpus, 2)
@@ -353,7 +368,8 @@ def table(results, rounds, kpr):
             ("2-hop search both@%d" % K, "chain_search_both@%d" % K),
             ("2-hop search both@10", "chain_search_both@10"),
             ("2-hop interleave B", "chain_interleave_B"),
-            ("2-hop interleave both", "chain_interleave_both")]
+            ("2-hop interleave both", "chain_interleave_both"),
+            ("2-hop il. focus rows", "chain_interleave_focus_both")]
     head = "%-24s" % "metric"
     for r in results:
         head += " | %8s lex | %8s tfidf" % (r["documents"], r["documents"])
@@ -362,8 +378,10 @@ def table(results, rounds, kpr):
         line = "%-24s" % label
         for r in results:
             tf = r.get("tfidf") or {}
-            line += " | %12.3f | %14s" % (r["lexical"][key],
-                                           "%.3f" % tf[key] if key in tf else "-")
+            lx = r["lexical"].get(key)
+            if key == "chain_interleave_focus_both":
+                lx = r["lexical"]["chain_interleave_both"]
+            line += " | %12.3f | %14s" % (lx, "%.3f" % tf[key] if key in tf else "-")
         lines.append(line)
     for r in results:
         lines.append("%d docs: %d single + %d chains, %d chunks, %.1f MB stored, ingest %.1f s "

@@ -9,6 +9,10 @@
  * mismatch shows up as unequal scores or out != score / D. Deletes remove both
  * together, so a reader sees two documents or none.
  */
+/* Checks also run in the writer and reader threads: a failed one is counted
+ * and the case carries on. */
+#define MSA_TEST_KEEP_GOING
+#include "harness.h"
 #include "engine.h"
 #include "tensor.h"
 
@@ -20,17 +24,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-static int failures;
-#define CHECK(cond, ...)                                                                  \
-    do {                                                                                  \
-        if (!(cond)) {                                                                    \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond);      \
-            fprintf(stderr, __VA_ARGS__);                                                 \
-            fputc('\n', stderr);                                                          \
-            __atomic_add_fetch(&failures, 1, __ATOMIC_SEQ_CST);                           \
-        }                                                                                 \
-    } while (0)
 
 enum { D = 4, H = 1, HQ = 2, P = 2, TOKENS = 3, C = 2, DOC_A = 11, DOC_B = 12 };
 
@@ -101,7 +94,7 @@ static void *writer(void *arg)
         float g = (float)(1 + (id * 1000003 + i) % 997);
         /* Every 5th request deletes the pair; the next put re-inserts it. */
         int rc = write_pair(g, i % 5 == 4, &st);
-        CHECK(rc == MSA_OK || rc == MSA_ENOTFOUND, "write: %s", st.msg);
+        CHECK_MSG(rc == MSA_OK || rc == MSA_ENOTFOUND, "write: %s", st.msg);
         atomic_fetch_add(&writes_done, 1);
     }
     return NULL;
@@ -122,17 +115,18 @@ static void *reader(void *arg)
         msa_attend_result_t *r = NULL;
         msa_status_t st;
         int rc = msa_srv_attend(eng, &req, &r, &st);
-        CHECK(rc == MSA_OK, "attend: %s", st.msg);
+        CHECK_MSG(rc == MSA_OK, "attend: %s", st.msg);
         if (rc) continue;
         msa_layer_attention_t *la = &r->layers[0];
-        CHECK(la->n == 0 || la->n == 2, "saw %u of the 2 documents written together", la->n);
+        CHECK_MSG(la->n == 0 || la->n == 2, "saw %u of the 2 documents written together", la->n);
         if (la->n == 2) {
-            CHECK(la->scores[0] == la->scores[1], "A and B from different writes: %g vs %g",
-                  la->scores[0], la->scores[1]);
+            CHECK_MSG(la->scores[0] == la->scores[1], "A and B from different writes: %g vs %g",
+                      la->scores[0], la->scores[1]);
             float g = la->scores[0] / D; /* HEAD_MEAN of dot(ones, g) */
             const float *out = la->out;
             for (int j = 0; j < HQ * D; j++)
-                CHECK(fabsf(out[j] - g) <= 1e-5f * g, "attended V %g, routed generation %g", out[j], g);
+                CHECK_MSG(fabsf(out[j] - g) <= 1e-5f * g, "attended V %g, routed generation %g",
+                          out[j], g);
         } else {
             atomic_fetch_add(&empty_reads, 1);
         }
@@ -144,32 +138,80 @@ static void *reader(void *arg)
 
 /* A Get result pins its snapshot: its zero-copy views must not change while
  * later writes replace the documents. */
-static void test_pinned_snapshot(void)
+TEST(pinned_snapshot)
 {
     msa_status_t st;
-    CHECK(write_pair(7.0f, false, &st) == MSA_OK, "%s", st.msg);
+    CHECK_MSG(write_pair(7.0f, false, &st) == MSA_OK, "%s", st.msg);
     uint64_t ids[2] = {DOC_A, DOC_B};
     msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true,
                         .with_tensors = true};
     msa_get_result_t *g = NULL;
-    CHECK(msa_srv_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
+    CHECK_MSG(msa_srv_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
     if (!g) return;
     uint64_t v0 = g->records[0].info.version;
-    for (int i = 0; i < 20; i++) CHECK(write_pair(100.0f + i, false, &st) == MSA_OK, "%s", st.msg);
-    const float *vals = g->records[0].layers[0].v.data;
-    CHECK(vals[0] == 7.0f, "pinned snapshot's V changed to %g", vals[0]);
-    CHECK(g->records[0].info.version == v0, "version changed");
+    for (int i = 0; i < 20; i++)
+        CHECK_MSG(write_pair(100.0f + i, false, &st) == MSA_OK, "%s", st.msg);
+    float v0val; /* LMDB values are only 2-byte aligned: copy, don't cast */
+    memcpy(&v0val, g->records[0].layers[0].v.data, sizeof v0val);
+    CHECK_MSG(v0val == 7.0f, "pinned snapshot's V changed to %g", v0val);
+    CHECK_MSG(g->records[0].info.version == v0, "version changed");
     msa_srv_get_result_free(g);
     msa_get_result_t *g2 = NULL;
-    CHECK(msa_srv_get(eng, &gr, &g2, &st) == MSA_OK, "get: %s", st.msg);
+    CHECK_MSG(msa_srv_get(eng, &gr, &g2, &st) == MSA_OK, "get: %s", st.msg);
     if (g2) {
-        CHECK(g2->records[0].info.version == v0 + 20, "version %llu, want %llu",
-              (unsigned long long)g2->records[0].info.version, (unsigned long long)(v0 + 20));
+        CHECK_MSG(g2->records[0].info.version == v0 + 20, "version %llu, want %llu",
+                  (unsigned long long)g2->records[0].info.version, (unsigned long long)(v0 + 20));
         msa_srv_get_result_free(g2);
     }
 }
 
-int main(void)
+/* Writers and readers race for a few seconds: readers check every answer
+ * (reader()), and concurrent writes must have been group-committed. */
+TEST(readers_see_whole_writes)
+{
+    enum { WRITERS = 3, READERS = 3 };
+    pthread_t w[WRITERS], r[READERS];
+    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer, (void *)i);
+    for (long i = 0; i < READERS; i++) pthread_create(&r[i], NULL, reader, NULL);
+    sleep(3);
+    atomic_store(&stop, true);
+    for (int i = 0; i < WRITERS; i++) pthread_join(w[i], NULL);
+    for (int i = 0; i < READERS; i++) pthread_join(r[i], NULL);
+
+    msa_status_t st;
+    msa_srv_stats_t stats;
+    CHECK_MSG(msa_srv_stats(eng, &stats, &st) == MSA_OK, "stats: %s", st.msg);
+    printf("mvcc: %ld writes in %llu groups, %ld reads checked (%ld empty)\n",
+           atomic_load(&writes_done), (unsigned long long)stats.write_groups,
+           atomic_load(&reads_checked), atomic_load(&empty_reads));
+    CHECK_MSG(atomic_load(&reads_checked) > 50, "too few reads to mean anything: %ld",
+              atomic_load(&reads_checked));
+    CHECK_MSG(stats.write_groups < (uint64_t)atomic_load(&writes_done),
+              "group commit never grouped: %llu groups for %ld writes",
+              (unsigned long long)stats.write_groups, atomic_load(&writes_done));
+}
+
+/* The store and the index agree after all that churn (and compaction). */
+TEST(verify_after_churn)
+{
+    msa_status_t st;
+    char **problems = NULL;
+    size_t n_problems = 0;
+    uint64_t checked = 0;
+    CHECK_MSG(msa_srv_verify(eng, NULL, &checked, &problems, &n_problems, &st) == MSA_OK,
+              "verify: %s", st.msg);
+    for (size_t i = 0; i < n_problems; i++) fprintf(stderr, "verify: %s\n", problems[i]);
+    CHECK_MSG(n_problems == 0, "%zu verify problems", n_problems);
+    msa_store_problems_free(problems, n_problems);
+}
+
+static const msa_test_t tests[] = {
+    TEST_ENTRY(pinned_snapshot),
+    TEST_ENTRY(readers_see_whole_writes),
+    TEST_ENTRY(verify_after_churn),
+};
+
+int main(int argc, char **argv)
 {
     snprintf(dir, sizeof dir, "/tmp/msa-mvcc-XXXXXX");
     if (!mkdtemp(dir)) return 1;
@@ -181,44 +223,15 @@ int main(void)
     }
     msa_schema_t s = test_schema();
     msa_coll_info_t info;
-    CHECK(msa_srv_create_collection(eng, "mvcc", &s, &info, &st) == MSA_OK, "create: %s", st.msg);
-
-    test_pinned_snapshot();
-
-    enum { WRITERS = 3, READERS = 3 };
-    pthread_t w[WRITERS], r[READERS];
-    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer, (void *)i);
-    for (long i = 0; i < READERS; i++) pthread_create(&r[i], NULL, reader, NULL);
-    sleep(3);
-    atomic_store(&stop, true);
-    for (int i = 0; i < WRITERS; i++) pthread_join(w[i], NULL);
-    for (int i = 0; i < READERS; i++) pthread_join(r[i], NULL);
-
-    msa_srv_stats_t stats;
-    CHECK(msa_srv_stats(eng, &stats, &st) == MSA_OK, "stats: %s", st.msg);
-    printf("mvcc: %ld writes in %llu groups, %ld reads checked (%ld empty)\n",
-           atomic_load(&writes_done), (unsigned long long)stats.write_groups,
-           atomic_load(&reads_checked), atomic_load(&empty_reads));
-    CHECK(atomic_load(&reads_checked) > 50, "too few reads to mean anything: %ld",
-          atomic_load(&reads_checked));
-    CHECK(stats.write_groups < (uint64_t)atomic_load(&writes_done),
-          "group commit never grouped: %llu groups for %ld writes",
-          (unsigned long long)stats.write_groups, atomic_load(&writes_done));
-
-    /* The store and the index agree after all that churn (and compaction). */
-    char **problems = NULL;
-    size_t n_problems = 0;
-    uint64_t checked = 0;
-    CHECK(msa_srv_verify(eng, NULL, &checked, &problems, &n_problems, &st) == MSA_OK, "verify: %s",
-          st.msg);
-    for (size_t i = 0; i < n_problems; i++) fprintf(stderr, "verify: %s\n", problems[i]);
-    CHECK(n_problems == 0, "%zu verify problems", n_problems);
-    msa_store_problems_free(problems, n_problems);
+    int rc = 1;
+    if (msa_srv_create_collection(eng, "mvcc", &s, &info, &st) == MSA_OK)
+        rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
+    else
+        fprintf(stderr, "create: %s\n", st.msg);
     msa_srv_close(eng);
 
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", dir);
-    printf("%d passed, %d failed\n", failures ? 0 : 1, failures ? 1 : 0);
-    return failures ? 1 : 0;
+    return rc;
 }

@@ -133,6 +133,7 @@ one two get got us
 """.split())
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
+_SENT = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _M64 = (1 << 64) - 1
 
 
@@ -147,37 +148,42 @@ def _splitmix64(x):
 class LexicalEncoder(Encoder):
     """A deterministic, model-free lexical baseline (NOT Memory Sparse Attention).
 
-    Tokens are words (``[^\\W_]+`` after lower-casing). A document is cut into chunks
-    of P words; each chunk becomes one pooled row per layer and head:
+    Tokens are words (``[^\\W_]+``). A document is cut into chunks of P words (P = 32
+    by default: fortunes and notes are short); each chunk becomes one pooled row per
+    layer and head:
 
-      * layer 0 ("words"): content-word unigrams (weight 1) and bigrams of adjacent
-        content words (weight ``bigram_weight``), stopwords dropped, a plural 's'
-        stripped from words of 5+ letters;
+      * layer 0 ("words"): content-word unigrams and bigrams of adjacent content
+        words (weight ``bigram_weight``), stopwords dropped, lower-cased, a plural 's'
+        stripped from words of 5+ letters. Without corpus statistics there is no
+        IDF; two corpus-free priors stand in: longer words weigh more
+        (``length_prior``: 1 + lp * (clamp(len, 3, 10) - 6) / 4, Zipf's law of
+        abbreviation), and capitalised words (names) weigh ``caps_boost`` times more;
       * layer 1 ("chars", when ``char_layer``): character trigrams of each content
-        word with boundary marks (``^wo``, ``wor``, ``ord``, ``rd$``).
+        word with boundary marks (``^wo``, ``wor``, ``ord``, ``rd$``): spelling
+        variants and inflections still overlap.
 
     A feature with count tf in the chunk weighs ``w * (1 + log tf)`` (sublinear tf).
-    Every feature is hashed (blake2b, 64 bits) and spread by feature hashing with a
-    +-1 sign into each of the H heads of D dims, with a different hash seed per head:
-    each head is an independent sketch of the same sparse vector, so with COSINE and
-    HEAD_MEAN the score is the mean of H independent estimates of the cosine of the
-    two feature vectors, and hash collisions average out. The similarity is COSINE,
-    HEAD_MEAN, QUERY_MAX, CHUNK_MAX.
+    Every feature is hashed (blake2b, 64 bits) and added with a +-1 sign into one of
+    D buckets of EACH of the H heads, with a different hash seed per head: each head
+    is an independent sketch of the same sparse vector, so under COSINE + HEAD_MEAN
+    the score is the mean of H independent estimates of the cosine of the two
+    feature vectors, and hash collisions average out. Similarity: COSINE, HEAD_MEAN,
+    QUERY_MAX, CHUNK_MAX; Hq = H.
 
-    Queries: the text is split into paragraphs (blank lines) and each paragraph into
-    windows of P words; each window is one query "token" row (T rows), and QUERY_MAX
-    takes the best. So a question with read evidence appended (memory interleave)
-    matches documents similar to the question OR to any piece of evidence.
+    Queries: one row per sentence (P-word windows when longer); QUERY_MAX takes the
+    best row. ``encode_interleave`` builds the query of a memory-interleave round
+    (see there).
 
-    V = K (there is nothing to attend to in a lexical sketch; V is stored so the
-    collection is a valid MSA collection and Attend works).
+    V = K: a lexical sketch has nothing to attend to; V is stored so that the
+    collection is a valid MSA collection and Attend works.
     """
 
     VERSION = 1
 
-    def __init__(self, kv_heads=8, head_dim=128, chunk_tokens=64, char_layer=True,
-                 bigram_weight=0.7, char_weight=1.0, kv_dtype="bf16", routing_dtype="bf16",
-                 seed=0, default_top_k=16):
+    def __init__(self, kv_heads=8, head_dim=128, chunk_tokens=32, char_layer=True,
+                 bigram_weight=0.7, char_weight=1.0, length_prior=0.5, caps_boost=2.0,
+                 kv_dtype="bf16",
+                 routing_dtype="bf16", seed=0, default_top_k=16):
         if not (1 <= kv_heads <= 64 and 1 <= head_dim <= 256 and 1 <= chunk_tokens <= 4096):
             raise ValueError("kv_heads 1..64, head_dim 1..256, chunk_tokens 1..4096")
         self.kv_heads = self.query_heads = int(kv_heads)
@@ -187,13 +193,16 @@ class LexicalEncoder(Encoder):
         self.layers = (0, 1) if self.char_layer else (0,)
         self.bigram_weight = float(bigram_weight)
         self.char_weight = float(char_weight)
+        self.length_prior = float(length_prior)
+        self.caps_boost = float(caps_boost)
         self.kv_dtype = kv_dtype
         self.routing_dtype = routing_dtype
         self.seed = int(seed)
         self.default_top_k = int(default_top_k)
-        self.identity = "msa_memory.LexicalEncoder/v%d:h%dd%dp%d:c%d:b%g:w%g:s%d" % (
+        self.identity = "msa_memory.LexicalEncoder/v%d:h%dd%dp%d:c%d:b%g:w%g:l%g:u%g:s%d" % (
             self.VERSION, self.kv_heads, self.head_dim, self.chunk_tokens,
-            int(self.char_layer), self.bigram_weight, self.char_weight, self.seed)
+            int(self.char_layer), self.bigram_weight, self.char_weight, self.length_prior,
+            self.caps_boost, self.seed)
         seeds = []
         for h in range(self.kv_heads):
             d = hashlib.blake2b(b"head:%d:%d" % (self.seed, h), digest_size=8).digest()
@@ -206,6 +215,10 @@ class LexicalEncoder(Encoder):
     @staticmethod
     def words(text):
         return _WORD.findall(text.lower())
+
+    @staticmethod
+    def cased_words(text):
+        return _WORD.findall(text)
 
     def count_tokens(self, text):
         return len(self.words(text))
@@ -225,16 +238,37 @@ class LexicalEncoder(Encoder):
             self._hcache[feat] = h
         return h
 
+    def _wlen(self, w):
+        """A corpus-free rarity prior: longer words are rarer (Zipf's law of
+        abbreviation). 1 + length_prior * (clamp(len, 3, 10) - 6) / 4."""
+        return 1.0 + self.length_prior * (min(max(len(w), 3), 10) - 6) / 4.0
+
     def _features(self, words):
-        """words -> {layer: (hashes uint64 [n], weights float64 [n])} for one chunk."""
-        content = [self._norm(w) for w in words if w not in STOPWORDS]
+        """words (original case) -> {layer: (hashes uint64 [n], weights float64 [n])}
+        for one chunk."""
+        content, caps = [], set()
+        for w in words:
+            lw = w.lower()
+            if lw in STOPWORDS:
+                continue
+            n = self._norm(lw)
+            content.append(n)
+            if w[:1].isupper() and not w.isupper():
+                caps.add(n)
         f0 = {}
         for w in content:
             f0["w:" + w] = f0.get("w:" + w, 0) + 1
         for a, b in zip(content, content[1:]):
             k = "b:" + a + " " + b
             f0[k] = f0.get(k, 0) + 1
-        out = {0: self._weigh(f0, lambda k: self.bigram_weight if k[0] == "b" else 1.0)}
+        bw = self.bigram_weight
+        cb = self.caps_boost
+
+        def wt(k):
+            if k[0] == "b":
+                return bw
+            return self._wlen(k[2:]) * (cb if k[2:] in caps else 1.0)
+        out = {0: self._weigh(f0, wt)}
         if self.char_layer:
             f1 = {}
             for w in content:
@@ -280,20 +314,68 @@ class LexicalEncoder(Encoder):
         docs = []
         P = self.chunk_tokens
         for text in texts:
-            ws = self.words(text)
+            ws = self.cased_words(text)
             n = max(1, len(ws))
             chunks = [ws[i:i + P] for i in range(0, n, P)]
             rows = self._rows(chunks)
             docs.append(EncodedDoc(n, {l: (k, k, None) for l, k in rows.items()}))
         return docs
 
+    @staticmethod
+    def sentences(text):
+        """Sentences: split after . ! ? followed by white space, and at blank lines."""
+        return [s for s in _SENT.split(text) if s.strip()]
+
     def query_windows(self, text):
-        """The word windows that become the query's T rows."""
+        """The word windows that become the query's T rows: one per sentence (cut
+        into P-word windows when longer)."""
         P = self.chunk_tokens
         wins = []
-        for para in re.split(r"\n\s*\n", text):
-            ws = self.words(para)
+        for sent in self.sentences(text):
+            ws = self.cased_words(sent)
             wins.extend(ws[i:i + P] for i in range(0, len(ws), P))
+        return wins or [[]]
+
+    def encode_interleave(self, question, evidence):
+        """The query of a memory-interleave round (MSA routes on the whole context;
+        this is the lexical stand-in). Rows: the question's sentences, then for each
+        piece of evidence, in reading order, its FOCUS sentence -- the one sharing
+        the most (length-weighted) content words with what was known before it
+        (the question and the earlier focus sentences), i.e. the sentence that made
+        it relevant -- with those known words left out. What remains is what the
+        evidence adds (e.g. the name that bridges to the next hop), so the next
+        round routes on that instead of re-finding documents that share the
+        question's words or the evidence's unrelated sentences. Evidence sharing
+        nothing with what was known contributes all its sentences."""
+        wins = self.interleave_windows(question, evidence)
+        rows = self._rows(wins)
+        return EncodedQuery(sum(len(w) for w in wins) or 1,
+                            {l: (q, q) for l, q in rows.items()})
+
+    def interleave_windows(self, question, evidence):
+        """The word windows (original case) of encode_interleave's rows."""
+        P = self.chunk_tokens
+        qwins = self.query_windows(question)
+        known = {self._norm(w.lower()) for win in qwins for w in win
+                 if w.lower() not in STOPWORDS}
+        wins = [w for w in qwins if w]
+        for text in evidence:
+            sents = [self.cased_words(x) for x in self.sentences(text)]
+            best, focus = 0.0, []
+            for ws in sents:
+                ov = sum(self._wlen(c) for c in {self._norm(w.lower()) for w in ws
+                                                 if w.lower() not in STOPWORDS} & known)
+                if ov > best + 1e-9:
+                    best, focus = ov, [ws]
+                elif ov > 0 and abs(ov - best) <= 1e-9:
+                    focus.append(ws)
+            if not focus:
+                focus = sents
+            for ws in focus:
+                new = [w for w in ws if self._norm(w.lower()) not in known]
+                wins.extend(new[i:i + P] for i in range(0, len(new), P))
+            for ws in focus:
+                known.update(self._norm(w.lower()) for w in ws if w.lower() not in STOPWORDS)
         return wins or [[]]
 
     def encode_query(self, text):

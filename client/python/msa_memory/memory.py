@@ -205,7 +205,7 @@ class Memory:
                 docs = [self._doc(i, t, m, e) for i, t, m, e in
                         zip(bid, tb, metadatas[s:s + batch], encs)]
                 try:
-                    self._write_docs(docs, expect_absent=not fixed)
+                    self._write_docs(docs, expect_absent=not fixed, limit=limit)
                     break
                 except MsaError as e:
                     if fixed or e.code != grpc.StatusCode.ALREADY_EXISTS or attempt == 7:
@@ -321,6 +321,16 @@ class Memory:
         texts = self._texts([i for i, _ in ranked])
         return [Hit(i, s, *texts[i]) for i, s in ranked if i in texts]
 
+    def _interleave_query(self, question, evidence):
+        """The routing query of an interleave round. An encoder may define
+        encode_interleave(question, evidence_texts) (LexicalEncoder does); otherwise
+        the question and the evidence are joined with blank lines and encoded as one
+        query, as a model would read them in its context."""
+        f = getattr(self.encoder, "encode_interleave", None)
+        if f is not None:
+            return f(question, evidence)
+        return self.encoder.encode_query("\n\n".join([question] + list(evidence)))
+
     def interleave(self, question, max_rounds=3, k_per_round=2, token_budget=1024,
                    threshold=0.05):
         """MSA's Memory Interleave as a retrieval loop: route the question; read the
@@ -333,11 +343,10 @@ class Memory:
         evidence, trace = [], []
         read, excluded = [], []
         used = 0
-        context = [question]
         stop = "rounds"
         for rnd in range(max_rounds):
             t0 = time.monotonic()
-            q = self.encoder.encode_query("\n\n".join(context))
+            q = self._interleave_query(question, [h.text for h in evidence])
             ranked, _ = self.route(None, k_per_round, exclude_ids=excluded, encoded=q)
             cands = [(i, s) for i, s in ranked if s >= threshold]
             step = {"round": rnd + 1, "query_tokens": q.tokens,
@@ -361,7 +370,6 @@ class Memory:
                 read.append(i)
                 step["read"].append(i)
                 evidence.append(Hit(i, s, text, meta))
-                context.append(text)
             step["tokens_used"] = used
             step["ms"] = round(1000 * (time.monotonic() - t0), 2)
             if used >= token_budget:

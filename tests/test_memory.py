@@ -1,0 +1,388 @@
+"""msa_memory (agent memory on msad) against a real msad on loopback.
+
+  * CRUD: add / add_many (one commit per batch) / get / update / delete, visible to
+    search at once; random ids with expect_absent and retry on a collision;
+  * model identity: a collection of another encoder is refused client-side
+    (ModelMismatch) and by msad (FAILED_PRECONDITION on Write and Route);
+  * search: ids and scores checked against an fp64 NumPy recomputation from the
+    encoder's outputs (independent of msad) incl. the layer fusion rule;
+  * interleave: trace, budget and threshold stops;
+  * a bounded evaluation on real text (1K fortunes, 30 single-hop facts, 30 two-hop
+    chains; tests/eval_memory.py): lexical recall@5 above a floor, and interleave
+    beats single-round search on two-hop chains by a wide margin;
+  * MSAEncoder vs a direct computation from a small random Qwen3's weights: SKIPPED
+    (with the reason printed) where torch/transformers are absent.
+
+Run: MSA_BIN=build/bin /usr/bin/python3 tests/test_memory.py. Exits 77 when msad or
+the msa_client package is not built; the bounded evaluation is skipped (reported)
+when the `fortunes` package is missing, and its TF-IDF line when python3-sklearn is.
+"""
+import math
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+from daemon_util import Daemon, msad_path  # noqa: E402
+import eval_memory as EV  # noqa: E402
+
+if not os.access(msad_path(), os.X_OK) or not os.path.exists(
+        os.path.join(EV.PYDIR, "msa_client", "memory_pb2.py")):
+    print("skip: msad or the msa_client package (%s) not built" % EV.PYDIR)
+    sys.exit(77)
+EV.setup_paths()
+
+import grpc  # noqa: E402
+
+import msa_memory  # noqa: E402
+from msa_client import MsaError  # noqa: E402
+from msa_memory import LexicalEncoder, Memory, ModelMismatch  # noqa: E402
+from msa_memory import memory as memmod  # noqa: E402
+
+FORTUNES = EV.load_fortunes()
+
+
+# ---- fp64 reference of routing + fusion, from the encoder's outputs ------------------
+
+def _unit(x):
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def bf16_round(x):
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def ref_layer_scores(keys, rq):
+    """COSINE, HEAD_MEAN, QUERY_MAX, CHUNK_MAX in float64. keys {id: K [C, H, D]},
+    rq [T, Hq, D] (Hq = H here). Returns {id: score}."""
+    q = _unit(np.asarray(rq, np.float64))
+    out = {}
+    for i, k in keys.items():
+        kn = _unit(np.asarray(k, np.float64))
+        s = np.einsum("tjd,cjd->tjc", q, kn).mean(axis=1)       # [T, C]
+        out[i] = float(s.max())
+    return out
+
+
+def ref_search(docs_keys, enc, query, k, depth, exclude=(), encoded=None):
+    """The fused top k as Memory documents it (mean over layers, a document missing
+    from a layer's top `depth` gets that layer's depth-th score; ties by id)."""
+    q = encoded or enc.encode_query(query)
+    per, full = {}, {}
+    for l, (rq, _q) in q.layers.items():
+        sc = ref_layer_scores({i: kk[l] for i, kk in docs_keys.items() if i not in exclude}, rq)
+        ranked = sorted(sc.items(), key=lambda p: (-p[1], p[0]))[:depth]
+        per[l] = ranked
+        full[l] = sc
+    cand = {i for r in per.values() for i, _ in r}
+    tot = dict.fromkeys(cand, 0.0)
+    for l, r in per.items():
+        m = dict(r)
+        floor = r[-1][1]
+        for i in cand:
+            tot[i] += m.get(i, floor)
+    fused = sorted(((i, s / len(per)) for i, s in tot.items()), key=lambda p: (-p[1], p[0]))
+    return fused[:k], per, full
+
+
+class MemoryTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.d = Daemon(args=["--backend", "cpu", "--threads", "2", "--sync", "nosync"]).start()
+        cls.addr = cls.d.addr
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.d.stop()
+        finally:
+            cls.d.cleanup()
+
+    # -- CRUD -------------------------------------------------------------------------
+    def test_crud(self):
+        with Memory(self.addr, "crud", LexicalEncoder()) as m:
+            a = m.add("The spare key of the Brennick cottage is under the blue flower pot.",
+                      {"tag": "home", "n": 1})
+            b = m.add("Ada's locker code at the Quorvale gym is 4711.")
+            self.assertTrue(0 < a < 2**63 and 0 < b < 2**63 and a != b)
+            g = m.get(a)
+            self.assertEqual(g["metadata"], {"tag": "home", "n": 1})
+            self.assertEqual(g["version"], 1)
+            self.assertIn("Brennick", g["text"])
+            hits = m.search("where is the key of the Brennick cottage?", k=2)
+            self.assertEqual(hits[0].id, a)
+            hid, score, text, meta = hits[0]
+            self.assertEqual((text, meta), (g["text"], g["metadata"]))
+            self.assertGreater(score, hits[1].score)
+            # update: new text routed at once, metadata kept unless given
+            self.assertEqual(m.update(a, "The spare key of the Brennick cottage now hangs in "
+                                         "the garden shed."), 2)
+            g = m.get(a)
+            self.assertEqual((g["version"], g["metadata"]), (2, {"tag": "home", "n": 1}))
+            self.assertEqual(m.search("garden shed Brennick", k=1)[0].id, a)
+            m.update(a, g["text"], metadata=None)
+            self.assertIsNone(m.get(a)["metadata"])
+            # delete: gone from get and search
+            m.delete(b)
+            with self.assertRaises(KeyError):
+                m.get(b)
+            with self.assertRaises(KeyError):
+                m.delete(b)
+            with self.assertRaises(KeyError):
+                m.update(b, "x")
+            self.assertNotIn(b, [h.id for h in m.search("Ada locker code Quorvale gym", k=5)])
+            self.assertEqual(len(m), 1)
+            # bytes metadata and empty text
+            c = m.add("", b"\x00\xffraw")
+            self.assertEqual(m.get(c)["metadata"], b"\x00\xffraw")
+
+    def test_add_many_batches_and_id_retry(self):
+        with Memory(self.addr, "batches", LexicalEncoder()) as m:
+            seq0 = m.client.stats()["commit_seq"]
+            texts = ["note number %d about topic %s" % (i, "abcdefghij"[i % 10]) for i in range(20)]
+            ids = m.add_many(texts, [{"i": i} for i in range(20)], batch=7)
+            self.assertEqual(m.client.stats()["commit_seq"] - seq0, 3)   # ceil(20/7) commits
+            self.assertEqual(len(set(ids)), 20)
+            self.assertEqual(m.get(ids[13])["metadata"], {"i": 13})
+            # collision: the first id drawn exists -> ALREADY_EXISTS -> retried with new ids
+            orig = memmod._new_id
+            seq = iter([ids[0]])
+            memmod._new_id = lambda: next(seq, None) or orig()
+            try:
+                n = m.add("a note after a collision")
+            finally:
+                memmod._new_id = orig
+            self.assertNotEqual(n, ids[0])
+            self.assertEqual(m.get(ids[0])["text"], texts[0])     # not overwritten
+            self.assertEqual(m.get(n)["text"], "a note after a collision")
+            # explicit ids replace (no expect_absent)
+            m.add_many(["replaced"], ids=[ids[1]])
+            self.assertEqual(m.get(ids[1])["version"], 2)
+
+    # -- model identity ---------------------------------------------------------------
+    def test_model_mismatch(self):
+        e1, e2 = LexicalEncoder(seed=0), LexicalEncoder(seed=1)
+        self.assertNotEqual(e1.identity, e2.identity)
+        with Memory(self.addr, "model", e1) as m:
+            m.add("Only latents of encoder one go here.")
+            self.assertEqual(m.client.describe("model")["schema"]["model"], e1.identity)
+        with self.assertRaises(ModelMismatch):
+            Memory(self.addr, "model", e2)
+        # bypass the client-side check: msad itself refuses the other model
+        with Memory(self.addr, "model2", e2) as m2:
+            m2.collection = "model"
+            with self.assertRaises(MsaError) as cm:
+                m2.add("latents of encoder two")
+            self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+            with self.assertRaises(MsaError) as cm:
+                m2.search("encoder one", k=1)
+            self.assertEqual(cm.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+        with Memory(self.addr, "model", e1) as m:
+            self.assertEqual(len(m), 1)
+        # a missing collection with create=False
+        with self.assertRaises(MsaError) as cm:
+            Memory(self.addr, "nope", e1, create=False)
+        self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
+
+    # -- exact search -----------------------------------------------------------------
+    def _exact(self, name, kv_dtype, routing_dtype, tol):
+        enc = LexicalEncoder()
+        texts = (FORTUNES[:300] if FORTUNES else
+                 ["text %d with words w%d and w%d" % (i, i % 17, i % 5) for i in range(300)])
+        texts = texts + [" ".join(texts[i:i + 5]) for i in range(0, 60, 5)]   # multi-chunk docs
+        ids = list(range(1, len(texts) + 1))
+        with Memory(self.addr, name, enc, kv_dtype=kv_dtype, routing_dtype=routing_dtype) as m:
+            m.add_many(texts, ids=ids, batch=100)
+            encs = enc.encode_documents(texts)
+            self.assertTrue(any(e.chunks > 1 for e in encs))
+            rnd = bf16_round if kv_dtype == "bf16" else (lambda x: x)
+            keys = {i: {l: rnd(e.layers[l][0]) for l in enc.layers} for i, e in zip(ids, encs)}
+            rng = np.random.default_rng(5)
+            queries = [texts[int(i)][:80] for i in rng.integers(0, len(texts), 12)]
+            queries += ["computer program bug", "love and marriage", "zzz qqq", "",
+                        "The Cat sat.\n\nOn the mat, and then it slept soundly"]
+            checked = 0
+            for qi, q in enumerate(queries):
+                k, depth = 8, 40
+                exclude = ids[:3] if qi % 3 == 0 else ()
+                m.depth = depth
+                got, per_got = m.route(q, k, exclude_ids=exclude)
+                want, per_want, full = ref_search(keys, enc, q, k, depth, exclude)
+                # per layer: scores agree; ids agree except across near-ties
+                for l in enc.layers:
+                    gi, gs = per_got[l]
+                    wi = [i for i, _ in per_want[l]]
+                    ws = [s for _, s in per_want[l]]
+                    self.assertEqual(len(gi), len(wi))
+                    np.testing.assert_allclose(gs, ws, atol=tol, rtol=0, err_msg="query %r layer %d" % (q, l))
+                    for a, b, s in zip(gi, wi, ws):
+                        if a != b:
+                            self.assertLess(abs(full[l][a] - s), 2 * tol,
+                                            "query %r layer %d: %d vs %d" % (q, l, a, b))
+                # fused: recompute the fusion from msad's per-layer lists (exact), and
+                # compare with the fp64 fused list (up to near-ties)
+                self.assertEqual(got, msa_memory.fuse(per_got, k, "mean"))
+                for (a, sa), (b, sb) in zip(got, want):
+                    self.assertLess(abs(sa - sb), 2 * tol, q)
+                    if a != b:
+                        self.assertLess(abs(sa - dict(want).get(a, -9)), 3 * tol, q)
+                    else:
+                        checked += 1
+            self.assertGreater(checked, 0.8 * k * len(queries) - 1)
+            m.depth = None
+            hits = m.search(texts[7][:60], k=3)
+            self.assertEqual(hits[0].text, texts[7])
+
+    def test_search_exact_f32(self):
+        self._exact("exact32", "f32", "f32", 1e-5)
+
+    def test_search_bf16(self):
+        self._exact("exact16", "bf16", "bf16", 8e-3)
+
+    # -- interleave -------------------------------------------------------------------
+    def test_interleave_mechanics(self):
+        with Memory(self.addr, "il", LexicalEncoder()) as m:
+            a = m.add("The Orvaline ledger was entrusted to Tessa Quibble.")
+            b = m.add("Tessa Quibble moved to a lighthouse outside Drumcairn last winter.")
+            m.add_many(FORTUNES[:200] or ["filler %d" % i for i in range(200)])
+            q = "Where does the keeper of the Orvaline ledger live now?"
+            self.assertNotIn(b, [h.id for h in m.search(q, k=4)])
+            r = m.interleave(q, max_rounds=3, k_per_round=1, token_budget=1000, threshold=0.05)
+            self.assertEqual(r.ids[:2], [a, b])
+            self.assertEqual(len(r.ids), len(set(r.ids)))
+            self.assertEqual(r.trace[0]["read"], [a])
+            self.assertEqual(r.trace[1]["read"], [b])
+            for t in r.trace[1:]:
+                self.assertNotIn(a, [i for i, _ in t["candidates"]])   # excluded once read
+            self.assertIn("Drumcairn", r.context())
+            # threshold: nothing scores above 0.99 -> no evidence
+            r = m.interleave(q, threshold=0.99)
+            self.assertEqual((r.ids, r.stop), ([], "threshold"))
+            # budget: A has 9 words; a budget of 12 fits A only, B would overflow
+            r = m.interleave(q, max_rounds=3, k_per_round=1, token_budget=12, threshold=0.05)
+            self.assertEqual(r.ids[0], a)
+            self.assertNotIn(b, r.ids)
+            self.assertTrue(any(b in t["skipped"] for t in r.trace) or r.stop == "budget")
+
+    # -- bounded evaluation on real text ----------------------------------------------
+    @unittest.skipUnless(FORTUNES, "fortunes package absent (/usr/share/games/fortunes)")
+    def test_eval_bounded(self):
+        docs, questions = EV.corpus(1000, 30, 30, seed=1, fortunes=FORTUNES)
+        with Memory(self.addr, "eval", LexicalEncoder()) as m:
+            ids = m.add_many(docs, batch=250)
+            ix = {i: j for j, i in enumerate(ids)}
+            res = EV.evaluate(lambda q, k: [ix[i] for i, _ in m.route(q, k)[0]],
+                              lambda q: [ix[i] for i in m.interleave(q, 3, 2, 2048, 0.05).ids],
+                              questions)
+        print("\nbounded eval (1000 docs, 30 single, 30 chains), lexical:",
+              {k: round(v, 3) for k, v in res.items()})
+        try:
+            tf = EV.TfidfIndex(docs)
+            r2 = EV.evaluate(lambda q, k: [i for i, _ in tf.search(q, k)],
+                             lambda q: tf.interleave(q, 3, 2), questions)
+            print("bounded eval, tf-idf baseline:", {k: round(v, 3) for k, v in r2.items()})
+        except ImportError:
+            print("tf-idf baseline skipped: python3-sklearn not installed")
+        self.assertGreaterEqual(res["single_recall@5"], 0.9)
+        self.assertGreaterEqual(res["single_recall@1"], 0.7)
+        self.assertGreaterEqual(res["chain_search_A@6"], 0.9)
+        self.assertGreaterEqual(res["chain_interleave_both"], 0.7)
+        self.assertGreaterEqual(res["chain_interleave_both"], res["chain_search_both@6"] + 0.5)
+        self.assertGreaterEqual(res["chain_interleave_both"], res["chain_search_both@10"] + 0.5)
+        self.assertGreaterEqual(res["single_interleave_recall"], 0.9)
+
+
+# ---- MSAEncoder: small random Qwen3 vs the model's own weights -----------------------
+
+try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    HAVE_TORCH = True
+    WHY = ""
+except Exception as e:  # ImportError, or a broken install
+    HAVE_TORCH = False
+    WHY = "torch/transformers not importable (%s): MSAEncoder untested here" % e
+
+
+@unittest.skipUnless(HAVE_TORCH, WHY)
+class MSAEncoderTest(unittest.TestCase):
+    def test_pooled_keys_match_weights(self):
+        import torch
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        from msa_memory.msa_encoder import MSAEncoder
+        torch.manual_seed(0)
+        cfg = Qwen3Config(vocab_size=257, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, max_position_embeddings=512, rope_theta=10000.0,
+                          attn_implementation="eager")
+        model = Qwen3ForCausalLM(cfg).float().eval()
+        tok = lambda s: [b + 1 for b in s.encode()]   # noqa: E731  bytes as token ids
+        P = 8
+        enc = MSAEncoder(model, tok, layers=[1, 2], chunk_tokens=P, name="test-qwen3",
+                         query_position_offset=16)
+        texts = ["short", "a somewhat longer document of several chunks, " * 3]
+        docs = enc.encode_documents(texts)
+        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+        D = 16
+        inv = 1.0 / (theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
+
+        def rope(x, pos):   # x [S, h, D] float64
+            ang = np.outer(pos, inv)                       # [S, D/2]
+            cos = np.cos(np.concatenate([ang, ang], -1))[:, None, :]
+            sin = np.sin(np.concatenate([ang, ang], -1))[:, None, :]
+            rot = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1)
+            return x * cos + rot * sin
+
+        def rms(x, w, eps):
+            return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+        def direct(text, offset):
+            ids = torch.tensor([tok(text)])
+            with torch.no_grad():
+                hs = model(input_ids=ids, output_hidden_states=True,
+                           position_ids=torch.arange(ids.shape[1])[None] + offset).hidden_states
+            out = {}
+            for l in enc.layers:
+                lay = model.model.layers[l]
+                at = lay.self_attn
+                h = hs[l][0].double().numpy()
+                x = rms(h, lay.input_layernorm.weight.double().numpy(), cfg.rms_norm_eps)
+                k = (x @ at.k_proj.weight.double().numpy().T).reshape(len(h), 2, D)
+                q = (x @ at.q_proj.weight.double().numpy().T).reshape(len(h), 4, D)
+                v = (x @ at.v_proj.weight.double().numpy().T).reshape(len(h), 2, D)
+                k = rms(k, at.k_norm.weight.double().numpy(), cfg.rms_norm_eps)
+                q = rms(q, at.q_norm.weight.double().numpy(), cfg.rms_norm_eps)
+                pos = np.arange(len(h)) + offset
+                out[l] = (rope(k, pos), v, rope(q, pos))
+            return out
+
+        for t, d in zip(texts, docs):
+            self.assertEqual(d.tokens, len(tok(t)))
+            ref = direct(t, 0)                              # document-wise RoPE: from 0
+            for l in enc.layers:
+                k, v, _q = ref[l]
+                C = math.ceil(len(k) / P)
+                pk = np.stack([k[c * P:(c + 1) * P].mean(0) for c in range(C)])
+                pv = np.stack([v[c * P:(c + 1) * P].mean(0) for c in range(C)])
+                np.testing.assert_allclose(d.layers[l][0], pk, atol=2e-4, rtol=1e-3)
+                np.testing.assert_allclose(d.layers[l][1], pv, atol=2e-4, rtol=1e-3)
+                self.assertIsNone(d.layers[l][2])           # no router projections: route on K
+        q = enc.encode_query("what is it?")
+        ref = direct("what is it?", 16)                     # query positions start at k
+        for l in enc.layers:
+            np.testing.assert_allclose(q.layers[l][1], ref[l][2], atol=2e-4, rtol=1e-3)
+            np.testing.assert_allclose(q.layers[l][0], ref[l][2], atol=2e-4, rtol=1e-3)
+        self.assertFalse(enc.separate_router_keys)
+        self.assertIn("test-qwen3", enc.identity)
+
+
+if __name__ == "__main__":
+    if not HAVE_TORCH:
+        print("note: MSAEncoderTest will be skipped: " + WHY)
+    unittest.main(verbosity=2)
