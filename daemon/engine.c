@@ -31,6 +31,11 @@
 
 #define MAX_QUERY_TOKENS 65536  /* T per layer; larger queries are INVALID_ARGUMENT */
 #define MAX_LIST_LIMIT 100000
+/* Defaults of the request limits in msa_srv_config_t (0 there = these). */
+#define DEF_MAX_WRITE_OPS 4096
+#define DEF_MAX_TEXT_BYTES (16u << 20)
+#define DEF_MAX_METADATA_BYTES (1u << 20)
+#define DEF_MAX_IDS 100000
 #define ID_MAX ((uint64_t)1 << 63) /* ids are 1..2^63-1 */
 
 /* ==== the engine ============================================================ */
@@ -190,6 +195,8 @@ static int find_coll(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out, 
 
 /* ==== write preparation (caller's thread) ======================================== */
 
+/* Leaves *p empty, so that msa_srv_write's cleanup may free it again after
+ * prep_put failed and freed it already. */
 static void prep_free(prep_doc_t *p)
 {
     if (!p) return;
@@ -197,6 +204,7 @@ static void prep_free(prep_doc_t *p)
     free(p->blocks);
     free(p->router);
     free(p->router_rows);
+    memset(p, 0, sizeof *p);
 }
 
 /* Converts one validated tensor ([N or C][H][D], any float dtype) to float32
@@ -307,6 +315,21 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
             rc = pooled_f32(src[kind], d->raw, d->tokens, P, W, C, tmp);
             if (rc) break;
             msa_tensor_from_f32(dt, tmp, rows, w);
+            /* Finite input can still store Inf: a float32 pooling sum that
+             * overflows, or a value beyond F16/BF16 range. Stored Inf would
+             * reach the index (NaN after COSINE, UB in I8 quantisation; found
+             * by fuzz_rpc), so it is refused like Inf sent by the client. */
+            long nf = msa_tensor_find_nonfinite(dt, w, rows);
+            if (nf >= 0) {
+                static const char *const kname[3] = {"k", "v", "router_k"};
+                free(tmp);
+                prep_free(p);
+                return msa_status_set(st, MSA_EINVAL,
+                                      "%s.layers[%u].%s: element %ld is out of %s range after %s",
+                                      path, (unsigned)(lk - d->layers), kname[kind], nf,
+                                      msa_dtype_name(dt),
+                                      d->raw ? "mean-pooling in float32" : "rounding");
+            }
             /* The index routes on the keys as stored, not on the client's originals. */
             bool routes_here = kind == (s->separate_router_keys ? MSA_BLOCK_R : MSA_BLOCK_K);
             if (routes_here) msa_tensor_to_f32(dt, w, rows, router);
@@ -461,17 +484,72 @@ static int commit_group(msa_engine_t *e, wq_item_t *group)
     return msa_store_commit(w, seq);
 }
 
-static void process_group(msa_engine_t *e, wq_item_t *group)
+/* True when every request of the group only removes data (deletes, drops):
+ * such a group may use the store's reserve when the map is full. */
+static bool group_frees_only(const wq_item_t *group)
 {
-    pthread_mutex_lock(&e->pause_lock);
+    for (const wq_item_t *it = group; it; it = it->next) {
+        if (it->kind == WQ_CREATE) return false;
+        if (it->kind == WQ_WRITE)
+            for (size_t i = 0; i < it->req->n_ops; i++)
+                if (it->req->ops[i].kind != MSA_OP_DELETE) return false;
+    }
+    return true;
+}
+
+/* Commits a group, growing the map as needed. At the map limit (MSA_EFULL):
+ * one empty commit makes the pages freed by the last commit reusable (LMDB
+ * reuses a commit's freed pages only after the next commit, so right after
+ * a delete the space it freed is not yet usable); a group that only deletes
+ * may then use the store's reserve, so a full store can always free space. */
+static int commit_growing(msa_engine_t *e, wq_item_t *group)
+{
+    bool touched = false, reserved = false;
     int rc;
     for (;;) {
         rc = commit_group(e, group);
         if (rc != MSA_EFULL) break;
         /* The map is full: grow it (waits for open snapshots) and retry. */
-        int g = msa_store_grow(e->store);
-        if (g != MSA_OK) break;
-        msa_log(MSA_LOG_INFO, "store: map grown; retrying a group of writes");
+        if (msa_store_grow(e->store) == MSA_OK) {
+            msa_log(MSA_LOG_INFO, "store: map grown; retrying a group of writes");
+            continue;
+        }
+        if (!touched) {
+            touched = true;
+            msa_store_txn_t *w = NULL;
+            if (msa_store_write_begin(e->store, &w) == MSA_OK &&
+                msa_store_commit(w, msa_store_last_seq(e->store)) == MSA_OK) {
+                msa_log(MSA_LOG_INFO, "store full: empty commit to reuse freed pages; retrying");
+                continue;
+            }
+        }
+        if (!reserved && group_frees_only(group) && msa_store_reserve(e->store, true) == MSA_OK) {
+            reserved = true;
+            msa_log(MSA_LOG_WARN, "store full: deletes use the map's reserve");
+            continue;
+        }
+        break;
+    }
+    if (reserved) msa_store_reserve(e->store, false);
+    return rc;
+}
+
+static void process_group(msa_engine_t *e, wq_item_t *group)
+{
+    pthread_mutex_lock(&e->pause_lock);
+    int rc = commit_growing(e, group);
+    if (rc == MSA_EFULL && group->next) {
+        /* Full: the group failed as a whole; give each request its own
+         * chance, so that a delete is not refused for a put beside it. */
+        pthread_mutex_unlock(&e->pause_lock);
+        while (group) {
+            wq_item_t *it = group;
+            group = it->next;
+            it->next = NULL;
+            process_group(e, it);
+            it->next = group;   /* writer_main walks the list afterwards */
+        }
+        return;
     }
     if (rc == MSA_OK) {
         uint64_t last = 0;
@@ -490,8 +568,9 @@ static void process_group(msa_engine_t *e, wq_item_t *group)
         for (wq_item_t *it = group; it; it = it->next) {
             it->rc = rc;
             if (rc == MSA_EFULL)
-                msa_status_set(it->st, rc, "store full: the LMDB map reached its limit; free space "
-                                           "(delete documents) or raise the map limit");
+                msa_status_set(it->st, rc, "store full: the LMDB map reached its limit or the disk "
+                                           "is full; free space (delete documents), raise the map "
+                                           "limit (--map-max-mb) or free disk space");
             else
                 msa_status_set(it->st, rc, "commit failed: %s", msa_strerror(rc));
         }
@@ -709,6 +788,11 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     msa_engine_t *e = calloc(1, sizeof *e);
     if (!e) return msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
     e->cfg = *cfg;
+    if (!e->cfg.max_query_tokens) e->cfg.max_query_tokens = MAX_QUERY_TOKENS;
+    if (!e->cfg.max_write_ops) e->cfg.max_write_ops = DEF_MAX_WRITE_OPS;
+    if (!e->cfg.max_text_bytes) e->cfg.max_text_bytes = DEF_MAX_TEXT_BYTES;
+    if (!e->cfg.max_metadata_bytes) e->cfg.max_metadata_bytes = DEF_MAX_METADATA_BYTES;
+    if (!e->cfg.max_ids) e->cfg.max_ids = DEF_MAX_IDS;
     e->data_dir = dup_or_null(cfg->data_dir ? cfg->data_dir : "./msa-data");
     e->backup_dir = dup_or_null(cfg->backup_dir);
     e->cfg.data_dir = e->data_dir;
@@ -911,6 +995,24 @@ int msa_srv_write(msa_engine_t *e, const msa_write_req_t *req, msa_write_result_
         rc = msa_status_set(st, MSA_EINVAL, "ops: empty; a write needs at least one op");
         goto done;
     }
+    if (req->n_ops > e->cfg.max_write_ops) {
+        rc = msa_status_set(st, MSA_EINVAL, "ops: %zu ops, at most %u per write (--max-write-ops)",
+                            req->n_ops, e->cfg.max_write_ops);
+        goto done;
+    }
+    for (size_t i = 0; i < req->n_ops; i++) {
+        const msa_doc_t *d = &req->ops[i].put;
+        if (req->ops[i].kind != MSA_OP_PUT) continue;
+        if (d->text_len > e->cfg.max_text_bytes)
+            rc = msa_status_set(st, MSA_EINVAL,
+                                "ops[%zu].put.text: %zu bytes, at most %u (--max-text-bytes)", i,
+                                d->text_len, e->cfg.max_text_bytes);
+        else if (d->metadata_len > e->cfg.max_metadata_bytes)
+            rc = msa_status_set(st, MSA_EINVAL,
+                                "ops[%zu].put.metadata: %zu bytes, at most %u (--max-metadata-bytes)",
+                                i, d->metadata_len, e->cfg.max_metadata_bytes);
+        if (rc) goto done;
+    }
     /* Resolve the collection (the writer re-checks it by id at commit). */
     snap_t s;
     rc = snap_open(e, req->collection, 0, 0, &s, st);
@@ -991,7 +1093,7 @@ static int tensor_f32(const msa_tensor_t *t, float **out, msa_status_t *st, cons
 
 static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_layers,
                         const msa_layer_query_t *layers, bool need_route, bool need_q,
-                        query_set_t *qs, msa_status_t *st)
+                        uint32_t max_t, query_set_t *qs, msa_status_t *st)
 {
     memset(qs, 0, sizeof *qs);
     if (n_layers == 0) return msa_status_set(st, MSA_EINVAL, "layers: empty; name at least one layer");
@@ -1028,9 +1130,10 @@ static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_lay
             qs->T[i] = lq->q.shape[0];
             if ((rc = tensor_f32(&lq->q, &qs->q[i], st, path))) return rc;
         }
-        if (qs->T[i] == 0 || qs->T[i] > MAX_QUERY_TOKENS)
-            return msa_status_set(st, MSA_EINVAL, "layers[%u]: %u query tokens, want 1..%u", i,
-                                  qs->T[i], MAX_QUERY_TOKENS);
+        if (qs->T[i] == 0 || qs->T[i] > max_t)
+            return msa_status_set(st, MSA_EINVAL,
+                                  "layers[%u].%s: %u query tokens, want 1..%u (--max-query-tokens)",
+                                  i, need_route ? "routing_q" : "q", qs->T[i], max_t);
     }
     return MSA_OK;
 }
@@ -1093,8 +1196,13 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     uint32_t k = 0;
     if ((rc = check_model(&s.coll.schema, req->c.model, st))) goto done;
     if ((rc = check_top_k(&s.coll.schema, req->top_k, &k, st))) goto done;
-    if ((rc = prep_queries(&s.coll.schema, s.coll.name, req->n_layers, req->layers, true, false, &qs,
-                           st)))
+    if (req->n_exclude > e->cfg.max_ids) {
+        rc = msa_status_set(st, MSA_EINVAL, "exclude_ids: %zu ids, at most %u (--max-ids)",
+                            req->n_exclude, e->cfg.max_ids);
+        goto done;
+    }
+    if ((rc = prep_queries(&s.coll.schema, s.coll.name, req->n_layers, req->layers, true, false,
+                           e->cfg.max_query_tokens, &qs, st)))
         goto done;
     r = calloc(1, sizeof *r);
     if (!r || !(r->layers = calloc(qs.n, sizeof *r->layers))) {
@@ -1241,7 +1349,13 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
                             (double)req->scale);
         goto done;
     }
-    if ((rc = prep_queries(sc, s.coll.name, req->n_layers, req->layers, !given, true, &qs, st)))
+    if (req->n_exclude > e->cfg.max_ids) {
+        rc = msa_status_set(st, MSA_EINVAL, "exclude_ids: %zu ids, at most %u (--max-ids)",
+                            req->n_exclude, e->cfg.max_ids);
+        goto done;
+    }
+    if ((rc = prep_queries(sc, s.coll.name, req->n_layers, req->layers, !given, true,
+                           e->cfg.max_query_tokens, &qs, st)))
         goto done;
     if (given && (rc = check_doc_ids(&s, req->doc_ids, req->n_doc_ids, st))) goto done;
     float scale = req->scale > 0 ? req->scale : 1.0f / sqrtf((float)sc->head_dim);
@@ -1333,6 +1447,9 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
     int rc = enter(e, st);
     if (rc) return rc;
     *out = NULL;
+    if (req->n_ids > e->cfg.max_ids)
+        return leave(e, msa_status_set(st, MSA_EINVAL, "ids: %zu ids, at most %u (--max-ids)",
+                                       req->n_ids, e->cfg.max_ids));
     /* The snapshot lives in the result (its views point into it); the engine
      * pointer rides behind it for the free function. */
     snap_t *s = calloc(1, sizeof *s + sizeof(msa_engine_t *));
@@ -1512,6 +1629,9 @@ int msa_srv_backup(msa_engine_t *e, const char *name, bool compact, uint64_t *se
         return leave(e, msa_status_set(st, MSA_EINVAL,
                                        "name: \"%s\" must be a plain file name (no '/', no '..')",
                                        name ? name : ""));
+    if (strlen(name) > 255)
+        return leave(e, msa_status_set(st, MSA_EINVAL, "name: %zu bytes, at most 255",
+                                       strlen(name)));
     mkdir(e->backup_dir, 0700);
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", e->backup_dir, name);

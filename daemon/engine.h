@@ -39,6 +39,12 @@ typedef struct msa_srv_config {
     const char *backup_dir;       /* Backup writes only here (NULL: backups refused) */
     unsigned group_commit_max;    /* requests per LMDB txn at most (0 = 256) */
     uint32_t min_seq_wait_ms;     /* min_seq wait limit (0 = 5000) */
+    /* Request limits (INVALID_ARGUMENT naming the field when exceeded). */
+    uint32_t max_query_tokens;    /* T per layer of Route/Attend (0 = 65536) */
+    uint32_t max_write_ops;       /* ops per WriteRequest (0 = 4096) */
+    uint32_t max_text_bytes;      /* Document.text per document (0 = 16 MiB) */
+    uint32_t max_metadata_bytes;  /* Document.metadata per document (0 = 1 MiB) */
+    uint32_t max_ids;             /* GetRequest.ids, exclude_ids per request (0 = 100000) */
 } msa_srv_config_t;
 
 /* ---- lifecycle ---------------------------------------------------------- */

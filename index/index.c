@@ -387,24 +387,45 @@ int msa_idx_wait_applied(msa_idx_t *x, uint64_t seq, int64_t deadline_ms)
 
 /* ==== snapshots and compaction ================================================= */
 
+/* begin_fn must not run under x->lock: it takes the store's gate, and readers
+ * that hold the gate (an open read txn) take x->lock in msa_idx_coll_acquire.
+ * With a map grow waiting on the gate (writer-preferring), those two orders
+ * deadlock three threads (found by TSan, lock-order-inversion). So the slot is
+ * first registered with a placeholder, the applied seq: commits are applied
+ * only after they are durable, so a txn begun afterwards sees at least that
+ * seq, and the placeholder holds compaction back at least as far as the real
+ * seq will. The real seq replaces it once begin_fn returns. Entries are a
+ * multiset of seqs, so replacing any entry equal to the placeholder is right. */
 int msa_idx_snap_register(msa_idx_t *x, int (*begin_fn)(void *arg, uint64_t *seq), void *arg,
                           uint64_t *seq)
 {
     pthread_mutex_lock(&x->lock);
-    int rc = MSA_OK;
     if (x->n_snaps == x->cap_snaps) {
         size_t cap = x->cap_snaps ? 2 * x->cap_snaps : 64;
         uint64_t *n = realloc(x->snaps, cap * sizeof *n);
         if (!n) {
-            rc = MSA_ENOMEM;
-            goto out;
+            pthread_mutex_unlock(&x->lock);
+            return MSA_ENOMEM;
         }
         x->snaps = n;
         x->cap_snaps = cap;
     }
-    rc = begin_fn(arg, seq);
-    if (rc == MSA_OK) x->snaps[x->n_snaps++] = *seq;
-out:
+    uint64_t floor = atomic_load(&x->applied);
+    x->snaps[x->n_snaps++] = floor;
+    pthread_mutex_unlock(&x->lock);
+
+    int rc = begin_fn(arg, seq);
+
+    pthread_mutex_lock(&x->lock);
+    for (size_t i = 0; i < x->n_snaps; i++) {
+        if (x->snaps[i] == floor) {
+            if (rc == MSA_OK)
+                x->snaps[i] = *seq;
+            else
+                x->snaps[i] = x->snaps[--x->n_snaps];
+            break;
+        }
+    }
     pthread_mutex_unlock(&x->lock);
     return rc;
 }

@@ -69,9 +69,11 @@ size_t msa_idx_compact(msa_idx_t *x, bool force);
 
 /* ---- snapshots ------------------------------------------------------------------ */
 
-/* Registers an open snapshot. begin_fn is called under the registry lock and
- * must return the snapshot's seq (the engine begins its LMDB read txn there),
- * so compaction can never remove rows the snapshot may see. */
+/* Registers an open snapshot. begin_fn must return the snapshot's seq (the
+ * engine begins its LMDB read txn there), which must be at least the applied
+ * seq at the time of the call. It runs outside the registry lock, while a
+ * placeholder (the applied seq) already holds compaction back, so compaction
+ * can never remove rows the snapshot may see. */
 int msa_idx_snap_register(msa_idx_t *x, int (*begin_fn)(void *arg, uint64_t *seq), void *arg,
                           uint64_t *seq);
 void msa_idx_snap_unregister(msa_idx_t *x, uint64_t seq);

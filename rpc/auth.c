@@ -168,13 +168,18 @@ fail:
     return rc;
 }
 
-/* 0 when equal. Time depends on the lengths only, never on the contents. */
+/* 0 when equal. a is the presented token, b a configured one. The loop always
+ * runs over all of b, so the time depends on the configured length only:
+ * never on the contents, nor on how long the presented token is (a shorter
+ * one reads as zeros past its end), which would leak b's length. */
 static unsigned ct_compare(const unsigned char *a, size_t alen, const unsigned char *b,
                            size_t blen) {
     unsigned diff = (alen != blen);
-    size_t n = alen < blen ? alen : blen;
-    for (size_t i = 0; i < n; i++)
-        diff |= (unsigned)(a[i] ^ b[i]);
+    for (size_t i = 0; i < blen; i++) {
+        size_t in = (size_t)0 - (size_t)(i < alen); /* all ones while i < alen */
+        unsigned char x = a[i & in] & (unsigned char)in;
+        diff |= (unsigned)(x ^ b[i]);
+    }
     return diff;
 }
 

@@ -22,8 +22,16 @@ typedef enum {
     O_TLS_CA,
     O_BACKUP,
     O_MAX_MSG,
+    O_MAX_QTOK,
+    O_MAX_OPS,
+    O_MAX_TEXT,
+    O_MAX_META,
+    O_MAX_IDS,
     O_SYNC,
     O_MAP_MAX,
+    O_MAP_MB,
+    O_MAP_MAX_MB,
+    O_MAX_READERS,
     O_GRACE,
     O_METRICS,
     O_LOG_LEVEL,
@@ -56,8 +64,19 @@ static const optdef_t defs[O_COUNT] = {
     [O_TLS_CA] = {"tls-client-ca", "FILE", "require client certificates signed by this CA"},
     [O_BACKUP] = {"backup-dir", "DIR", "directory for Backup (default: backups refused)"},
     [O_MAX_MSG] = {"max-message-mb", "N", "largest request/response in MiB (default 256)"},
+    [O_MAX_QTOK] = {"max-query-tokens", "N", "query tokens per layer of Route/Attend (default 65536)"},
+    [O_MAX_OPS] = {"max-write-ops", "N", "ops per Write request (default 4096)"},
+    [O_MAX_TEXT] = {"max-text-bytes", "N", "text bytes per document (default 16777216 = 16 MiB)"},
+    [O_MAX_META] = {"max-metadata-bytes", "N",
+                    "metadata bytes per document (default 1048576 = 1 MiB)"},
+    [O_MAX_IDS] = {"max-ids", "N", "ids of a Get, exclude_ids of a Route/Attend (default 100000)"},
     [O_SYNC] = {"sync", "full|nosync", "fsync every commit (full, default) or not"},
     [O_MAP_MAX] = {"map-max-gb", "N", "LMDB map size limit in GiB (default: engine's)"},
+    [O_MAP_MB] = {"map-mb", "N", "initial LMDB map size in MiB (default: engine's)"},
+    [O_MAP_MAX_MB] = {"map-max-mb", "N",
+                      "LMDB map size limit in MiB; wins over --map-max-gb (default: engine's)"},
+    [O_MAX_READERS] = {"max-readers", "N",
+                       "LMDB reader slots: concurrent read snapshots (default 1024)"},
     [O_GRACE] = {"shutdown-grace", "SECONDS",
                  "on SIGTERM, cancel calls still running after this (default 30)"},
     [O_METRICS] = {"metrics", "ADDR", "serve Prometheus metrics on HOST:PORT (/metrics)"},
@@ -145,6 +164,11 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_TLS_CA: return set_str(&o->tls_client_ca, v, src, st);
     case O_BACKUP: return set_str(&o->backup_dir, v, src, st);
     case O_MAX_MSG: return parse_uint(src, v, 1, 2047, &o->max_message_mb, st);
+    case O_MAX_QTOK: return parse_uint(src, v, 1, 1u << 24, &o->max_query_tokens, st);
+    case O_MAX_OPS: return parse_uint(src, v, 1, 1u << 24, &o->max_write_ops, st);
+    case O_MAX_TEXT: return parse_uint(src, v, 1, 2047u << 20, &o->max_text_bytes, st);
+    case O_MAX_META: return parse_uint(src, v, 1, 2047u << 20, &o->max_metadata_bytes, st);
+    case O_MAX_IDS: return parse_uint(src, v, 1, 1u << 24, &o->max_ids, st);
     case O_SYNC:
         if (!strcmp(v, "full"))
             o->nosync = false;
@@ -154,6 +178,9 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want full|nosync", src, v);
         return MSA_OK;
     case O_MAP_MAX: return parse_uint(src, v, 0, 1u << 20, &o->map_max_gb, st);
+    case O_MAP_MB: return parse_uint(src, v, 0, 1u << 30, &o->map_mb, st);
+    case O_MAP_MAX_MB: return parse_uint(src, v, 0, 1u << 30, &o->map_max_mb, st);
+    case O_MAX_READERS: return parse_uint(src, v, 0, 1u << 20, &o->max_readers, st);
     case O_GRACE: return parse_uint(src, v, 1, 86400, &o->shutdown_grace_s, st);
     case O_METRICS: return set_str(&o->metrics, v, src, st);
     case O_LOG_LEVEL:

@@ -39,8 +39,17 @@ typedef struct msa_rpc_opts {
     char *tls_client_ca;        /* --tls-client-ca F */
     char *backup_dir;           /* --backup-dir DIR */
     unsigned max_message_mb;    /* --max-message-mb N (1..2047, default 256) */
+    /* Request limits; 0 = the engine's default (see msa_srv_config_t). */
+    unsigned max_query_tokens;   /* --max-query-tokens N (65536) */
+    unsigned max_write_ops;      /* --max-write-ops N (4096) */
+    unsigned max_text_bytes;     /* --max-text-bytes N (16 MiB) */
+    unsigned max_metadata_bytes; /* --max-metadata-bytes N (1 MiB) */
+    unsigned max_ids;            /* --max-ids N (100000) */
     bool nosync;                /* --sync full|nosync */
     unsigned map_max_gb;        /* --map-max-gb N (0 = engine default) */
+    unsigned map_mb;            /* --map-mb N: initial LMDB map in MiB (0 = engine default) */
+    unsigned map_max_mb;        /* --map-max-mb N: map limit in MiB (wins over --map-max-gb) */
+    unsigned max_readers;       /* --max-readers N: LMDB reader slots (0 = engine default) */
     unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */
     char *metrics;              /* --metrics ADDR */
     char *log_level;            /* --log-level debug|info|warn|error */

@@ -191,7 +191,15 @@ int main(int argc, char **argv) {
     cfg.threads = o.threads;
     cfg.nosync = o.nosync;
     cfg.map_max = (uint64_t)o.map_max_gb << 30;
+    if (o.map_max_mb) cfg.map_max = (uint64_t)o.map_max_mb << 20;
+    cfg.map_size = (uint64_t)o.map_mb << 20;
+    cfg.max_readers = o.max_readers;
     cfg.backup_dir = o.backup_dir;
+    cfg.max_query_tokens = o.max_query_tokens;
+    cfg.max_write_ops = o.max_write_ops;
+    cfg.max_text_bytes = o.max_text_bytes;
+    cfg.max_metadata_bytes = o.max_metadata_bytes;
+    cfg.max_ids = o.max_ids;
     if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "cannot open the engine on %s: %s", o.data_dir, st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);

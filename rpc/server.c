@@ -485,7 +485,11 @@ static int bind_all(msa_rpc_server_t *s, const msa_rpc_server_opts_t *o, msa_sta
         const char *addr = o->listen[i];
         const char *upath = unix_path(addr);
         grpc_server_credentials *c = creds ? creds : grpc_insecure_server_credentials_create();
+        /* The socket file is created by the bind: umask it to 0660 from the
+         * start, so it is never briefly open to others before the chmod. */
+        mode_t old_umask = upath ? umask(0117) : 0;
         int port = grpc_server_add_http2_port(s->server, addr, c);
+        if (upath) umask(old_umask);
         if (!creds) grpc_server_credentials_release(c);
         if (port <= 0) {
             rc = msa_status_set(st, MSA_EIO,

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #define STORE_FORMAT 1u
@@ -55,7 +56,10 @@ struct msa_store {
     int st_lock_fd;           /* flock'd dir/msad.lock; -1 when read_only */
     bool st_read_only;
     uint64_t st_map_size;     /* bytes; changed only under the exclusive gate */
-    uint64_t st_map_max;      /* bytes */
+    uint64_t st_map_max;      /* bytes: the hard limit (configured map_max) */
+    uint64_t st_map_soft;     /* bytes: growth for ordinary writes stops here; the
+                               * rest (map_max - soft) is a reserve that only
+                               * msa_store_reserve opens, so deletes can free space */
     _Atomic uint64_t st_last_seq; /* last committed seq, read by any thread */
     atomic_bool st_broken;    /* MDB_PANIC seen: every later txn gets MSA_EBROKEN */
     char *st_dir;
@@ -84,6 +88,8 @@ static int xlate(msa_store_t *s, int rc)
     case MDB_MAP_FULL:
     case MDB_READERS_FULL:
     case MDB_TXN_FULL: /* too many dirty pages in one txn: also a resource limit */
+    case ENOSPC:       /* the file system is full: the same to a client ("store full") */
+    case EDQUOT:
         return MSA_EFULL;
     case MDB_NOTFOUND:
         return MSA_ENOTFOUND;
@@ -625,13 +631,23 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
 {
     msa_store_opts_t o = {0};
     if (opts) o = *opts;
-    if (!o.map_size) o.map_size = DEFAULT_MAP_SIZE;
+    /* A limit below the default initial size caps the initial size (rather
+     * than the limit being raised to the initial size below). */
+    if (!o.map_size) o.map_size = (o.map_max && o.map_max < DEFAULT_MAP_SIZE) ? o.map_max : DEFAULT_MAP_SIZE;
     if (!o.map_max) o.map_max = DEFAULT_MAP_MAX;
     if (!o.max_readers) o.max_readers = DEFAULT_MAX_READERS;
     /* Page-size multiples keep LMDB's page arithmetic exact. */
     o.map_size = (o.map_size + 4095) & ~4095ull;
     o.map_max = (o.map_max + 4095) & ~4095ull;
     if (o.map_max < o.map_size) o.map_max = o.map_size;
+    /* Reserve kept below the hard limit: map_max/16, at least 1 MiB (at most a
+     * quarter of a small map), at most 64 MiB; page multiple. */
+    uint64_t reserve = o.map_max / 16;
+    if (reserve < (1ull << 20)) reserve = o.map_max / 4 < (1ull << 20) ? o.map_max / 4 : (1ull << 20);
+    if (reserve > (64ull << 20)) reserve = 64ull << 20;
+    reserve &= ~4095ull;
+    uint64_t soft = o.map_max - reserve;
+    if (o.map_size > soft) o.map_size = soft;
 
     *out = NULL;
     msa_status_clear(st);
@@ -641,6 +657,7 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     s->st_lock_fd = -1;
     s->st_read_only = o.read_only;
     s->st_map_max = o.map_max;
+    s->st_map_soft = soft;
     bool gate_init = false;
 
     s->st_dir = strdup(dir);
@@ -703,6 +720,18 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
         rc = msa_status_set(st, xlate(s, rc), "%s: cannot set up LMDB: %s", dir, mdb_strerror(rc));
         goto fail;
     }
+    /* LMDB would turn an empty data.mdb into a new, empty store: a store file
+     * truncated to nothing must be refused, not silently served empty. (msad
+     * never leaves one: LMDB writes the meta pages when it creates the file.) */
+    {
+        struct stat dsb;
+        if (stat(s->st_data_path, &dsb) == 0 && S_ISREG(dsb.st_mode) && dsb.st_size == 0) {
+            rc = msa_status_set(st, MSA_ECORRUPT,
+                                "%s: empty file (0 bytes): truncated? Restore it from a backup, or "
+                                "remove it to start an empty store", s->st_data_path);
+            goto fail;
+        }
+    }
     unsigned flags = MDB_NOTLS | (o.nosync ? MDB_NOSYNC : 0) | (o.read_only ? MDB_RDONLY : 0);
     rc = mdb_env_open(s->st_env, dir, flags, 0600);
     if (rc) {
@@ -745,7 +774,15 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
         }
     }
     s->st_map_size = info.me_mapsize;
+    /* A map left larger than the soft limit (by msa_store_reserve, or an
+     * earlier, larger limit) goes back to it where the used pages allow
+     * (LMDB never shrinks below them), so ordinary writes keep off the reserve. */
+    if (!o.read_only && s->st_map_size > s->st_map_soft &&
+        mdb_env_set_mapsize(s->st_env, (size_t)s->st_map_soft) == 0 &&
+        mdb_env_info(s->st_env, &info) == 0)
+        s->st_map_size = info.me_mapsize;
     if (s->st_map_max < s->st_map_size) s->st_map_max = s->st_map_size;
+    if (s->st_map_soft < s->st_map_size) s->st_map_soft = s->st_map_size;
 
     if ((rc = setup_dbs(s, st))) goto fail;
     *out = s;
@@ -802,18 +839,23 @@ static int adopt_map_size(msa_store_t *s)
     return xlate(s, rc);
 }
 
-int msa_store_read_begin(msa_store_t *s, msa_store_txn_t **out)
+/* Starts a top-level txn: the writer's (write) or a read snapshot, under the
+ * shared gate, and reads its seq. A read begin that finds the map grown by
+ * another process (MDB_MAP_RESIZED) adopts the new size and tries once more. */
+static int txn_begin(msa_store_t *s, bool write, msa_store_txn_t **out)
 {
     *out = NULL;
+    if (write && s->st_read_only) return MSA_EINVAL;
     if (atomic_load(&s->st_broken)) return MSA_EBROKEN;
     msa_store_txn_t *t = calloc(1, sizeof *t);
     if (!t) return MSA_ENOMEM;
     t->tx_store = s;
+    t->tx_write = write;
     int rc;
     for (int attempt = 0;; attempt++) {
         gate_enter(s);
-        rc = mdb_txn_begin(s->st_env, NULL, MDB_RDONLY, &t->tx_root);
-        if (rc != MDB_MAP_RESIZED || attempt > 0) break;
+        rc = mdb_txn_begin(s->st_env, NULL, write ? 0 : MDB_RDONLY, &t->tx_root);
+        if (write || rc != MDB_MAP_RESIZED || attempt > 0) break;
         gate_leave(s);
         if ((rc = adopt_map_size(s))) {
             free(t);
@@ -835,30 +877,14 @@ fail:
     return rc;
 }
 
+int msa_store_read_begin(msa_store_t *s, msa_store_txn_t **out)
+{
+    return txn_begin(s, false, out);
+}
+
 int msa_store_write_begin(msa_store_t *s, msa_store_txn_t **out)
 {
-    *out = NULL;
-    if (s->st_read_only) return MSA_EINVAL;
-    if (atomic_load(&s->st_broken)) return MSA_EBROKEN;
-    msa_store_txn_t *t = calloc(1, sizeof *t);
-    if (!t) return MSA_ENOMEM;
-    t->tx_store = s;
-    t->tx_write = true;
-    gate_enter(s);
-    int rc = mdb_txn_begin(s->st_env, NULL, 0, &t->tx_root);
-    if (rc) {
-        rc = xlate(s, rc);
-        goto fail;
-    }
-    if ((rc = meta_get_u64(s, t->tx_root, KEY_SEQ, 8, &t->tx_seq))) goto fail;
-    *out = t;
-    return MSA_OK;
-
-fail:
-    if (t->tx_root) mdb_txn_abort(t->tx_root);
-    gate_leave(s);
-    free(t);
-    return rc;
+    return txn_begin(s, true, out);
 }
 
 uint64_t msa_store_txn_seq(const msa_store_txn_t *t)
@@ -870,6 +896,14 @@ static void txn_free(msa_store_txn_t *t)
 {
     gate_leave(t->tx_store);
     free(t);
+}
+
+/* Less than 64 MiB left for unprivileged writers on the data file's file system. */
+static bool disk_nearly_full(const msa_store_t *s)
+{
+    struct statvfs sv;
+    if (statvfs(s->st_dir, &sv) != 0) return false;
+    return (uint64_t)sv.f_bavail * sv.f_frsize < (64ull << 20);
 }
 
 int msa_store_commit(msa_store_txn_t *t, uint64_t seq)
@@ -886,8 +920,12 @@ int msa_store_commit(msa_store_txn_t *t, uint64_t seq)
         mdb_txn_abort(t->tx_root);
         goto out;
     }
-    /* mdb_txn_commit frees the txn on success and on failure alike. */
-    rc = xlate(s, mdb_txn_commit(t->tx_root));
+    /* mdb_txn_commit frees the txn on success and on failure alike. LMDB
+     * reports a short write (a full file system) as EIO: when the file system
+     * has (almost) no space left, that is "store full", not an I/O error. */
+    int mrc = mdb_txn_commit(t->tx_root);
+    rc = xlate(s, mrc);
+    if (rc == MSA_EIO && disk_nearly_full(s)) rc = MSA_EFULL;
     if (rc == MSA_OK) atomic_store(&s->st_last_seq, seq);
 out:
     txn_free(t);
@@ -944,12 +982,12 @@ int msa_store_grow(msa_store_t *s)
      * delay growth, and new ones queue behind it (writer-preferring lock). */
     msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
     int rc = MSA_OK;
-    if (s->st_map_size >= s->st_map_max) {
+    if (s->st_map_size >= s->st_map_soft) {
         rc = MSA_EFULL;
         goto out;
     }
     uint64_t next = s->st_map_size * 2;
-    if (next > s->st_map_max || next < s->st_map_size) next = s->st_map_max;
+    if (next > s->st_map_soft || next < s->st_map_size) next = s->st_map_soft;
     rc = mdb_env_set_mapsize(s->st_env, (size_t)next);
     if (rc) {
         rc = xlate(s, rc);
@@ -957,6 +995,30 @@ int msa_store_grow(msa_store_t *s)
     }
     MDB_envinfo info;
     s->st_map_size = mdb_env_info(s->st_env, &info) == 0 ? info.me_mapsize : next;
+out:
+    pthread_rwlock_unlock(&s->st_gate);
+    return rc;
+}
+
+int msa_store_reserve(msa_store_t *s, bool on)
+{
+    if (s->st_read_only) return MSA_EINVAL;
+    msa_assert(!gate_held_by_me(s));
+    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    int rc = MSA_OK;
+    uint64_t want = on ? s->st_map_max : s->st_map_soft;
+    if (on && s->st_map_size >= want) {
+        rc = MSA_EFULL; /* nothing left to open */
+        goto out;
+    }
+    /* Closing: LMDB rounds a size below the used pages up to them. */
+    rc = mdb_env_set_mapsize(s->st_env, (size_t)want);
+    if (rc) {
+        rc = xlate(s, rc);
+        goto out;
+    }
+    MDB_envinfo info;
+    s->st_map_size = mdb_env_info(s->st_env, &info) == 0 ? info.me_mapsize : want;
 out:
     pthread_rwlock_unlock(&s->st_gate);
     return rc;
@@ -986,11 +1048,11 @@ int msa_store_coll_create(msa_store_txn_t *w, const char *name, const msa_schema
     if (rc) return rc;
     size_t nlen = strlen(name);
     if (nlen == 0 || nlen > MSA_MAX_NAME_LEN) return MSA_EINVAL;
-    uint32_t id;
+    uint32_t id = 0;
     rc = name_lookup(s, txn, name, &id);
     if (rc == MSA_OK) return MSA_EEXIST;
     if (rc != MSA_ENOTFOUND) return rc;
-    uint64_t next;
+    uint64_t next = 0;
     if ((rc = meta_get_u64(s, txn, KEY_NEXT_COLL, 4, &next))) return rc;
     if (next == 0 || next >= UINT32_MAX) return MSA_EFULL;
 
@@ -1021,7 +1083,7 @@ int msa_store_coll_drop(msa_store_txn_t *w, const char *name, msa_coll_rec_t *ou
     MDB_txn *txn = cur(w);
     int rc = level_err(w);
     if (rc) return rc;
-    uint32_t id;
+    uint32_t id = 0;
     msa_coll_rec_t c;
     if ((rc = name_lookup(s, txn, name, &id))) return rc;
     if ((rc = coll_get_id_txn(s, txn, id, &c))) return rc;
@@ -1046,7 +1108,7 @@ fail:
 
 int msa_store_coll_get(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out)
 {
-    uint32_t id;
+    uint32_t id = 0;
     int rc = name_lookup(t->tx_store, cur(t), name, &id);
     if (rc) return rc;
     return coll_get_id_txn(t->tx_store, cur(t), id, out);

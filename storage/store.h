@@ -34,7 +34,7 @@ typedef struct msa_store msa_store_t;
 typedef struct msa_store_txn msa_store_txn_t;
 
 typedef struct msa_store_opts {
-    uint64_t map_size;     /* initial LMDB map size in bytes (0 = 1 GiB) */
+    uint64_t map_size;     /* initial LMDB map size in bytes (0 = 1 GiB, or map_max if smaller) */
     uint64_t map_max;      /* growth stops here; then writes get MSA_EFULL (0 = 1 TiB) */
     unsigned max_readers;  /* LMDB reader slots (0 = 1024) */
     bool nosync;           /* MDB_NOSYNC: commits are not fsync'd (explicit opt-in only) */
@@ -129,11 +129,20 @@ int msa_store_savepoint_begin(msa_store_txn_t *t);
 int msa_store_savepoint_end(msa_store_txn_t *t, bool keep);
 
 /* After MSA_EFULL from a write: call with no txn of this process open (the
- * write txn aborted); doubles the map up to map_max. MSA_EFULL at the max.
+ * write txn aborted); doubles the map up to the soft limit, map_max less a
+ * reserve (map_max/16 clamped to 1..64 MiB, at most map_max/4). MSA_EFULL there.
  * Waits until every open read snapshot ends (new ones queue behind it), so
  * long-held snapshots delay growth. Calling it while this thread holds a txn
  * of s is a bug (msa_assert). MSA_EINVAL on a read_only store. */
 int msa_store_grow(msa_store_t *s);
+/* The reserve between the soft limit and map_max, for writes that free space
+ * (deletes): at the soft limit a full store could otherwise not even delete,
+ * since LMDB's copy-on-write needs new pages before old ones are freed (and
+ * pages freed by a commit are reusable only after the next commit).
+ * on=true maps up to map_max (MSA_EFULL when already there); on=false
+ * maps back to the soft limit, or to the pages in use if more. Same rules
+ * as msa_store_grow (no txn of this thread open; waits for snapshots). */
+int msa_store_reserve(msa_store_t *s, bool on);
 
 /* ---- collections ----------------------------------------------------------- */
 

@@ -4,6 +4,7 @@
  * cosine/dot over random odd shapes, top-k vs a sort, attention vs a two-pass
  * double softmax, and the thread pool under concurrent callers.
  */
+#include "harness.h"
 #include "kernels.h"
 
 #include <math.h>
@@ -12,41 +13,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* ==== harness ============================================================== */
-
-static int g_fail;
-
-#define CHECK(cond)                                                                   \
-    do {                                                                              \
-        if (!(cond)) {                                                                \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond);  \
-            g_fail++;                                                                 \
-            return;                                                                   \
-        }                                                                             \
-    } while (0)
-#define CHECK_EQ_INT(a, b)                                                            \
-    do {                                                                              \
-        long long a_ = (long long)(a), b_ = (long long)(b);                           \
-        if (a_ != b_) {                                                               \
-            fprintf(stderr, "%s:%d: %s == %s failed: %lld vs %lld\n", __FILE__,       \
-                    __LINE__, #a, #b, a_, b_);                                        \
-            g_fail++;                                                                 \
-            return;                                                                   \
-        }                                                                             \
-    } while (0)
-#define CHECK_NEAR(a, b, tol, ...)                                                    \
-    do {                                                                              \
-        double a_ = (double)(a), b_ = (double)(b), t_ = (double)(tol);                \
-        if (!(fabs(a_ - b_) <= t_) && !(a_ == b_)) {                                  \
-            fprintf(stderr, "%s:%d: %s ~ %s failed: %.9g vs %.9g (tol %.3g) ",         \
-                    __FILE__, __LINE__, #a, #b, a_, b_, t_);                          \
-            fprintf(stderr, __VA_ARGS__);                                             \
-            fputc('\n', stderr);                                                      \
-            g_fail++;                                                                 \
-            return;                                                                   \
-        }                                                                             \
-    } while (0)
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 static uint64_t rnd(void)
@@ -103,18 +69,18 @@ static double from_f16(uint16_t h)
 
 /* ==== ISA ================================================================== */
 
-static void test_isa(void)
+TEST(isa)
 {
     msa_isa_t best = msa_idx_isa_detect();
     CHECK(msa_idx_isa_supported(best));
     CHECK(msa_idx_isa_supported(MSA_ISA_SCALAR));
     CHECK(strcmp(msa_idx_isa_name(MSA_ISA_AVX512BF16), "avx512bf16") == 0);
     setenv("MSA_ISA", "scalar", 1);
-    CHECK_EQ_INT(msa_idx_isa_detect(), MSA_ISA_SCALAR);
+    CHECK_EQ_I(msa_idx_isa_detect(), MSA_ISA_SCALAR);
     setenv("MSA_ISA", "avx2", 1);
-    CHECK_EQ_INT(msa_idx_isa_detect(), best < MSA_ISA_AVX2 ? best : MSA_ISA_AVX2);
+    CHECK_EQ_I(msa_idx_isa_detect(), best < MSA_ISA_AVX2 ? best : MSA_ISA_AVX2);
     setenv("MSA_ISA", "bogus", 1);
-    CHECK_EQ_INT(msa_idx_isa_detect(), best);
+    CHECK_EQ_I(msa_idx_isa_detect(), best);
     unsetenv("MSA_ISA");
     for (int i = 0; i <= MSA_ISA_AVX512BF16; i++)
         printf("  isa %-10s %s\n", msa_idx_isa_name((msa_isa_t)i),
@@ -256,7 +222,7 @@ static void check_case(const case_t *c, msa_isa_t isa, const double *ref, const 
     msa_idx_scorer_t *s = NULL;
     int rc = msa_idx_scorer_create(c->q, c->T, c->Hq, c->H, c->D, c->cosine, c->hr, c->qr, c->dt,
                                    isa, &s);
-    CHECK_EQ_INT(rc, MSA_OK);
+    CHECK_EQ_I(rc, MSA_OK);
     float *out = malloc((c->n + 1) * sizeof(float));
     out[c->n] = 12345.0f; /* canary */
     msa_idx_scorer_run(s, c->rows, c->dt == MSA_DT_I8 ? c->scales : NULL, c->n, out);
@@ -270,10 +236,10 @@ static void check_case(const case_t *c, msa_isa_t isa, const double *ref, const 
         double e = bound[r] > 0 ? err / bound[r] : err;
         if (e > g_worst[isa][c->dt])
             g_worst[isa][c->dt] = e;
-        CHECK_NEAR(out[r], ref[r], rel * bound[r] + 1e-30,
-                   "isa=%s dt=%d hr=%d qr=%d cos=%d T=%u Hq=%u H=%u D=%u n=%zu r=%zu",
-                   msa_idx_isa_name(isa), c->dt, c->hr, c->qr, c->cosine, c->T, c->Hq, c->H,
-                   c->D, c->n, r);
+        CHECK_NEAR_MSG(out[r], ref[r], rel * bound[r] + 1e-30,
+                       "isa=%s dt=%d hr=%d qr=%d cos=%d T=%u Hq=%u H=%u D=%u n=%zu r=%zu",
+                       msa_idx_isa_name(isa), c->dt, c->hr, c->qr, c->cosine, c->T, c->Hq, c->H,
+                       c->D, c->n, r);
     }
     /* Scoring a sub-range at an odd offset gives the same numbers. */
     if (c->n > 3) {
@@ -282,14 +248,14 @@ static void check_case(const case_t *c, msa_isa_t isa, const double *ref, const 
         msa_idx_scorer_run(s, (const char *)c->rows + off * c->H * c->D * esz(c->dt),
                            c->dt == MSA_DT_I8 ? c->scales + off * c->H : NULL, c->n - off, o2);
         for (size_t r = off; r < c->n; r++)
-            CHECK_NEAR(o2[r - off], out[r], 0.0, "sub-range r=%zu", r);
+            CHECK_NEAR_MSG(o2[r - off], out[r], 0.0, "sub-range r=%zu", r);
         free(o2);
     }
     free(out);
     msa_idx_scorer_destroy(s);
 }
 
-static void test_scores(void)
+TEST(scores)
 {
     static const uint32_t Ds[] = {1, 3, 17, 64, 100, 128};
     static const uint32_t Hs[] = {1, 2, 8};
@@ -327,16 +293,16 @@ static void test_scores(void)
                         for (int isa = 0; isa <= MSA_ISA_AVX512BF16; isa++) {
                             if (!msa_idx_isa_supported((msa_isa_t)isa))
                                 continue;
-                            int before = g_fail;
+                            int before = msa_test_nfail;
                             check_case(&c, (msa_isa_t)isa, ref, bound);
                             ncases++;
-                            if (g_fail != before)
+                            if (msa_test_nfail != before)
                                 break;
                         }
                         free(ref);
                         free(bound);
                         free_case(&c);
-                        if (g_fail)
+                        if (msa_test_nfail)
                             return;
                     }
     printf("  %d scorer cases; worst |err|/sum|q||k| per isa (F32 F16 BF16 I8):\n", ncases);
@@ -347,7 +313,7 @@ static void test_scores(void)
 }
 
 /* COSINE with an all-zero query: every score is exactly 0. */
-static void test_zero_query(void)
+TEST(zero_query)
 {
     const uint32_t T = 3, Hq = 8, H = 2, D = 40;
     float q[3 * 8 * 40] = {0};
@@ -360,21 +326,21 @@ static void test_zero_query(void)
         for (int hr = 0; hr < 2; hr++)
             for (int qr = 0; qr < 3; qr++) {
                 msa_idx_scorer_t *s;
-                CHECK_EQ_INT(msa_idx_scorer_create(q, T, Hq, H, D, true, (msa_head_reduce_t)hr,
+                CHECK_EQ_I(msa_idx_scorer_create(q, T, Hq, H, D, true, (msa_head_reduce_t)hr,
                                                    (msa_query_reduce_t)qr, MSA_DT_BF16,
                                                    (msa_isa_t)isa, &s),
                              MSA_OK);
                 float out[5];
                 msa_idx_scorer_run(s, rows, NULL, 5, out);
                 for (int r = 0; r < 5; r++)
-                    CHECK_NEAR(out[r], 0.0, 0.0, "isa %d r %d", isa, r);
+                    CHECK_NEAR_MSG(out[r], 0.0, 0.0, "isa %d r %d", isa, r);
                 msa_idx_scorer_destroy(s);
             }
     }
 }
 
 /* Overflowing finite inputs: inf + -inf = NaN must come out as -inf. */
-static void test_nan(void)
+TEST(nan)
 {
     const float q[2] = {3e38f, 3e38f};
     const float rows[4] = {3e38f, -3e38f, 1.0f, 1.0f};
@@ -383,7 +349,7 @@ static void test_nan(void)
             continue;
         for (int hr = 0; hr < 2; hr++) {
             msa_idx_scorer_t *s;
-            CHECK_EQ_INT(msa_idx_scorer_create(q, 1, 1, 1, 2, false, (msa_head_reduce_t)hr,
+            CHECK_EQ_I(msa_idx_scorer_create(q, 1, 1, 1, 2, false, (msa_head_reduce_t)hr,
                                                MSA_QUERY_MAX, MSA_DT_F32, (msa_isa_t)isa, &s),
                          MSA_OK);
             float out[2];
@@ -395,24 +361,24 @@ static void test_nan(void)
     }
 }
 
-static void test_scorer_einval(void)
+TEST(scorer_einval)
 {
     float q[16] = {0};
     msa_idx_scorer_t *s = (msa_idx_scorer_t *)1;
-    CHECK_EQ_INT(msa_idx_scorer_create(q, 0, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
+    CHECK_EQ_I(msa_idx_scorer_create(q, 0, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
                                        MSA_DT_F32, MSA_ISA_SCALAR, &s),
                  MSA_EINVAL);
     CHECK(s == NULL);
-    CHECK_EQ_INT(msa_idx_scorer_create(q, 1, 3, 2, 4, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
+    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 3, 2, 4, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
                                        MSA_DT_F32, MSA_ISA_SCALAR, &s),
                  MSA_EINVAL);
-    CHECK_EQ_INT(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
+    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
                                        MSA_DT_UNSPECIFIED, MSA_ISA_SCALAR, &s),
                  MSA_EINVAL);
-    CHECK_EQ_INT(msa_idx_scorer_create(q, 1, 2, 1, 8, true, (msa_head_reduce_t)7, MSA_QUERY_MAX,
+    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, (msa_head_reduce_t)7, MSA_QUERY_MAX,
                                        MSA_DT_F32, MSA_ISA_SCALAR, &s),
                  MSA_EINVAL);
-    CHECK_EQ_INT(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, (msa_query_reduce_t)9,
+    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, (msa_query_reduce_t)9,
                                        MSA_DT_F32, MSA_ISA_SCALAR, &s),
                  MSA_EINVAL);
     msa_idx_scorer_destroy(NULL);
@@ -428,7 +394,7 @@ static int hit_cmp(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
-static void test_topk(void)
+TEST(topk)
 {
     static const uint32_t ns[] = {0, 1, 5, 100, 3000};
     static const uint32_t ks[] = {0, 1, 3, 16, 100, 1024};
@@ -458,18 +424,18 @@ static void test_topk(void)
                 msa_idx_topk_push(&t, all[i].score, all[i].id);
                 msa_idx_topk_push(&parts[rnd() % 3], all[i].score, all[i].id);
             }
-            CHECK_EQ_INT(msa_idx_topk_finish(&t, out), want);
+            CHECK_EQ_I(msa_idx_topk_finish(&t, out), want);
             for (uint32_t i = 0; i < want; i++) {
-                CHECK_EQ_INT(out[i].id, sorted[i].id);
+                CHECK_EQ_I(out[i].id, sorted[i].id);
                 CHECK(out[i].score == sorted[i].score);
             }
             msa_idx_topk_t m;
             msa_idx_topk_init(&m, st, k);
             for (int p = 0; p < 3; p++)
                 msa_idx_topk_merge(&m, &parts[p]);
-            CHECK_EQ_INT(msa_idx_topk_finish(&m, out), want);
+            CHECK_EQ_I(msa_idx_topk_finish(&m, out), want);
             for (uint32_t i = 0; i < want; i++)
-                CHECK_EQ_INT(out[i].id, sorted[i].id);
+                CHECK_EQ_I(out[i].id, sorted[i].id);
             for (int p = 0; p < 3; p++)
                 free(st2[p]);
             free(st);
@@ -484,9 +450,9 @@ static void test_topk(void)
     msa_idx_topk_push(&t, NAN, 1);
     msa_idx_topk_push(&t, -1e30f, 2);
     msa_idx_topk_push(&t, -INFINITY, 0);
-    CHECK_EQ_INT(msa_idx_topk_finish(&t, out), 2);
-    CHECK_EQ_INT(out[0].id, 2);
-    CHECK_EQ_INT(out[1].id, 0); /* -inf tie with the NaN: smaller id wins */
+    CHECK_EQ_I(msa_idx_topk_finish(&t, out), 2);
+    CHECK_EQ_I(out[0].id, 2);
+    CHECK_EQ_I(out[1].id, 0); /* -inf tie with the NaN: smaller id wins */
 }
 
 /* ==== attention ============================================================ */
@@ -526,10 +492,10 @@ static void ref_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint
     free(lg);
 }
 
-static void test_attend(void)
+TEST(attend)
 {
     msa_idx_pool_t *pool;
-    CHECK_EQ_INT(msa_idx_pool_create(3, &pool), MSA_OK);
+    CHECK_EQ_I(msa_idx_pool_create(3, &pool), MSA_OK);
     static const size_t Rs[] = {0, 1, 7, 100, 1000};
     static const uint32_t Ds[] = {1, 17, 64, 128};
     for (int it = 0; it < 24; it++) {
@@ -560,11 +526,11 @@ static void test_attend(void)
                 if (R == 0)
                     CHECK(l[i] == -INFINITY);
                 else
-                    CHECK_NEAR(l[i], rl[i], 2e-5 * (1 + fabs(rl[i])) + 2e-6 * fabs(scale),
-                               "lse i=%zu R=%zu D=%u", i, R, D);
+                    CHECK_NEAR_MSG(l[i], rl[i], 2e-5 * (1 + fabs(rl[i])) + 2e-6 * fabs(scale),
+                                   "lse i=%zu R=%zu D=%u", i, R, D);
                 for (uint32_t d = 0; d < D; d++)
-                    CHECK_NEAR(o[i * D + d], ro[i * D + d], 1e-4 + 2e-6 * fabs(scale),
-                               "out i=%zu d=%u R=%zu D=%u scale=%g", i, d, R, D, scale);
+                    CHECK_NEAR_MSG(o[i * D + d], ro[i * D + d], 1e-4 + 2e-6 * fabs(scale),
+                                   "out i=%zu d=%u R=%zu D=%u scale=%g", i, d, R, D, scale);
             }
         }
         free(q);
@@ -633,11 +599,11 @@ static void *caller_main(void *arg)
     return NULL;
 }
 
-static void test_pool(void)
+TEST(pool)
 {
     msa_idx_pool_t *pool;
-    CHECK_EQ_INT(msa_idx_pool_create(3, &pool), MSA_OK);
-    CHECK_EQ_INT(msa_idx_pool_size(pool), 3);
+    CHECK_EQ_I(msa_idx_pool_create(3, &pool), MSA_OK);
+    CHECK_EQ_I(msa_idx_pool_size(pool), 3);
     /* Many tasks from one caller: each runs exactly once, worker <= size. */
     const size_t n = 100000;
     atomic_int *hits = calloc(n, sizeof *hits);
@@ -645,19 +611,19 @@ static void test_pool(void)
     atomic_init(&a.bad, 0);
     msa_idx_pool_run(pool, n, pool_fn, &a);
     for (size_t i = 0; i < n; i++)
-        CHECK_EQ_INT(atomic_load(&hits[i]), 1);
-    CHECK_EQ_INT(atomic_load(&a.bad), 0);
+        CHECK_EQ_I(atomic_load(&hits[i]), 1);
+    CHECK_EQ_I(atomic_load(&a.bad), 0);
     free(hits);
     /* Four concurrent callers, some with nested jobs. */
     pthread_t th[4];
     caller_t cs[4];
     for (int i = 0; i < 4; i++) {
         cs[i] = (caller_t){.pool = pool};
-        CHECK_EQ_INT(pthread_create(&th[i], NULL, caller_main, &cs[i]), 0);
+        CHECK_EQ_I(pthread_create(&th[i], NULL, caller_main, &cs[i]), 0);
     }
     for (int i = 0; i < 4; i++) {
         pthread_join(th[i], NULL);
-        CHECK_EQ_INT(cs[i].errors, 0);
+        CHECK_EQ_I(cs[i].errors, 0);
     }
     msa_idx_pool_destroy(pool);
     /* NULL pool runs inline as worker 0. */
@@ -666,37 +632,25 @@ static void test_pool(void)
     atomic_init(&b.bad, 0);
     msa_idx_pool_run(NULL, 5, pool_fn, &b);
     for (int i = 0; i < 5; i++)
-        CHECK_EQ_INT(atomic_load(&h1[i]), 1);
-    CHECK_EQ_INT(atomic_load(&b.bad), 0);
+        CHECK_EQ_I(atomic_load(&h1[i]), 1);
+    CHECK_EQ_I(atomic_load(&b.bad), 0);
     msa_idx_pool_destroy(NULL);
 }
 
 /* ==== main ================================================================= */
 
-typedef struct {
-    const char *name;
-    void (*fn)(void);
-} test_t;
-
-static const test_t tests[] = {
-    {"isa", test_isa},
-    {"scorer_einval", test_scorer_einval},
-    {"zero_query", test_zero_query},
-    {"nan", test_nan},
-    {"scores", test_scores},
-    {"topk", test_topk},
-    {"attend", test_attend},
-    {"pool", test_pool},
+static const msa_test_t tests[] = {
+    TEST_ENTRY(isa),
+    TEST_ENTRY(scorer_einval),
+    TEST_ENTRY(zero_query),
+    TEST_ENTRY(nan),
+    TEST_ENTRY(scores),
+    TEST_ENTRY(topk),
+    TEST_ENTRY(attend),
+    TEST_ENTRY(pool),
 };
 
-int main(void)
+int main(int argc, char **argv)
 {
-    for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {
-        int before = g_fail;
-        printf("%s\n", tests[i].name);
-        tests[i].fn();
-        printf("%s %s\n", g_fail == before ? "PASS" : "FAIL", tests[i].name);
-    }
-    fflush(stdout);
-    return g_fail ? 1 : 0;
+    return msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
 }

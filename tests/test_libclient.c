@@ -8,6 +8,10 @@
  * limit, deadlines, concurrent calls on one connection, and bearer-token scopes (a
  * second daemon with a tokens file). Exit 77 (skip) when msad is not built.
  */
+/* Checks carry on after a failure (the case's later cleanup still runs); OK()
+ * ends the case. */
+#define MSA_TEST_KEEP_GOING
+#include "harness.h"
 #include "msaclient.h"
 #include "tensor.h"
 
@@ -26,47 +30,25 @@
 #include <unistd.h>
 
 /* ======================================================================================
- * Harness
+ * Checks of client calls (on top of harness.h)
  * ==================================================================================== */
 
-static int failures;
-static const char *current;
+/* True once main has started msad and connected cli; the cases that talk to it
+ * skip themselves otherwise. */
+static bool have_msad;
+#define NEED_DAEMON()                                                                       \
+    do {                                                                                    \
+        if (!have_msad) TEST_SKIP("msad not built");                                        \
+    } while (0)
 
-#define CHECK(cond)                                                                         \
-    do {                                                                                    \
-        if (!(cond)) {                                                                      \
-            fprintf(stderr, "%s:%d: [%s] CHECK(%s) failed\n", __FILE__, __LINE__, current,  \
-                    #cond);                                                                 \
-            failures++;                                                                     \
-        }                                                                                   \
-    } while (0)
-#define CHECK_EQ_U(a, b)                                                                    \
-    do {                                                                                    \
-        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b);      \
-        if (a_ != b_) {                                                                     \
-            fprintf(stderr, "%s:%d: [%s] %s == %s failed: %llu vs %llu\n", __FILE__,        \
-                    __LINE__, current, #a, #b, a_, b_);                                     \
-            failures++;                                                                     \
-        }                                                                                   \
-    } while (0)
-#define CHECK_NEAR(a, b, tol)                                                               \
-    do {                                                                                    \
-        double a_ = (double)(a), b_ = (double)(b);                                          \
-        if (!(fabs(a_ - b_) <= (tol))) {                                                    \
-            fprintf(stderr, "%s:%d: [%s] |%s - %s| <= %g failed: %.9g vs %.9g\n", __FILE__, \
-                    __LINE__, current, #a, #b, (double)(tol), a_, b_);                      \
-            failures++;                                                                     \
-        }                                                                                   \
-    } while (0)
 /* A call that must succeed; on failure prints the status and skips the rest of the case. */
 #define OK(call)                                                                            \
     do {                                                                                    \
         int rc_ = (call);                                                                   \
         if (rc_ != MSA_OK) {                                                                \
-            fprintf(stderr, "%s:%d: [%s] %s failed: %d %s: %s\n", __FILE__, __LINE__,       \
-                    current, #call, rc_, msa_cli_grpc_name(st.grpc_code), st.msg);          \
-            failures++;                                                                     \
-            return;                                                                         \
+            FAILF("%s failed: %d %s: %s", #call, rc_, msa_cli_grpc_name(st.grpc_code),      \
+                  st.msg);                                                                  \
+            return; /* even with MSA_TEST_KEEP_GOING */                                     \
         }                                                                                   \
     } while (0)
 /* A call that must fail with a given gRPC status. */
@@ -75,10 +57,8 @@ static const char *current;
         int rc_ = (call);                                                                   \
         if (rc_ == MSA_OK || st.grpc_code != (grpc) || rc_ != msa_cli_err_from_grpc(grpc) ||  \
             st.code != rc_) {                                                               \
-            fprintf(stderr, "%s:%d: [%s] %s: want %s, got rc %d %s: %s\n", __FILE__, __LINE__, \
-                    current, #call, msa_cli_grpc_name(grpc), rc_,                           \
-                    msa_cli_grpc_name(st.grpc_code), st.msg);                               \
-            failures++;                                                                     \
+            FAILF("%s: want %s, got rc %d %s: %s", #call, msa_cli_grpc_name(grpc), rc_,      \
+                  msa_cli_grpc_name(st.grpc_code), st.msg);                                 \
         }                                                                                   \
     } while (0)
 
@@ -262,7 +242,7 @@ static double ref_score(const float *q, uint32_t T, const float *k, uint32_t C) 
  * Cases
  * ==================================================================================== */
 
-static void test_tensor_conversions(void) {
+TEST(tensor_conversions) {
     /* Our rounding must equal storage/tensor.h's (the server's) bit for bit. */
     float special[] = {0.0f, -0.0f, 1.0f, -1.5f, 65504.0f, 65520.0f, 65519.0f, 1e-8f, 6.0e-8f,
                        5.96e-8f, 2.98e-8f, 3.0e-5f, 6.1e-5f, 1e30f, -1e-30f, 3.14159265f,
@@ -281,9 +261,8 @@ static void test_tensor_conversions(void) {
         uint16_t a = msa_cli_f32_to_bf16(x), b = msa_f32_to_bf16(x);
         uint16_t c = msa_cli_f32_to_f16(x), e = msa_f32_to_f16(x);
         if (a != b || c != e) {
-            fprintf(stderr, "conversion mismatch for %a: bf16 %04x/%04x f16 %04x/%04x\n", (double)x,
-                    a, b, c, e);
-            failures++;
+            FAILF("conversion mismatch for %a: bf16 %04x/%04x f16 %04x/%04x", (double)x, a, b, c,
+                  e);
             break;
         }
     }
@@ -291,8 +270,7 @@ static void test_tensor_conversions(void) {
         float a = msa_cli_f16_to_f32((uint16_t)h), b = msa_f16_to_f32((uint16_t)h);
         float c = msa_cli_bf16_to_f32((uint16_t)h), e = msa_bf16_to_f32((uint16_t)h);
         if (!((a == b || (isnan(a) && isnan(b))) && (c == e || (isnan(c) && isnan(e))))) {
-            fprintf(stderr, "decode mismatch for %04x\n", h);
-            failures++;
+            FAILF("decode mismatch for %04x", h);
             break;
         }
     }
@@ -320,7 +298,7 @@ static void test_tensor_conversions(void) {
     CHECK(!strcmp(msa_cli_grpc_name(99), "UNKNOWN"));
 }
 
-static void test_unreachable(void) {
+TEST(unreachable) {
     msa_cli_status_t st;
     msa_cli_options_t o;
     msa_cli_options_init(&o);
@@ -337,7 +315,8 @@ static void test_unreachable(void) {
     EXPECT_STATUS(msa_cli_connect(&o, &c, &st), 3);
 }
 
-static void test_collections(void) {
+TEST(collections) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__CollectionSchema s;
     uint32_t layers[NL];
@@ -383,7 +362,8 @@ static void test_collections(void) {
     EXPECT_STATUS(msa_cli_collection_drop(cli, "to_drop", NULL, &st), 5);
 }
 
-static void test_write_get_list(void) {
+TEST(write_get_list) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     uint64_t seq = 0, ver = 0, prev_seq = 0;
     for (int i = 0; i < NDOC; i++) {
@@ -495,7 +475,8 @@ static void test_write_get_list(void) {
     msa_cli_free(l);
 }
 
-static void test_route_attend(void) {
+TEST(route_attend) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     enum { T = 3 };
     float rq[NL][T * HQ * D], q[NL][T * HQ * D];
@@ -651,7 +632,8 @@ static void test_route_attend(void) {
     }
 }
 
-static void test_delete(void) {
+TEST(delete) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     uint64_t ids[2] = {5, 999};
     EXPECT_STATUS(msa_cli_delete(cli, COLL, ids, 2, NULL, &st), 5); /* atomic: 5 survives */
@@ -687,7 +669,8 @@ static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t fir
     c->ops += n_ops;
 }
 
-static void test_batch_writer(void) {
+TEST(batch_writer) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__CollectionSchema s;
     uint32_t layers[NL];
@@ -755,7 +738,8 @@ static void test_batch_writer(void) {
     msa_cli_free(ci);
 }
 
-static void test_admin(void) {
+TEST(admin) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__StatsRequest sr = MSA__V1__STATS_REQUEST__INIT;
     Msa__V1__StatsResponse *s;
@@ -815,7 +799,8 @@ static void *par_worker(void *arg) {
     return NULL;
 }
 
-static void test_concurrent(void) {
+TEST(concurrent) {
+    NEED_DAEMON();
     enum { NT = 8, NC = 40 };
     pthread_t th[NT];
     par_t p[NT];
@@ -831,7 +816,8 @@ static void test_concurrent(void) {
     CHECK_EQ_U(total, NT * NC);
 }
 
-static void test_auth(void) {
+TEST(auth) {
+    NEED_DAEMON();
     msa_cli_status_t st;
     char tf[] = "/tmp/msa-tokens-XXXXXX";
     int fd = mkstemp(tf);
@@ -843,7 +829,7 @@ static void test_auth(void) {
     daemon_t d2;
     const char *extra[] = {"--tokens-file", tf, NULL};
     if (!daemon_start(&d2, extra)) {
-        failures++;
+        FAILF("the second msad (--tokens-file) did not start");
         unlink(tf);
         return;
     }
@@ -883,30 +869,33 @@ static void test_auth(void) {
  * main
  * ==================================================================================== */
 
-typedef struct {
-    const char *name;
-    void (*fn)(void);
-    bool needs_daemon;
-} test_t;
+/* Last: msad shuts down cleanly on SIGTERM after all the above. */
+TEST(daemon_exits_cleanly) {
+    NEED_DAEMON();
+    msa_cli_close(cli);
+    cli = NULL;
+    have_msad = false;
+    CHECK_EQ_I(daemon_stop(&dmn), 0);
+}
 
-static const test_t TESTS[] = {
-    {"tensor_conversions", test_tensor_conversions, false},
-    {"unreachable", test_unreachable, false},
-    {"collections", test_collections, true},
-    {"write_get_list", test_write_get_list, true},
-    {"route_attend", test_route_attend, true},
-    {"delete", test_delete, true},
-    {"batch_writer", test_batch_writer, true},
-    {"admin", test_admin, true},
-    {"concurrent", test_concurrent, true},
-    {"auth", test_auth, true},
+static const msa_test_t TESTS[] = {
+    TEST_ENTRY(tensor_conversions),
+    TEST_ENTRY(unreachable),
+    TEST_ENTRY(collections),
+    TEST_ENTRY(write_get_list),
+    TEST_ENTRY(route_attend),
+    TEST_ENTRY(delete),
+    TEST_ENTRY(batch_writer),
+    TEST_ENTRY(admin),
+    TEST_ENTRY(concurrent),
+    TEST_ENTRY(auth),
+    TEST_ENTRY(daemon_exits_cleanly),
 };
 
-int main(void) {
+int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
-    bool have = find_msad();
-    if (have && !daemon_start(&dmn, NULL)) return 1;
-    if (have) {
+    if (find_msad()) {
+        if (!daemon_start(&dmn, NULL)) return 1;
         msa_cli_options_t o;
         msa_cli_options_init(&o);
         o.addr = dmn.addr;
@@ -916,39 +905,17 @@ int main(void) {
             fprintf(stderr, "connect: %s\n", st.msg);
             return 1;
         }
+        have_msad = true;
     }
-    int skipped = 0;
-    for (size_t i = 0; i < sizeof TESTS / sizeof *TESTS; i++) {
-        current = TESTS[i].name;
-        if (TESTS[i].needs_daemon && !have) {
-            skipped++;
-            continue;
-        }
-        int before = failures;
-        TESTS[i].fn();
-        printf("%-20s %s\n", current, failures == before ? "ok" : "FAILED");
-    }
-    if (have) {
+    int rc = msa_test_run(TESTS, sizeof TESTS / sizeof *TESTS, argc, argv);
+    if (have_msad) { /* daemon_exits_cleanly was not picked */
         msa_cli_close(cli);
-        int rc = daemon_stop(&dmn);
-        if (rc != 0) {
-            fprintf(stderr, "msad exited with %d\n", rc);
-            failures++;
-        }
+        daemon_stop(&dmn);
     }
     for (int i = 0; i < NDOC; i++)
         for (int l = 0; l < NL; l++) {
             free(doc_k[i][l]);
             free(doc_v[i][l]);
         }
-    if (failures) {
-        printf("%d check(s) failed\n", failures);
-        return 1;
-    }
-    if (skipped) {
-        printf("msad not built: %d daemon cases skipped\n", skipped);
-        return 77;
-    }
-    printf("all ok\n");
-    return 0;
+    return rc;
 }

@@ -2,6 +2,7 @@
  * agreement with files numpy 1.24 wrote (np.save), and malformed input
  * (truncations, mutations, bad headers) refused with messages, never a crash.
  */
+#include "harness.h"
 #include "npy.h"
 
 #include <inttypes.h>
@@ -9,32 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int g_fail;
-static const char *g_test;
-
-#define CHECK(cond)                                                                         \
-    do {                                                                                    \
-        if (!(cond)) {                                                                      \
-            fprintf(stderr, "%s:%d: %s: CHECK(%s) failed\n", __FILE__, __LINE__, g_test,    \
-                    #cond);                                                                 \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define CHECK_STR(a, b)                                                                     \
-    do {                                                                                    \
-        const char *a_ = (a), *b_ = (b);                                                    \
-        if (strcmp(a_, b_) != 0) {                                                          \
-            fprintf(stderr, "%s:%d: %s: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n",  \
-                    __FILE__, __LINE__, g_test, #a, #b, a_, b_);                            \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define TEST(name) static void test_##name(void)
 
 static char g_dir[256];
 
@@ -175,9 +150,8 @@ static size_t make_file(uint8_t *out, const char *hdr, size_t ndata)
         int rc_ = msa_cli_npy_parse(f_, n_, "k.npy", &a_, &st_);                            \
         if (rc_ != MSA_EINVAL || strstr(st_.msg, want_substr) == NULL ||                    \
             strncmp(st_.msg, "k.npy: ", 7) != 0) {                                          \
-            fprintf(stderr, "header %s: rc %d msg \"%s\", want \"%s\"\n", hdr, rc_,         \
-                    st_.msg, want_substr);                                                  \
-            CHECK(0);                                                                       \
+            FAILF("header %s: rc %d msg \"%s\", want \"%s\"", hdr, rc_, st_.msg,         \
+                  want_substr);                                                             \
         }                                                                                   \
         CHECK(a_.data == NULL);                                                             \
     } while (0)
@@ -298,12 +272,12 @@ TEST(fuzz_no_crash)
     CHECK(ok > 0); /* data-only mutations still parse */
 }
 
-#define T(name) {#name, test_##name}
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
-    T(numpy_files), T(round_trip_files), T(write_errors), T(bad_headers), T(fuzz_no_crash),
+static const msa_test_t tests[] = {
+    TEST_ENTRY(numpy_files),
+    TEST_ENTRY(round_trip_files),
+    TEST_ENTRY(write_errors),
+    TEST_ENTRY(bad_headers),
+    TEST_ENTRY(fuzz_no_crash),
 };
 
 int main(int argc, char **argv)
@@ -313,21 +287,7 @@ int main(int argc, char **argv)
         perror("mkdtemp");
         return 1;
     }
-    int passed = 0, failed = 0;
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        if (argc > 1 && strcmp(argv[1], tests[i].name) != 0) continue;
-        int before = g_fail;
-        g_test = tests[i].name;
-        tests[i].fn();
-        if (g_fail == before) {
-            passed++;
-            printf("ok   %s\n", tests[i].name);
-        } else {
-            failed++;
-            printf("FAIL %s\n", tests[i].name);
-        }
-    }
+    int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
     rmdir(g_dir);
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return rc;
 }

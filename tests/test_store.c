@@ -6,6 +6,7 @@
  */
 #define _GNU_SOURCE
 
+#include "harness.h"
 #include "store.h"
 
 #include <errno.h>
@@ -20,49 +21,6 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-/* ==== harness ================================================================ */
-
-static int g_failed; /* checks failed in the running case */
-
-#define FAILF(...)                                                                \
-    do {                                                                          \
-        fprintf(stderr, "  %s:%d: ", __FILE__, __LINE__);                         \
-        fprintf(stderr, __VA_ARGS__);                                             \
-        fputc('\n', stderr);                                                      \
-        g_failed++;                                                               \
-        return;                                                                   \
-    } while (0)
-
-#define CHECK(c)                                                                  \
-    do {                                                                          \
-        if (!(c)) FAILF("CHECK(%s) failed", #c);                                  \
-    } while (0)
-
-#define CHECK_EQ(a, b)                                                            \
-    do {                                                                          \
-        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b); \
-        if (a_ != b_) FAILF("%s == %s failed: %llu vs %llu", #a, #b, a_, b_);     \
-    } while (0)
-
-/* Error codes print by name: "EFULL vs OK". */
-#define CHECK_RC(expr, want)                                                      \
-    do {                                                                          \
-        int r_ = (expr), w_ = (want);                                             \
-        if (r_ != w_)                                                             \
-            FAILF("%s: got %s (%d), want %s (%d)", #expr, msa_errname(r_), r_,    \
-                  msa_errname(w_), w_);                                           \
-    } while (0)
-
-#define CHECK_OK(expr) CHECK_RC(expr, MSA_OK)
-
-#define CHECK_STR_HAS(hay, needle)                                                \
-    do {                                                                          \
-        const char *h_ = (hay), *n_ = (needle);                                   \
-        if (!strstr(h_, n_)) FAILF("\"%s\" does not contain \"%s\"", h_, n_);     \
-    } while (0)
-
-#define TEST(name) static void test_##name(void)
 
 /* ==== fixtures =============================================================== */
 
@@ -268,52 +226,52 @@ TEST(create_reopen)
     CHECK_OK(msa_schema_validate(&sc, "schema", NULL));
     msa_store_t *s = open_new(dir, NULL);
     CHECK(s != NULL);
-    CHECK_EQ(msa_store_last_seq(s), 0);
+    CHECK_EQ_U(msa_store_last_seq(s), 0);
     struct stat sb;
     CHECK(stat(dir, &sb) == 0 && (sb.st_mode & 0777) == 0700);
 
     msa_store_txn_t *w;
     msa_coll_rec_t c;
     CHECK_OK(msa_store_write_begin(s, &w));
-    CHECK_EQ(msa_store_txn_seq(w), 0);
+    CHECK_EQ_U(msa_store_txn_seq(w), 0);
     CHECK_OK(msa_store_coll_create(w, "alpha", &sc, 1, &c));
-    CHECK_EQ(c.id, 1);
+    CHECK_EQ_U(c.id, 1);
     CHECK_OK(put_doc(w, &c, 1, 10, 1, "hello world", "{\"k\":1}", 0, NULL));
     CHECK_OK(put_doc(w, &c, 2, 4, 1, NULL, NULL, 0, NULL));
     CHECK_OK(msa_store_commit(w, 1));
-    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK_EQ_U(msa_store_last_seq(s), 1);
     CHECK(msa_store_file_bytes(s) > 0);
     msa_store_close(s);
 
     s = open_new(dir, NULL);
     CHECK(s != NULL);
-    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK_EQ_U(msa_store_last_seq(s), 1);
     msa_store_txn_t *t;
     CHECK_OK(msa_store_read_begin(s, &t));
-    CHECK_EQ(msa_store_txn_seq(t), 1);
+    CHECK_EQ_U(msa_store_txn_seq(t), 1);
     msa_coll_rec_t g, gi;
     CHECK_OK(msa_store_coll_get(t, "alpha", &g));
     CHECK_OK(msa_store_coll_get_by_id(t, 1, &gi));
-    CHECK_EQ(g.id, 1);
-    CHECK_EQ(gi.id, 1);
+    CHECK_EQ_U(g.id, 1);
+    CHECK_EQ_U(gi.id, 1);
     CHECK(strcmp(g.name, "alpha") == 0);
     CHECK(strcmp(gi.name, "alpha") == 0);
-    CHECK_EQ(g.created_seq, 1);
+    CHECK_EQ_U(g.created_seq, 1);
     CHECK(schema_eq(&g.schema, &sc));
-    CHECK_EQ(g.documents, 2);
+    CHECK_EQ_U(g.documents, 2);
     CHECK_DOC(t, &g, 1, 10, "hello world", "{\"k\":1}", 0);
     CHECK_DOC(t, &g, 2, 4, NULL, NULL, 0);
     msa_doc_rec_t d;
     CHECK_OK(msa_store_doc_get(t, 1, 1, &d));
-    CHECK_EQ(d.version, 1);
-    CHECK_EQ(d.chunks, 3);
-    CHECK_EQ(d.updated_unix_ms, 1700000000001);
-    CHECK_EQ(d.text_bytes, 11);
+    CHECK_EQ_U(d.version, 1);
+    CHECK_EQ_U(d.chunks, 3);
+    CHECK_EQ_U(d.updated_unix_ms, 1700000000001);
+    CHECK_EQ_U(d.text_bytes, 11);
     msa_store_view_t v = {(void *)1, 99};
     CHECK_OK(msa_store_text_get(t, 1, 2, &v)); /* no text: an empty view, not ENOTFOUND */
-    CHECK_EQ(v.len, 0);
+    CHECK_EQ_U(v.len, 0);
     msa_store_abort(t);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -332,15 +290,15 @@ TEST(collection_ids_not_reused)
     CHECK_OK(msa_store_coll_drop(w, "a", NULL));
     CHECK_OK(msa_store_coll_create(w, "a", &sc, 2, &b));
     CHECK_OK(msa_store_commit(w, 2));
-    CHECK_EQ(a.id, 1);
-    CHECK_EQ(b.id, 2);
+    CHECK_EQ_U(a.id, 1);
+    CHECK_EQ_U(b.id, 2);
     msa_store_close(s);
     s = open_new(dir, NULL);
     CHECK(s != NULL);
     CHECK_OK(msa_store_write_begin(s, &w));
     CHECK_OK(msa_store_coll_create(w, "c", &sc, 3, &c));
     CHECK_OK(msa_store_commit(w, 3));
-    CHECK_EQ(c.id, 3);
+    CHECK_EQ_U(c.id, 3);
     msa_store_close(s);
 }
 
@@ -370,15 +328,15 @@ TEST(savepoint_keep_and_undo)
     msa_store_txn_t *t;
     CHECK_OK(msa_store_read_begin(s, &t));
     CHECK_OK(msa_store_coll_get(t, "c", &x));
-    CHECK_EQ(x.documents, 1);
-    CHECK_EQ(x.tokens, 8);
+    CHECK_EQ_U(x.documents, 1);
+    CHECK_EQ_U(x.tokens, 8);
     CHECK_DOC(t, &x, 1, 8, "one", NULL, 0);
     CHECK_RC(msa_store_doc_get(t, c.id, 2, &d), MSA_ENOTFOUND);
     CHECK_OK(msa_store_doc_get(t, c.id, 1, &d));
-    CHECK_EQ(d.version, 1);
+    CHECK_EQ_U(d.version, 1);
     CHECK_RC(msa_store_coll_get(t, "undone", &x), MSA_ENOTFOUND);
     msa_store_abort(t);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -399,21 +357,21 @@ TEST(abort_writes_nothing)
     CHECK_OK(msa_store_savepoint_begin(w));
     CHECK_OK(put_doc(w, &c, 8, 8, 2, "x", "y", 0, NULL));
     msa_store_abort(w); /* with a savepoint still open */
-    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK_EQ_U(msa_store_last_seq(s), 1);
     msa_store_close(s);
 
     s = open_new(dir, NULL);
     CHECK(s != NULL);
-    CHECK_EQ(msa_store_last_seq(s), 1);
+    CHECK_EQ_U(msa_store_last_seq(s), 1);
     CHECK_OK(msa_store_read_begin(s, &t));
-    CHECK_EQ(msa_store_txn_seq(t), 1);
+    CHECK_EQ_U(msa_store_txn_seq(t), 1);
     msa_doc_rec_t d;
     CHECK_RC(msa_store_doc_get(t, c.id, 7, &d), MSA_ENOTFOUND);
     CHECK_RC(msa_store_doc_get(t, c.id, 8, &d), MSA_ENOTFOUND);
     CHECK_RC(msa_store_coll_get(t, "d", &c), MSA_ENOTFOUND);
     CHECK_OK(msa_store_coll_get(t, "c", &c));
-    CHECK_EQ(c.documents, 0);
-    CHECK_EQ(c.bytes, 0);
+    CHECK_EQ_U(c.documents, 0);
+    CHECK_EQ_U(c.bytes, 0);
     msa_store_abort(t);
     msa_store_abort(NULL);
     msa_store_close(s);
@@ -436,23 +394,23 @@ TEST(counters_put_replace_delete_drop)
     uint64_t b1 = r1.tensor_bytes + 4 + 1, b2 = r2.tensor_bytes + 3 + 2;
     CHECK_OK(msa_store_write_begin(s, &w));
     CHECK_OK(msa_store_coll_get(w, "c", &g));
-    CHECK_EQ(g.documents, 2);
-    CHECK_EQ(g.chunks, 3 + 1);
-    CHECK_EQ(g.tokens, 14);
-    CHECK_EQ(g.bytes, b1 + b2);
-    CHECK_EQ(r1.tensor_bytes, 2 * (3 * 2 * 8 * 2 * 2 + 3 * 2 * 8 * 4));
+    CHECK_EQ_U(g.documents, 2);
+    CHECK_EQ_U(g.chunks, 3 + 1);
+    CHECK_EQ_U(g.tokens, 14);
+    CHECK_EQ_U(g.bytes, b1 + b2);
+    CHECK_EQ_U(r1.tensor_bytes, 2 * (3 * 2 * 8 * 2 * 2 + 3 * 2 * 8 * 4));
 
     /* Replace doc 1 with a shorter version and no text. */
     CHECK_OK(put_doc(w, &c, 1, 5, 2, NULL, "meta", 9, &r1b));
-    CHECK_EQ(r1b.version, 2);
+    CHECK_EQ_U(r1b.version, 2);
     CHECK_OK(msa_store_coll_get(w, "c", &g));
-    CHECK_EQ(g.documents, 2);
-    CHECK_EQ(g.chunks, 2 + 1);
-    CHECK_EQ(g.tokens, 9);
-    CHECK_EQ(g.bytes, r1b.tensor_bytes + 4 + b2);
+    CHECK_EQ_U(g.documents, 2);
+    CHECK_EQ_U(g.chunks, 2 + 1);
+    CHECK_EQ_U(g.tokens, 9);
+    CHECK_EQ_U(g.bytes, r1b.tensor_bytes + 4 + b2);
     CHECK_DOC(w, &g, 1, 5, NULL, "meta", 9);
     CHECK_OK(msa_store_commit(w, 2));
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
 
     /* A replace that names fewer blocks leaves none of the old ones behind. */
     CHECK_OK(msa_store_write_begin(s, &w));
@@ -467,42 +425,42 @@ TEST(counters_put_replace_delete_drop)
     CHECK_OK(msa_store_doc_put(w, c.id, &r, NULL, 0, NULL, 0, &only, 1));
     msa_store_view_t v;
     CHECK_OK(msa_store_block_get(w, c.id, 1, 0, MSA_BLOCK_K, &v));
-    CHECK_EQ(v.len, sizeof kb);
+    CHECK_EQ_U(v.len, sizeof kb);
     CHECK_RC(msa_store_block_get(w, c.id, 1, 0, MSA_BLOCK_V, &v), MSA_ENOTFOUND);
     CHECK_RC(msa_store_block_get(w, c.id, 1, 1, MSA_BLOCK_R, &v), MSA_ENOTFOUND);
     CHECK_OK(msa_store_meta_get(w, c.id, 1, &v));
-    CHECK_EQ(v.len, 0);
+    CHECK_EQ_U(v.len, 0);
     CHECK_OK(msa_store_coll_get(w, "c", &g));
-    CHECK_EQ(g.bytes, sizeof kb + b2);
+    CHECK_EQ_U(g.bytes, sizeof kb + b2);
     msa_store_abort(w);
 
     CHECK_OK(msa_store_write_begin(s, &w));
     CHECK_OK(msa_store_doc_delete(w, c.id, 2));
     CHECK_OK(msa_store_coll_get(w, "c", &g));
-    CHECK_EQ(g.documents, 1);
-    CHECK_EQ(g.chunks, 2);
-    CHECK_EQ(g.tokens, 5);
-    CHECK_EQ(g.bytes, r1b.tensor_bytes + 4);
+    CHECK_EQ_U(g.documents, 1);
+    CHECK_EQ_U(g.chunks, 2);
+    CHECK_EQ_U(g.tokens, 5);
+    CHECK_EQ_U(g.bytes, r1b.tensor_bytes + 4);
     CHECK_RC(msa_store_text_get(w, c.id, 2, &v), MSA_ENOTFOUND);
     CHECK_RC(msa_store_block_get(w, c.id, 2, 0, MSA_BLOCK_K, &v), MSA_ENOTFOUND);
     CHECK_OK(msa_store_doc_delete(w, c.id, 1));
     CHECK_OK(msa_store_coll_get(w, "c", &g));
-    CHECK_EQ(g.documents, 0);
-    CHECK_EQ(g.chunks, 0);
-    CHECK_EQ(g.tokens, 0);
-    CHECK_EQ(g.bytes, 0);
+    CHECK_EQ_U(g.documents, 0);
+    CHECK_EQ_U(g.chunks, 0);
+    CHECK_EQ_U(g.tokens, 0);
+    CHECK_EQ_U(g.bytes, 0);
     CHECK_OK(msa_store_commit(w, 3));
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
 
     CHECK_OK(msa_store_write_begin(s, &w));
     CHECK_OK(put_doc(w, &c, 3, 4, 4, "t", NULL, 0, NULL));
     msa_coll_rec_t dropped;
     CHECK_OK(msa_store_coll_drop(w, "c", &dropped));
-    CHECK_EQ(dropped.id, c.id);
-    CHECK_EQ(dropped.documents, 1); /* the record as it was, with this txn's put */
+    CHECK_EQ_U(dropped.id, c.id);
+    CHECK_EQ_U(dropped.documents, 1); /* the record as it was, with this txn's put */
     CHECK_RC(msa_store_coll_get_by_id(w, c.id, &g), MSA_ENOTFOUND);
     CHECK_OK(msa_store_commit(w, 4));
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -530,29 +488,29 @@ TEST(doc_list_paging)
         CHECK_OK(msa_store_doc_list(t, c.id, after, 10, out, &n, &next));
         for (uint32_t i = 0; i < n; i++) {
             seen++;
-            CHECK_EQ(out[i].id, seen * 10);
+            CHECK_EQ_U(out[i].id, seen * 10);
         }
         pages++;
-        CHECK_EQ(n, pages < 3 ? 10 : 5);
-        CHECK_EQ(next, pages < 3 ? seen * 10 : 0);
+        CHECK_EQ_U(n, pages < 3 ? 10 : 5);
+        CHECK_EQ_U(next, pages < 3 ? seen * 10 : 0);
         after = next;
     } while (next);
-    CHECK_EQ(seen, 25);
-    CHECK_EQ(pages, 3);
+    CHECK_EQ_U(seen, 25);
+    CHECK_EQ_U(pages, 3);
 
     CHECK_OK(msa_store_doc_list(t, c.id, 15, 2, out, &n, &next));
-    CHECK_EQ(n, 2);
-    CHECK_EQ(out[0].id, 20);
-    CHECK_EQ(next, 30);
+    CHECK_EQ_U(n, 2);
+    CHECK_EQ_U(out[0].id, 20);
+    CHECK_EQ_U(next, 30);
     CHECK_OK(msa_store_doc_list(t, c.id, 0, 25, out, &n, &next)); /* exactly all: no more */
-    CHECK_EQ(n, 25);
-    CHECK_EQ(next, 0);
+    CHECK_EQ_U(n, 25);
+    CHECK_EQ_U(next, 0);
     CHECK_OK(msa_store_doc_list(t, c.id, 250, 10, out, &n, &next));
-    CHECK_EQ(n, 0);
-    CHECK_EQ(next, 0);
+    CHECK_EQ_U(n, 0);
+    CHECK_EQ_U(next, 0);
     CHECK_OK(msa_store_doc_list(t, c2.id, 0, 30, out, &n, &next));
-    CHECK_EQ(n, 4);
-    CHECK_EQ(out[3].id, UINT64_MAX >> 1);
+    CHECK_EQ_U(n, 4);
+    CHECK_EQ_U(out[3].id, UINT64_MAX >> 1);
     CHECK_RC(msa_store_doc_list(t, 99, 0, 10, out, &n, &next), MSA_ENOTFOUND);
     msa_store_abort(t);
     msa_store_close(s);
@@ -590,10 +548,10 @@ TEST(foreach)
     CHECK_OK(msa_store_read_begin(s, &t));
     uint64_t n[2] = {0, 0};
     CHECK_OK(msa_store_doc_foreach(t, c.id, count_doc, n));
-    CHECK_EQ(n[0], 300);
+    CHECK_EQ_U(n[0], 300);
     int nc = 0;
-    CHECK_EQ(msa_store_coll_foreach(t, count_coll, &nc), 42); /* stopped at the 2nd */
-    CHECK_EQ(nc, 2);
+    CHECK_EQ_U(msa_store_coll_foreach(t, count_coll, &nc), 42); /* stopped at the 2nd */
+    CHECK_EQ_U(nc, 2);
     CHECK_RC(msa_store_doc_foreach(t, 77, count_doc, n), MSA_ENOTFOUND);
     msa_store_abort(t);
     msa_store_close(s);
@@ -619,8 +577,8 @@ TEST(drop_removes_everything)
     CHECK_OK(msa_store_coll_drop(w, "a", NULL));
     CHECK_OK(msa_store_commit(w, 2));
     uint64_t docs = 0;
-    CHECK_EQ(verify_count(s, 0, &docs, true), 0);
-    CHECK_EQ(docs, 5);
+    CHECK_EQ_U(verify_count(s, 0, &docs, true), 0);
+    CHECK_EQ_U(docs, 5);
     msa_store_txn_t *t;
     CHECK_OK(msa_store_read_begin(s, &t));
     for (uint64_t i = 1; i <= 5; i++) CHECK_DOC(t, &b, i, 6, "bt", "bm", 1);
@@ -631,14 +589,14 @@ TEST(drop_removes_everything)
     MDB_env *env = raw_open(dir);
     CHECK(env != NULL);
     MDB_txn *txn;
-    CHECK_EQ(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
+    CHECK_EQ_U(mdb_txn_begin(env, NULL, MDB_RDONLY, &txn), 0);
     const char *dbs[] = {"docs", "text", "metadata", "blocks", "collections"};
     for (size_t i = 0; i < 5; i++) {
         MDB_dbi dbi;
         MDB_cursor *cur;
         MDB_val k, v;
-        CHECK_EQ(mdb_dbi_open(txn, dbs[i], 0, &dbi), 0);
-        CHECK_EQ(mdb_cursor_open(txn, dbi, &cur), 0);
+        CHECK_EQ_U(mdb_dbi_open(txn, dbs[i], 0, &dbi), 0);
+        CHECK_EQ_U(mdb_cursor_open(txn, dbi, &cur), 0);
         uint64_t left = 0, kept = 0;
         for (int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0;
              rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
@@ -652,13 +610,13 @@ TEST(drop_removes_everything)
             mdb_txn_abort(txn);
             mdb_env_close(env);
         }
-        CHECK_EQ(left, 0);
+        CHECK_EQ_U(left, 0);
         CHECK(kept > 0);
     }
     MDB_dbi names;
     MDB_val nk = {1, "a"}, nv;
-    CHECK_EQ(mdb_dbi_open(txn, "coll_names", 0, &names), 0);
-    CHECK_EQ(mdb_get(txn, names, &nk, &nv), MDB_NOTFOUND);
+    CHECK_EQ_U(mdb_dbi_open(txn, "coll_names", 0, &names), 0);
+    CHECK_EQ_U(mdb_get(txn, names, &nk, &nv), MDB_NOTFOUND);
     mdb_txn_abort(txn);
     mdb_env_close(env);
 }
@@ -696,7 +654,7 @@ TEST(duplicates_and_not_found)
     /* Refused ops leave the txn usable. */
     CHECK_OK(put_doc(w, &c, 1, 4, 1, NULL, NULL, 0, NULL));
     CHECK_OK(msa_store_commit(w, 1));
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     char **pr;
     size_t n;
     uint64_t dc;
@@ -712,7 +670,7 @@ TEST(second_open_is_refused)
     msa_status_t st;
     CHECK_RC(msa_store_open(dir, NULL, &s2, &st), MSA_EIO);
     CHECK(s2 == NULL);
-    CHECK_EQ(st.code, MSA_EIO);
+    CHECK_EQ_U(st.code, MSA_EIO);
     CHECK_STR_HAS(st.msg, "is in use by another msad");
     CHECK_STR_HAS(st.msg, dir);
     msa_store_close(s);
@@ -792,10 +750,10 @@ TEST(foreign_lmdb_and_wrong_format)
     MDB_txn *txn;
     MDB_dbi dbi;
     MDB_val k = {5, "hello"}, v = {5, "world"};
-    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    CHECK_EQ(mdb_dbi_open(txn, NULL, 0, &dbi), 0);
-    CHECK_EQ(mdb_put(txn, dbi, &k, &v, 0), 0);
-    CHECK_EQ(mdb_txn_commit(txn), 0);
+    CHECK_EQ_U(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ_U(mdb_dbi_open(txn, NULL, 0, &dbi), 0);
+    CHECK_EQ_U(mdb_put(txn, dbi, &k, &v, 0), 0);
+    CHECK_EQ_U(mdb_txn_commit(txn), 0);
     mdb_env_close(env);
     msa_store_t *s = NULL;
     msa_status_t st;
@@ -812,10 +770,10 @@ TEST(foreign_lmdb_and_wrong_format)
     uint8_t two[4] = {2, 0, 0, 0};
     k = (MDB_val){6, "format"};
     v = (MDB_val){4, two};
-    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    CHECK_EQ(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
-    CHECK_EQ(mdb_put(txn, dbi, &k, &v, 0), 0);
-    CHECK_EQ(mdb_txn_commit(txn), 0);
+    CHECK_EQ_U(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ_U(mdb_dbi_open(txn, "meta", 0, &dbi), 0);
+    CHECK_EQ_U(mdb_put(txn, dbi, &k, &v, 0), 0);
+    CHECK_EQ_U(mdb_txn_commit(txn), 0);
     mdb_env_close(env);
     CHECK_RC(msa_store_open(dir, NULL, &s, &st), MSA_ECORRUPT);
     CHECK_STR_HAS(st.msg, "unsupported store format 2");
@@ -843,14 +801,14 @@ TEST(read_only)
     msa_store_close(s);
 
     CHECK_OK(msa_store_open(dir, &ro, &s, &st));
-    CHECK_EQ(msa_store_last_seq(s), 7);
+    CHECK_EQ_U(msa_store_last_seq(s), 7);
     CHECK_RC(msa_store_write_begin(s, &w), MSA_EINVAL);
     CHECK_RC(msa_store_grow(s), MSA_EINVAL);
     msa_store_txn_t *t;
     CHECK_OK(msa_store_read_begin(s, &t));
     CHECK_DOC(t, &c, 1, 4, "t", NULL, 0);
     msa_store_abort(t);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -887,24 +845,24 @@ TEST(map_full_and_grow)
             continue;
         }
         CHECK_RC(rc, MSA_EFULL);
-        CHECK_EQ(msa_store_last_seq(s), seq);
+        CHECK_EQ_U(msa_store_last_seq(s), seq);
         fulls++;
         rc = msa_store_grow(s);
         if (rc == MSA_EFULL) break;
         CHECK_OK(rc);
         grows++;
     }
-    CHECK_EQ(grows, 2); /* 1 -> 2 -> 4 MiB */
-    CHECK_EQ(fulls, 3);
+    CHECK_EQ_U(grows, 2); /* 1 -> 2 -> 4 MiB */
+    CHECK_EQ_U(fulls, 3);
     CHECK(put_fulls > 0);
     CHECK(id > 10);
     CHECK_RC(msa_store_grow(s), MSA_EFULL);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 
     s = open_new(dir, &o);
     CHECK(s != NULL);
-    CHECK_EQ(msa_store_last_seq(s), seq);
+    CHECK_EQ_U(msa_store_last_seq(s), seq);
     msa_store_txn_t *t;
     CHECK_OK(msa_store_read_begin(s, &t));
     for (uint64_t i = 1; i <= id; i++) CHECK_DOC(t, &c, i, 640, "text", NULL, 0);
@@ -913,12 +871,12 @@ TEST(map_full_and_grow)
     msa_store_close(s);
     s = open_new(dir, NULL); /* default opts: a larger map */
     CHECK(s != NULL);
-    CHECK_EQ(msa_store_last_seq(s), seq);
+    CHECK_EQ_U(msa_store_last_seq(s), seq);
     CHECK_OK(msa_store_write_begin(s, &w));
     CHECK_OK(msa_store_doc_delete(w, c.id, 1));
     CHECK_OK(put_doc(w, &c, id + 1, 640, seq + 1, "text", NULL, 0, NULL));
     CHECK_OK(msa_store_commit(w, seq + 1));
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -943,7 +901,7 @@ TEST(savepoint_failure_leaves_parent_usable)
     msa_doc_rec_t d;
     CHECK_RC(msa_store_doc_get(t, c.id, 2, &d), MSA_ENOTFOUND);
     msa_store_abort(t);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
 }
 
@@ -969,29 +927,29 @@ TEST(backup)
         uint64_t seq = 0, bytes = 0;
         msa_status_t st;
         CHECK_OK(msa_store_backup(s, bk, compact, &seq, &bytes, &st));
-        CHECK_EQ(seq, 5);
+        CHECK_EQ_U(seq, 5);
         char p[300];
         snprintf(p, sizeof p, "%s/data.mdb", bk);
         struct stat sb;
         CHECK(stat(p, &sb) == 0);
-        CHECK_EQ(bytes, sb.st_size);
+        CHECK_EQ_U(bytes, sb.st_size);
         if (compact) CHECK(bytes < msa_store_file_bytes(s));
         CHECK_RC(msa_store_backup(s, bk, compact, &seq, &bytes, &st), MSA_EEXIST);
         CHECK_STR_HAS(st.msg, bk);
 
         msa_store_t *b = open_new(bk, NULL);
         CHECK(b != NULL);
-        CHECK_EQ(msa_store_last_seq(b), 5);
+        CHECK_EQ_U(msa_store_last_seq(b), 5);
         msa_store_txn_t *bt;
         msa_coll_rec_t bc;
         CHECK_OK(msa_store_read_begin(b, &bt));
         CHECK_OK(msa_store_coll_get(bt, "c", &bc));
-        CHECK_EQ(bc.documents, 25);
+        CHECK_EQ_U(bc.documents, 25);
         for (uint64_t i = 26; i <= 50; i++) CHECK_DOC(bt, &bc, i, 9, "tx", "mx", 0);
         msa_doc_rec_t d;
         CHECK_RC(msa_store_doc_get(bt, bc.id, 1, &d), MSA_ENOTFOUND);
         msa_store_abort(bt);
-        CHECK_EQ(verify_count(b, 0, NULL, true), 0);
+        CHECK_EQ_U(verify_count(b, 0, NULL, true), 0);
         msa_store_close(b);
     }
     msa_store_abort(t);
@@ -1075,19 +1033,19 @@ TEST(verify_finds_injected_problems)
     size_t n = 0;
     uint64_t docs = 0;
     CHECK_OK(msa_store_verify(s, c.id, &docs, &pr, &n));
-    CHECK_EQ(docs, 6);
+    CHECK_EQ_U(docs, 6);
     CHECK_PROBLEM(pr, n, "collection bad: doc 2: layer 7 (pos 1) block V missing", NULL);
     CHECK_PROBLEM(pr, n, "doc 3: layer 3 (pos 0) block K: 63 bytes, want 64", NULL);
     CHECK_PROBLEM(pr, n, "doc 4: tensor_bytes", "blocks hold");
     CHECK_PROBLEM(pr, n, "doc 5: chunks 2", "= 3");
     CHECK_PROBLEM(pr, n, "doc 6: text_bytes 3", "text holds 2");
     CHECK(!has_problem(pr, n, "doc 1:", NULL));
-    CHECK_EQ(n, 5);
+    CHECK_EQ_U(n, 5);
     msa_store_problems_free(pr, n);
-    CHECK_EQ(verify_count(s, clean.id, &docs, true), 0);
-    CHECK_EQ(docs, 1);
-    CHECK_EQ(verify_count(s, 0, &docs, false), 5);
-    CHECK_EQ(docs, 7);
+    CHECK_EQ_U(verify_count(s, clean.id, &docs, true), 0);
+    CHECK_EQ_U(docs, 1);
+    CHECK_EQ_U(verify_count(s, 0, &docs, false), 5);
+    CHECK_EQ_U(docs, 7);
     msa_store_close(s);
 
     /* Damage the API cannot make: orphans and a record gone under its data. */
@@ -1095,28 +1053,28 @@ TEST(verify_finds_injected_problems)
     CHECK(env != NULL);
     MDB_txn *txn;
     MDB_dbi blocks, text, dd;
-    CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
-    CHECK_EQ(mdb_dbi_open(txn, "blocks", 0, &blocks), 0);
-    CHECK_EQ(mdb_dbi_open(txn, "text", 0, &text), 0);
-    CHECK_EQ(mdb_dbi_open(txn, "docs", 0, &dd), 0);
+    CHECK_EQ_U(mdb_txn_begin(env, NULL, 0, &txn), 0);
+    CHECK_EQ_U(mdb_dbi_open(txn, "blocks", 0, &blocks), 0);
+    CHECK_EQ_U(mdb_dbi_open(txn, "text", 0, &text), 0);
+    CHECK_EQ_U(mdb_dbi_open(txn, "docs", 0, &dd), 0);
     uint8_t bk[15];
     key_doc(bk, c.id, 99);
     bk[12] = 0, bk[13] = 1, bk[14] = MSA_BLOCK_V;
     MDB_val k = {15, bk}, v = {4, "abcd"};
-    CHECK_EQ(mdb_put(txn, blocks, &k, &v, 0), 0);
+    CHECK_EQ_U(mdb_put(txn, blocks, &k, &v, 0), 0);
     uint8_t tk[12];
     key_doc(tk, c.id, 98);
     k = (MDB_val){12, tk};
-    CHECK_EQ(mdb_put(txn, text, &k, &v, 0), 0);
+    CHECK_EQ_U(mdb_put(txn, text, &k, &v, 0), 0);
     key_doc(tk, clean.id, 1);
-    CHECK_EQ(mdb_del(txn, dd, &k, NULL), 0);
-    CHECK_EQ(mdb_txn_commit(txn), 0);
+    CHECK_EQ_U(mdb_del(txn, dd, &k, NULL), 0);
+    CHECK_EQ_U(mdb_txn_commit(txn), 0);
     mdb_env_close(env);
 
     s = open_new(dir, NULL);
     CHECK(s != NULL);
     CHECK_OK(msa_store_verify(s, 0, &docs, &pr, &n));
-    CHECK_EQ(docs, 6);
+    CHECK_EQ_U(docs, 6);
     CHECK_PROBLEM(pr, n, "collection bad: doc 99: orphan block layer_pos 1 kind V", NULL);
     CHECK_PROBLEM(pr, n, "collection bad: doc 98: orphan text", NULL);
     CHECK_PROBLEM(pr, n, "collection clean: doc 1: orphan block", NULL);
@@ -1146,8 +1104,8 @@ TEST(verify_caps_problem_list)
     size_t n;
     uint64_t docs;
     CHECK_OK(msa_store_verify(s, 0, &docs, &pr, &n));
-    CHECK_EQ(docs, 1100);
-    CHECK_EQ(n, 1000);
+    CHECK_EQ_U(docs, 1100);
+    CHECK_EQ_U(n, 1000);
     CHECK_STR_HAS(pr[n - 1], "... and 5601 more problems"); /* 6 missing blocks per doc */
     msa_store_problems_free(pr, n);
     msa_store_close(s);
@@ -1290,10 +1248,10 @@ static void run_readers_during_writes(msa_store_opts_t *o, uint32_t head_dim, in
         reads += r[i].reads;
         if (r[i].errors) FAILF("reader %d: %d errors, first: %s", i, r[i].errors, r[i].first_error);
     }
-    CHECK_EQ(failed, 0);
+    CHECK_EQ_U(failed, 0);
     CHECK(reads > 0);
-    CHECK_EQ(msa_store_last_seq(s), seq - 1);
-    CHECK_EQ(verify_count(s, 0, NULL, true), 0);
+    CHECK_EQ_U(msa_store_last_seq(s), seq - 1);
+    CHECK_EQ_U(verify_count(s, 0, NULL, true), 0);
     msa_store_close(s);
     *grows_out = grows;
 }
@@ -1303,7 +1261,7 @@ TEST(concurrent_readers_see_one_snapshot)
     msa_store_opts_t o = {0};
     int grows = -1;
     run_readers_during_writes(&o, 16, 400, &grows);
-    CHECK_EQ(grows, 0);
+    CHECK_EQ_U(grows, 0);
 }
 
 TEST(grow_while_readers_run)
@@ -1341,46 +1299,41 @@ TEST(nested_read_during_pending_grow)
     pthread_t th;
     CHECK(pthread_create(&th, NULL, grow_thread, &g) == 0);
     usleep(50000);
-    CHECK_EQ(atomic_load(&g.done), 0); /* waits for our snapshot */
+    CHECK_EQ_U(atomic_load(&g.done), 0); /* waits for our snapshot */
     CHECK_OK(msa_store_read_begin(s, &t2));
     msa_store_abort(t2);
     msa_store_abort(t1);
     pthread_join(th, NULL);
-    CHECK_EQ(g.done, 1);
+    CHECK_EQ_U(g.done, 1);
     CHECK_OK(g.rc);
     msa_store_close(s);
 }
 
 /* ==== main =================================================================== */
 
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
-#define T(n) {#n, test_##n}
-    T(create_reopen),
-    T(collection_ids_not_reused),
-    T(savepoint_keep_and_undo),
-    T(abort_writes_nothing),
-    T(counters_put_replace_delete_drop),
-    T(doc_list_paging),
-    T(foreach),
-    T(drop_removes_everything),
-    T(duplicates_and_not_found),
-    T(second_open_is_refused),
-    T(garbage_file_is_corrupt),
-    T(truncated_file_is_an_error),
-    T(foreign_lmdb_and_wrong_format),
-    T(read_only),
-    T(map_full_and_grow),
-    T(savepoint_failure_leaves_parent_usable),
-    T(backup),
-    T(verify_finds_injected_problems),
-    T(verify_caps_problem_list),
-    T(concurrent_readers_see_one_snapshot),
-    T(grow_while_readers_run),
-    T(nested_read_during_pending_grow),
-#undef T
+static const msa_test_t tests[] = {
+    TEST_ENTRY(create_reopen),
+    TEST_ENTRY(collection_ids_not_reused),
+    TEST_ENTRY(savepoint_keep_and_undo),
+    TEST_ENTRY(abort_writes_nothing),
+    TEST_ENTRY(counters_put_replace_delete_drop),
+    TEST_ENTRY(doc_list_paging),
+    TEST_ENTRY(foreach),
+    TEST_ENTRY(drop_removes_everything),
+    TEST_ENTRY(duplicates_and_not_found),
+    TEST_ENTRY(second_open_is_refused),
+    TEST_ENTRY(garbage_file_is_corrupt),
+    TEST_ENTRY(truncated_file_is_an_error),
+    TEST_ENTRY(foreign_lmdb_and_wrong_format),
+    TEST_ENTRY(read_only),
+    TEST_ENTRY(map_full_and_grow),
+    TEST_ENTRY(savepoint_failure_leaves_parent_usable),
+    TEST_ENTRY(backup),
+    TEST_ENTRY(verify_finds_injected_problems),
+    TEST_ENTRY(verify_caps_problem_list),
+    TEST_ENTRY(concurrent_readers_see_one_snapshot),
+    TEST_ENTRY(grow_while_readers_run),
+    TEST_ENTRY(nested_read_during_pending_grow),
 };
 
 int main(int argc, char **argv)
@@ -1389,22 +1342,10 @@ int main(int argc, char **argv)
         perror("mkdtemp");
         return 1;
     }
-    int failed = 0, ran = 0;
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        bool pick = argc < 2;
-        for (int a = 1; a < argc; a++) pick |= strcmp(argv[a], tests[i].name) == 0;
-        if (!pick) continue;
-        g_failed = 0;
-        tests[i].fn();
-        ran++;
-        printf("%s %s\n", g_failed ? "FAIL" : "ok  ", tests[i].name);
-        fflush(stdout);
-        if (g_failed) failed++;
-    }
-    if (failed)
-        printf("%d of %d tests failed; data left in %s\n", failed, ran, g_root);
+    int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
+    if (rc == 1)
+        fprintf(stderr, "data left in %s\n", g_root);
     else
         rm_rf(g_root);
-    printf("%d tests, %d failed\n", ran, failed);
-    return failed ? 1 : 0;
+    return rc;
 }

@@ -7,6 +7,7 @@
  * nearest representable value by searching the (exhaustively decoded) table of
  * all 65536 values, so a shared misunderstanding cannot hide.
  */
+#include "harness.h"
 #include "schema.h"
 #include "tensor.h"
 
@@ -15,56 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* ==== harness ================================================================ */
-
-static int g_fail;
-static const char *g_test;
-
-#define CHECK(cond)                                                                         \
-    do {                                                                                    \
-        if (!(cond)) {                                                                      \
-            fprintf(stderr, "%s:%d: %s: CHECK(%s) failed\n", __FILE__, __LINE__, g_test,    \
-                    #cond);                                                                 \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define CHECK_EQ_U(a, b)                                                                    \
-    do {                                                                                    \
-        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b);      \
-        if (a_ != b_) {                                                                     \
-            fprintf(stderr, "%s:%d: %s: %s == %s failed: 0x%llx vs 0x%llx\n", __FILE__,    \
-                    __LINE__, g_test, #a, #b, a_, b_);                                      \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define CHECK_EQ_I(a, b)                                                                    \
-    do {                                                                                    \
-        long long a_ = (long long)(a), b_ = (long long)(b);                                 \
-        if (a_ != b_) {                                                                     \
-            fprintf(stderr, "%s:%d: %s: %s == %s failed: %lld vs %lld\n", __FILE__,          \
-                    __LINE__, g_test, #a, #b, a_, b_);                                      \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define CHECK_STR(a, b)                                                                     \
-    do {                                                                                    \
-        const char *a_ = (a), *b_ = (b);                                                    \
-        if (strcmp(a_, b_) != 0) {                                                          \
-            fprintf(stderr, "%s:%d: %s: %s == %s failed:\n  got  \"%s\"\n  want \"%s\"\n",  \
-                    __FILE__, __LINE__, g_test, #a, #b, a_, b_);                            \
-            g_fail++;                                                                       \
-            return;                                                                         \
-        }                                                                                   \
-    } while (0)
-
-#define TEST(name) static void test_##name(void)
 
 static uint32_t fbits(float x)
 {
@@ -769,35 +720,29 @@ TEST(schema_encoding)
 
 /* ==== main ====================================================================== */
 
-#define T(name) {#name, test_##name}
-static const struct {
-    const char *name;
-    void (*fn)(void);
-} tests[] = {
-    T(f16_to_f32_exhaustive), T(bf16_to_f32_exhaustive), T(f32_to_f16_boundaries),
-    T(f32_to_bf16_boundaries), T(f32_random_vs_reference), T(conversion_edge_cases),
-    T(bulk_conversions), T(dtype_names), T(find_nonfinite), T(pool_odd), T(l2_normalize),
-    T(quantize_i8), T(shape_str), T(validate_messages), T(schema_defaults), T(schema_rules),
-    T(schema_names), T(schema_layer_pos), T(schema_encoding),
+static const msa_test_t tests[] = {
+    TEST_ENTRY(f16_to_f32_exhaustive),
+    TEST_ENTRY(bf16_to_f32_exhaustive),
+    TEST_ENTRY(f32_to_f16_boundaries),
+    TEST_ENTRY(f32_to_bf16_boundaries),
+    TEST_ENTRY(f32_random_vs_reference),
+    TEST_ENTRY(conversion_edge_cases),
+    TEST_ENTRY(bulk_conversions),
+    TEST_ENTRY(dtype_names),
+    TEST_ENTRY(find_nonfinite),
+    TEST_ENTRY(pool_odd),
+    TEST_ENTRY(l2_normalize),
+    TEST_ENTRY(quantize_i8),
+    TEST_ENTRY(shape_str),
+    TEST_ENTRY(validate_messages),
+    TEST_ENTRY(schema_defaults),
+    TEST_ENTRY(schema_rules),
+    TEST_ENTRY(schema_names),
+    TEST_ENTRY(schema_layer_pos),
+    TEST_ENTRY(schema_encoding),
 };
 
 int main(int argc, char **argv)
 {
-    int passed = 0, failed = 0;
-    size_t n = sizeof tests / sizeof tests[0];
-    for (size_t i = 0; i < n; i++) {
-        if (argc > 1 && strcmp(argv[1], tests[i].name) != 0) continue;
-        int before = g_fail;
-        g_test = tests[i].name;
-        tests[i].fn();
-        if (g_fail == before) {
-            passed++;
-            printf("ok   %s\n", tests[i].name);
-        } else {
-            failed++;
-            printf("FAIL %s\n", tests[i].name);
-        }
-    }
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
 }
