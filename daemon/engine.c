@@ -312,14 +312,21 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
         const msa_tensor_t *src[3] = {&lk->k, &lk->v, &lk->router_k};
         for (int kind = 0; kind < (s->separate_router_keys ? 3 : 2); kind++) {
             msa_dtype_t dt = kind == MSA_BLOCK_R ? rt : kvt;
-            rc = pooled_f32(src[kind], d->raw, d->tokens, P, W, C, tmp);
-            if (rc) break;
-            msa_tensor_from_f32(dt, tmp, rows, w);
+            bool copied = !d->raw && src[kind]->dtype == dt;
+            if (copied) {
+                /* Already in its stored form (validated finite): a float32
+                 * round trip would return the same bits, so copy them. */
+                memcpy(w, src[kind]->data, rows * msa_dtype_size(dt));
+            } else {
+                rc = pooled_f32(src[kind], d->raw, d->tokens, P, W, C, tmp);
+                if (rc) break;
+                msa_tensor_from_f32(dt, tmp, rows, w);
+            }
             /* Finite input can still store Inf: a float32 pooling sum that
              * overflows, or a value beyond F16/BF16 range. Stored Inf would
              * reach the index (NaN after COSINE, UB in I8 quantisation; found
              * by fuzz_rpc), so it is refused like Inf sent by the client. */
-            long nf = msa_tensor_find_nonfinite(dt, w, rows);
+            long nf = copied ? -1 : msa_tensor_find_nonfinite(dt, w, rows);
             if (nf >= 0) {
                 static const char *const kname[3] = {"k", "v", "router_k"};
                 free(tmp);
@@ -1397,8 +1404,11 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
             rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
             break;
         }
-        msa_idx_attend(qs.q[i], la->T, sc->query_heads, sc->kv_heads, sc->head_dim, k, v, R, scale,
-                       o, la->lse, msa_idx_get_pool(e->idx));
+        if (msa_idx_attend(qs.q[i], la->T, sc->query_heads, sc->kv_heads, sc->head_dim, k, v, R,
+                           scale, o, la->lse, msa_idx_get_pool(e->idx)) != MSA_OK) {
+            rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
+            break;
+        }
         msa_tensor_from_f32(odt, o, n_out, la->out);
         free(k);
         free(v);

@@ -2,6 +2,7 @@
  * ingest and Route at MSA-4B shapes, each figure next to its physical floor.
  *
  *   bench_engine [--dir D] [--tokens N] [--doc-tokens N] [--reps R] [--threads N]
+ *                [--ingest-threads N] (concurrent writers, default 2, at most 16)
  *                [--dump DIR]   (writes the keys and queries for the FAISS peer)
  *
  * Floors are measured in the same run: the disk's fsync'd sequential write
@@ -9,12 +10,12 @@
  * FMA peak of the cores. Output: human lines plus one JSON line "bench: {...}".
  */
 #define _GNU_SOURCE
+#include "bench_floor.h"
 #include "engine.h"
 #include "kernels.h"
 #include "tensor.h"
 
 #include <fcntl.h>
-#include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -26,25 +27,8 @@
 
 enum { LAYERS = 18, H = 8, HQ = 32, D = 128, P = 64, T = 64, TOP_K = 16 };
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
-static float frand(void) /* uniform in [-1, 1) */
-{
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 40) * (1.0 / (1 << 23))) - 1.0f;
-}
-
-/* ==== floors ================================================================ */
-
-/* Sequential write of `mb` MiB in 1 MiB writes, fsync at the end. */
+/* Sequential write of `mb` MiB in 1 MiB writes, fsync at the end: the disk's
+ * floor for durable ingest. */
 static double disk_write_mbps(const char *dir, int mb)
 {
     char path[4200];
@@ -64,83 +48,72 @@ static double disk_write_mbps(const char *dir, int mb)
     return mb / t;
 }
 
-typedef struct bw_arg {
-    const float *p;
-    size_t n;
-    float sink;
-} bw_arg_t;
+/* ==== ingest ==================================================================== */
 
-__attribute__((target("avx2"))) static void *bw_read(void *arg)
-{
-    bw_arg_t *a = arg;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (size_t i = 0; i + 32 <= a->n; i += 32) {
-        s0 = _mm256_add_ps(s0, _mm256_load_ps(a->p + i));
-        s1 = _mm256_add_ps(s1, _mm256_load_ps(a->p + i + 8));
-        s2 = _mm256_add_ps(s2, _mm256_load_ps(a->p + i + 16));
-        s3 = _mm256_add_ps(s3, _mm256_load_ps(a->p + i + 24));
-    }
-    float out[8];
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    a->sink = out[0];
-    return NULL;
-}
+enum { DOCS_PER_REQ = 4 };
 
-/* Read bandwidth in GB/s over a 1 GiB buffer with nthreads streaming readers. */
-static double mem_read_gbps(int nthreads)
+typedef struct ingest {
+    msa_engine_t *e;
+    const msa_schema_t *s;
+    const uint16_t *pool;      /* random BF16 rows reused at different offsets */
+    size_t blk;                /* elements of one full document's layer block */
+    long ndocs, tokens, doc_tokens;
+    int nthreads;
+    pthread_mutex_t lock;
+    double bytes;
+    int failed;
+} ingest_t;
+
+/* Writes every nthreads-th request of DOCS_PER_REQ documents, as one of
+ * several concurrent clients: group commit is what they share. */
+typedef struct ingest_arg {
+    ingest_t *g;
+    int slot;
+} ingest_arg_t;
+
+static void *ingest_thread(void *arg)
 {
-    size_t n = (size_t)1 << 28; /* floats: 1 GiB */
-    float *buf = aligned_alloc(64, n * sizeof(float));
-    memset(buf, 1, n * sizeof(float));
-    double best = 0;
-    for (int rep = 0; rep < 3; rep++) {
-        pthread_t th[64];
-        bw_arg_t a[64];
-        double t0 = now_s();
-        for (int i = 0; i < nthreads; i++) {
-            a[i] = (bw_arg_t){buf + i * (n / nthreads), n / nthreads, 0};
-            pthread_create(&th[i], NULL, bw_read, &a[i]);
+    ingest_t *g = ((ingest_arg_t *)arg)->g;
+    const int *slot = &((ingest_arg_t *)arg)->slot;
+    msa_layer_kv_t lk[DOCS_PER_REQ * LAYERS];
+    msa_write_op_t ops[DOCS_PER_REQ];
+    double bytes = 0;
+    for (long d0 = (long)*slot * DOCS_PER_REQ; d0 < g->ndocs; d0 += (long)g->nthreads * DOCS_PER_REQ) {
+        int n = (int)(g->ndocs - d0 < DOCS_PER_REQ ? g->ndocs - d0 : DOCS_PER_REQ);
+        for (int j = 0; j < n; j++) {
+            long id = d0 + j + 1;
+            long tk = id == g->ndocs ? g->tokens - (g->ndocs - 1) * g->doc_tokens : g->doc_tokens;
+            uint32_t c = (uint32_t)((tk + P - 1) / P);
+            for (int l = 0; l < LAYERS; l++) {
+                msa_layer_kv_t *x = &lk[j * LAYERS + l];
+                const uint16_t *base = g->pool + ((size_t)(id * 7 + l * 3) % 61) * g->blk;
+                msa_tensor_t t = {.dtype = MSA_DT_BF16, .ndim = 3, .shape = {c, H, D},
+                                  .nbytes = (size_t)c * H * D * 2};
+                x->layer = g->s->layers[l];
+                x->k = t, x->v = t, x->router_k = t;
+                x->k.data = base;
+                x->v.data = base + g->blk;
+                x->router_k.data = base + 2 * g->blk;
+                bytes += 3.0 * t.nbytes;
+            }
+            ops[j] = (msa_write_op_t){.kind = MSA_OP_PUT,
+                                      .put = {.id = (uint64_t)id, .tokens = (uint32_t)tk,
+                                              .n_layers = LAYERS, .layers = &lk[j * LAYERS]}};
         }
-        for (int i = 0; i < nthreads; i++) pthread_join(th[i], NULL);
-        double gbps = n * sizeof(float) / (now_s() - t0) / 1e9;
-        if (gbps > best) best = gbps;
+        msa_write_req_t req = {.collection = "bench", .n_ops = (size_t)n, .ops = ops};
+        msa_write_result_t res;
+        msa_status_t st;
+        if (msa_srv_write(g->e, &req, &res, &st)) {
+            fprintf(stderr, "write: %s\n", st.msg);
+            g->failed = 1;
+            break;
+        }
+        free(res.versions);
     }
-    free(buf);
-    return best;
-}
-
-__attribute__((target("avx2,fma"))) static void *fma_loop(void *arg)
-{
-    double *gflops = arg;
-    __m256 acc[10];
-    for (int i = 0; i < 10; i++) acc[i] = _mm256_set1_ps((float)i);
-    const __m256 m = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-    long iters = 20000000;
-    double t0 = now_s();
-    for (long it = 0; it < iters; it++)
-        for (int i = 0; i < 10; i++) acc[i] = _mm256_fmadd_ps(acc[i], m, b);
-    double t = now_s() - t0;
-    float sink[8];
-    __m256 s = acc[0];
-    for (int i = 1; i < 10; i++) s = _mm256_add_ps(s, acc[i]);
-    _mm256_storeu_ps(sink, s);
-    *gflops = iters * 10.0 * 8 / t / 1e9 + (sink[0] == 12345.f); /* multiply-adds per s */
+    pthread_mutex_lock(&g->lock);
+    g->bytes += bytes;
+    pthread_mutex_unlock(&g->lock);
     return NULL;
-}
-
-/* fp32 multiply-adds per second (G) over nthreads cores, 256-bit FMA; on
- * AMD Zen 4 a 512-bit FMA issues as two 256-bit halves, so this is the peak. */
-static double fma_peak_gmacs(int nthreads)
-{
-    pthread_t th[64];
-    double g[64];
-    for (int i = 0; i < nthreads; i++) pthread_create(&th[i], NULL, fma_loop, &g[i]);
-    double total = 0;
-    for (int i = 0; i < nthreads; i++) {
-        pthread_join(th[i], NULL);
-        total += g[i];
-    }
-    return total;
 }
 
 /* ==== workload ================================================================ */
@@ -202,7 +175,7 @@ int main(int argc, char **argv)
 {
     const char *dir = NULL, *dump = NULL;
     long tokens = 1000000, doc_tokens = 1024;
-    int reps = 15, threads = 0;
+    int reps = 15, threads = 0, ingest_threads = 2;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
         else if (!strcmp(argv[i], "--dump") && i + 1 < argc) dump = argv[++i];
@@ -210,22 +183,34 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--doc-tokens") && i + 1 < argc) doc_tokens = atol(argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--ingest-threads") && i + 1 < argc) ingest_threads = atoi(argv[++i]);
         else {
             fprintf(stderr, "usage: bench_engine [--dir D] [--tokens N] [--doc-tokens N] [--reps R] "
-                            "[--threads N] [--dump DIR]\n");
+                            "[--threads N] [--ingest-threads N] [--dump DIR]\n");
             return 2;
         }
     }
+    if (ingest_threads < 1) ingest_threads = 1;
+    if (ingest_threads > 16) ingest_threads = 16;
     char tmp[64] = "/tmp/msa-bench-XXXXXX";
     if (!dir) dir = mkdtemp(tmp);
     int ncpu = threads ? threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
 
     /* ---- floors ---- */
     double disk = disk_write_mbps(dir, 512);
-    double bw = mem_read_gbps(ncpu);
-    double peak = fma_peak_gmacs(ncpu);
+    msa_idx_pool_t *fpool = NULL;
+    if (ncpu > 1 && msa_idx_pool_create((unsigned)ncpu - 1, &fpool) != MSA_OK) fpool = NULL;
+    size_t bw_bytes = (size_t)1 << 30;
+    void *bw_buf = aligned_alloc(64, bw_bytes);
+    memset(bw_buf, 1, bw_bytes);
+    double bw = measure_bw(fpool, bw_buf, bw_bytes) / 1e9;
+    free(bw_buf);
+    double peak = measure_peak(fpool, 0) / 1e9;
+    double peak_bf16 = msa_idx_isa_supported(MSA_ISA_AVX512BF16) ? measure_peak(fpool, 1) / 1e9 : 0;
+    msa_idx_pool_destroy(fpool);
     printf("floors: disk %.0f MB/s (fsync'd sequential), memory read %.1f GB/s (%d threads), "
-           "fp32 FMA peak %.0f GMAC/s\n", disk, bw, ncpu, peak);
+           "fp32 FMA peak %.0f GMAC/s, vdpbf16ps peak %.0f GMAC/s\n", disk, bw, ncpu, peak,
+           peak_bf16);
 
     /* ---- ingest ---- */
     char data_dir[4200];
@@ -252,46 +237,23 @@ int main(int argc, char **argv)
     size_t pool_n = blk * 64;
     uint16_t *pool = malloc(pool_n * sizeof *pool);
     for (size_t i = 0; i < pool_n; i++) pool[i] = msa_f32_to_bf16(frand());
-    enum { DOCS_PER_REQ = 4 };
-    msa_layer_kv_t *lk = calloc((size_t)DOCS_PER_REQ * LAYERS, sizeof *lk);
-    msa_write_op_t ops[DOCS_PER_REQ];
-    double bytes = 0, t_ingest = 0;
-    for (long d0 = 0; d0 < ndocs; d0 += DOCS_PER_REQ) {
-        int n = (int)(ndocs - d0 < DOCS_PER_REQ ? ndocs - d0 : DOCS_PER_REQ);
-        for (int j = 0; j < n; j++) {
-            long id = d0 + j + 1;
-            long tk = id == ndocs ? tokens - (ndocs - 1) * doc_tokens : doc_tokens;
-            uint32_t c = (uint32_t)((tk + P - 1) / P);
-            for (int l = 0; l < LAYERS; l++) {
-                msa_layer_kv_t *x = &lk[j * LAYERS + l];
-                const uint16_t *base = pool + ((size_t)(id * 7 + l * 3) % 61) * blk;
-                msa_tensor_t t = {.dtype = MSA_DT_BF16, .ndim = 3, .shape = {c, H, D},
-                                  .nbytes = (size_t)c * H * D * 2};
-                x->layer = s.layers[l];
-                x->k = t, x->v = t, x->router_k = t;
-                x->k.data = base;
-                x->v.data = base + blk;
-                x->router_k.data = base + 2 * blk;
-                bytes += 3.0 * t.nbytes;
-            }
-            ops[j] = (msa_write_op_t){.kind = MSA_OP_PUT,
-                                      .put = {.id = (uint64_t)id, .tokens = (uint32_t)tk,
-                                              .n_layers = LAYERS, .layers = &lk[j * LAYERS]}};
-        }
-        msa_write_req_t req = {.collection = "bench", .n_ops = (size_t)n, .ops = ops};
-        msa_write_result_t res;
-        double t0 = now_s();
-        if (msa_srv_write(e, &req, &res, &st)) {
-            fprintf(stderr, "write: %s\n", st.msg);
-            return 1;
-        }
-        t_ingest += now_s() - t0;
-        free(res.versions);
+    ingest_t ing = {.e = e, .s = &s, .pool = pool, .blk = blk, .ndocs = ndocs, .tokens = tokens,
+                    .doc_tokens = doc_tokens, .nthreads = ingest_threads,
+                    .lock = PTHREAD_MUTEX_INITIALIZER};
+    pthread_t th[16];
+    ingest_arg_t args[16];
+    double t_start = now_s();
+    for (int i = 0; i < ingest_threads; i++) {
+        args[i] = (ingest_arg_t){&ing, i};
+        pthread_create(&th[i], NULL, ingest_thread, &args[i]);
     }
-    double ingest_mbps = bytes / 1e6 / t_ingest;
+    for (int i = 0; i < ingest_threads; i++) pthread_join(th[i], NULL);
+    double t_ingest = now_s() - t_start;
+    if (ing.failed) return 1;
+    double ingest_mbps = ing.bytes / 1e6 / t_ingest;
     printf("ingest: %ld docs, %.0f MB of tensors in %.2f s = %.0f MB/s durable "
-           "(%d docs per request; disk floor %.0f MB/s)\n",
-           ndocs, bytes / 1e6, t_ingest, ingest_mbps, DOCS_PER_REQ, disk);
+           "(%d client threads, %d docs per request; disk floor %.0f MB/s)\n",
+           ndocs, ing.bytes / 1e6, t_ingest, ingest_mbps, ingest_threads, DOCS_PER_REQ, disk);
 
     /* ---- route ---- */
     float *q = malloc((size_t)LAYERS * T * HQ * D * sizeof *q);
@@ -329,11 +291,36 @@ int main(int argc, char **argv)
            "floor %.2f ms (bandwidth %.2f ms for %.0f MB, compute %.2f ms for %.1f GMAC) = %.2fx floor\n",
            T, LAYERS, rows, ms[reps / 2], ms[reps / 10], ms[reps * 9 / 10], floor_ms, floor_bw,
            key_bytes / 1e6, floor_fma, macs / 1e9, ms[reps / 2] / floor_ms);
+    /* Attend over the routed documents (q = routing_q): routing plus the K/V
+     * gather from LMDB and the attention itself. */
+    for (int l = 0; l < LAYERS; l++) lq[l].q = lq[l].routing_q;
+    msa_attend_req_t ar = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
+                           .top_k = TOP_K};
+    double *ams = malloc(reps * sizeof *ams);
+    for (int r = -1; r < reps; r++) {
+        msa_attend_result_t *res;
+        double t0 = now_s();
+        if (msa_srv_attend(e, &ar, &res, &st)) {
+            fprintf(stderr, "attend: %s\n", st.msg);
+            return 1;
+        }
+        if (r >= 0) ams[r] = (now_s() - t0) * 1e3;
+        msa_srv_attend_result_free(res);
+    }
+    qsort(ams, reps, sizeof *ams, cmp_double);
+    printf("attend: T=%d, %d layers, top_k %d: median %.2f ms (routing included)\n", T, LAYERS,
+           TOP_K, ams[reps / 2]);
+
+    /* A bf16 dot product does twice the MACs per instruction but rounds the
+     * query to bf16; the contract's float32 scores keep fp32 FMA as the floor. */
+    double floor_bf16 = peak_bf16 > 0 ? macs / (peak_bf16 * 1e9) * 1e3 : 0;
+    printf("route: lossy-bf16 bound (vdpbf16ps peak, query rounded to bf16): %.2f ms\n", floor_bf16);
     printf("bench: {\"tokens\": %ld, \"docs\": %ld, \"ingest_mb_s\": %.1f, \"disk_mb_s\": %.1f, "
-           "\"route_ms_median\": %.3f, \"route_floor_ms\": %.3f, \"floor_bw_ms\": %.3f, "
-           "\"floor_compute_ms\": %.3f, \"mem_gb_s\": %.2f, \"fma_gmac_s\": %.1f, \"isa\": \"%s\"}\n",
-           tokens, ndocs, ingest_mbps, disk, ms[reps / 2], floor_ms, floor_bw, floor_fma, bw, peak,
-           msa_idx_isa_name(msa_idx_isa_detect()));
+           "\"route_ms_median\": %.3f, \"attend_ms_median\": %.3f, \"route_floor_ms\": %.3f, \"floor_bw_ms\": %.3f, "
+           "\"floor_compute_ms\": %.3f, \"floor_bf16_dot_ms\": %.3f, \"mem_gb_s\": %.2f, "
+           "\"fma_gmac_s\": %.1f, \"bf16_gmac_s\": %.1f, \"isa\": \"%s\"}\n",
+           tokens, ndocs, ingest_mbps, disk, ms[reps / 2], ams[reps / 2], floor_ms, floor_bw, floor_fma, floor_bf16,
+           bw, peak, peak_bf16, msa_idx_isa_name(msa_idx_isa_detect()));
 
     /* ---- the FAISS peer's input: the stored keys (normalised, as float32) and
      * the group-summed normalised queries (COSINE + HEAD_MEAN). ---- */
@@ -389,9 +376,9 @@ int main(int argc, char **argv)
     }
     msa_srv_close(e);
     free(pool);
-    free(lk);
     free(q);
     free(ms);
+    free(ams);
     if (dir == tmp) {
         char cmd[200];
         snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);

@@ -521,7 +521,8 @@ TEST(attend)
         ref_attend(q, T, Hq, H, D, k, v, R, scale, ro, rl);
         for (int use_pool = 0; use_pool < 2; use_pool++) {
             memset(o, 0xff, (size_t)T * Hq * D * sizeof(float)); /* NaN fill */
-            msa_idx_attend(q, T, Hq, H, D, k, v, R, scale, o, l, use_pool ? pool : NULL);
+            CHECK_RC(msa_idx_attend(q, T, Hq, H, D, k, v, R, scale, o, l, use_pool ? pool : NULL),
+                     MSA_OK);
             for (size_t i = 0; i < (size_t)T * Hq; i++) {
                 if (R == 0)
                     CHECK(l[i] == -INFINITY);
