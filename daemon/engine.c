@@ -709,6 +709,7 @@ typedef struct rebuild_ctx {
     uint64_t done, total;
     int64_t last_log;
     int rc;
+    msa_status_t *st;             /* names the document at fault */
 } rebuild_ctx_t;
 
 static int rebuild_doc(void *arg, const msa_doc_rec_t *d)
@@ -730,9 +731,15 @@ static int rebuild_doc(void *arg, const msa_doc_rec_t *d)
         int rc = msa_store_block_get(r->txn, r->coll->id, d->id, (uint16_t)l, kind, &v);
         size_t n = (size_t)d->chunks * W;
         if (rc || v.len != n * msa_dtype_size(dt)) {
-            msa_log(MSA_LOG_ERROR, "rebuild: collection \"%s\" document %llu layer %u: router block %s",
-                    r->coll->name, (unsigned long long)d->id, s->layers[l],
-                    rc ? msa_strerror(rc) : "has the wrong size");
+            msa_status_set(r->st, MSA_ECORRUPT,
+                           "%s/data.mdb: index rebuild: collection \"%s\" document %llu layer %u "
+                           "%c block: %s",
+                           r->e->data_dir, r->coll->name, (unsigned long long)d->id, s->layers[l],
+                           kind == MSA_BLOCK_R ? 'R' : 'K',
+                           rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                           : rc               ? msa_strerror(rc)
+                                              : "has the wrong size");
+            msa_log(MSA_LOG_ERROR, "%s", r->st->msg);
             return r->rc = MSA_ECORRUPT;
         }
         float *dst = r->rows + (size_t)l * d->chunks * W;
@@ -761,6 +768,13 @@ static int rebuild_coll(void *arg, const msa_coll_rec_t *c)
     r->done = 0;
     r->total = c->documents;
     rc = msa_store_doc_foreach(r->txn, c->id, rebuild_doc, r);
+    if (rc && r->st->code == MSA_OK)
+        msa_status_set(r->st, rc,
+                       "%s/data.mdb: index rebuild: collection \"%s\" after document %llu of "
+                       "%llu: %s",
+                       r->e->data_dir, c->name, (unsigned long long)r->done,
+                       (unsigned long long)r->total,
+                       rc == MSA_ECORRUPT ? "a document record is damaged" : msa_strerror(rc));
     msa_idx_coll_release(r->ic);
     r->ic = NULL;
     if (rc == MSA_OK)
@@ -771,7 +785,7 @@ static int rebuild_coll(void *arg, const msa_coll_rec_t *c)
 
 static int rebuild_index(msa_engine_t *e, msa_status_t *st)
 {
-    rebuild_ctx_t r = {.e = e, .last_log = mono_ms()};
+    rebuild_ctx_t r = {.e = e, .last_log = mono_ms(), .st = st};
     int rc = msa_store_read_begin(e->store, &r.txn);
     if (rc) return fill_status(st, rc, "rebuild");
     int64_t t0 = mono_ms();
@@ -779,7 +793,11 @@ static int rebuild_index(msa_engine_t *e, msa_status_t *st)
     rc = msa_store_coll_foreach(r.txn, rebuild_coll, &r);
     msa_store_abort(r.txn);
     free(r.rows);
-    if (rc) return msa_status_set(st, rc, "index rebuild failed: %s", msa_strerror(rc));
+    if (rc) {
+        if (st->code == MSA_OK)
+            msa_status_set(st, rc, "index rebuild failed: %s", msa_strerror(rc));
+        return rc;
+    }
     msa_idx_publish(e->idx, seq);
     msa_log(MSA_LOG_INFO, "rebuild: index ready at commit %llu in %lld ms (%.1f MiB)",
             (unsigned long long)seq, (long long)(mono_ms() - t0),
@@ -791,6 +809,8 @@ static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
 int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st)
 {
+    msa_status_t local;
+    if (!st) st = &local; /* the rebuild reads st back */
     msa_status_clear(st);
     msa_engine_t *e = calloc(1, sizeof *e);
     if (!e) return msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
@@ -825,6 +845,18 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
             msa_idx_isa_name(msa_idx_isa_detect()), gpus, gpus == 1 ? "" : "s",
             gpus ? "" : ": ", gpus ? "" : why);
 
+    /* The walk runs in a child process before this one maps the file, so a
+     * page that would crash LMDB crashes the child, and msad refuses to start. */
+    if (cfg->check_on_start != MSA_STORE_CHECK_OFF) {
+        int64_t t0 = mono_ms();
+        uint64_t bytes = 0;
+        rc = msa_store_check_file(e->data_dir, cfg->check_on_start, &bytes, st);
+        if (rc) goto fail;
+        if (bytes)
+            msa_log(MSA_LOG_INFO, "check-on-start %s: %s/data.mdb (%.1f MiB) sound in %lld ms",
+                    cfg->check_on_start == MSA_STORE_CHECK_QUICK ? "quick" : "full", e->data_dir,
+                    (double)bytes / (1 << 20), (long long)(mono_ms() - t0));
+    }
     msa_store_opts_t so = {.map_size = cfg->map_size, .map_max = cfg->map_max,
                            .max_readers = cfg->max_readers, .nosync = cfg->nosync};
     rc = msa_store_open(e->data_dir, &so, &e->store, st);
@@ -1263,12 +1295,17 @@ static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float 
         for (int kind = 0; kind < 2 && rc == MSA_OK; kind++) {
             rc = msa_store_block_get(s->txn, s->coll.id, ids[i], (uint16_t)pos, (msa_block_kind_t)kind,
                                      &views[i][kind]);
-            if (rc == MSA_OK && (views[i][kind].len % (W * esz)) != 0) rc = MSA_ECORRUPT;
+            const char *why = rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                                 : msa_strerror(rc);
+            if (rc == MSA_OK && (views[i][kind].len % (W * esz)) != 0) {
+                rc = MSA_ECORRUPT;
+                why = "has the wrong size";
+            }
             if (rc)
                 msa_status_set(st, rc == MSA_ENOTFOUND ? MSA_EINTERNAL : rc,
-                               "attend: document %llu layer %u %c block: %s",
-                               (unsigned long long)ids[i], sc->layers[pos], kind ? 'V' : 'K',
-                               msa_strerror(rc));
+                               "attend: collection \"%s\" document %llu layer %u %c block: %s",
+                               s->coll.name, (unsigned long long)ids[i], sc->layers[pos],
+                               kind ? 'V' : 'K', why);
         }
         if (rc == MSA_OK) rows += views[i][0].len / (W * esz);
     }
@@ -1513,15 +1550,24 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
             break;
         }
         if (rc) {
-            fill_status(st, rc, "get");
+            msa_status_set(st, rc, "get: collection \"%s\" document %llu record: %s", s->coll.name,
+                           (unsigned long long)req->ids[i],
+                           rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                              : msa_strerror(rc));
             break;
         }
         if (req->with_text && g->info.text_bytes &&
             (rc = msa_store_text_get(s->txn, s->coll.id, req->ids[i], &g->text)))
-            fill_status(st, rc, "get text");
+            msa_status_set(st, rc, "get: collection \"%s\" document %llu text: %s", s->coll.name,
+                           (unsigned long long)req->ids[i],
+                           rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                              : msa_strerror(rc));
         if (rc == MSA_OK && req->with_metadata && g->info.metadata_bytes &&
             (rc = msa_store_meta_get(s->txn, s->coll.id, req->ids[i], &g->metadata)))
-            fill_status(st, rc, "get metadata");
+            msa_status_set(st, rc, "get: collection \"%s\" document %llu metadata: %s",
+                           s->coll.name, (unsigned long long)req->ids[i],
+                           rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                              : msa_strerror(rc));
         if (rc == MSA_OK && nl) {
             g->layers = calloc(nl, sizeof *g->layers);
             if (!g->layers) rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
@@ -1535,8 +1581,12 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
                 rc = msa_store_block_get(s->txn, s->coll.id, req->ids[i], (uint16_t)pos[l],
                                          (msa_block_kind_t)kind, &kv[kind]);
                 if (rc)
-                    msa_status_set(st, MSA_EINTERNAL, "get: document %llu layer %u block %d: %s",
-                                   (unsigned long long)req->ids[i], gl->layer, kind, msa_strerror(rc));
+                    msa_status_set(st, rc == MSA_ECORRUPT ? MSA_ECORRUPT : MSA_EINTERNAL,
+                                   "get: collection \"%s\" document %llu layer %u %c block: %s",
+                                   s->coll.name, (unsigned long long)req->ids[i], gl->layer,
+                                   "KVR"[kind],
+                                   rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                                      : msa_strerror(rc));
             }
             if (rc) break;
             uint32_t C = g->info.chunks, H = sc->kv_heads, D = sc->head_dim;

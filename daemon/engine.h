@@ -45,13 +45,18 @@ typedef struct msa_srv_config {
     uint32_t max_text_bytes;      /* Document.text per document (0 = 16 MiB) */
     uint32_t max_metadata_bytes;  /* Document.metadata per document (0 = 1 MiB) */
     uint32_t max_ids;             /* GetRequest.ids, exclude_ids per request (0 = 100000) */
+    /* Integrity walk of data.mdb in a child process before anything is served
+     * (msa_store_check_file): full (0, the default), quick or off. */
+    msa_store_check_t check_on_start;
 } msa_srv_config_t;
 
 /* ---- lifecycle ---------------------------------------------------------- */
 
-/* Opens the store, rebuilds the index from it (progress in the log), picks the
- * backend, starts the writer. Errors: as msa_store_open, MSA_EUNAVAIL when
- * --backend cuda finds no usable GPU. */
+/* Checks the data file (cfg.check_on_start), opens the store, rebuilds the
+ * index from it (progress in the log), picks the backend, starts the writer.
+ * Errors: as msa_store_check_file and msa_store_open (MSA_ECORRUPT for a
+ * damaged file, also when a block the index needs fails its checksum),
+ * MSA_EUNAVAIL when --backend cuda finds no usable GPU. */
 int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st);
 /* Stops accepting new calls (they get MSA_EUNAVAIL), drains queued writes,
  * waits for calls in flight, then closes everything. NULL is a no-op. */

@@ -50,6 +50,7 @@ typedef struct msa_rpc_opts {
     unsigned map_mb;            /* --map-mb N: initial LMDB map in MiB (0 = engine default) */
     unsigned map_max_mb;        /* --map-max-mb N: map limit in MiB (wins over --map-max-gb) */
     unsigned max_readers;       /* --max-readers N: LMDB reader slots (0 = engine default) */
+    msa_store_check_t check_on_start; /* --check-on-start full|quick|off (full) */
     unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */
     char *metrics;              /* --metrics ADDR */
     char *log_level;            /* --log-level debug|info|warn|error */

@@ -200,6 +200,7 @@ int main(int argc, char **argv) {
     cfg.max_text_bytes = o.max_text_bytes;
     cfg.max_metadata_bytes = o.max_metadata_bytes;
     cfg.max_ids = o.max_ids;
+    cfg.check_on_start = o.check_on_start;
     if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "cannot open the engine on %s: %s", o.data_dir, st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);

@@ -58,10 +58,11 @@ int msa_rpc_grpc_status(int msa_code) {
     case MSA_EPERM: return GRPC_STATUS_PERMISSION_DENIED;
     case MSA_EUNAVAIL: return GRPC_STATUS_UNAVAILABLE;
     case MSA_ETIMEOUT: return GRPC_STATUS_DEADLINE_EXCEEDED;
+    /* Stored bytes that fail their checksum: unrecoverable loss of data. */
+    case MSA_ECORRUPT: return GRPC_STATUS_DATA_LOSS;
     case MSA_EINTERNAL:
     case MSA_EBROKEN:
     case MSA_EIO:
-    case MSA_ECORRUPT:
     default: return GRPC_STATUS_INTERNAL;
     }
 }

@@ -10,23 +10,29 @@
 
 #include "store.h"
 
+#include "crc32c.h"
 #include "tensor.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <lmdb.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
-#define STORE_FORMAT 1u
+/* Format 2: every value of collections, docs, text, metadata and blocks starts
+ * with an 8-byte checksum header (see "checksummed values" below). */
+#define STORE_FORMAT 2u
 #define COLL_REC_VERSION 1u
 #define DOC_REC_VERSION 1u
 #define DOC_REC_LEN 73u /* version byte + 8 u64/i64 + 2 u32 */
@@ -38,6 +44,12 @@
 #define DOC_KEY_LEN 12u   /* coll_id u32 + doc_id u64 */
 #define BLOCK_KEY_LEN 15u /* + layer_pos u16 + kind u8 */
 #define VERIFY_MAX_PROBLEMS 1000u
+#define VAL_HDR 8u     /* u32 crc32c, u8 VAL_VERSION, u8 tag, u16 zero */
+#define VAL_VERSION 1u
+
+/* What a checksummed value holds; part of the header, so a value found under
+ * a key of another database is caught even when its bytes are intact. */
+enum { TAG_COLL = 1, TAG_DOC = 2, TAG_TEXT = 3, TAG_META = 4, TAG_BLOCK = 5 };
 
 static const char KEY_FORMAT[] = "format";
 static const char KEY_SEQ[] = "seq";
@@ -192,6 +204,58 @@ static MDB_val mval(const void *p, size_t n)
     return v;
 }
 
+/* ==== checksummed values ====================================================== */
+
+/* Every value of collections, docs, text, metadata and blocks is stored as
+ *   u32 crc32c (LE) | u8 VAL_VERSION | u8 tag | u16 0 | payload
+ * where the CRC covers the key, header bytes 4..7 and the payload: a value
+ * moved to another key, or a page of it overwritten, no longer matches. The
+ * header is 8 bytes so the payload keeps the 8-byte alignment of an overflow
+ * page's data (LMDB aligns values in leaf pages only to 2 bytes; readers copy
+ * or convert through memcpy-based code either way). meta and coll_names keep
+ * plain values: tiny, read on every txn begin, and checked by verify. */
+static uint32_t val_crc(const MDB_val *k, const uint8_t *hdr, const void *payload, size_t len)
+{
+    uint32_t c = msa_crc32c(0, k->mv_data, k->mv_size);
+    c = msa_crc32c(c, hdr + 4, VAL_HDR - 4);
+    return msa_crc32c(c, payload, len);
+}
+
+/* Stores header + payload under k, writing straight into the page LMDB
+ * reserves (no staging copy), then checksums what landed there. */
+static int val_put(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag, const MDB_val *k,
+                   const void *payload, size_t len)
+{
+    MDB_val v = {VAL_HDR + len, NULL};
+    int rc = mdb_put(txn, dbi, (MDB_val *)k, &v, MDB_RESERVE);
+    if (rc) return xlate(s, rc);
+    uint8_t *p = v.mv_data;
+    p[4] = VAL_VERSION;
+    p[5] = (uint8_t)tag;
+    p[6] = p[7] = 0;
+    if (len) memcpy(p + VAL_HDR, payload, len);
+    put_le32(p, val_crc(k, p, p + VAL_HDR, len));
+    return MSA_OK;
+}
+
+/* Why a stored value fails its check, or NULL when it is sound; *out is then
+ * its payload. */
+static const char *val_check(unsigned tag, const MDB_val *k, const MDB_val *v, MDB_val *out)
+{
+    const uint8_t *p = v->mv_data;
+    if (v->mv_size < VAL_HDR) return "value shorter than its header";
+    if (p[4] != VAL_VERSION || p[5] != tag || p[6] || p[7]) return "value header damaged";
+    size_t len = v->mv_size - VAL_HDR;
+    if (get_le32(p) != val_crc(k, p, p + VAL_HDR, len)) return "checksum mismatch";
+    if (out) *out = mval(p + VAL_HDR, len);
+    return NULL;
+}
+
+static int val_open(unsigned tag, const MDB_val *k, const MDB_val *v, MDB_val *out)
+{
+    return val_check(tag, k, v, out) ? MSA_ECORRUPT : MSA_OK;
+}
+
 /* Collection record v1: u8 version, u32 id, u64 created_seq, u64 documents,
  * chunks, tokens, bytes, u8 name_len, name, u32 schema_len, schema encoding.
  * Returns the encoded length; buf holds COLL_REC_FIXED + 64 + 4 + MSA_SCHEMA_ENC_MAX. */
@@ -215,8 +279,11 @@ static size_t coll_encode(const msa_coll_rec_t *c, uint8_t *buf)
     return (size_t)(p - buf);
 }
 
-static int coll_decode(const MDB_val *v, msa_coll_rec_t *out)
+static int coll_decode(const MDB_val *k, const MDB_val *sv, msa_coll_rec_t *out)
 {
+    MDB_val pv;
+    if (val_open(TAG_COLL, k, sv, &pv)) return MSA_ECORRUPT;
+    const MDB_val *v = &pv;
     const uint8_t *p = v->mv_data;
     size_t len = v->mv_size;
     if (len < COLL_REC_FIXED || p[0] != COLL_REC_VERSION) return MSA_ECORRUPT;
@@ -263,8 +330,11 @@ static void doc_encode(const msa_doc_rec_t *d, uint8_t buf[DOC_REC_LEN])
     msa_assert(p - buf == DOC_REC_LEN);
 }
 
-static int doc_decode(const MDB_val *v, msa_doc_rec_t *out)
+static int doc_decode(const MDB_val *k, const MDB_val *sv, msa_doc_rec_t *out)
 {
+    MDB_val pv;
+    if (val_open(TAG_DOC, k, sv, &pv)) return MSA_ECORRUPT;
+    const MDB_val *v = &pv;
     const uint8_t *p = v->mv_data;
     if (v->mv_size != DOC_REC_LEN || p[0] != DOC_REC_VERSION) return MSA_ECORRUPT;
     p++;
@@ -436,7 +506,7 @@ static int coll_get_id_txn(msa_store_t *s, MDB_txn *txn, uint32_t id, msa_coll_r
     MDB_val k = mval(key, 4), v;
     int rc = mdb_get(txn, s->st_colls, &k, &v);
     if (rc) return xlate(s, rc);
-    rc = coll_decode(&v, out);
+    rc = coll_decode(&k, &v, out);
     if (rc == MSA_OK && out->id != id) rc = MSA_ECORRUPT;
     return rc;
 }
@@ -445,8 +515,8 @@ static int coll_put_txn(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c)
 {
     uint8_t key[4], buf[COLL_REC_MAX];
     put_be32(key, c->id);
-    MDB_val k = mval(key, 4), v = mval(buf, coll_encode(c, buf));
-    return xlate(s, mdb_put(txn, s->st_colls, &k, &v, 0));
+    MDB_val k = mval(key, 4);
+    return val_put(s, txn, s->st_colls, TAG_COLL, &k, buf, coll_encode(c, buf));
 }
 
 static int doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint64_t doc_id,
@@ -457,7 +527,7 @@ static int doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint64_t 
     MDB_val k = mval(key, DOC_KEY_LEN), v;
     int rc = mdb_get(txn, s->st_docs, &k, &v);
     if (rc) return xlate(s, rc);
-    return doc_decode(&v, out);
+    return doc_decode(&k, &v, out);
 }
 
 static uint64_t sub_sat(uint64_t a, uint64_t b)
@@ -1130,7 +1200,7 @@ int msa_store_coll_foreach(msa_store_txn_t *t,
     for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
          rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
         msa_coll_rec_t rec;
-        int r = coll_decode(&v, &rec);
+        int r = coll_decode(&k, &v, &rec);
         if (r) {
             mdb_cursor_close(c);
             return r;
@@ -1153,16 +1223,15 @@ int msa_store_doc_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa
 
 /* Puts bytes under key, or removes the key when there are none, so empty text
  * and metadata cost nothing. */
-static int put_or_del(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const uint8_t *key,
-                      const void *data, size_t len)
+static int put_or_del(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag,
+                      const uint8_t *key, const void *data, size_t len)
 {
     MDB_val k = mval(key, DOC_KEY_LEN);
     if (len == 0) {
         int rc = mdb_del(txn, dbi, &k, NULL);
         return rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
     }
-    MDB_val v = mval(data, len);
-    return xlate(s, mdb_put(txn, dbi, &k, &v, 0));
+    return val_put(s, txn, dbi, tag, &k, data, len);
 }
 
 int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t *rec,
@@ -1191,18 +1260,19 @@ int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t 
     uint8_t key[DOC_KEY_LEN], bkey[BLOCK_KEY_LEN], buf[DOC_REC_LEN];
     doc_key(key, coll_id, rec->id);
     doc_encode(rec, buf);
-    MDB_val k = mval(key, DOC_KEY_LEN), v = mval(buf, DOC_REC_LEN);
+    MDB_val k = mval(key, DOC_KEY_LEN);
     /* The prefix delete also clears blocks that a damaged store left behind
      * without a record, so a put always leaves exactly the blocks it names. */
     if ((rc = del_prefix(s, txn, s->st_blocks, key, DOC_KEY_LEN)) ||
-        (rc = xlate(s, mdb_put(txn, s->st_docs, &k, &v, 0))) ||
-        (rc = put_or_del(s, txn, s->st_text, key, text, text_len)) ||
-        (rc = put_or_del(s, txn, s->st_metadata, key, meta, meta_len)))
+        (rc = val_put(s, txn, s->st_docs, TAG_DOC, &k, buf, DOC_REC_LEN)) ||
+        (rc = put_or_del(s, txn, s->st_text, TAG_TEXT, key, text, text_len)) ||
+        (rc = put_or_del(s, txn, s->st_metadata, TAG_META, key, meta, meta_len)))
         goto fail;
     for (size_t i = 0; i < n_blocks; i++) {
         block_key(bkey, coll_id, rec->id, blocks[i].layer_pos, blocks[i].kind);
-        MDB_val bk = mval(bkey, BLOCK_KEY_LEN), bv = mval(blocks[i].data, blocks[i].len);
-        if ((rc = xlate(s, mdb_put(txn, s->st_blocks, &bk, &bv, 0)))) goto fail;
+        MDB_val bk = mval(bkey, BLOCK_KEY_LEN);
+        if ((rc = val_put(s, txn, s->st_blocks, TAG_BLOCK, &bk, blocks[i].data, blocks[i].len)))
+            goto fail;
     }
     coll_account(&c, rec, +1);
     if ((rc = coll_put_txn(s, txn, &c))) goto fail;
@@ -1229,8 +1299,8 @@ int msa_store_doc_delete(msa_store_txn_t *w, uint32_t coll_id, uint64_t doc_id)
     doc_key(key, coll_id, doc_id);
     MDB_val k = mval(key, DOC_KEY_LEN);
     if ((rc = del_prefix(s, txn, s->st_blocks, key, DOC_KEY_LEN)) ||
-        (rc = put_or_del(s, txn, s->st_text, key, NULL, 0)) ||
-        (rc = put_or_del(s, txn, s->st_metadata, key, NULL, 0)) ||
+        (rc = put_or_del(s, txn, s->st_text, TAG_TEXT, key, NULL, 0)) ||
+        (rc = put_or_del(s, txn, s->st_metadata, TAG_META, key, NULL, 0)) ||
         (rc = xlate(s, mdb_del(txn, s->st_docs, &k, NULL))) || (rc = coll_put_txn(s, txn, &c)))
         goto fail;
     return MSA_OK;
@@ -1256,7 +1326,7 @@ static int doc_walk(msa_store_txn_t *t, uint32_t coll_id, uint64_t from,
          rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
         if (k.mv_size != DOC_KEY_LEN || get_be32(k.mv_data) != coll_id) break;
         msa_doc_rec_t d;
-        if ((r = doc_decode(&v, &d)) || (r = fn(arg, &d))) break;
+        if ((r = doc_decode(&k, &v, &d)) || (r = fn(arg, &d))) break;
     }
     mdb_cursor_close(c);
     if (r) return r;
@@ -1308,8 +1378,8 @@ int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
 
 /* Text and metadata of a document that has none are empty views, not
  * ENOTFOUND: the keys are simply not stored. ENOTFOUND means no document. */
-static int bytes_get(msa_store_txn_t *t, MDB_dbi dbi, uint32_t coll_id, uint64_t doc_id,
-                     msa_store_view_t *out)
+static int bytes_get(msa_store_txn_t *t, MDB_dbi dbi, unsigned tag, uint32_t coll_id,
+                     uint64_t doc_id, msa_store_view_t *out)
 {
     msa_store_t *s = t->tx_store;
     uint8_t key[DOC_KEY_LEN];
@@ -1323,19 +1393,21 @@ static int bytes_get(msa_store_txn_t *t, MDB_dbi dbi, uint32_t coll_id, uint64_t
         return xlate(s, rc);
     }
     if (rc) return xlate(s, rc);
-    out->data = v.mv_data;
-    out->len = v.mv_size;
+    MDB_val pv;
+    if ((rc = val_open(tag, &k, &v, &pv))) return rc;
+    out->data = pv.mv_data;
+    out->len = pv.mv_size;
     return MSA_OK;
 }
 
 int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out)
 {
-    return bytes_get(t, t->tx_store->st_text, coll_id, doc_id, out);
+    return bytes_get(t, t->tx_store->st_text, TAG_TEXT, coll_id, doc_id, out);
 }
 
 int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out)
 {
-    return bytes_get(t, t->tx_store->st_metadata, coll_id, doc_id, out);
+    return bytes_get(t, t->tx_store->st_metadata, TAG_META, coll_id, doc_id, out);
 }
 
 int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
@@ -1347,8 +1419,10 @@ int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, u
     MDB_val k = mval(key, BLOCK_KEY_LEN), v;
     int rc = mdb_get(cur(t), s->st_blocks, &k, &v);
     if (rc) return xlate(s, rc);
-    out->data = v.mv_data;
-    out->len = v.mv_size;
+    MDB_val pv;
+    if ((rc = val_open(TAG_BLOCK, &k, &v, &pv))) return rc;
+    out->data = pv.mv_data;
+    out->len = pv.mv_size;
     return MSA_OK;
 }
 
@@ -1480,7 +1554,7 @@ typedef unsigned long long ull;
 /* Checks the blocks of one document against its record and the schema;
  * returns the sum of their lengths through *sum. */
 static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
-                         const msa_doc_rec_t *d, problems_t *p, uint64_t *sum)
+                         const msa_doc_rec_t *d, bool check_crc, problems_t *p, uint64_t *sum)
 {
     const msa_schema_t *sc = &c->schema;
     uint64_t row = (uint64_t)sc->kv_heads * sc->head_dim;
@@ -1503,7 +1577,8 @@ static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
     for (rc = mdb_cursor_get(cur_, &k, &v, MDB_SET_RANGE); rc == 0;
          rc = mdb_cursor_get(cur_, &k, &v, MDB_NEXT)) {
         if (k.mv_size < DOC_KEY_LEN || memcmp(k.mv_data, prefix, DOC_KEY_LEN) != 0) break;
-        *sum += v.mv_size;
+        size_t len = v.mv_size > VAL_HDR ? v.mv_size - VAL_HDR : 0;
+        *sum += len;
         if (k.mv_size != BLOCK_KEY_LEN) {
             add_problem(p, "collection %s: doc %llu: block key of %zu bytes, want %u", c->name,
                         (ull)d->id, k.mv_size, BLOCK_KEY_LEN);
@@ -1517,10 +1592,14 @@ static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
             continue;
         }
         seen[pos][kind] = true;
-        if (v.mv_size != want[kind])
+        const char *why = check_crc ? val_check(TAG_BLOCK, &k, &v, NULL) : NULL;
+        if (why)
+            add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c: %s (damaged)",
+                        c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), why);
+        else if (len != want[kind])
             add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c: %zu bytes, want "
                            "%llu",
-                        c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), v.mv_size,
+                        c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), len,
                         (ull)want[kind]);
     }
     mdb_cursor_close(cur_);
@@ -1533,19 +1612,26 @@ static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
     return MSA_OK;
 }
 
-static int stored_len(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, uint32_t coll_id,
-                      uint64_t doc_id, uint64_t *len)
+/* The payload length of a document's text or metadata (0 when not stored),
+ * checking its checksum when asked. */
+static int stored_len(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag,
+                      const msa_coll_rec_t *c, uint64_t doc_id, bool check_crc, problems_t *p,
+                      uint64_t *len)
 {
     uint8_t key[DOC_KEY_LEN];
-    doc_key(key, coll_id, doc_id);
+    doc_key(key, c->id, doc_id);
     MDB_val k = mval(key, DOC_KEY_LEN), v;
     int rc = mdb_get(txn, dbi, &k, &v);
-    *len = rc == 0 ? v.mv_size : 0;
+    *len = rc == 0 && v.mv_size > VAL_HDR ? v.mv_size - VAL_HDR : 0;
+    const char *why = rc == 0 && check_crc ? val_check(tag, &k, &v, NULL) : NULL;
+    if (why)
+        add_problem(p, "collection %s: doc %llu: %s: %s (damaged)", c->name, (ull)doc_id,
+                    tag == TAG_TEXT ? "text" : "metadata", why);
     return rc == 0 || rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
 }
 
-static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, problems_t *p,
-                       uint64_t *docs_checked)
+static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, bool check_crc,
+                       problems_t *p, uint64_t *docs_checked)
 {
     uint64_t documents = 0, chunks = 0, tokens = 0, bytes = 0;
     uint32_t P = c->schema.chunk_tokens ? c->schema.chunk_tokens : 1;
@@ -1566,9 +1652,10 @@ static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, pr
         }
         uint64_t key_id = get_be64((const uint8_t *)k.mv_data + 4);
         msa_doc_rec_t d;
-        if (doc_decode(&v, &d) != MSA_OK) {
-            add_problem(p, "collection %s: doc %llu: record undecodable (%zu bytes)", c->name,
-                        (ull)key_id, v.mv_size);
+        if (doc_decode(&k, &v, &d) != MSA_OK) {
+            const char *why = val_check(TAG_DOC, &k, &v, NULL);
+            add_problem(p, "collection %s: doc %llu: record %s (%zu bytes)", c->name,
+                        (ull)key_id, why ? why : "undecodable", v.mv_size);
             continue;
         }
         (*docs_checked)++;
@@ -1581,9 +1668,9 @@ static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, pr
             add_problem(p, "collection %s: doc %llu: chunks %u, want ceil(tokens %u / %u) = %llu",
                         c->name, (ull)d.id, d.chunks, d.tokens, P, (ull)want_chunks);
         uint64_t sum, tlen, mlen;
-        if ((r = verify_blocks(s, txn, c, &d, p, &sum)) ||
-            (r = stored_len(s, txn, s->st_text, c->id, d.id, &tlen)) ||
-            (r = stored_len(s, txn, s->st_metadata, c->id, d.id, &mlen)))
+        if ((r = verify_blocks(s, txn, c, &d, check_crc, p, &sum)) ||
+            (r = stored_len(s, txn, s->st_text, TAG_TEXT, c, d.id, check_crc, p, &tlen)) ||
+            (r = stored_len(s, txn, s->st_metadata, TAG_META, c, d.id, check_crc, p, &mlen)))
             break;
         if (sum != d.tensor_bytes)
             add_problem(p, "collection %s: doc %llu: tensor_bytes %llu, its blocks hold %llu",
@@ -1722,6 +1809,65 @@ static int verify_catalog(msa_store_t *s, MDB_txn *txn, problems_t *p)
     return rc == MDB_NOTFOUND ? MSA_OK : xlate(s, rc);
 }
 
+/* The checks of msa_store_verify inside txn; check_crc=false skips the
+ * checksums of blocks, text and metadata (msa_store_check has read them). */
+static int verify_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, bool check_crc,
+                      problems_t *p, uint64_t *docs_checked)
+{
+    int rc;
+    if (coll_id) {
+        msa_coll_rec_t c;
+        if ((rc = coll_get_id_txn(s, txn, coll_id, &c))) return rc;
+        if ((rc = verify_coll(s, txn, &c, check_crc, p, docs_checked))) return rc;
+    } else {
+        MDB_cursor *cc = NULL;
+        if ((rc = xlate(s, mdb_cursor_open(txn, s->st_colls, &cc)))) return rc;
+        MDB_val k, v;
+        int g;
+        for (g = mdb_cursor_get(cc, &k, &v, MDB_FIRST); g == 0;
+             g = mdb_cursor_get(cc, &k, &v, MDB_NEXT)) {
+            msa_coll_rec_t c;
+            uint32_t kid = k.mv_size == 4 ? get_be32(k.mv_data) : 0;
+            if (coll_decode(&k, &v, &c) != MSA_OK || c.id != kid) {
+                const char *why = val_check(TAG_COLL, &k, &v, NULL);
+                add_problem(p, "collection #%u: record %s", kid, why ? why : "undecodable");
+                continue;
+            }
+            if ((rc = verify_coll(s, txn, &c, check_crc, p, docs_checked))) break;
+        }
+        mdb_cursor_close(cc);
+        if (rc) return rc;
+        if (g != MDB_NOTFOUND) return xlate(s, g);
+        if ((rc = verify_catalog(s, txn, p))) return rc;
+    }
+    if ((rc = verify_orphans(s, txn, s->st_blocks, "block", coll_id, p)) ||
+        (rc = verify_orphans(s, txn, s->st_text, "text", coll_id, p)) ||
+        (rc = verify_orphans(s, txn, s->st_metadata, "metadata", coll_id, p)))
+        return rc;
+    return MSA_OK;
+}
+
+/* Hands the problems over: the summary line for dropped ones, then *problems. */
+static int problems_finish(problems_t *p, char ***problems, size_t *n_problems)
+{
+    if (p->dropped) {
+        uint64_t d = p->dropped;
+        p->dropped = 0;
+        /* Problems are dropped only once the list is full: the summary line
+         * takes the last slot. */
+        p->n = VERIFY_MAX_PROBLEMS - 1;
+        free(p->v[p->n]);
+        add_problem(p, "... and %llu more problems", (ull)d + 1);
+    }
+    if (p->oom) {
+        msa_store_problems_free(p->v, p->n);
+        return MSA_ENOMEM;
+    }
+    *problems = p->v;
+    *n_problems = p->n;
+    return MSA_OK;
+}
+
 int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, char ***problems,
                      size_t *n_problems)
 {
@@ -1730,65 +1876,16 @@ int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, c
     *n_problems = 0;
     problems_t p = {0};
     msa_store_txn_t *t = NULL;
-    MDB_cursor *cc = NULL;
     int rc = msa_store_read_begin(s, &t);
     if (rc) return rc;
-    MDB_txn *txn = t->tx_root;
-
-    if (coll_id) {
-        msa_coll_rec_t c;
-        if ((rc = coll_get_id_txn(s, txn, coll_id, &c))) goto fail;
-        if ((rc = verify_coll(s, txn, &c, &p, docs_checked))) goto fail;
-    } else {
-        if ((rc = xlate(s, mdb_cursor_open(txn, s->st_colls, &cc)))) goto fail;
-        MDB_val k, v;
-        int g;
-        for (g = mdb_cursor_get(cc, &k, &v, MDB_FIRST); g == 0;
-             g = mdb_cursor_get(cc, &k, &v, MDB_NEXT)) {
-            msa_coll_rec_t c;
-            uint32_t kid = k.mv_size == 4 ? get_be32(k.mv_data) : 0;
-            if (coll_decode(&v, &c) != MSA_OK || c.id != kid) {
-                add_problem(&p, "collection #%u: record undecodable", kid);
-                continue;
-            }
-            if ((rc = verify_coll(s, txn, &c, &p, docs_checked))) goto fail;
-        }
-        mdb_cursor_close(cc);
-        cc = NULL;
-        if (g != MDB_NOTFOUND) {
-            rc = xlate(s, g);
-            goto fail;
-        }
-        if ((rc = verify_catalog(s, txn, &p))) goto fail;
-    }
-    if ((rc = verify_orphans(s, txn, s->st_blocks, "block", coll_id, &p)) ||
-        (rc = verify_orphans(s, txn, s->st_text, "text", coll_id, &p)) ||
-        (rc = verify_orphans(s, txn, s->st_metadata, "metadata", coll_id, &p)))
-        goto fail;
-    if (p.dropped) {
-        uint64_t d = p.dropped;
-        p.dropped = 0;
-        /* Problems are dropped only once the list is full: the summary line
-         * takes the last slot. */
-        p.n = VERIFY_MAX_PROBLEMS - 1;
-        free(p.v[p.n]);
-        add_problem(&p, "... and %llu more problems", (ull)d + 1);
-    }
-    if (p.oom) {
-        rc = MSA_ENOMEM;
-        goto fail;
-    }
+    rc = verify_txn(s, t->tx_root, coll_id, true, &p, docs_checked);
     msa_store_abort(t);
-    *problems = p.v;
-    *n_problems = p.n;
-    return MSA_OK;
-
-fail:
-    if (cc) mdb_cursor_close(cc);
-    msa_store_abort(t);
-    msa_store_problems_free(p.v, p.n);
-    *docs_checked = 0;
-    return rc;
+    if (rc) {
+        msa_store_problems_free(p.v, p.n);
+        *docs_checked = 0;
+        return rc;
+    }
+    return problems_finish(&p, problems, n_problems);
 }
 
 void msa_store_problems_free(char **problems, size_t n)
@@ -1796,4 +1893,343 @@ void msa_store_problems_free(char **problems, size_t n)
     if (!problems) return;
     for (size_t i = 0; i < n; i++) free(problems[i]);
     free(problems);
+}
+
+/* ==== integrity walk ========================================================== */
+
+/* "collection c doc N layer_pos P kind K" for a key of docs/text/metadata/blocks. */
+static void key_label(msa_store_t *s, MDB_txn *txn, const MDB_val *k, char *buf, size_t cap)
+{
+    const uint8_t *kp = k->mv_data;
+    if (k->mv_size < DOC_KEY_LEN) {
+        snprintf(buf, cap, "key of %zu bytes", k->mv_size);
+        return;
+    }
+    uint32_t cid = get_be32(kp);
+    msa_coll_rec_t c;
+    char cname[MSA_MAX_NAME_LEN + 16];
+    if (coll_get_id_txn(s, txn, cid, &c) == MSA_OK)
+        snprintf(cname, sizeof cname, "%s", c.name);
+    else
+        snprintf(cname, sizeof cname, "#%u", cid);
+    if (k->mv_size == BLOCK_KEY_LEN)
+        snprintf(buf, cap, "collection %s: doc %llu: layer_pos %u block %c", cname,
+                 (ull)get_be64(kp + 4), get_be16(kp + 12), kind_char(kp[14]));
+    else
+        snprintf(buf, cap, "collection %s: doc %llu", cname, (ull)get_be64(kp + 4));
+}
+
+typedef struct walk_db {
+    const char *name;
+    MDB_dbi dbi;
+    unsigned tag;        /* checksummed values of this kind; 0 = plain values */
+    size_t kmin, kmax;   /* key sizes */
+} walk_db_t;
+
+typedef struct walk_acc {
+    uint64_t tree_pages; /* branch + leaf + overflow pages of every tree */
+    uint64_t free_pages; /* page numbers listed in the freelist */
+    uint64_t last_pgno;  /* of the snapshot's meta page */
+} walk_acc_t;
+
+/* A freelist record: u64 count, then count page numbers, strictly descending,
+ * each a data page of the file (not a meta page, not past the last page). */
+static void walk_free_value(const MDB_val *k, const MDB_val *v, walk_acc_t *a, problems_t *p)
+{
+    uint64_t txnid = 0, n = 0;
+    if (k->mv_size == sizeof(size_t)) memcpy(&txnid, k->mv_data, sizeof(size_t));
+    if (v->mv_size < sizeof(size_t) || v->mv_size % sizeof(size_t)) {
+        add_problem(p, "freelist: record of txn %llu: %zu bytes, not a page list", (ull)txnid,
+                    v->mv_size);
+        return;
+    }
+    const uint8_t *d = v->mv_data;
+    size_t cnt;
+    memcpy(&cnt, d, sizeof cnt);
+    n = cnt;
+    if ((n + 1) * sizeof(size_t) != v->mv_size) {
+        add_problem(p, "freelist: record of txn %llu: count %llu in %zu bytes", (ull)txnid,
+                    (ull)n, v->mv_size);
+        return;
+    }
+    size_t prev = 0;
+    for (uint64_t i = 1; i <= n; i++) {
+        size_t pg;
+        memcpy(&pg, d + i * sizeof(size_t), sizeof pg);
+        if (pg < 2 || pg > a->last_pgno || (i > 1 && pg >= prev)) {
+            add_problem(p, "freelist: record of txn %llu: page %llu out of range or order",
+                        (ull)txnid, (ull)pg);
+            return;
+        }
+        prev = pg;
+    }
+    a->free_pages += n;
+}
+
+/* Walks one database with a cursor: key sizes, strict key order, the entry
+ * count of its header, and (full) every value's checksum. Damage found is a
+ * problem; only an LMDB failure that is not damage (ENOMEM) is returned. */
+static int walk_db(msa_store_t *s, MDB_txn *txn, const walk_db_t *w, bool full, walk_acc_t *a,
+                   problems_t *p)
+{
+    MDB_stat ms;
+    int rc = mdb_stat(txn, w->dbi, &ms);
+    if (rc) {
+        add_problem(p, "%s: cannot read its header: %s", w->name, mdb_strerror(rc));
+        return MSA_OK;
+    }
+    a->tree_pages += ms.ms_branch_pages + ms.ms_leaf_pages + ms.ms_overflow_pages;
+    MDB_cursor *c = NULL;
+    if ((rc = mdb_cursor_open(txn, w->dbi, &c))) return xlate(s, rc);
+    MDB_val k, v, prev = {0, NULL};
+    uint64_t n = 0;
+    char label[MSA_MAX_NAME_LEN + 96];
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0;
+         rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        n++;
+        if (k.mv_size < w->kmin || k.mv_size > w->kmax)
+            add_problem(p, "%s: entry %llu: key of %zu bytes, want %zu..%zu", w->name, (ull)n,
+                        k.mv_size, w->kmin, w->kmax);
+        if (prev.mv_data && mdb_cmp(txn, w->dbi, &prev, &k) >= 0)
+            add_problem(p, "%s: entry %llu: keys out of order", w->name, (ull)n);
+        prev = k;
+        if (w->dbi == 0) {
+            walk_free_value(&k, &v, a, p);
+        } else if (full && w->tag) {
+            const char *why = val_check(w->tag, &k, &v, NULL);
+            if (why) {
+                if (w->tag == TAG_COLL)
+                    snprintf(label, sizeof label, "collection #%u",
+                             k.mv_size == 4 ? get_be32(k.mv_data) : 0);
+                else
+                    key_label(s, txn, &k, label, sizeof label);
+                add_problem(p, "%s: %s: %s (damaged)", w->name, label, why);
+            }
+        }
+    }
+    mdb_cursor_close(c);
+    if (rc != MDB_NOTFOUND) {
+        if (rc == ENOMEM) return MSA_ENOMEM;
+        add_problem(p, "%s: walk stopped after %llu entries: %s", w->name, (ull)n,
+                    mdb_strerror(rc));
+    } else if (n != ms.ms_entries) {
+        add_problem(p, "%s: %llu entries walked, its header says %llu", w->name, (ull)n,
+                    (ull)ms.ms_entries);
+    }
+    return MSA_OK;
+}
+
+int msa_store_check(msa_store_t *s, bool full, uint64_t *docs_checked, char ***problems,
+                    size_t *n_problems)
+{
+    *docs_checked = 0;
+    *problems = NULL;
+    *n_problems = 0;
+    problems_t p = {0};
+    msa_store_txn_t *t = NULL;
+    int rc = msa_store_read_begin(s, &t);
+    if (rc) return rc;
+    MDB_txn *txn = t->tx_root;
+    MDB_envinfo info;
+    walk_acc_t a = {0};
+    if ((rc = xlate(s, mdb_env_info(s->st_env, &info)))) goto out;
+    a.last_pgno = info.me_last_pgno;
+
+    /* FREE_DBI (0) and MAIN_DBI (1) are LMDB's own: the freelist (txn id ->
+     * page list) and the table of named databases. */
+    const walk_db_t dbs[] = {
+        {"freelist", 0, 0, sizeof(size_t), sizeof(size_t)},
+        {"main", 1, 0, 1, 64},
+        {"meta", s->st_meta, 0, 3, 9},
+        {"coll_names", s->st_names, 0, 1, MSA_MAX_NAME_LEN},
+        {"collections", s->st_colls, TAG_COLL, 4, 4},
+        {"docs", s->st_docs, TAG_DOC, DOC_KEY_LEN, DOC_KEY_LEN},
+        {"text", s->st_text, TAG_TEXT, DOC_KEY_LEN, DOC_KEY_LEN},
+        {"metadata", s->st_metadata, TAG_META, DOC_KEY_LEN, DOC_KEY_LEN},
+        {"blocks", s->st_blocks, TAG_BLOCK, BLOCK_KEY_LEN, BLOCK_KEY_LEN},
+    };
+    for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++)
+        if ((rc = walk_db(s, txn, &dbs[i], full, &a, &p))) goto out;
+    /* Every page is a meta page (2), in some tree, or free (LMDB's own audit,
+     * mdb_audit): a damaged freelist or tree header shows up here. */
+    if (a.tree_pages + a.free_pages + 2 != a.last_pgno + 1)
+        add_problem(&p, "pages: %llu in trees + %llu free + 2 meta = %llu, the file has %llu",
+                    (ull)a.tree_pages, (ull)a.free_pages, (ull)(a.tree_pages + a.free_pages + 2),
+                    (ull)(a.last_pgno + 1));
+    /* Full: the records' own checks (verify), without reading the values a
+     * second time; only when the trees walked cleanly, since verify's lookups
+     * would stumble over the same damage. */
+    if (full && p.n == 0) rc = verify_txn(s, txn, 0, false, &p, docs_checked);
+
+out:
+    msa_store_abort(t);
+    if (rc) {
+        msa_store_problems_free(p.v, p.n);
+        *docs_checked = 0;
+        return rc;
+    }
+    return problems_finish(&p, problems, n_problems);
+}
+
+/* ==== check in a child process ================================================= */
+
+/* Exit codes of the child; anything else (or a signal) means it crashed. */
+enum { CHILD_SOUND = 0, CHILD_SKIP = 64, CHILD_REFUSED = 65, CHILD_PROBLEMS = 66 };
+#define CHILD_REPORT_MAX 8192
+#define CHILD_PROBLEMS_LISTED 5
+
+static void child_say(int fd, const char *msg)
+{
+    size_t n = strlen(msg);
+    while (n) {
+        ssize_t w = write(fd, msg, n);
+        if (w <= 0) return;
+        msg += w;
+        n -= (size_t)w;
+    }
+}
+
+/* Runs in the forked child: touches the file only here, reports over fd and
+ * exits. No core dump: a crash is the expected outcome on some damage. */
+static void __attribute__((noreturn)) check_child(const char *dir, bool full, int fd)
+{
+    struct rlimit rl = {0, 0};
+    setrlimit(RLIMIT_CORE, &rl);
+    /* What LMDB's assertions (or a sanitizer) print on the way down goes into
+     * the report rather than the daemon's stderr. */
+    dup2(fd, STDERR_FILENO);
+    /* Hold msad.lock while walking, so no msad writes under the walk; when
+     * another one owns the directory, let the caller's own open say so. */
+    char *lock_path = path_join(dir, "msad.lock");
+    int lfd = lock_path ? open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600) : -1;
+    if (lfd < 0 || flock(lfd, LOCK_EX | LOCK_NB) != 0) _exit(CHILD_SKIP);
+    msa_store_opts_t o = {.read_only = true};
+    msa_store_t *s = NULL;
+    msa_status_t st;
+    int rc = msa_store_open(dir, &o, &s, &st);
+    if (rc) {
+        child_say(fd, st.msg);
+        _exit(rc == MSA_ECORRUPT ? CHILD_REFUSED : CHILD_SKIP);
+    }
+    uint64_t docs = 0;
+    char **pr = NULL;
+    size_t n = 0;
+    rc = msa_store_check(s, full, &docs, &pr, &n);
+    if (rc) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "could not finish: %s", msa_strerror(rc));
+        child_say(fd, msg);
+        _exit(CHILD_PROBLEMS);
+    }
+    if (n) {
+        char line[64];
+        snprintf(line, sizeof line, "%zu problem%s: ", n, n == 1 ? "" : "s");
+        child_say(fd, line);
+        for (size_t i = 0; i < n && i < CHILD_PROBLEMS_LISTED; i++) {
+            if (i) child_say(fd, "; ");
+            child_say(fd, pr[i]);
+        }
+        if (n > CHILD_PROBLEMS_LISTED) child_say(fd, "; ...");
+        _exit(CHILD_PROBLEMS);
+    }
+    msa_store_close(s);
+    _exit(CHILD_SOUND);
+}
+
+int msa_store_check_file(const char *dir, msa_store_check_t mode, uint64_t *bytes,
+                         msa_status_t *st)
+{
+    msa_status_clear(st);
+    *bytes = 0;
+    if (mode == MSA_STORE_CHECK_OFF) return MSA_OK;
+    char *data = path_join(dir, "data.mdb");
+    if (!data) return msa_status_set(st, MSA_ENOMEM, "out of memory checking %s", dir);
+    struct stat sb;
+    if (stat(data, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        free(data); /* nothing to check: a new store, or the open says what is wrong */
+        return MSA_OK;
+    }
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        int err = errno;
+        free(data);
+        return msa_status_set(st, MSA_EIO, "%s: cannot start the integrity walk: %s", dir,
+                              strerror(err));
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int err = errno;
+        close(fds[0]);
+        close(fds[1]);
+        free(data);
+        return msa_status_set(st, err == ENOMEM || err == EAGAIN ? MSA_ENOMEM : MSA_EIO,
+                              "%s: cannot start the integrity walk: %s", dir, strerror(err));
+    }
+    if (pid == 0) {
+        close(fds[0]);
+        check_child(dir, mode == MSA_STORE_CHECK_FULL, fds[1]);
+    }
+    close(fds[1]);
+    char report[CHILD_REPORT_MAX];
+    size_t len = 0;
+    for (;;) {
+        char buf[1024];
+        ssize_t r = read(fds[0], buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        size_t take = (size_t)r < sizeof report - 1 - len ? (size_t)r : sizeof report - 1 - len;
+        memcpy(report + len, buf, take);
+        len += take;
+    }
+    report[len] = '\0';
+    close(fds[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    /* The first line of a crashed child's output says where (an LMDB assertion). */
+    char first[160] = "";
+    for (const char *l = report; *l;) {
+        size_t n = strcspn(l, "\n");
+        if (n > 0 && l[0] != '=') {
+            snprintf(first, sizeof first, " [%.*s]", (int)(n < 150 ? n : 150), l);
+            break;
+        }
+        l += n + (l[n] == '\n');
+    }
+    int rc = MSA_OK;
+    const char *fix = "the file is damaged; restore it from a backup (or start with "
+                      "--check-on-start off to serve what is still readable)";
+    if (WIFSIGNALED(status)) {
+        int sig = WTERMSIG(status);
+        if (sig == SIGKILL || sig == SIGTERM || sig == SIGINT)
+            rc = msa_status_set(st, MSA_EIO, "%s: integrity walk was killed (%s)", data,
+                                sigabbrev_np(sig) ? sigabbrev_np(sig) : "signal");
+        else
+            rc = msa_status_set(st, MSA_ECORRUPT, "%s: integrity walk crashed (SIG%s)%s: %s", data,
+                                sigabbrev_np(sig) ? sigabbrev_np(sig) : "?", first, fix);
+    } else if (!WIFEXITED(status)) {
+        rc = msa_status_set(st, MSA_EIO, "%s: integrity walk ended oddly (status %d)", data,
+                            status);
+    } else {
+        switch (WEXITSTATUS(status)) {
+        case CHILD_SOUND:
+            *bytes = (uint64_t)sb.st_size;
+            break;
+        case CHILD_SKIP:
+            break; /* the caller's own open reports why the file cannot be opened */
+        case CHILD_REFUSED:
+            rc = msa_status_set(st, MSA_ECORRUPT, "%s", len ? report : "store refused");
+            break;
+        case CHILD_PROBLEMS:
+            rc = msa_status_set(st, MSA_ECORRUPT, "%s: integrity walk: %s; %s", data, report, fix);
+            break;
+        default:
+            /* Sanitizer builds turn a crash into an exit code. */
+            rc = msa_status_set(st, MSA_ECORRUPT, "%s: integrity walk crashed (exit %d)%s: %s",
+                                data, WEXITSTATUS(status), first, fix);
+            break;
+        }
+    }
+    free(data);
+    return rc;
 }

@@ -15,6 +15,9 @@
  *   docs         (coll_id u32, doc_id u64) -> document record
  *   text, metadata (coll_id, doc_id) -> bytes
  *   blocks       (coll_id, doc_id, layer_pos u16, kind u8) -> pooled tensor bytes
+ * Every value of collections, docs, text, metadata and blocks carries an
+ * 8-byte header with a CRC-32C over key, header and payload (format 2); each
+ * read that returns such a value checks it and fails with MSA_ECORRUPT.
  */
 #ifndef MSA_STORE_H
 #define MSA_STORE_H
@@ -187,7 +190,8 @@ int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
 
 /* Zero-copy views, valid until t ends (in a write txn: until its next write).
  * A document without text/metadata gives an empty view; MSA_ENOTFOUND means no
- * such document (or, for blocks, no such block). */
+ * such document (or, for blocks, no such block). The stored checksum is checked
+ * first (a CRC-32C pass over the bytes): MSA_ECORRUPT when it does not match. */
 int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
 int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
 int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
@@ -205,7 +209,8 @@ int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *s
                      uint64_t *bytes, msa_status_t *st);
 
 /* Checks records against blocks (presence and byte sizes per schema), text and
- * metadata sizes, orphan blocks, and collection counters, for one collection
+ * metadata sizes and checksums (each value read once), orphan blocks, and
+ * collection counters, for one collection
  * (coll_id != 0) or all. Each problem is a malloc'd string appended to
  * *problems (a malloc'd array, free with msa_store_problems_free). Runs in one
  * read snapshot (which delays a grow while it runs). At most 1000 problems are
@@ -214,6 +219,35 @@ int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *s
 int msa_store_verify(msa_store_t *s, uint32_t coll_id, uint64_t *docs_checked, char ***problems,
                      size_t *n_problems);
 void msa_store_problems_free(char **problems, size_t n);
+
+/* How much msa_store_check_file reads before a store is served. */
+typedef enum {
+    MSA_STORE_CHECK_FULL = 0,  /* every page and every value's checksum (the default) */
+    MSA_STORE_CHECK_QUICK = 1, /* branch and leaf pages of every tree: keys, not values */
+    MSA_STORE_CHECK_OFF = 2,
+} msa_store_check_t;
+
+/* The integrity walk, in one read snapshot: every database, LMDB's freelist
+ * and its table of databases with cursors (key sizes and order, entry counts),
+ * the page accounting (meta + tree + free pages = pages of the file); full
+ * adds every value's checksum and then the checks of msa_store_verify (whole
+ * store). Damage it can see is reported in *problems as by msa_store_verify;
+ * damage that LMDB trips over may crash the process instead: run it in a
+ * process of its own (msa_store_check_file) before trusting a file. */
+int msa_store_check(msa_store_t *s, bool full, uint64_t *docs_checked, char ***problems,
+                    size_t *n_problems);
+/* Runs msa_store_check on dir/data.mdb in a forked child process (read-only,
+ * holding dir/msad.lock) and waits for it; the caller touches no page of the
+ * file. Call it with no store of dir open in this process. MSA_OK when the
+ * file is sound, or when there is nothing to check (no data.mdb) or the child
+ * cannot open it for a reason other than damage (then the caller's own
+ * msa_store_open reports it); *bytes is the size checked (0 when skipped).
+ * MSA_ECORRUPT with st naming data.mdb and what failed: the child died of a
+ * signal ("integrity walk crashed (SIGSEGV)"), found problems, or refused the
+ * file as msa_store_open would. MSA_EIO/MSA_ENOMEM when no child could run.
+ * Cost: about the time to read the file (full) or its tree pages (quick). */
+int msa_store_check_file(const char *dir, msa_store_check_t mode, uint64_t *bytes,
+                         msa_status_t *st);
 
 #ifdef __cplusplus
 }

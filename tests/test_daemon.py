@@ -568,10 +568,19 @@ class TestLimits(DaemonCase):
             q = tensor(np.ones((1, HQ, D), np.float32))
             slow = pb.RouteRequest(collection="busy", layers=[pb.LayerQuery(layer=3, routing_q=q)],
                                    min_seq=10 ** 9)
-            futs = [m.Route.future(slow, timeout=1.5) for _ in range(2)]
-            time.sleep(0.3)
-            self.assertCode(SC.RESOURCE_EXHAUSTED, m.ListCollections, pb.ListCollectionsRequest(),
-                            contains="too many concurrent requests")
+            futs = [m.Route.future(slow, timeout=4) for _ in range(2)]
+            # Wait (polling, not sleeping a fixed time: CI hosts are slow) until
+            # the two slow calls hold the handler and the queue slot.
+            deadline = time.monotonic() + 3
+            while True:
+                try:
+                    m.ListCollections(pb.ListCollectionsRequest())
+                except grpc.RpcError as e:
+                    self.assertEqual(e.code(), SC.RESOURCE_EXHAUSTED)
+                    self.assertIn("too many concurrent requests", e.details())
+                    break
+                self.assertLess(time.monotonic(), deadline, "the slow calls never filled the queue")
+                time.sleep(0.02)
             for f in futs:
                 self.assertEqual(f.exception().code(), SC.DEADLINE_EXCEEDED)
             # Health is answered on the poller, never queued.
