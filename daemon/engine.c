@@ -631,6 +631,7 @@ static int submit(msa_engine_t *e, wq_item_t *it)
 /* ==== snapshots ==================================================================== */
 
 typedef struct snap {
+    msa_engine_t *e;              /* owner: Get results close their snapshot later */
     msa_store_txn_t *txn;
     uint64_t seq;
     msa_coll_rec_t coll;
@@ -666,6 +667,7 @@ static int snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_
                      snap_t *s, msa_status_t *st)
 {
     memset(s, 0, sizeof *s);
+    s->e = e;
     if (min_seq) {
         uint32_t wait = e->cfg.min_seq_wait_ms ? e->cfg.min_seq_wait_ms : 5000;
         int64_t limit = mono_ms() + wait;
@@ -1475,8 +1477,7 @@ void msa_srv_get_result_free(msa_get_result_t *r)
     free(r->records);
     snap_t *s = r->priv;
     if (s) {
-        msa_engine_t *e = *(msa_engine_t **)(s + 1);
-        snap_close(e, s);
+        snap_close(s->e, s);
         free(s);
     }
     free(r);
@@ -1497,16 +1498,14 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
     if (req->n_ids > e->cfg.max_ids)
         return leave(e, msa_status_set(st, MSA_EINVAL, "ids: %zu ids, at most %u (--max-ids)",
                                        req->n_ids, e->cfg.max_ids));
-    /* The snapshot lives in the result (its views point into it); the engine
-     * pointer rides behind it for the free function. */
-    snap_t *s = calloc(1, sizeof *s + sizeof(msa_engine_t *));
+    /* The snapshot lives in the result: its views point into it. */
+    snap_t *s = calloc(1, sizeof *s);
     msa_get_result_t *r = calloc(1, sizeof *r);
     if (!s || !r) {
         free(s);
         free(r);
         return leave(e, msa_status_set(st, MSA_ENOMEM, "get: out of memory"));
     }
-    *(msa_engine_t **)(s + 1) = e;
     rc = snap_open(e, req->collection, req->min_seq, req->deadline_ms, s, st);
     if (rc) {
         free(s);
