@@ -210,7 +210,7 @@ static void prep_free(prep_doc_t *p)
 /* Converts one validated tensor ([N or C][H][D], any float dtype) to float32
  * pooled rows [C][W]: raw tensors are mean-pooled per chunk of P tokens. */
 static int pooled_f32(const msa_tensor_t *t, bool raw, uint32_t tokens, uint32_t P, uint32_t W,
-                      uint32_t C, float *out)
+                      float *out)
 {
     size_t n = (size_t)t->shape[0] * W;
     if (!raw) {
@@ -222,7 +222,6 @@ static int pooled_f32(const msa_tensor_t *t, bool raw, uint32_t tokens, uint32_t
     msa_tensor_to_f32(t->dtype, t->data, n, tmp);
     msa_tensor_pool(tmp, tokens, W, P, out);
     free(tmp);
-    (void)C;
     return MSA_OK;
 }
 
@@ -318,7 +317,7 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
                  * round trip would return the same bits, so copy them. */
                 memcpy(w, src[kind]->data, rows * msa_dtype_size(dt));
             } else {
-                rc = pooled_f32(src[kind], d->raw, d->tokens, P, W, C, tmp);
+                rc = pooled_f32(src[kind], d->raw, d->tokens, P, W, tmp);
                 if (rc) break;
                 msa_tensor_from_f32(dt, tmp, rows, w);
             }
@@ -358,7 +357,7 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
 /* ==== the writer thread ============================================================ */
 
 /* Applies one write request inside the current savepoint. */
-static int apply_write(msa_engine_t *e, msa_store_txn_t *w, wq_item_t *it, uint64_t seq)
+static int apply_write(msa_store_txn_t *w, wq_item_t *it, uint64_t seq)
 {
     msa_coll_rec_t coll;
     int rc = msa_store_coll_get(w, it->name, &coll);
@@ -410,7 +409,6 @@ static int apply_write(msa_engine_t *e, msa_store_txn_t *w, wq_item_t *it, uint6
         if (rc) return fill_status(it->st, rc, "put");
         it->versions[i] = rec.version;
     }
-    (void)e;
     return MSA_OK;
 }
 
@@ -430,7 +428,7 @@ static int apply_item(msa_engine_t *e, msa_store_txn_t *w, wq_item_t *it, uint64
         return fill_status(it->st, rc, "drop collection");
     }
     case WQ_WRITE:
-        return apply_write(e, w, it, seq);
+        return apply_write(w, it, seq);
     }
     return MSA_EINTERNAL;
 }
