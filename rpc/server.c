@@ -524,6 +524,28 @@ fail:
     return rc;
 }
 
+/* Frees what start allocated, once the gRPC server is destroyed and every
+ * thread has stopped; shared by start's failure path and destroy. */
+static void release(msa_rpc_server_t *s)
+{
+    if (s->pollers)
+        for (unsigned i = 0; i < s->n_pollers; i++)
+            if (s->pollers[i].cq) grpc_completion_queue_destroy(s->pollers[i].cq);
+    for (size_t i = 0; i < s->n_bound; i++)
+        free(s->bound[i]);
+    free(s->bound);
+    free(s->method_tags);
+    free(s->pollers);
+    free(s->handlers);
+    msa_rpc_metrics_free(&s->metrics);
+    pthread_mutex_destroy(&s->q_mu);
+    pthread_cond_destroy(&s->q_cv);
+    pthread_mutex_destroy(&s->sd_mu);
+    pthread_cond_destroy(&s->sd_cv);
+    free(s);
+    grpc_shutdown();
+}
+
 int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rpc_server_t **out,
                          msa_status_t *st) {
     int rc = MSA_OK;
@@ -651,22 +673,7 @@ fail:
         }
         grpc_server_destroy(s->server);
     }
-    if (s->pollers)
-        for (unsigned i = 0; i < s->n_pollers; i++)
-            if (s->pollers[i].cq) grpc_completion_queue_destroy(s->pollers[i].cq);
-    for (size_t i = 0; i < s->n_bound; i++)
-        free(s->bound[i]);
-    free(s->bound);
-    free(s->method_tags);
-    free(s->pollers);
-    free(s->handlers);
-    msa_rpc_metrics_free(&s->metrics);
-    pthread_mutex_destroy(&s->q_mu);
-    pthread_cond_destroy(&s->q_cv);
-    pthread_mutex_destroy(&s->sd_mu);
-    pthread_cond_destroy(&s->sd_cv);
-    free(s);
-    grpc_shutdown();
+    release(s);
     return rc;
 }
 
@@ -785,19 +792,5 @@ void msa_rpc_server_destroy(msa_rpc_server_t *s) {
         }
     }
     grpc_server_destroy(s->server);
-    for (unsigned i = 0; i < s->n_pollers; i++)
-        grpc_completion_queue_destroy(s->pollers[i].cq);
-    for (size_t i = 0; i < s->n_bound; i++)
-        free(s->bound[i]);
-    free(s->bound);
-    free(s->method_tags);
-    free(s->pollers);
-    free(s->handlers);
-    msa_rpc_metrics_free(&s->metrics);
-    pthread_mutex_destroy(&s->q_mu);
-    pthread_cond_destroy(&s->q_cv);
-    pthread_mutex_destroy(&s->sd_mu);
-    pthread_cond_destroy(&s->sd_cv);
-    free(s);
-    grpc_shutdown();
+    release(s);
 }
