@@ -14,6 +14,7 @@
 #define _GNU_SOURCE /* asprintf */
 #include "engine.h"
 
+#include "dev.h"
 #include "gpu.h"
 #include "index.h"
 #include "kernels.h"
@@ -78,6 +79,7 @@ struct msa_engine {
     msa_store_t *store;
     msa_idx_t *idx;
     char backend[16];             /* "cpu" or "cuda" */
+    msa_gpu_t *gpu;               /* CUDA backend, NULL on the CPU backend */
     /* writer */
     pthread_t writer;
     pthread_mutex_t q_lock;
@@ -831,17 +833,29 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     int rc;
 
     char why[256] = "";
-    int gpus = msa_gpu_device_count(why, sizeof why);
-    if (cfg->backend == MSA_BACKEND_CUDA) {
-        rc = msa_status_set(st, MSA_EUNAVAIL,
-                            gpus ? "backend cuda: the CUDA routing backend is not built yet "
-                                   "(see README status); use --backend cpu or auto"
-                                 : "backend cuda: no usable GPU (%s)",
-                            why);
-        goto fail;
-    }
+    const char *sim_env = getenv("MSA_GPU_SIM");
+    e->cfg.gpu.sim = sim_env && !strcmp(sim_env, "1");
+    if (!e->cfg.gpu.shards_per_gpu) e->cfg.gpu.shards_per_gpu = 1;
+    int gpus = e->cfg.gpu.sim ? msa_dev_count(true, why, sizeof why)
+                              : msa_gpu_device_count(why, sizeof why);
     snprintf(e->backend, sizeof e->backend, "cpu");
-    msa_log(MSA_LOG_INFO, "backend: cpu (%s; %d CUDA device%s%s%s)",
+    if (cfg->backend == MSA_BACKEND_CUDA || (cfg->backend == MSA_BACKEND_AUTO && gpus > 0)) {
+        char gwhy[256] = "";
+        rc = gpus > 0 ? msa_gpu_open(&e->cfg.gpu, &e->gpu, gwhy, sizeof gwhy) : MSA_EUNAVAIL;
+        if (rc && cfg->backend == MSA_BACKEND_CUDA) {
+            rc = msa_status_set(st, rc == MSA_ENOMEM ? MSA_EFULL : MSA_EUNAVAIL,
+                                "backend cuda: %s", gpus > 0 ? gwhy : why);
+            goto fail;
+        }
+        if (rc)
+            msa_log(MSA_LOG_WARN, "backend auto: CUDA backend unusable (%s); using the CPU", gwhy);
+        else
+            snprintf(e->backend, sizeof e->backend, "cuda");
+    }
+    if (e->cfg.gpu.sim && e->gpu)
+        msa_log(MSA_LOG_WARN, "backend: cuda on the SIMULATED device (MSA_GPU_SIM=1): a test "
+                              "device that computes on the host; never use it to serve");
+    msa_log(MSA_LOG_INFO, "backend: %s (%s; %d CUDA device%s%s%s)", e->backend,
             msa_idx_isa_name(msa_idx_isa_detect()), gpus, gpus == 1 ? "" : "s",
             gpus ? "" : ": ", gpus ? "" : why);
 
@@ -868,6 +882,11 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     }
     rc = rebuild_index(e, st);
     if (rc) goto fail;
+    if (e->gpu) {
+        msa_idx_accel_t acc;
+        msa_gpu_accel(e->gpu, &acc);
+        msa_idx_set_accel(e->idx, &acc);
+    }
     if (pthread_create(&e->writer, NULL, writer_main, e) != 0) {
         rc = msa_status_set(st, MSA_EINTERNAL, "cannot start the writer thread");
         goto fail;
@@ -875,6 +894,8 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     *out = e;
     return MSA_OK;
 fail:
+    if (e->idx) msa_idx_set_accel(e->idx, NULL);
+    msa_gpu_close(e->gpu);
     msa_idx_destroy(e->idx);
     msa_store_close(e->store);
     free(e->data_dir);
@@ -902,6 +923,8 @@ void msa_srv_close(msa_engine_t *e)
     pthread_cond_signal(&e->q_cond);
     pthread_mutex_unlock(&e->q_lock);
     pthread_join(e->writer, NULL);
+    msa_idx_set_accel(e->idx, NULL);
+    msa_gpu_close(e->gpu);
     msa_idx_destroy(e->idx);
     msa_store_close(e->store);
     pthread_mutex_destroy(&e->q_lock);
@@ -1281,6 +1304,29 @@ void msa_srv_attend_result_free(msa_attend_result_t *r)
     free(r);
 }
 
+/* Reads the stored K (kind 0) or V (kind 1) block of one document and layer
+ * from the snapshot, checking its size against the schema. */
+static int load_block(snap_t *s, int pos, uint64_t id, int kind, msa_store_view_t *view,
+                      msa_status_t *st)
+{
+    const msa_schema_t *sc = &s->coll.schema;
+    size_t row = (size_t)sc->kv_heads * sc->head_dim * msa_dtype_size(sc->kv_dtype);
+    int rc = msa_store_block_get(s->txn, s->coll.id, id, (uint16_t)pos, (msa_block_kind_t)kind,
+                                 view);
+    const char *why = rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
+                                         : msa_strerror(rc);
+    if (rc == MSA_OK && view->len % row != 0) {
+        rc = MSA_ECORRUPT;
+        why = "has the wrong size";
+    }
+    if (rc)
+        msa_status_set(st, rc == MSA_ENOTFOUND ? MSA_EINTERNAL : rc,
+                       "attend: collection \"%s\" document %llu layer %u %c block: %s",
+                       s->coll.name, (unsigned long long)id, sc->layers[pos], kind ? 'V' : 'K',
+                       why);
+    return rc;
+}
+
 /* Gathers the pooled K and V of the selected documents of one layer from the
  * snapshot into float32 [R][H][D] arrays. */
 static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float **k, float **v,
@@ -1292,21 +1338,8 @@ static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float 
     if (!views) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
-        for (int kind = 0; kind < 2 && rc == MSA_OK; kind++) {
-            rc = msa_store_block_get(s->txn, s->coll.id, ids[i], (uint16_t)pos, (msa_block_kind_t)kind,
-                                     &views[i][kind]);
-            const char *why = rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
-                                                 : msa_strerror(rc);
-            if (rc == MSA_OK && (views[i][kind].len % (W * esz)) != 0) {
-                rc = MSA_ECORRUPT;
-                why = "has the wrong size";
-            }
-            if (rc)
-                msa_status_set(st, rc == MSA_ENOTFOUND ? MSA_EINTERNAL : rc,
-                               "attend: collection \"%s\" document %llu layer %u %c block: %s",
-                               s->coll.name, (unsigned long long)ids[i], sc->layers[pos],
-                               kind ? 'V' : 'K', why);
-        }
+        for (int kind = 0; kind < 2 && rc == MSA_OK; kind++)
+            rc = load_block(s, pos, ids[i], kind, &views[i][kind], st);
         if (rc == MSA_OK) rows += views[i][0].len / (W * esz);
     }
     if (rc == MSA_OK) {
@@ -1325,6 +1358,58 @@ static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float 
         *R = rows;
     }
     free(views);
+    return rc;
+}
+
+/* The CUDA backend's K/V loader: stored blocks straight from the snapshot. */
+typedef struct gpu_load_ctx {
+    snap_t *s;
+    int pos;
+    const uint64_t *ids;
+    msa_status_t *st;
+} gpu_load_ctx_t;
+
+static int gpu_load(void *arg, uint32_t i, const void **k, const void **v, uint32_t *nrows)
+{
+    gpu_load_ctx_t *c = arg;
+    const msa_schema_t *sc = &c->s->coll.schema;
+    msa_store_view_t kv[2];
+    for (int kind = 0; kind < 2; kind++) {
+        int rc = load_block(c->s, c->pos, c->ids[i], kind, &kv[kind], c->st);
+        if (rc) return rc;
+    }
+    size_t row = (size_t)sc->kv_heads * sc->head_dim * msa_dtype_size(sc->kv_dtype);
+    *k = kv[0].data;
+    *v = kv[1].data;
+    *nrows = (uint32_t)(kv[0].len / row);
+    return MSA_OK;
+}
+
+/* Attention of one layer on the CUDA backend through its K/V cache. Returns
+ * MSA_EUNAVAIL when the device cannot take it (the CPU attends then). */
+static int gpu_attend_layer(msa_engine_t *e, snap_t *s, int pos, const uint64_t *ids, uint32_t n,
+                            const float *q, uint32_t T, float scale, float *o, float *lse,
+                            msa_status_t *st)
+{
+    const msa_schema_t *sc = &s->coll.schema;
+    uint64_t *versions = malloc((n ? n : 1) * sizeof *versions);
+    if (!versions) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
+    int rc = MSA_OK;
+    for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
+        msa_doc_rec_t d;
+        rc = fill_status(st, msa_store_doc_get(s->txn, s->coll.id, ids[i], &d), "document lookup");
+        versions[i] = d.updated_seq;
+    }
+    gpu_load_ctx_t lc = {.s = s, .pos = pos, .ids = ids, .st = st};
+    msa_gpu_attend_args_t a = {.coll_id = s->coll.id, .layer = (uint32_t)pos, .docs = ids,
+                               .versions = versions, .n = n, .load = gpu_load, .load_arg = &lc,
+                               .q = q, .T = T, .Hq = sc->query_heads, .H = sc->kv_heads,
+                               .D = sc->head_dim, .scale = scale, .kv_dtype = sc->kv_dtype,
+                               .out = o, .lse = lse};
+    if (rc == MSA_OK) rc = msa_gpu_attend(e->gpu, &a);
+    if (rc && rc != MSA_EUNAVAIL && st->code == MSA_OK)
+        msa_status_set(st, rc, "attend: device: %s", msa_strerror(rc));
+    free(versions);
     return rc;
 }
 
@@ -1429,9 +1514,6 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
                              &la->scores, &la->n, st);
             if (rc) break;
         }
-        size_t R = 0;
-        rc = gather_kv(&s, qs.pos[i], la->doc_ids, la->n, &k, &v, &R, st);
-        if (rc) break;
         size_t n_out = (size_t)la->T * la->Hq * la->D;
         o = malloc(n_out * sizeof *o);
         la->lse = malloc((size_t)la->T * la->Hq * sizeof *la->lse);
@@ -1441,6 +1523,21 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
             rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
             break;
         }
+        if (e->gpu) {
+            rc = gpu_attend_layer(e, &s, qs.pos[i], la->doc_ids, la->n, qs.q[i], la->T, scale, o,
+                                  la->lse, st);
+            if (rc == MSA_OK) {
+                msa_tensor_from_f32(odt, o, n_out, la->out);
+                free(o);
+                o = NULL;
+                continue;
+            }
+            if (rc != MSA_EUNAVAIL) break;
+            rc = MSA_OK;
+        }
+        size_t R = 0;
+        rc = gather_kv(&s, qs.pos[i], la->doc_ids, la->n, &k, &v, &R, st);
+        if (rc) break;
         if (msa_idx_attend(qs.q[i], la->T, sc->query_heads, sc->kv_heads, sc->head_dim, k, v, R,
                            scale, o, la->lse, msa_idx_get_pool(e->idx)) != MSA_OK) {
             rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
@@ -1671,6 +1768,12 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
     out->attends = atomic_load(&e->n_attends);
     out->gets = atomic_load(&e->n_gets);
     out->lists = atomic_load(&e->n_lists);
+    if (e->gpu) {
+        msa_gpu_get_stats(e->gpu, &out->gpu);
+        out->n_gpu = out->gpu.devices < 8 ? out->gpu.devices : 8;
+        for (unsigned i = 0; i < out->n_gpu; i++)
+            msa_gpu_get_device_stats(e->gpu, i, &out->gpu_dev[i]);
+    }
     return leave(e, rc);
 }
 

@@ -11,6 +11,7 @@
 #ifndef MSA_ENGINE_H
 #define MSA_ENGINE_H
 
+#include "backend.h"
 #include "msa_err.h"
 #include "schema.h"
 #include "store.h"
@@ -48,6 +49,8 @@ typedef struct msa_srv_config {
     /* Integrity walk of data.mdb in a child process before anything is served
      * (msa_store_check_file): full (0, the default), quick or off. */
     msa_store_check_t check_on_start;
+    /* CUDA backend (used when the backend is cuda, or auto with a GPU). */
+    msa_gpu_config_t gpu;
 } msa_srv_config_t;
 
 /* ---- lifecycle ---------------------------------------------------------- */
@@ -56,7 +59,8 @@ typedef struct msa_srv_config {
  * index from it (progress in the log), picks the backend, starts the writer.
  * Errors: as msa_store_check_file and msa_store_open (MSA_ECORRUPT for a
  * damaged file, also when a block the index needs fails its checksum),
- * MSA_EUNAVAIL when --backend cuda finds no usable GPU. */
+ * MSA_EUNAVAIL when --backend cuda finds no usable GPU (MSA_GPU_SIM=1 in the
+ * environment puts the simulated test device of gpu/dev_sim.c in its place). */
 int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st);
 /* Stops accepting new calls (they get MSA_EUNAVAIL), drains queued writes,
  * waits for calls in flight, then closes everything. NULL is a no-op. */
@@ -272,6 +276,10 @@ typedef struct msa_srv_stats {
     uint64_t commit_seq, store_bytes, collections, documents, chunks;
     uint64_t index_bytes;    /* routing rows resident in host memory */
     uint64_t writes, write_groups, routes, attends, gets, lists;
+    /* CUDA backend only (n_gpu = 0 on the CPU backend). */
+    unsigned n_gpu;
+    msa_gpu_stats_t gpu;
+    msa_gpu_device_stats_t gpu_dev[8];
 } msa_srv_stats_t;
 
 int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st);

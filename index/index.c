@@ -18,14 +18,7 @@
 #define LIVE UINT64_MAX        /* deleted seq of a live version */
 #define SCAN_BLOCK_ROWS 1024   /* rows scored per kernel call: fits L2 with the queries */
 
-/* One document version: its rows are [row0, row0 + nrows) in every layer. */
-typedef struct entry {
-    uint64_t doc;
-    uint64_t created;          /* commit seq that wrote this version */
-    uint64_t deleted;          /* commit seq that replaced/deleted it, LIVE if none */
-    uint64_t row0;
-    uint32_t nrows;
-} entry_t;
+typedef msa_idx_entry_t entry_t;
 
 struct msa_idx_coll {
     msa_idx_t *owner;
@@ -47,6 +40,8 @@ struct msa_idx_coll {
     size_t h_cap, h_count;
     uint64_t dead_rows;          /* rows of deleted versions not yet compacted */
     uint32_t max_entry_rows;
+    uint64_t layout_gen;         /* bumped when compaction moves rows */
+    uint64_t delete_gen;         /* bumped when an entry's deleted seq changes */
 };
 
 struct msa_idx {
@@ -60,6 +55,7 @@ struct msa_idx {
     pthread_mutex_t pub_lock;
     pthread_cond_t pub_cond;     /* signalled on publish */
     _Atomic uint64_t applied;    /* last commit seq applied to the index */
+    msa_idx_accel_t accel;       /* route/forget NULL: CPU only */
 };
 
 /* ==== index lifetime ===================================================== */
@@ -87,6 +83,7 @@ int msa_idx_create(unsigned threads, msa_isa_t isa, msa_idx_t **out)
 
 static void coll_free(msa_idx_coll_t *c)
 {
+    if (c->owner->accel.forget) c->owner->accel.forget(c->owner->accel.ctx, c->id);
     for (uint32_t l = 0; l < c->schema.n_layers; l++) {
         free(c->rows[l]);
         if (c->scales) free(c->scales[l]);
@@ -115,6 +112,11 @@ void msa_idx_destroy(msa_idx_t *x)
 
 msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x) { return x->pool; }
 msa_isa_t msa_idx_get_isa(const msa_idx_t *x) { return x->isa; }
+
+void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel)
+{
+    x->accel = accel ? *accel : (msa_idx_accel_t){0};
+}
 
 /* ==== collections ========================================================== */
 
@@ -327,6 +329,7 @@ int msa_idx_doc_put(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq, uint32_t n
     if (old >= 0) {
         c->ent[old].deleted = seq;
         c->dead_rows += c->ent[old].nrows;
+        c->delete_gen++;
     }
     c->ent[c->n_ent] = (entry_t){.doc = doc_id, .created = seq, .deleted = LIVE,
                                  .row0 = c->n_rows, .nrows = nrows};
@@ -347,6 +350,7 @@ int msa_idx_doc_delete(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq)
     if (e >= 0) {
         c->ent[e].deleted = seq;
         c->dead_rows += c->ent[e].nrows;
+        c->delete_gen++;
         map_del(c, doc_id);
     }
     pthread_rwlock_unlock(&c->lock);
@@ -475,6 +479,7 @@ static size_t compact_coll(msa_idx_coll_t *c, uint64_t horizon)
         c->n_rows = w_row;
         c->dead_rows -= removed;
         c->max_entry_rows = max_rows;
+        c->layout_gen++;
         /* Same capacity: cannot fail for lack of memory once allocated. */
         if (map_rebuild(c, c->h_cap ? c->h_cap : 64) != MSA_OK)
             msa_log(MSA_LOG_ERROR, "index: map rebuild failed after compaction of collection %u",
@@ -635,6 +640,19 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
     j.n_exclude = a->n_exclude;
 
     pthread_rwlock_rdlock(&c->lock);
+    if (x->accel.route) {
+        msa_idx_layer_view_t v = {
+            .coll_id = c->id, .schema = sc, .layer_pos = a->layer_pos,
+            .key_dtype = c->key_dtype, .row_bytes = c->row_bytes,
+            .rows = c->rows[a->layer_pos],
+            .scales = c->scales ? c->scales[a->layer_pos] : NULL,
+            .n_rows = c->n_rows, .ent = c->ent, .n_ent = c->n_ent,
+            .layout_gen = c->layout_gen, .delete_gen = c->delete_gen};
+        rc = x->accel.route(x->accel.ctx, &v, scorer, a->snapshot, excl, a->n_exclude,
+                            a->top_k, out, n_out);
+        if (rc != MSA_EUNAVAIL) goto unlock;
+        rc = MSA_OK;
+    }
     /* Split the versions into tasks of about equal rows; a few per thread so
      * an uneven mix of deleted versions still balances. */
     unsigned workers = msa_idx_pool_size(x->pool) + 1;

@@ -108,6 +108,48 @@ long msa_idx_doc_rows(msa_idx_coll_t *c, uint64_t doc_id);
 /* Bytes of every collection's rows and tables. */
 uint64_t msa_idx_bytes(msa_idx_t *x);
 
+/* ---- accelerator hook (the CUDA backend) ----------------------------------------- */
+
+/* One document version: its rows are [row0, row0 + nrows) in every layer. */
+typedef struct msa_idx_entry {
+    uint64_t doc;
+    uint64_t created;          /* commit seq that wrote this version */
+    uint64_t deleted;          /* commit seq that replaced/deleted it, UINT64_MAX if none */
+    uint64_t row0;
+    uint32_t nrows;
+} msa_idx_entry_t;
+
+/* What an accelerator sees of one (collection, layer) while msa_idx_route holds
+ * the collection's read lock: borrowed, valid only during the hook call. */
+typedef struct msa_idx_layer_view {
+    uint32_t coll_id;
+    const msa_schema_t *schema;
+    uint32_t layer_pos;
+    msa_dtype_t key_dtype;     /* routing dtype of rows */
+    size_t row_bytes;          /* H*D elements of key_dtype */
+    const uint8_t *rows;       /* [n_rows][row_bytes] */
+    const float *scales;       /* [n_rows][H] for I8, else NULL */
+    size_t n_rows;
+    const msa_idx_entry_t *ent;/* in row order */
+    size_t n_ent;
+    uint64_t layout_gen;       /* changes whenever rows move (compaction) */
+    uint64_t delete_gen;       /* changes whenever an entry's deleted seq changes */
+} msa_idx_layer_view_t;
+
+typedef struct msa_idx_accel {
+    void *ctx;
+    /* Routes one layer. excl: sorted. Returns MSA_OK with the hits, MSA_EUNAVAIL
+     * to let the CPU scan answer instead, or another error for the caller. */
+    int (*route)(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_scorer_t *s,
+                 uint64_t snapshot, const uint64_t *excl, size_t n_excl, uint32_t top_k,
+                 msa_idx_hit_t *out, uint32_t *n_out);
+    /* The collection left the index for good: forget its state. */
+    void (*forget)(void *ctx, uint32_t coll_id);
+} msa_idx_accel_t;
+
+/* Installs (or with NULL removes) the accelerator; call before serving. */
+void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel);
+
 #ifdef __cplusplus
 }
 #endif

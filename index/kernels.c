@@ -361,6 +361,38 @@ int msa__scorer_set_bf16_terms(msa_idx_scorer_t *s, int terms)
     return MSA_OK;
 }
 
+void msa_idx_scorer_colplan(const msa_idx_scorer_t *s, msa_idx_colplan_t *out)
+{
+    out->plan = (int)s->plan;
+    out->H = s->H;
+    out->D = s->D;
+    out->G = s->G;
+    out->ncol = s->plan == PLAN_GENERAL ? s->nvec * s->G : s->nvec;
+    out->query_reduce = s->query_reduce;
+}
+
+void msa_idx_scorer_columns(const msa_idx_scorer_t *s, float *cols)
+{
+    const uint32_t H = s->H, D = s->D;
+    if (s->plan == PLAN_GENERAL) {
+        /* qf is [h][t][g][Lp]: per head, T'*G consecutive vectors. */
+        const uint32_t nc = s->nvec * s->G;
+        for (uint32_t h = 0; h < H; h++)
+            for (uint32_t c = 0; c < nc; c++)
+                memcpy(cols + ((size_t)h * nc + c) * D, s->qf + ((size_t)h * nc + c) * s->Lp,
+                       D * sizeof(float));
+        return;
+    }
+    /* qf is [v][seg][Lp]: one H*D vector in segment 0, or (I8) head h in segment h. */
+    const bool i8 = s->key_dtype == MSA_DT_I8;
+    for (uint32_t h = 0; h < H; h++)
+        for (uint32_t v = 0; v < s->nvec; v++) {
+            const float *src = s->qf + (size_t)v * s->nseg * s->Lp +
+                               (i8 ? (size_t)h * s->Lp : (size_t)h * D);
+            memcpy(cols + ((size_t)h * s->nvec + v) * D, src, D * sizeof(float));
+        }
+}
+
 void msa_idx_scorer_destroy(msa_idx_scorer_t *s)
 {
     if (!s)

@@ -54,6 +54,20 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
                           msa_idx_scorer_t **out);
 void msa_idx_scorer_destroy(msa_idx_scorer_t *s);
 
+/* The prepared queries in the per-head column form the device layer takes
+ * (gpu/dev.h "score"): cols[h][c][d] float32, c < ncol. plan: 0 LINEAR (ncol 1),
+ * 1 MAXVEC (ncol T'), 2 GENERAL (ncol T'*G); query_reduce as the scorer's (LAST
+ * has already folded T' to 1). Exact: the same float32 values the CPU uses. */
+typedef struct msa_idx_colplan {
+    int plan;
+    uint32_t H, D, G, ncol;
+    msa_query_reduce_t query_reduce;
+} msa_idx_colplan_t;
+
+void msa_idx_scorer_colplan(const msa_idx_scorer_t *s, msa_idx_colplan_t *out);
+/* Writes H*ncol*D floats. */
+void msa_idx_scorer_columns(const msa_idx_scorer_t *s, float *cols);
+
 /* For r < nrows: out[r] = query_reduce over t of head_reduce over j of
  *   dot(q'[t,j,:], key[r, j/G, :])   (G = Hq/H, q' normalised when cosine)
  * rows: nrows*H*D elements of key_dtype, row-major [r][h][d]; for I8 the key

@@ -35,6 +35,14 @@ typedef enum {
     O_CHECK,
     O_GRACE,
     O_METRICS,
+    O_GPU_SHARDS,
+    O_GPU_ROUTING_GB,
+    O_GPU_ROUTING_MB,
+    O_GPU_CACHE_GB,
+    O_GPU_CACHE_MB,
+    O_GPU_COALESCE,
+    O_GPU_LANES,
+    O_GPU_SCRATCH,
     O_LOG_LEVEL,
     O_LOG_FORMAT,
     O_HELP,
@@ -85,6 +93,19 @@ static const optdef_t defs[O_COUNT] = {
     [O_GRACE] = {"shutdown-grace", "SECONDS",
                  "on SIGTERM, cancel calls still running after this (default 30)"},
     [O_METRICS] = {"metrics", "ADDR", "serve Prometheus metrics on HOST:PORT (/metrics)"},
+    [O_GPU_SHARDS] = {"gpu-shards", "N",
+                      "cuda: shards per GPU the routing keys are split into (default 1)"},
+    [O_GPU_ROUTING_GB] = {"gpu-routing-gb", "N",
+                          "cuda: routing keys resident per GPU, GiB; least recently used "
+                          "layers past it are streamed from host memory (default 60% of free)"},
+    [O_GPU_ROUTING_MB] = {"gpu-routing-mb", "N", "cuda: as --gpu-routing-gb in MiB (wins)"},
+    [O_GPU_CACHE_GB] = {"gpu-cache-gb", "N", "cuda: K/V block cache per GPU, GiB (default 15% of free)"},
+    [O_GPU_CACHE_MB] = {"gpu-cache-mb", "N", "cuda: as --gpu-cache-gb in MiB (wins)"},
+    [O_GPU_COALESCE] = {"gpu-coalesce-us", "N",
+                        "cuda: longest wait to batch concurrent queries of one layer into one "
+                        "pass, microseconds; only while other queries are in flight (default 100)"},
+    [O_GPU_LANES] = {"gpu-lanes", "N", "cuda: concurrent device streams per GPU (default 4)"},
+    [O_GPU_SCRATCH] = {"gpu-scratch-mb", "N", "cuda: device scratch per stream, MiB (default 256)"},
     [O_LOG_LEVEL] = {"log-level", "LEVEL", "debug|info|warn|error (default info)"},
     [O_LOG_FORMAT] = {"log-format", "text|json", "log line format (default text)"},
     [O_HELP] = {"help", NULL, "print this help and exit"},
@@ -198,6 +219,14 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         return MSA_OK;
     case O_GRACE: return parse_uint(src, v, 1, 86400, &o->shutdown_grace_s, st);
     case O_METRICS: return set_str(&o->metrics, v, src, st);
+    case O_GPU_SHARDS: return parse_uint(src, v, 1, 64, &o->gpu_shards, st);
+    case O_GPU_ROUTING_GB: return parse_uint(src, v, 1, 1u << 16, &o->gpu_routing_gb, st);
+    case O_GPU_ROUTING_MB: return parse_uint(src, v, 1, 1u << 26, &o->gpu_routing_mb, st);
+    case O_GPU_CACHE_GB: return parse_uint(src, v, 0, 1u << 16, &o->gpu_cache_gb, st);
+    case O_GPU_CACHE_MB: return parse_uint(src, v, 0, 1u << 26, &o->gpu_cache_mb, st);
+    case O_GPU_COALESCE: return parse_uint(src, v, 0, 100000, &o->gpu_coalesce_us, st);
+    case O_GPU_LANES: return parse_uint(src, v, 1, 64, &o->gpu_lanes, st);
+    case O_GPU_SCRATCH: return parse_uint(src, v, 16, 1u << 20, &o->gpu_scratch_mb, st);
     case O_LOG_LEVEL:
         if (strcmp(v, "debug") && strcmp(v, "info") && strcmp(v, "warn") && strcmp(v, "error") &&
             strcmp(v, "off"))
@@ -276,6 +305,9 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
     o->backend = MSA_BACKEND_AUTO;
     o->max_message_mb = 256;
     o->shutdown_grace_s = 30;
+    o->gpu_shards = 1;
+    o->gpu_coalesce_us = 100;
+    o->gpu_cache_gb = o->gpu_cache_mb = UINT_MAX; /* unset: the engine's default */
     bool from_flags[O_COUNT] = {false};
     int rc;
 

@@ -51,6 +51,12 @@ typedef struct msa_rpc_opts {
     unsigned map_max_mb;        /* --map-max-mb N: map limit in MiB (wins over --map-max-gb) */
     unsigned max_readers;       /* --max-readers N: LMDB reader slots (0 = engine default) */
     msa_store_check_t check_on_start; /* --check-on-start full|quick|off (full) */
+    unsigned gpu_shards;        /* --gpu-shards N (1) */
+    unsigned gpu_routing_gb, gpu_routing_mb; /* routing-key budget per GPU (0 = default) */
+    unsigned gpu_cache_gb, gpu_cache_mb;     /* K/V cache per GPU (UINT_MAX = default) */
+    unsigned gpu_coalesce_us;   /* --gpu-coalesce-us (100) */
+    unsigned gpu_lanes;         /* --gpu-lanes (0 = 4) */
+    unsigned gpu_scratch_mb;    /* --gpu-scratch-mb (0 = 256) */
     unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */
     char *metrics;              /* --metrics ADDR */
     char *log_level;            /* --log-level debug|info|warn|error */

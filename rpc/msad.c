@@ -20,6 +20,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -201,6 +202,16 @@ int main(int argc, char **argv) {
     cfg.max_metadata_bytes = o.max_metadata_bytes;
     cfg.max_ids = o.max_ids;
     cfg.check_on_start = o.check_on_start;
+    cfg.gpu.shards_per_gpu = o.gpu_shards;
+    cfg.gpu.routing_bytes = o.gpu_routing_mb ? (uint64_t)o.gpu_routing_mb << 20
+                                             : (uint64_t)o.gpu_routing_gb << 30;
+    if (o.gpu_cache_mb != UINT_MAX) cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_mb << 20;
+    else if (o.gpu_cache_gb != UINT_MAX) cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_gb << 30;
+    cfg.gpu.cache_off = cfg.gpu.cache_bytes == 0 &&
+                        (o.gpu_cache_mb != UINT_MAX || o.gpu_cache_gb != UINT_MAX);
+    cfg.gpu.coalesce_us = o.gpu_coalesce_us;
+    cfg.gpu.lanes = o.gpu_lanes;
+    cfg.gpu.lane_scratch = (uint64_t)o.gpu_scratch_mb << 20;
     if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "cannot open the engine on %s: %s", o.data_dir, st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);

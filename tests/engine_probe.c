@@ -715,6 +715,17 @@ int main(int argc, char **argv)
     p.cfg.nosync = jget(script, "nosync") ? jget_bool(script, "nosync") : true;
     p.cfg.map_size = jget_u64(script, "map_size", 64ull << 20);
     p.cfg.min_seq_wait_ms = (uint32_t)jget_u64(script, "min_seq_wait_ms", 0);
+    /* CUDA backend knobs (MSA_GPU_SIM=1 in the environment: the simulated device). */
+    const cJSON *gpu = jget(script, "gpu");
+    if (gpu) {
+        p.cfg.gpu.shards_per_gpu = (unsigned)jget_u64(gpu, "shards", 1);
+        p.cfg.gpu.routing_bytes = jget_u64(gpu, "routing_kb", 0) << 10;
+        p.cfg.gpu.cache_bytes = jget_u64(gpu, "cache_kb", 0) << 10;
+        p.cfg.gpu.cache_off = jget(gpu, "cache_kb") && !p.cfg.gpu.cache_bytes;
+        p.cfg.gpu.coalesce_us = (unsigned)jget_u64(gpu, "coalesce_us", 100);
+        p.cfg.gpu.lanes = (unsigned)jget_u64(gpu, "lanes", 0);
+        p.cfg.gpu.lane_scratch = jget_u64(gpu, "scratch_kb", 0) << 10;
+    }
 
     cJSON *results = cJSON_CreateObject();
     cJSON *arr = cJSON_AddArrayToObject(results, "results");
@@ -741,6 +752,27 @@ int main(int argc, char **argv)
         idx++;
     }
     free(arena.p);
+    if (p.e) {
+        /* What the backend did, so tests can tell device answers from fallbacks. */
+        msa_srv_stats_t s;
+        msa_status_clear(&st);
+        if (msa_srv_stats(p.e, &s, &st) == MSA_OK && s.n_gpu) {
+            cJSON *g = cJSON_AddObjectToObject(results, "gpu");
+            jadd_u64(g, "routes_device", s.gpu.routes_device);
+            jadd_u64(g, "routes_streamed", s.gpu.routes_streamed);
+            jadd_u64(g, "routes_fallback", s.gpu.routes_fallback);
+            jadd_u64(g, "batches", s.gpu.batches);
+            jadd_u64(g, "coalesced", s.gpu.coalesced);
+            jadd_u64(g, "page_ins", s.gpu.page_ins);
+            jadd_u64(g, "page_outs", s.gpu.page_outs);
+            jadd_u64(g, "syncs", s.gpu.syncs);
+            jadd_u64(g, "cache_hits", s.gpu.cache_hits);
+            jadd_u64(g, "cache_misses", s.gpu.cache_misses);
+            jadd_u64(g, "cache_evictions", s.gpu.cache_evictions);
+            jadd_u64(g, "attends_device", s.gpu.attends_device);
+            jadd_u64(g, "attends_fallback", s.gpu.attends_fallback);
+        }
+    }
     msa_srv_close(p.e);
 
     char path[8192];

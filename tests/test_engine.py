@@ -7,6 +7,11 @@ the script in-process on a temporary data directory; the answers are compared.
 
 Environment: MSA_BIN = folder with engine_probe (default /work/main/build/bin);
 MSA_ENGINE_BACKEND = cpu (default), cuda or auto: the engine's backend;
+MSA_ENGINE_GPU = JSON object of CUDA backend knobs for engine_probe ("shards",
+"routing_kb", "cache_kb", "coalesce_us", "lanes", "scratch_kb"); with the cuda
+backend every scenario also checks that the device answered (no CPU fallback)
+and MSA_ENGINE_GPU_EXPECT (comma list of counters, e.g. "page_outs,
+cache_evictions") names counters that must end above zero over the whole run;
 MSA_KEEP_TMP=1 keeps the scenario folders (scripts, .npy files, results);
 MSA_TEST_SEED=n shifts every random seed (default 0: reproducible runs).
 Exit status: 0 when every test passed; the last line is unittest's summary
@@ -45,6 +50,9 @@ import oracle as O  # noqa: E402
 
 BIN = os.environ.get("MSA_BIN", "/work/main/build/bin")
 BACKEND = os.environ.get("MSA_ENGINE_BACKEND", "cpu")   # cpu | cuda | auto
+GPU_KNOBS = json.loads(os.environ.get("MSA_ENGINE_GPU", "{}"))
+GPU_EXPECT = [c for c in os.environ.get("MSA_ENGINE_GPU_EXPECT", "").split(",") if c]
+GPU_TOTALS: dict = {}                                    # counters summed over every probe run
 PROBE = os.path.join(BIN, "engine_probe")
 KEEP = os.environ.get("MSA_KEEP_TMP") == "1"
 SEED = int(os.environ.get("MSA_TEST_SEED", "0"))        # vary the random stores
@@ -118,7 +126,8 @@ class Scenario:
         out = os.path.join(self.dir, f"out{self.runs}")
         os.makedirs(out)
         script = {"data_dir": data_dir or self.data, "backup_dir": self.backup_dir,
-                  "backend": BACKEND, "threads": 2, "nosync": True, "min_seq_wait_ms": 300, "ops": self.ops}
+                  "backend": BACKEND, "threads": 2, "nosync": True, "min_seq_wait_ms": 300,
+                  "gpu": GPU_KNOBS, "ops": self.ops}
         spath = os.path.join(self.inp, f"script{self.runs}.json")
         with open(spath, "w") as f:
             json.dump(script, f)
@@ -133,6 +142,13 @@ class Scenario:
         self.tc.assertEqual(res["open_code"], "OK", res.get("open_msg"))
         results = res["results"]
         self.tc.assertEqual(len(results), len(self.ops))
+        if BACKEND == "cuda":
+            g = res.get("gpu")
+            self.tc.assertIsNotNone(g, "cuda backend: the probe reported no device counters")
+            for k, v in g.items():
+                GPU_TOTALS[k] = GPU_TOTALS.get(k, 0) + v
+            self.tc.assertEqual(g["routes_fallback"], 0, f"{self.name}: routes fell back to the CPU")
+            self.tc.assertEqual(g["attends_fallback"], 0, f"{self.name}: attends fell back to the CPU")
         for idx, desc, fn in self.checks:
             r = results[idx]
             try:
@@ -1112,6 +1128,13 @@ def main():
     skipped = len(res.skipped)
     passed = res.testsRun - failed - skipped
     print(f"test_engine.py: {time.time() - t0:.1f} s")
+    if BACKEND == "cuda":
+        print(f"device counters over the run: {json.dumps(GPU_TOTALS, sort_keys=True)}")
+        for c in GPU_EXPECT:
+            if GPU_TOTALS.get(c, 0) == 0:
+                print(f"FAIL: counter {c} stayed 0: the path it counts never ran")
+                failed += 1
+                passed -= 1 if passed else 0
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     if res.testsRun and skipped == res.testsRun:
         sys.exit(77)

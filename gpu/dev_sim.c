@@ -1,0 +1,347 @@
+/* dev_sim.c — the simulated device (MSA_GPU_SIM=1): the device layer's contract
+ * implemented on the host, so the CUDA backend's host logic (mirrors, shards,
+ * paging, coalescing, K/V cache, merges) runs in the CPU test suite.
+ *
+ * "Device memory" is host memory capped at MSA_GPU_SIM_MEM_MB per device
+ * (default 4096; pages never touched cost nothing) so out-of-memory paths can be exercised; copies are memcpy
+ * (completed at once, so lane_sync has nothing to wait for); kernels are plain
+ * loops that follow dev.h word for word. Never a serving backend.
+ */
+#include "dev_impl.h"
+
+#include "msa_log.h"
+#include "tensor.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct msa_dev_lane {
+    msa_dev_lane_head_t head;
+    bool busy;
+    void *scratch;
+    size_t scratch_bytes;
+    void *staging;
+    size_t staging_bytes;
+};
+
+struct msa_dev {
+    msa_dev_head_t head;
+    int ordinal;
+    size_t mem_cap, mem_used;    /* bytes of simulated device memory */
+    pthread_mutex_t lock;
+    pthread_cond_t lane_free;
+    struct msa_dev_lane *lanes;
+    unsigned n_lanes;
+};
+
+/* Every simulated allocation carries its size in front, for the memory cap. */
+typedef struct alloc_hdr {
+    size_t bytes;
+    size_t pad[7];               /* keeps the payload 64-byte aligned */
+} alloc_hdr_t;
+
+static size_t env_size(const char *name, size_t dflt)
+{
+    const char *s = getenv(name);
+    if (!s || !*s) return dflt;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    return *end ? dflt : (size_t)v;
+}
+
+static int sim_count(char *why, size_t len)
+{
+    int n = (int)env_size("MSA_GPU_SIM_DEVICES", 1);
+    if (n <= 0 && why && len) snprintf(why, len, "MSA_GPU_SIM_DEVICES=0");
+    return n > 0 ? n : 0;
+}
+
+static int sim_dmalloc(msa_dev_t *d, size_t bytes, void **out)
+{
+    *out = NULL;
+    pthread_mutex_lock(&d->lock);
+    bool fits = bytes <= d->mem_cap - d->mem_used;
+    if (fits) d->mem_used += bytes;
+    pthread_mutex_unlock(&d->lock);
+    if (!fits) return MSA_ENOMEM;
+    alloc_hdr_t *h = aligned_alloc(64, (sizeof *h + bytes + 63) / 64 * 64);
+    if (!h) {
+        pthread_mutex_lock(&d->lock);
+        d->mem_used -= bytes;
+        pthread_mutex_unlock(&d->lock);
+        return MSA_ENOMEM;
+    }
+    h->bytes = bytes;
+    *out = h + 1;
+    return MSA_OK;
+}
+
+static void sim_dfree(msa_dev_t *d, void *p)
+{
+    alloc_hdr_t *h = (alloc_hdr_t *)p - 1;
+    pthread_mutex_lock(&d->lock);
+    d->mem_used -= h->bytes;
+    pthread_mutex_unlock(&d->lock);
+    free(h);
+}
+
+static void sim_close(msa_dev_t *d)
+{
+    for (unsigned i = 0; i < d->n_lanes; i++) {
+        if (d->lanes[i].scratch) sim_dfree(d, d->lanes[i].scratch);
+        free(d->lanes[i].staging);
+    }
+    free(d->lanes);
+    pthread_mutex_destroy(&d->lock);
+    pthread_cond_destroy(&d->lane_free);
+    free(d);
+}
+
+static int sim_open(int ordinal, unsigned lanes, size_t lane_scratch, size_t lane_staging,
+                    msa_dev_t **out)
+{
+    if (ordinal < 0 || ordinal >= sim_count(NULL, 0)) return MSA_EINVAL;
+    msa_dev_t *d = calloc(1, sizeof *d);
+    if (!d) return MSA_ENOMEM;
+    d->head.ops = &msa__dev_sim_ops;
+    d->ordinal = ordinal;
+    d->mem_cap = env_size("MSA_GPU_SIM_MEM_MB", 4096) << 20;
+    pthread_mutex_init(&d->lock, NULL);
+    pthread_cond_init(&d->lane_free, NULL);
+    d->lanes = calloc(lanes, sizeof *d->lanes);
+    if (!d->lanes) {
+        sim_close(d);
+        return MSA_ENOMEM;
+    }
+    d->n_lanes = lanes;
+    for (unsigned i = 0; i < lanes; i++) {
+        struct msa_dev_lane *l = &d->lanes[i];
+        l->head.dev = d;
+        l->scratch_bytes = lane_scratch;
+        l->staging_bytes = lane_staging;
+        int rc = lane_scratch ? sim_dmalloc(d, lane_scratch, &l->scratch) : MSA_OK;
+        l->staging = lane_staging ? malloc(lane_staging) : NULL;
+        if (rc || (lane_staging && !l->staging)) {
+            sim_close(d);
+            return rc ? rc : MSA_ENOMEM;
+        }
+    }
+    *out = d;
+    return MSA_OK;
+}
+
+static void sim_get_info(const msa_dev_t *d, msa_dev_info_t *out)
+{
+    memset(out, 0, sizeof *out);
+    snprintf(out->name, sizeof out->name, "simulated device %d (host memory)", d->ordinal);
+    out->ordinal = d->ordinal;
+    out->sim = true;
+    out->total_bytes = d->mem_cap;
+    out->free_bytes = d->mem_cap - d->mem_used;
+}
+
+static msa_dev_lane_t *sim_lane_acquire(msa_dev_t *d)
+{
+    pthread_mutex_lock(&d->lock);
+    for (;;) {
+        for (unsigned i = 0; i < d->n_lanes; i++) {
+            if (!d->lanes[i].busy) {
+                d->lanes[i].busy = true;
+                pthread_mutex_unlock(&d->lock);
+                return &d->lanes[i];
+            }
+        }
+        pthread_cond_wait(&d->lane_free, &d->lock);
+    }
+}
+
+static void sim_lane_release(msa_dev_lane_t *l)
+{
+    msa_dev_t *d = l->head.dev;
+    pthread_mutex_lock(&d->lock);
+    l->busy = false;
+    pthread_cond_signal(&d->lane_free);
+    pthread_mutex_unlock(&d->lock);
+}
+
+static void *sim_lane_scratch(msa_dev_lane_t *l, size_t *bytes)
+{
+    if (bytes) *bytes = l->scratch_bytes;
+    return l->scratch;
+}
+
+static void *sim_lane_staging(msa_dev_lane_t *l, size_t *bytes)
+{
+    if (bytes) *bytes = l->staging_bytes;
+    return l->staging;
+}
+
+static int sim_copy(msa_dev_lane_t *l, void *dst, const void *src, size_t n)
+{
+    (void)l;
+    memmove(dst, src, n);
+    return MSA_OK;
+}
+
+static int sim_lane_sync(msa_dev_lane_t *l)
+{
+    (void)l;
+    return MSA_OK;
+}
+
+/* ==== kernels ============================================================== */
+
+static float key_value(msa_dtype_t dt, const void *keys, size_t i)
+{
+    switch (dt) {
+    case MSA_DT_F32:
+        return ((const float *)keys)[i];
+    case MSA_DT_F16:
+        return msa_f16_to_f32(((const uint16_t *)keys)[i]);
+    case MSA_DT_BF16:
+        return msa_bf16_to_f32(((const uint16_t *)keys)[i]);
+    default:
+        return (float)((const int8_t *)keys)[i];
+    }
+}
+
+static int sim_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a)
+{
+    (void)l;
+    const uint32_t H = a->H, D = a->D, nc = a->ncol;
+    if (!H || !D || !nc || (a->key_dtype == MSA_DT_I8 && !a->scales) ||
+        (a->plan == MSA_DEV_PLAN_GENERAL && (!a->G || nc % a->G)))
+        return MSA_EINVAL;
+    float *C = malloc((size_t)H * nc * sizeof *C);
+    if (!C) return MSA_ENOMEM;
+    for (uint32_t i = 0; i < a->nq; i++) {
+        const float *cols = a->cols + (size_t)i * H * nc * D;
+        for (uint32_t r = 0; r < a->nrows; r++) {
+            for (uint32_t h = 0; h < H; h++) {
+                float sc = a->key_dtype == MSA_DT_I8 ? a->scales[(size_t)r * H + h] : 1.0f;
+                for (uint32_t c = 0; c < nc; c++) {
+                    const float *q = cols + ((size_t)h * nc + c) * D;
+                    float s = 0.0f;
+                    for (uint32_t d = 0; d < D; d++)
+                        s += key_value(a->key_dtype, a->keys, ((size_t)r * H + h) * D + d) * q[d];
+                    C[h * nc + c] = sc * s;
+                }
+            }
+            float score;
+            if (a->plan == MSA_DEV_PLAN_GENERAL) {
+                uint32_t T = nc / a->G;
+                float acc = a->query_reduce == MSA_QUERY_MAX ? -INFINITY : 0.0f;
+                for (uint32_t t = 0; t < T; t++) {
+                    float m = -INFINITY;
+                    for (uint32_t h = 0; h < H; h++)
+                        for (uint32_t g = 0; g < a->G; g++) {
+                            float x = C[h * nc + t * a->G + g];
+                            m = (x > m || x != x) ? x : m;
+                        }
+                    if (a->query_reduce == MSA_QUERY_MAX) acc = (m > acc || m != m) ? m : acc;
+                    else acc += m;
+                }
+                score = a->query_reduce == MSA_QUERY_MAX ? acc : acc / (float)T;
+            } else {
+                score = -INFINITY;
+                uint32_t ncv = a->plan == MSA_DEV_PLAN_LINEAR ? 1 : nc;
+                for (uint32_t c = 0; c < ncv; c++) {
+                    float s = 0.0f;
+                    for (uint32_t h = 0; h < H; h++) s += C[h * nc + c];
+                    score = (s > score || s != s) ? s : score;
+                }
+            }
+            a->scores[(size_t)i * a->ld + r] = score;
+        }
+    }
+    free(C);
+    return MSA_OK;
+}
+
+static bool excluded(const uint64_t *ex, uint32_t n, uint64_t doc)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (ex[mid] < doc) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < n && ex[lo] == doc;
+}
+
+static int sim_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
+{
+    (void)l;
+    if (a->top_k == 0 || a->top_k > MSA_MAX_TOP_K) return MSA_EINVAL;
+    if (a->work_bytes < msa__dev_select_work(a->n_ent, a->top_k)) return MSA_EINVAL;
+    msa_idx_topk_t tk;
+    msa_idx_hit_t *heap = a->work; /* the heap lives in the lane's scratch, as on a GPU */
+    msa_idx_topk_init(&tk, heap, a->top_k);
+    for (uint32_t e = 0; e < a->n_ent; e++) {
+        const msa_dev_entry_t *en = &a->ent[e];
+        if (!(en->created <= a->snapshot && a->snapshot < en->deleted) || en->nrows == 0 ||
+            excluded(a->exclude, a->n_exclude, en->doc))
+            continue;
+        const float *s = a->scores + (en->row0 - a->row_base);
+        float best = s[0];
+        if (a->chunk_mean) {
+            float sum = 0.0f;
+            for (uint32_t r = 0; r < en->nrows; r++) sum += s[r];
+            best = sum / (float)en->nrows;
+        } else {
+            for (uint32_t r = 1; r < en->nrows; r++) best = s[r] > best ? s[r] : best;
+        }
+        if (isnan(best)) best = -INFINITY;
+        msa_idx_topk_push(&tk, best, en->doc);
+    }
+    *a->n_out = msa_idx_topk_finish(&tk, a->out);
+    return MSA_OK;
+}
+
+static int sim_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
+{
+    (void)l;
+    size_t R = 0;
+    for (uint32_t b = 0; b < a->n_blocks; b++) R += a->blocks[b].nrows;
+    size_t w = (size_t)a->H * a->D;
+    float *k = malloc((R ? R : 1) * w * sizeof *k);
+    float *v = malloc((R ? R : 1) * w * sizeof *v);
+    int rc = MSA_ENOMEM;
+    if (k && v) {
+        size_t off = 0;
+        for (uint32_t b = 0; b < a->n_blocks; b++) {
+            size_t n = (size_t)a->blocks[b].nrows * w;
+            msa_tensor_to_f32(a->kv_dtype, a->blocks[b].k, n, k + off);
+            msa_tensor_to_f32(a->kv_dtype, a->blocks[b].v, n, v + off);
+            off += n;
+        }
+        rc = msa_idx_attend(a->q, a->T, a->Hq, a->H, a->D, k, v, R, a->scale, a->out, a->lse,
+                            NULL);
+    }
+    free(k);
+    free(v);
+    return rc;
+}
+
+const msa_dev_ops_t msa__dev_sim_ops = {
+    .count = sim_count,
+    .open = sim_open,
+    .close = sim_close,
+    .get_info = sim_get_info,
+    .dmalloc = sim_dmalloc,
+    .dfree = sim_dfree,
+    .lane_acquire = sim_lane_acquire,
+    .lane_release = sim_lane_release,
+    .lane_scratch = sim_lane_scratch,
+    .lane_staging = sim_lane_staging,
+    .h2d = sim_copy,
+    .d2h = sim_copy,
+    .d2d = sim_copy,
+    .lane_sync = sim_lane_sync,
+    .score = sim_score,
+    .select = sim_select,
+    .attend = sim_attend,
+};
