@@ -55,6 +55,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(MSA_CUDA_ATTEND_MAX_D % 32 == 0, "lanes own d = lane + 32 i");
 
+// Dynamic shared memory of the split kernel at its largest shape (D = MAX_D,
+// kMaxWarps warps): K tile [32][D|1], V tile [32][D], queries [warps][D].
+constexpr size_t kMaxSplitSmem = ((size_t)kRowsPerTile * (MSA_CUDA_ATTEND_MAX_D | 1) +
+                                  (size_t)kRowsPerTile * MSA_CUDA_ATTEND_MAX_D +
+                                  (size_t)kMaxWarps * MSA_CUDA_ATTEND_MAX_D) *
+                                 sizeof(float);
+static_assert(kMaxSplitSmem <= 227 * 1024, "fits Hopper's opt-in shared memory per block");
+
 struct AttendParams {
     const float *q;                    // device [T][Hq][D]
     const msa_dev_kv_block_t *blocks;  // device [n_blocks]
@@ -255,6 +263,13 @@ __global__ void attend_merge_kernel(AttendParams p)
         const float ms = p.part_m[s * TH + o];
         if (ms != -INFINITY) L += p.part_l[s * TH + o] * expf(ms - M);
     }
+    if (!(L > 0.0f)) {
+        // A NaN (or +inf logits) poisoned the sums: as the CPU reference and
+        // the one-split path (any = l > 0) do, report no rows rather than NaN.
+        for (uint32_t d = lane; d < D; d += 32) p.out[o * D + d] = 0.0f;
+        if (lane == 0) p.lse[o] = -INFINITY;
+        return;
+    }
     const float inv = 1.0f / L;  // L >= 1: the split holding M contributes l_s >= 1
     for (uint32_t d = lane; d < D; d += 32) {
         float x = 0.0f;
@@ -372,10 +387,19 @@ extern "C" int msa__cuda_attend(void *stream, const msa_dev_attend_args_t *a)
     }
 
     // ---- launch ----
-    // Above 48 KiB (D > ~150) a block needs the dynamic shared memory limit raised.
-    if (smem > 48 * 1024)
+    // Above 48 KiB (D > ~150) a block needs the dynamic shared memory limit
+    // raised. The limit is per kernel (and device), shared by every thread:
+    // setting it to this call's smem would let a concurrent call with a
+    // smaller D lower it between our set and our launch (which then fails),
+    // so it is always set to the largest size any shape needs (capped by the
+    // device, which keeps it one value per device).
+    if (smem > 48 * 1024) {
+        int optin = 0;
+        CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        const int lim = (int)kMaxSplitSmem < optin ? (int)kMaxSplitSmem : optin;
         CUDA_TRY(cudaFuncSetAttribute((const void *)split_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
+    }
     split_kernel<<<dim3(tiles, a->H, splits), nwarps * 32, smem, st>>>(p);
     CUDA_TRY(cudaGetLastError());
     if (splits > 1) {

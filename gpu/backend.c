@@ -17,6 +17,7 @@
 #include "dev.h"
 #include "kvcache.h"
 #include "msa_log.h"
+#include "nccl_comm.h"
 #include "tensor.h"
 
 #include <errno.h>
@@ -95,6 +96,7 @@ struct msa_gpu {
     mirror_t *mirrors;
     uint64_t tick;
     atomic_uint inflight;          /* route calls inside the backend */
+    void *link;                    /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
     _Atomic uint64_t n_routes, n_streamed, n_fallback, n_batches, n_coalesced, n_page_in,
         n_page_out, n_syncs, n_att_dev, n_att_fallback;
     bool warned_fallback;
@@ -182,6 +184,9 @@ void msa_gpu_close(msa_gpu_t *g)
             msa_dev_close(d->dev);
         }
     }
+#ifdef MSA_HAVE_CUDA
+    msa_gpu_nccl_close(g->link);
+#endif
     pthread_mutex_destroy(&g->lock);
     free(g);
 }
@@ -211,6 +216,17 @@ int msa_gpu_open(const msa_gpu_config_t *cfg, msa_gpu_t **out, char *why, size_t
         return rc;
     }
     g->n_shards = g->n_dev * cfg->shards_per_gpu;
+#ifdef MSA_HAVE_CUDA
+    if (!cfg->sim && g->n_dev >= 2) {
+        char nwhy[256] = "";
+        msa_gpu_nccl_t *nc = NULL;
+        if (msa_gpu_nccl_open((int)g->n_dev, &nc, nwhy, sizeof nwhy) == MSA_OK)
+            g->link = nc;
+        else
+            msa_log(MSA_LOG_WARN, "gpu: no NCCL (%s): K/V blocks move between GPUs by peer copy",
+                    nwhy);
+    }
+#endif
     *out = g;
     return MSA_OK;
 }
@@ -991,41 +1007,84 @@ void msa_gpu_forget_coll(msa_gpu_t *g, uint32_t coll_id)
     for (unsigned i = 0; i < g->n_dev; i++) msa_gpu_kvcache_invalidate_coll(g->dev[i].cache, coll_id);
 }
 
-/* Attention runs on device 0, which holds the K/V cache (see README: the
- * multi-GPU design moves blocks to the device that attends). Misses are read
- * through the caller's loader (LMDB, inside its snapshot) and copied into a
- * cache block, published once the copy completed; a block that cannot be
- * cached (cache full of pinned blocks, or too large) travels in scratch. */
+/* Which GPU's cache holds a block: spread by a hash of its key, so the
+ * caches of all GPUs add up (one GPU: always 0). */
+static unsigned block_home(const msa_gpu_t *g, const msa_gpu_kvkey_t *k)
+{
+    if (g->n_dev == 1) return 0;
+    uint64_t h = k->doc * 0x9E3779B97F4A7C15ull ^ ((uint64_t)k->coll << 32 | k->layer);
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    return (unsigned)(h % g->n_dev);
+}
+
+/* Attention runs on GPU 0. Each block lives in the K/V cache of its home GPU
+ * (block_home); a block cached on another GPU travels to GPU 0's scratch over
+ * NCCL (or a peer copy). Misses are read through the caller's loader (LMDB,
+ * inside its snapshot), copied to GPU 0 for this call and into a block of the
+ * home cache, which is published once the copies completed. A block that
+ * cannot be cached (cache full of pinned blocks, too large, cache off) goes
+ * to GPU 0's scratch only. MSA_EUNAVAIL when GPU 0's scratch cannot hold the
+ * call (the engine attends on the CPU then). */
 int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
 {
-    gdev_t *d = &g->dev[0];
     size_t esz = msa_dtype_size(a->kv_dtype), row = (size_t)a->H * a->D * esz;
-    msa_gpu_kvblock_t **pin = calloc(a->n ? a->n : 1, sizeof *pin);
-    bool *fresh = calloc(a->n ? a->n : 1, sizeof *fresh);
-    msa_dev_kv_block_t *desc = calloc(a->n ? a->n : 1, sizeof *desc);
-    if (!pin || !fresh || !desc) {
+    size_t nb = a->n ? a->n : 1;
+    msa_gpu_kvblock_t **pin = calloc(nb, sizeof *pin);
+    bool *fresh = calloc(nb, sizeof *fresh);
+    unsigned *home = calloc(nb, sizeof *home);
+    msa_dev_kv_block_t *desc = calloc(nb, sizeof *desc);
+    if (!pin || !fresh || !home || !desc) {
         free(pin);
         free(fresh);
+        free(home);
         free(desc);
         return MSA_ENOMEM;
     }
-    msa_dev_lane_t *lane = msa_dev_lane_acquire(d->dev);
+    /* Lanes of every GPU involved, taken in device order (as passes do). */
+    msa_dev_lane_t *lane[MAX_DEVICES] = {0};
+    bool need[MAX_DEVICES] = {true};
+    for (uint32_t i = 0; i < a->n; i++) {
+        msa_gpu_kvkey_t key = {.doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id,
+                               .layer = a->layer};
+        home[i] = block_home(g, &key);
+        need[home[i]] = true;
+    }
+    for (unsigned d = 0; d < g->n_dev; d++)
+        if (need[d]) lane[d] = msa_dev_lane_acquire(g->dev[d].dev);
+    msa_dev_lane_t *l0 = lane[0];
     size_t cap;
-    carve_t cv = {.base = msa_dev_lane_scratch(lane, &cap), .cap = cap};
+    carve_t cv = {.base = msa_dev_lane_scratch(l0, &cap), .cap = cap};
     size_t qn = (size_t)a->T * a->Hq * a->D;
     float *q = carve(&cv, qn * sizeof(float));
     float *out = carve(&cv, qn * sizeof(float));
     float *lse = carve(&cv, (size_t)a->T * a->Hq * sizeof(float));
-    msa_dev_kv_block_t *desc_d = carve(&cv, (a->n ? a->n : 1) * sizeof *desc_d);
+    msa_dev_kv_block_t *desc_d = carve(&cv, nb * sizeof *desc_d);
     int rc = (q && out && lse && desc_d) ? MSA_OK : MSA_EUNAVAIL;
     bool loader_failed = false;
-    if (rc == MSA_OK) rc = msa_dev_h2d(lane, q, a->q, qn * sizeof(float));
+    if (rc == MSA_OK) rc = msa_dev_h2d(l0, q, a->q, qn * sizeof(float));
     for (uint32_t i = 0; i < a->n && rc == MSA_OK; i++) {
+        unsigned h = home[i];
+        gdev_t *hd = &g->dev[h];
         msa_gpu_kvkey_t key = {.doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id,
                                .layer = a->layer};
-        if (msa_gpu_kvcache_lookup(d->cache, &key, &pin[i]) == MSA_OK) {
-            desc[i] = (msa_dev_kv_block_t){msa_gpu_kvblock_k(pin[i]), msa_gpu_kvblock_v(pin[i]),
-                                           msa_gpu_kvblock_nrows(pin[i])};
+        if (msa_gpu_kvcache_lookup(hd->cache, &key, &pin[i]) == MSA_OK) {
+            void *kd = msa_gpu_kvblock_k(pin[i]), *vd = msa_gpu_kvblock_v(pin[i]);
+            uint32_t nrows = msa_gpu_kvblock_nrows(pin[i]);
+            size_t bytes = (size_t)nrows * row;
+            if (h != 0 && bytes) {
+                void *k0 = carve(&cv, bytes), *v0 = carve(&cv, bytes);
+                if (!k0 || !v0) {
+                    rc = MSA_EUNAVAIL;
+                    break;
+                }
+                rc = msa_dev_peer_copy(l0, k0, lane[h], kd, bytes, g->link);
+                if (rc == MSA_OK) rc = msa_dev_peer_copy(l0, v0, lane[h], vd, bytes, g->link);
+                kd = k0;
+                vd = v0;
+            }
+            desc[i] = (msa_dev_kv_block_t){kd, vd, nrows};
             continue;
         }
         const void *k, *v;
@@ -1036,43 +1095,53 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
         }
         size_t bytes = (size_t)nrows * row;
         void *kd = NULL, *vd = NULL;
-        if (bytes && msa_gpu_kvcache_insert(d->cache, &key, nrows, bytes, &pin[i]) == MSA_OK) {
-            kd = msa_gpu_kvblock_k(pin[i]);
-            vd = msa_gpu_kvblock_v(pin[i]);
+        if (bytes && msa_gpu_kvcache_insert(hd->cache, &key, nrows, bytes, &pin[i]) == MSA_OK) {
             fresh[i] = true;
-        } else if (bytes) {
+            /* Sources are the caller's snapshot (valid until it returns). */
+            rc = msa_dev_h2d(lane[h], msa_gpu_kvblock_k(pin[i]), k, bytes);
+            if (rc == MSA_OK) rc = msa_dev_h2d(lane[h], msa_gpu_kvblock_v(pin[i]), v, bytes);
+            if (h == 0) {
+                kd = msa_gpu_kvblock_k(pin[i]);
+                vd = msa_gpu_kvblock_v(pin[i]);
+            }
+        }
+        if (rc == MSA_OK && bytes && !kd) {
             kd = carve(&cv, bytes);
             vd = carve(&cv, bytes);
             if (!kd || !vd) rc = MSA_EUNAVAIL;
-        }
-        if (rc == MSA_OK && bytes) {
-            /* Sources are the caller's snapshot (valid until it returns). */
-            rc = msa_dev_h2d(lane, kd, k, bytes);
-            if (rc == MSA_OK) rc = msa_dev_h2d(lane, vd, v, bytes);
+            if (rc == MSA_OK) rc = msa_dev_h2d(l0, kd, k, bytes);
+            if (rc == MSA_OK) rc = msa_dev_h2d(l0, vd, v, bytes);
         }
         desc[i] = (msa_dev_kv_block_t){kd, vd, nrows};
     }
-    if (rc == MSA_OK) rc = msa_dev_h2d(lane, desc_d, desc, a->n * sizeof *desc);
+    if (rc == MSA_OK) rc = msa_dev_h2d(l0, desc_d, desc, a->n * sizeof *desc);
     if (rc == MSA_OK) {
         msa_dev_attend_args_t at = {.q = q, .T = a->T, .Hq = a->Hq, .H = a->H, .D = a->D,
                                     .scale = a->scale, .kv_dtype = a->kv_dtype, .blocks = desc_d,
                                     .n_blocks = a->n, .out = out, .lse = lse,
                                     .work = cv.base + cv.at, .work_bytes = cv.cap - cv.at};
-        rc = msa_dev_attend(lane, &at);
+        rc = msa_dev_attend(l0, &at);
     }
-    if (rc == MSA_OK) rc = msa_dev_d2h(lane, a->out, out, qn * sizeof(float));
-    if (rc == MSA_OK) rc = msa_dev_d2h(lane, a->lse, lse, (size_t)a->T * a->Hq * sizeof(float));
-    int sync = msa_dev_lane_sync(lane);
+    if (rc == MSA_OK) rc = msa_dev_d2h(l0, a->out, out, qn * sizeof(float));
+    if (rc == MSA_OK) rc = msa_dev_d2h(l0, a->lse, lse, (size_t)a->T * a->Hq * sizeof(float));
+    /* Every lane drains before any block is published or unpinned. */
+    int sync = MSA_OK;
+    for (unsigned d = 0; d < g->n_dev; d++) {
+        if (!lane[d]) continue;
+        int s = msa_dev_lane_sync(lane[d]);
+        if (sync == MSA_OK) sync = s;
+    }
     if (rc == MSA_OK) rc = sync;
     for (uint32_t i = 0; i < a->n; i++) {
         if (!pin[i]) continue;
-        /* Publish only blocks whose copies are known complete. */
-        if (fresh[i] && sync == MSA_OK) msa_gpu_kvcache_ready(d->cache, pin[i]);
-        msa_gpu_kvcache_release(d->cache, pin[i]);
+        msa_gpu_kvcache_t *c = g->dev[home[i]].cache;
+        if (fresh[i] && sync == MSA_OK) msa_gpu_kvcache_ready(c, pin[i]);
+        msa_gpu_kvcache_release(c, pin[i]);
     }
-    msa_dev_lane_release(lane);
+    for (unsigned d = 0; d < g->n_dev; d++) msa_dev_lane_release(lane[d]);
     free(pin);
     free(fresh);
+    free(home);
     free(desc);
     if (!loader_failed) atomic_fetch_add(rc == MSA_OK ? &g->n_att_dev : &g->n_att_fallback, 1);
     return rc;

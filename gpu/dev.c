@@ -69,6 +69,12 @@ int msa_dev_d2d(msa_dev_lane_t *l, void *dst, const void *src, size_t n)
     return n ? LANE_OPS(l)->d2d(l, dst, src, n) : MSA_OK;
 }
 int msa_dev_lane_sync(msa_dev_lane_t *l) { return LANE_OPS(l)->lane_sync(l); }
+int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
+                      const void *src, size_t n, void *link)
+{
+    if (LANE_OPS(dst_lane) != LANE_OPS(src_lane)) return MSA_EINVAL;
+    return n ? LANE_OPS(dst_lane)->peer_copy(dst_lane, dst, src_lane, src, n, link) : MSA_OK;
+}
 int msa_dev_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a) { return LANE_OPS(l)->score(l, a); }
 int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a) { return LANE_OPS(l)->select(l, a); }
 int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a) { return LANE_OPS(l)->attend(l, a); }

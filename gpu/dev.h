@@ -94,6 +94,14 @@ int msa_dev_d2d(msa_dev_lane_t *l, void *dst, const void *src, size_t n);
  * (the message is logged). */
 int msa_dev_lane_sync(msa_dev_lane_t *l);
 
+/* Queues a copy of n bytes from src, device memory of src_lane's device, to
+ * dst on dst_lane's device (another device of the same implementation): the
+ * data is at dst once dst_lane's stream reaches this point. link: the NCCL
+ * communicator of gpu/nccl_comm.h (CUDA; NULL: cudaMemcpyPeerAsync), ignored
+ * by the simulation. */
+int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
+                      const void *src, size_t n, void *link);
+
 /* ---- routing kernels ----------------------------------------------------------------- */
 
 typedef enum { MSA_DEV_PLAN_LINEAR = 0, MSA_DEV_PLAN_MAXVEC = 1, MSA_DEV_PLAN_GENERAL = 2 } msa_dev_plan_t;

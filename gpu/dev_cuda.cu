@@ -277,8 +277,8 @@ extern "C" const msa_dev_ops_t msa__dev_cuda_ops = {
     cuda_count,        cuda_open,         cuda_close,         cuda_get_info,
     cuda_dmalloc,      cuda_dfree,        cuda_lane_acquire,  cuda_lane_release,
     cuda_lane_scratch, cuda_lane_staging, cuda_h2d,           cuda_d2h,
-    cuda_d2d,          cuda_lane_sync,    cuda_score,         cuda_select,
-    cuda_attend,
+    cuda_d2d,          cuda_lane_sync,    msa__cuda_peer_copy, cuda_score,
+    cuda_select,       cuda_attend,
 };
 
 /* ==== bench helpers ========================================================== */
@@ -329,8 +329,13 @@ __global__ void quantize_i8_kernel(const float *src, size_t nrh, uint32_t D, int
         for (uint32_t d = lane; d < D; d += 32) m = fmaxf(m, fabsf(x[d]));
         for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         const float s = m / 127.0f;
-        for (uint32_t d = lane; d < D; d += 32)
-            dst[w * D + d] = s > 0.0f ? (int8_t)fminf(127.0f, fmaxf(-127.0f, rintf(x[d] / s))) : 0;
+        for (uint32_t d = lane; d < D; d += 32) {
+            // roundf (halves away from zero) and NaN -> 0, as the host's
+            // msa_tensor_quantize_i8; rintf would round halves to even.
+            // (fmaxf would turn a NaN into -127, so test it first.)
+            const float r = s > 0.0f ? roundf(x[d] / s) : 0.0f;
+            dst[w * D + d] = r == r ? (int8_t)fminf(127.0f, fmaxf(-127.0f, r)) : 0;
+        }
         if (lane == 0) scales[w] = s;
     }
 }

@@ -27,6 +27,8 @@ typedef struct msa_dev_ops {
     int (*d2h)(msa_dev_lane_t *l, void *dst, const void *src, size_t n);
     int (*d2d)(msa_dev_lane_t *l, void *dst, const void *src, size_t n);
     int (*lane_sync)(msa_dev_lane_t *l);
+    int (*peer_copy)(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
+                     const void *src, size_t n, void *link);
     int (*score)(msa_dev_lane_t *l, const msa_dev_score_args_t *a);
     int (*select)(msa_dev_lane_t *l, const msa_dev_select_args_t *a);
     int (*attend)(msa_dev_lane_t *l, const msa_dev_attend_args_t *a);
@@ -44,6 +46,9 @@ typedef struct msa_dev_lane_head {
 extern const msa_dev_ops_t msa__dev_sim_ops;
 #ifdef MSA_HAVE_CUDA
 extern const msa_dev_ops_t msa__dev_cuda_ops;
+/* dev_cuda_peer.cu: the CUDA peer copy (NCCL when linked, else cudaMemcpyPeer). */
+int msa__cuda_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
+                        const void *src, size_t n, void *link);
 #endif
 
 /* Scratch bytes select needs (one formula for both implementations). */

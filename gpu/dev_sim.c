@@ -186,6 +186,15 @@ static int sim_copy(msa_dev_lane_t *l, void *dst, const void *src, size_t n)
     return MSA_OK;
 }
 
+static int sim_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
+                         const void *src, size_t n, void *link)
+{
+    (void)link;
+    if (dst_lane->head.dev == src_lane->head.dev) return MSA_EINVAL;
+    memmove(dst, src, n);
+    return MSA_OK;
+}
+
 static int sim_lane_sync(msa_dev_lane_t *l)
 {
     (void)l;
@@ -341,6 +350,7 @@ const msa_dev_ops_t msa__dev_sim_ops = {
     .d2h = sim_copy,
     .d2d = sim_copy,
     .lane_sync = sim_lane_sync,
+    .peer_copy = sim_peer_copy,
     .score = sim_score,
     .select = sim_select,
     .attend = sim_attend,

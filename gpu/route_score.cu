@@ -363,7 +363,10 @@ __global__ void __launch_bounds__(256) gemm_prep_kernel(PrepParams pp)
         if (m > 0.0f && isfinite(m)) {
             int ex;
             frexpf(m, &ex);                           // m < 2^ex
-            int sh = min(max(14 - ex, -60), 60);      // max|q * 2^sh| < 2^14
+            // max|q * 2^sh| < 2^14. The clamp keeps 2^sh and 2^-sh normal
+            // floats; a tighter one (it was +-60) let columns above 2^74
+            // overflow the half range after all.
+            int sh = min(max(14 - ex, -126), 126);
             f = ldexpf(1.0f, sh);
             fac = ldexpf(1.0f, -sh);
         }
@@ -544,7 +547,13 @@ int launch_fused(struct msa_dev_lane *l, const msa_dev_score_args_t *a, ScorePar
         const size_t smem = fused_smem(nc, p.W);
         int per_sm = 0;
         MSA_CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kThreads, smem));
-        if (per_sm <= 0) return launch_generic(l, q);
+        if (per_sm <= 0) {
+            // This group only: returning here would leave the later groups'
+            // scores unwritten.
+            const int rc = launch_generic(l, q);
+            if (rc != MSA_OK) return rc;
+            continue;
+        }
         fn<<<row_grid(l, p.nrows, (unsigned)per_sm), kThreads, smem, l->stream>>>(q);
         MSA_CK_LAUNCH(l, "score_fused_kernel");
     }

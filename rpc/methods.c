@@ -671,15 +671,29 @@ static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     out.documents = es->documents;
     out.chunks = es->chunks;
 
-    /* The engine does not list devices yet: report the host, which holds the
-     * routing index on the CPU backend. */
-    Msa__V1__DeviceInfo dev = MSA__V1__DEVICE_INFO__INIT;
-    Msa__V1__DeviceInfo *devp = &dev;
-    dev.name = (char *)"cpu";
-    host_memory(&dev.memory_total, &dev.memory_used);
-    if (!strcmp(es->backend, "cpu")) dev.routing_bytes = es->index_bytes;
-    out.n_devices = 1;
-    out.devices = &devp;
+    /* The host first (it holds the routing index on the CPU backend, and the
+     * index's host copy on the CUDA backend), then every GPU. */
+    size_t n_dev = 1 + es->n_gpu;
+    Msa__V1__DeviceInfo *devs = msa_rpc_arena_alloc(req->arena, n_dev * sizeof(*devs));
+    Msa__V1__DeviceInfo **devp = msa_rpc_arena_alloc(req->arena, n_dev * sizeof(*devp));
+    if (!devs || !devp) return OOM(st);
+    for (size_t i = 0; i < n_dev; i++) {
+        msa__v1__device_info__init(&devs[i]);
+        devp[i] = &devs[i];
+    }
+    devs[0].name = (char *)"cpu";
+    host_memory(&devs[0].memory_total, &devs[0].memory_used);
+    if (!strcmp(es->backend, "cpu")) devs[0].routing_bytes = es->index_bytes;
+    for (unsigned i = 0; i < es->n_gpu; i++) {
+        const msa_gpu_device_stats_t *g = &es->gpu_dev[i];
+        devs[1 + i].name = (char *)g->name;
+        devs[1 + i].memory_total = g->memory_total;
+        devs[1 + i].memory_used = g->memory_used;
+        devs[1 + i].routing_bytes = g->routing_bytes;
+        devs[1 + i].cache_bytes = g->cache_bytes;
+    }
+    out.n_devices = n_dev;
+    out.devices = devp;
 
     counters_acc_t acc = {.a = req->arena};
     msa_rpc_metrics_counters(ctx->metrics, es, add_counter, &acc);

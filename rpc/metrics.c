@@ -105,6 +105,22 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
         fn(arg, "engine.gets", es->gets);
         fn(arg, "engine.lists", es->lists);
         fn(arg, "engine.index_bytes", es->index_bytes);
+        if (es->n_gpu) {
+            const msa_gpu_stats_t *g = &es->gpu;
+            fn(arg, "gpu.routes_device", g->routes_device);
+            fn(arg, "gpu.routes_streamed", g->routes_streamed);
+            fn(arg, "gpu.routes_fallback", g->routes_fallback);
+            fn(arg, "gpu.passes", g->batches);
+            fn(arg, "gpu.coalesced", g->coalesced);
+            fn(arg, "gpu.page_ins", g->page_ins);
+            fn(arg, "gpu.page_outs", g->page_outs);
+            fn(arg, "gpu.syncs", g->syncs);
+            fn(arg, "gpu.cache_hits", g->cache_hits);
+            fn(arg, "gpu.cache_misses", g->cache_misses);
+            fn(arg, "gpu.cache_evictions", g->cache_evictions);
+            fn(arg, "gpu.attends_device", g->attends_device);
+            fn(arg, "gpu.attends_fallback", g->attends_fallback);
+        }
     }
 }
 
@@ -192,6 +208,34 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         COUNTER("engine_attends_total", "Attend calls served by the engine.", es.attends);
         COUNTER("engine_gets_total", "Get calls served by the engine.", es.gets);
         COUNTER("engine_lists_total", "List calls served by the engine.", es.lists);
+        if (es.n_gpu) {
+            const msa_gpu_stats_t *g = &es.gpu;
+            COUNTER("gpu_routes_total", "Layer routes answered by the CUDA backend.", g->routes_device);
+            COUNTER("gpu_routes_streamed_total", "Device routes whose keys were streamed from host memory.",
+                    g->routes_streamed);
+            COUNTER("gpu_routes_fallback_total", "Layer routes the CUDA backend handed to the CPU.",
+                    g->routes_fallback);
+            COUNTER("gpu_passes_total", "Device passes over a layer's keys.", g->batches);
+            COUNTER("gpu_coalesced_total", "Queries that shared a device pass with another.", g->coalesced);
+            COUNTER("gpu_page_ins_total", "Layers made resident in device memory.", g->page_ins);
+            COUNTER("gpu_page_outs_total", "Layers evicted from device memory (LRU).", g->page_outs);
+            COUNTER("gpu_cache_hits_total", "K/V block cache hits.", g->cache_hits);
+            COUNTER("gpu_cache_misses_total", "K/V block cache misses.", g->cache_misses);
+            COUNTER("gpu_cache_evictions_total", "K/V blocks evicted (LRU).", g->cache_evictions);
+            COUNTER("gpu_attends_total", "Attend layers computed on the device.", g->attends_device);
+            COUNTER("gpu_attends_fallback_total", "Attend layers handed to the CPU.", g->attends_fallback);
+            fprintf(f, "# HELP msad_gpu_memory_bytes Device memory by use.\n"
+                       "# TYPE msad_gpu_memory_bytes gauge\n");
+            for (unsigned i = 0; i < es.n_gpu; i++) {
+                const msa_gpu_device_stats_t *d = &es.gpu_dev[i];
+                fprintf(f, "msad_gpu_memory_bytes{device=\"%u\",use=\"routing\"} %llu\n", i,
+                        (unsigned long long)d->routing_bytes);
+                fprintf(f, "msad_gpu_memory_bytes{device=\"%u\",use=\"cache\"} %llu\n", i,
+                        (unsigned long long)d->cache_bytes);
+                fprintf(f, "msad_gpu_memory_bytes{device=\"%u\",use=\"reserved\"} %llu\n", i,
+                        (unsigned long long)d->memory_used);
+            }
+        }
 #undef COUNTER
     }
     if (fclose(f) != 0) {

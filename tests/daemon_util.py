@@ -10,7 +10,9 @@ Reusable by any test:
         mem.CreateCollection(pb.CreateCollectionRequest(...))
 
 Environment: MSA_BIN (directory holding msad; default /work/main/build/bin),
-MSA_SOURCE (repo root, for rpc/*.proto; default: this file's parent's parent).
+MSA_SOURCE (repo root, for rpc/*.proto; default: this file's parent's parent),
+MSA_STUBS_DIR (stubs generated ahead, for machines without protoc: the GPU
+machine gets them from ops/gpu-bundle).
 Daemon logs go to <tmp>/msad.log; Daemon.log_tail() returns its end for
 failure messages.
 """
@@ -44,6 +46,12 @@ def stubs():
     global _stubs
     with _stubs_lock:
         if _stubs is not None:
+            return _stubs
+        ready = os.environ.get("MSA_STUBS_DIR")
+        if ready and os.path.exists(os.path.join(ready, "memory_pb2.py")):
+            sys.path.insert(0, ready)
+            import memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc  # noqa: E401
+            _stubs = (memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc)
             return _stubs
         out = tempfile.mkdtemp(prefix="msa-stubs-")
         plugin = shutil.which("grpc_python_plugin")
