@@ -344,73 +344,86 @@ static bool mirror_fresh(const mirror_t *m, const msa_idx_layer_view_t *v)
 }
 
 /* Grows shard s so that it holds rows more rows and ents more entries,
- * copying what it has. false when the arena cannot make room. */
-static bool shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *lane,
-                          uint32_t rows, uint32_t ents)
+ * copying what it has. MSA_EFULL when the arena cannot make room (s is left
+ * as it was), a device error when a copy failed (the new ranges are given
+ * back, the old ones kept). */
+static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *lane,
+                         uint32_t rows, uint32_t ents)
 {
     mirror_shape_t *sp = shape_of(m);
     gdev_t *d = &g->dev[s->dev];
+    const uint64_t row_dev = sp->row_bytes + (sp->i8 ? sp->H * sizeof(float) : 0);
     if (s->n_rows + rows > s->cap_rows || s->keys_off == MSA_GPU_ARENA_NONE) {
         uint64_t cap = (uint64_t)(s->n_rows + rows) * 5 / 4 + 64;
-        if (cap > UINT32_MAX) return false;
+        if (cap > UINT32_MAX) return MSA_EFULL;
         uint64_t k = route_alloc(g, s->dev, cap * sp->row_bytes, m);
         uint64_t sc = sp->i8 ? route_alloc(g, s->dev, cap * sp->H * sizeof(float), m)
                              : MSA_GPU_ARENA_NONE;
-        if (k == MSA_GPU_ARENA_NONE || (sp->i8 && sc == MSA_GPU_ARENA_NONE)) {
-            pthread_mutex_lock(&g->lock);
+        int rc = (k == MSA_GPU_ARENA_NONE || (sp->i8 && sc == MSA_GPU_ARENA_NONE)) ? MSA_EFULL
+                                                                                 : MSA_OK;
+        if (rc == MSA_OK && s->keys_off != MSA_GPU_ARENA_NONE) {
+            rc = msa_dev_d2d(lane, dptr(d->route_base, k), dptr(d->route_base, s->keys_off),
+                             (size_t)s->n_rows * sp->row_bytes);
+            if (rc == MSA_OK && sp->i8)
+                rc = msa_dev_d2d(lane, dptr(d->route_base, sc),
+                                 dptr(d->route_base, s->scales_off),
+                                 (size_t)s->n_rows * sp->H * sizeof(float));
+            /* The old ranges are reused only after the copies ran. */
+            int sync = msa_dev_lane_sync(lane);
+            if (rc == MSA_OK) rc = sync;
+        }
+        pthread_mutex_lock(&g->lock);
+        if (rc != MSA_OK) {
             if (k != MSA_GPU_ARENA_NONE) msa_gpu_arena_free(d->route_arena, k, cap * sp->row_bytes);
             if (sc != MSA_GPU_ARENA_NONE)
                 msa_gpu_arena_free(d->route_arena, sc, cap * sp->H * sizeof(float));
             pthread_mutex_unlock(&g->lock);
-            return false;
+            return rc;
         }
         if (s->keys_off != MSA_GPU_ARENA_NONE) {
-            msa_dev_d2d(lane, dptr(d->route_base, k), dptr(d->route_base, s->keys_off),
-                        (size_t)s->n_rows * sp->row_bytes);
-            if (sp->i8)
-                msa_dev_d2d(lane, dptr(d->route_base, sc), dptr(d->route_base, s->scales_off),
-                            (size_t)s->n_rows * sp->H * sizeof(float));
-            /* The old ranges are reused only after the copies ran. */
-            msa_dev_lane_sync(lane);
-            pthread_mutex_lock(&g->lock);
             msa_gpu_arena_free(d->route_arena, s->keys_off, (uint64_t)s->cap_rows * sp->row_bytes);
             if (sp->i8)
                 msa_gpu_arena_free(d->route_arena, s->scales_off,
                                    (uint64_t)s->cap_rows * sp->H * sizeof(float));
-            m->bytes -= (uint64_t)s->cap_rows * (sp->row_bytes + (sp->i8 ? sp->H * 4 : 0));
-            pthread_mutex_unlock(&g->lock);
+            m->bytes -= (uint64_t)s->cap_rows * row_dev;
         }
         s->keys_off = k;
         s->scales_off = sc;
         s->cap_rows = (uint32_t)cap;
-        pthread_mutex_lock(&g->lock);
-        m->bytes += cap * (sp->row_bytes + (sp->i8 ? sp->H * 4 : 0));
+        m->bytes += cap * row_dev;
         pthread_mutex_unlock(&g->lock);
     }
     if (s->n_ent + ents > s->cap_ent || s->ent_off == MSA_GPU_ARENA_NONE) {
         uint64_t cap = (uint64_t)(s->n_ent + ents) * 5 / 4 + 64;
         uint32_t *hidx = realloc(s->hidx, cap * sizeof *hidx);
-        if (!hidx) return false;
+        if (!hidx) return MSA_ENOMEM;
         s->hidx = hidx;
         uint64_t e = route_alloc(g, s->dev, cap * sizeof(msa_dev_entry_t), m);
-        if (e == MSA_GPU_ARENA_NONE) return false;
+        if (e == MSA_GPU_ARENA_NONE) return MSA_EFULL;
+        int rc = MSA_OK;
         if (s->ent_off != MSA_GPU_ARENA_NONE) {
-            msa_dev_d2d(lane, dptr(d->route_base, e), dptr(d->route_base, s->ent_off),
-                        (size_t)s->n_ent * sizeof(msa_dev_entry_t));
-            msa_dev_lane_sync(lane);
-            pthread_mutex_lock(&g->lock);
+            rc = msa_dev_d2d(lane, dptr(d->route_base, e), dptr(d->route_base, s->ent_off),
+                             (size_t)s->n_ent * sizeof(msa_dev_entry_t));
+            int sync = msa_dev_lane_sync(lane);
+            if (rc == MSA_OK) rc = sync;
+        }
+        pthread_mutex_lock(&g->lock);
+        if (rc != MSA_OK) {
+            msa_gpu_arena_free(d->route_arena, e, cap * sizeof(msa_dev_entry_t));
+            pthread_mutex_unlock(&g->lock);
+            return rc;
+        }
+        if (s->ent_off != MSA_GPU_ARENA_NONE) {
             msa_gpu_arena_free(d->route_arena, s->ent_off,
                                (uint64_t)s->cap_ent * sizeof(msa_dev_entry_t));
             m->bytes -= (uint64_t)s->cap_ent * sizeof(msa_dev_entry_t);
-            pthread_mutex_unlock(&g->lock);
         }
         s->ent_off = e;
         s->cap_ent = (uint32_t)cap;
-        pthread_mutex_lock(&g->lock);
         m->bytes += cap * sizeof(msa_dev_entry_t);
         pthread_mutex_unlock(&g->lock);
     }
-    return true;
+    return MSA_OK;
 }
 
 /* Uploads device entries [from, s->n_ent) of shard s, rebuilt from the host
@@ -461,11 +474,12 @@ static int shard_append(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *l
     mirror_shape_t *sp = shape_of(m);
     uint64_t rows = 0;
     for (size_t e = e0; e < e1; e++) rows += v->ent[e].nrows;
-    if (rows > UINT32_MAX || !shard_reserve(g, m, s, lane, (uint32_t)rows, (uint32_t)(e1 - e0)))
-        return MSA_EFULL;
+    if (rows > UINT32_MAX) return MSA_EFULL;
+    int rc = shard_reserve(g, m, s, lane, (uint32_t)rows, (uint32_t)(e1 - e0));
+    if (rc) return rc;
     gdev_t *d = &g->dev[s->dev];
     uint64_t r0 = v->ent[e0].row0;
-    int rc = msa_dev_h2d(lane, (char *)dptr(d->route_base, s->keys_off) + (size_t)s->n_rows * sp->row_bytes,
+    rc = msa_dev_h2d(lane, (char *)dptr(d->route_base, s->keys_off) + (size_t)s->n_rows * sp->row_bytes,
                          v->rows + r0 * sp->row_bytes, (size_t)rows * sp->row_bytes);
     if (rc == MSA_OK && sp->i8)
         rc = msa_dev_h2d(lane, (float *)dptr(d->route_base, s->scales_off) + (size_t)s->n_rows * sp->H,
@@ -516,7 +530,10 @@ static int mirror_sync(msa_gpu_t *g, mirror_t *m, const msa_idx_layer_view_t *v)
         shard_t *s = &m->sh[target];
         msa_dev_lane_t *lane = msa_dev_lane_acquire(g->dev[s->dev].dev);
         rc = shard_append(g, m, s, lane, v, e, end);
-        if (rc == MSA_OK) rc = msa_dev_lane_sync(lane);
+        /* Always drain: a failed append may have queued copies into ranges
+         * that are about to be given back. */
+        int sync = msa_dev_lane_sync(lane);
+        if (rc == MSA_OK) rc = sync;
         msa_dev_lane_release(lane);
         e = end;
     }

@@ -79,15 +79,15 @@ int msa_dev_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a) { return LAN
 int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a) { return LANE_OPS(l)->select(l, a); }
 int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a) { return LANE_OPS(l)->attend(l, a); }
 
-/* Doc scores (n_ent floats) + two candidate sets of n_ent hits (16 B) + top_k
- * hits, rounded to 256 B each: both implementations size scratch the same way. */
+/* Ordered score keys (n_ent x 4 bytes) + top_k hits (16 bytes) + a 4 KiB tail
+ * for state and alignment, each rounded to 256 B: both implementations carve
+ * their scratch this way. */
 size_t msa__dev_select_work(uint32_t n_ent, uint32_t top_k)
 {
     size_t r = 256;
     size_t a = ((size_t)n_ent * 4 + r - 1) / r * r;
-    size_t b = ((size_t)n_ent * 16 + r - 1) / r * r;
     size_t c = ((size_t)top_k * 16 + r - 1) / r * r;
-    return a + 2 * b + c + 4096;
+    return a + c + 4096;
 }
 
 size_t msa_dev_select_work(uint32_t n_ent, uint32_t top_k) { return msa__dev_select_work(n_ent, top_k); }

@@ -96,7 +96,8 @@ int msa_dev_lane_sync(msa_dev_lane_t *l);
 
 /* Queues a copy of n bytes from src, device memory of src_lane's device, to
  * dst on dst_lane's device (another device of the same implementation): the
- * data is at dst once dst_lane's stream reaches this point. link: the NCCL
+ * data is at dst once dst_lane's stream reaches this point; the source must be
+ * complete before the call and stay unchanged until then. link: the NCCL
  * communicator of gpu/nccl_comm.h (CUDA; NULL: cudaMemcpyPeerAsync), ignored
  * by the simulation. */
 int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
@@ -153,7 +154,9 @@ typedef struct msa_dev_select_args {
 } msa_dev_select_args_t;
 
 size_t msa_dev_select_work(uint32_t n_ent, uint32_t top_k);
-/* Runs doc reduce + top-k; synchronous (returns with *n_out hits in out). */
+/* Runs doc reduce + top-k; synchronous (returns with *n_out hits in out).
+ * Uses the lane's pinned staging (about top_k x 16 bytes + 64) to bring the
+ * hits back: staging contents do not survive a select. */
 int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a);
 
 /* ---- attention -------------------------------------------------------------------------- */

@@ -243,11 +243,11 @@ int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
     *a->n_out = 0;
     if (a->n_ent == 0) return MSA_OK;
 
-    // Carve: keys | (n_ent * 32 bytes the formula reserves, unused) | hits | state.
+    // Carve: keys | hits | state (msa__dev_select_work's layout).
     // The base is rounded up to 16 bytes; the 4096-byte tail absorbs that.
     char *w = (char *)(((uintptr_t)a->work + 15) & ~(uintptr_t)15);
     const size_t keys_b = round256((size_t)a->n_ent * 4);
-    const size_t hits_off = keys_b + 2 * round256((size_t)a->n_ent * 16);
+    const size_t hits_off = keys_b;
     const size_t hits_b = round256((size_t)a->top_k * 16);
     SelParams p = {a->scores, a->row_base, a->ent, a->n_ent, a->snapshot, a->exclude,
                    a->n_exclude, a->chunk_mean, a->top_k, (uint32_t *)w,
