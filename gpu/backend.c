@@ -78,7 +78,8 @@ typedef struct mirror {
     uint64_t bytes;                /* device bytes held */
     shard_t *sh;                   /* [g->n_shards] */
     /* under g->lock: */
-    uint64_t last_use;
+    uint64_t last_use;             /* LRU tick */
+    int64_t last_use_ms;           /* monotonic time of that use */
     /* coalescing, under qlock: */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
@@ -269,16 +270,30 @@ static void mirror_release_buffers(msa_gpu_t *g, mirror_t *m)
 }
 
 /* Allocates n bytes in device d's routing arena, evicting least recently used
- * mirrors other than self that nobody is using. MSA_GPU_ARENA_NONE when even
+ * mirrors other than self that nobody is using and that were not used within
+ * cfg.evict_grace_ms. MSA_GPU_ARENA_NONE when even
  * that cannot make room. Takes g->lock. */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static uint64_t route_alloc(msa_gpu_t *g, unsigned d, uint64_t n, mirror_t *self)
 {
+    int64_t now = mono_ms();
     pthread_mutex_lock(&g->lock);
     uint64_t off;
     while ((off = msa_gpu_arena_alloc(g->dev[d].route_arena, n)) == MSA_GPU_ARENA_NONE) {
         mirror_t *victim = NULL;
         for (mirror_t *m = g->mirrors; m; m = m->next) {
             if (m == self || m->bytes == 0) continue;
+            /* A layer in use within the grace period stays: when the hot
+             * set exceeds the budget, evicting it would make every query
+             * upload layers in a cycle (LRU's worst case); streaming the
+             * newcomer costs one pass instead. */
+            if (now - m->last_use_ms < (int64_t)g->cfg.evict_grace_ms) continue;
             if (!victim || m->last_use < victim->last_use) {
                 if (pthread_rwlock_trywrlock(&m->lock) != 0) continue;
                 if (victim) pthread_rwlock_unlock(&victim->lock);
@@ -333,6 +348,7 @@ static mirror_t *mirror_get(msa_gpu_t *g, uint32_t coll, uint32_t layer)
         g->mirrors = m;
     }
     m->last_use = ++g->tick;
+    m->last_use_ms = mono_ms();
     pthread_mutex_unlock(&g->lock);
     return m;
 }

@@ -33,6 +33,7 @@ typedef struct msa_gpu_config {
     uint64_t cache_bytes;        /* per GPU K/V block cache; 0 = 15% of free */
     bool cache_off;              /* no K/V cache (every Attend copies its blocks) */
     unsigned coalesce_us;        /* longest wait to batch concurrent queries; 0 = no waiting */
+    unsigned evict_grace_ms;     /* a layer used within this is never paged out for another */
     unsigned lanes;              /* concurrent device work per GPU (0 = 4) */
     uint64_t lane_scratch;       /* device scratch per lane, bytes (0 = 256 MiB) */
 } msa_gpu_config_t;

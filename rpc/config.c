@@ -41,6 +41,7 @@ typedef enum {
     O_GPU_CACHE_GB,
     O_GPU_CACHE_MB,
     O_GPU_COALESCE,
+    O_GPU_GRACE,
     O_GPU_LANES,
     O_GPU_SCRATCH,
     O_LOG_LEVEL,
@@ -104,6 +105,9 @@ static const optdef_t defs[O_COUNT] = {
     [O_GPU_COALESCE] = {"gpu-coalesce-us", "N",
                         "cuda: longest wait to batch concurrent queries of one layer into one "
                         "pass, microseconds; only while other queries are in flight (default 100)"},
+    [O_GPU_GRACE] = {"gpu-evict-grace-ms", "N",
+                     "cuda: a layer queried within this is not paged out for another; "
+                     "past the budget newcomers are streamed instead (default 1000)"},
     [O_GPU_LANES] = {"gpu-lanes", "N", "cuda: concurrent device streams per GPU (default 4)"},
     [O_GPU_SCRATCH] = {"gpu-scratch-mb", "N", "cuda: device scratch per stream, MiB (default 256)"},
     [O_LOG_LEVEL] = {"log-level", "LEVEL", "debug|info|warn|error (default info)"},
@@ -225,6 +229,7 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_GPU_CACHE_GB: return parse_uint(src, v, 0, 1u << 16, &o->gpu_cache_gb, st);
     case O_GPU_CACHE_MB: return parse_uint(src, v, 0, 1u << 26, &o->gpu_cache_mb, st);
     case O_GPU_COALESCE: return parse_uint(src, v, 0, 100000, &o->gpu_coalesce_us, st);
+    case O_GPU_GRACE: return parse_uint(src, v, 0, 3600000, &o->gpu_evict_grace_ms, st);
     case O_GPU_LANES: return parse_uint(src, v, 1, 64, &o->gpu_lanes, st);
     case O_GPU_SCRATCH: return parse_uint(src, v, 16, 1u << 20, &o->gpu_scratch_mb, st);
     case O_LOG_LEVEL:
@@ -307,6 +312,7 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
     o->shutdown_grace_s = 30;
     o->gpu_shards = 1;
     o->gpu_coalesce_us = 100;
+    o->gpu_evict_grace_ms = 1000;
     o->gpu_cache_gb = o->gpu_cache_mb = UINT_MAX; /* unset: the engine's default */
     bool from_flags[O_COUNT] = {false};
     int rc;

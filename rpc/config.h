@@ -55,6 +55,7 @@ typedef struct msa_rpc_opts {
     unsigned gpu_routing_gb, gpu_routing_mb; /* routing-key budget per GPU (0 = default) */
     unsigned gpu_cache_gb, gpu_cache_mb;     /* K/V cache per GPU (UINT_MAX = default) */
     unsigned gpu_coalesce_us;   /* --gpu-coalesce-us (100) */
+    unsigned gpu_evict_grace_ms; /* --gpu-evict-grace-ms (1000) */
     unsigned gpu_lanes;         /* --gpu-lanes (0 = 4) */
     unsigned gpu_scratch_mb;    /* --gpu-scratch-mb (0 = 256) */
     unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */

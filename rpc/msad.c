@@ -210,6 +210,7 @@ int main(int argc, char **argv) {
     cfg.gpu.cache_off = cfg.gpu.cache_bytes == 0 &&
                         (o.gpu_cache_mb != UINT_MAX || o.gpu_cache_gb != UINT_MAX);
     cfg.gpu.coalesce_us = o.gpu_coalesce_us;
+    cfg.gpu.evict_grace_ms = o.gpu_evict_grace_ms;
     cfg.gpu.lanes = o.gpu_lanes;
     cfg.gpu.lane_scratch = (uint64_t)o.gpu_scratch_mb << 20;
     if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {

@@ -723,6 +723,7 @@ int main(int argc, char **argv)
         p.cfg.gpu.cache_bytes = jget_u64(gpu, "cache_kb", 0) << 10;
         p.cfg.gpu.cache_off = jget(gpu, "cache_kb") && !p.cfg.gpu.cache_bytes;
         p.cfg.gpu.coalesce_us = (unsigned)jget_u64(gpu, "coalesce_us", 100);
+        p.cfg.gpu.evict_grace_ms = (unsigned)jget_u64(gpu, "evict_grace_ms", 0);
         p.cfg.gpu.lanes = (unsigned)jget_u64(gpu, "lanes", 0);
         p.cfg.gpu.lane_scratch = jget_u64(gpu, "scratch_kb", 0) << 10;
     }

@@ -8,10 +8,12 @@ the script in-process on a temporary data directory; the answers are compared.
 Environment: MSA_BIN = folder with engine_probe (default /work/main/build/bin);
 MSA_ENGINE_BACKEND = cpu (default), cuda or auto: the engine's backend;
 MSA_ENGINE_GPU = JSON object of CUDA backend knobs for engine_probe ("shards",
-"routing_kb", "cache_kb", "coalesce_us", "lanes", "scratch_kb"); with the cuda
+"routing_kb", "cache_kb", "coalesce_us", "evict_grace_ms" (default 0 here: page out at
+once), "lanes", "scratch_kb"); with the cuda
 backend every scenario also checks that the device answered (no CPU fallback)
 and MSA_ENGINE_GPU_EXPECT (comma list of counters, e.g. "page_outs,
-cache_evictions") names counters that must end above zero over the whole run;
+cache_evictions") names counters that must end above zero over the whole run,
+MSA_ENGINE_GPU_EXPECT_ZERO counters that must stay zero;
 MSA_KEEP_TMP=1 keeps the scenario folders (scripts, .npy files, results);
 MSA_TEST_SEED=n shifts every random seed (default 0: reproducible runs).
 Exit status: 0 when every test passed; the last line is unittest's summary
@@ -52,6 +54,7 @@ BIN = os.environ.get("MSA_BIN", "/work/main/build/bin")
 BACKEND = os.environ.get("MSA_ENGINE_BACKEND", "cpu")   # cpu | cuda | auto
 GPU_KNOBS = json.loads(os.environ.get("MSA_ENGINE_GPU", "{}"))
 GPU_EXPECT = [c for c in os.environ.get("MSA_ENGINE_GPU_EXPECT", "").split(",") if c]
+GPU_EXPECT_ZERO = [c for c in os.environ.get("MSA_ENGINE_GPU_EXPECT_ZERO", "").split(",") if c]
 GPU_TOTALS: dict = {}                                    # counters summed over every probe run
 PROBE = os.path.join(BIN, "engine_probe")
 KEEP = os.environ.get("MSA_KEEP_TMP") == "1"
@@ -1133,6 +1136,11 @@ def main():
         for c in GPU_EXPECT:
             if GPU_TOTALS.get(c, 0) == 0:
                 print(f"FAIL: counter {c} stayed 0: the path it counts never ran")
+                failed += 1
+                passed -= 1 if passed else 0
+        for c in GPU_EXPECT_ZERO:
+            if GPU_TOTALS.get(c, 0) != 0:
+                print(f"FAIL: counter {c} is {GPU_TOTALS[c]}, want 0")
                 failed += 1
                 passed -= 1 if passed else 0
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
