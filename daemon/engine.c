@@ -1209,6 +1209,78 @@ static int check_top_k(const msa_schema_t *s, uint32_t top_k, uint32_t *k, msa_s
 }
 
 /* Routes one validated layer query over the snapshot. */
+/* I8 re-rank: candidates per wanted hit, and at least this many extra. */
+#define RERANK_FACTOR 4
+#define RERANK_MIN_EXTRA 16
+
+static int cmp_hit(const void *a, const void *b)
+{
+    const msa_idx_hit_t *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+/* Re-scores the n candidates of layer query i from their stored router keys
+ * (the stored keys are the truth, SEMANTICS "Routing" step 2; I8 is only the
+ * index's form of them) in float32, and sorts them best first. */
+static int rerank_stored(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32_t i,
+                         msa_idx_hit_t *hits, uint32_t n, msa_status_t *st)
+{
+    const msa_schema_t *sc = &s->coll.schema;
+    const uint32_t H = sc->kv_heads, D = sc->head_dim;
+    const bool cosine = sc->similarity == MSA_SIM_COSINE;
+    const msa_block_kind_t kind = sc->separate_router_keys ? MSA_BLOCK_R : MSA_BLOCK_K;
+    const msa_dtype_t dt = sc->kv_dtype; /* I8 routing: router keys stored in kv_dtype */
+    const size_t row = (size_t)H * D;
+    msa_idx_scorer_t *scorer = NULL;
+    int rc = msa_idx_scorer_create(qs->rq[i], qs->T[i], sc->query_heads, H, D, cosine,
+                                   sc->head_reduce, sc->query_reduce, MSA_DT_F32,
+                                   msa_idx_get_isa(e->idx), &scorer);
+    if (rc) return msa_status_set(st, rc, "route: re-rank: %s", msa_strerror(rc));
+    float *keys = NULL, *rs = NULL;
+    size_t cap = 0;
+    for (uint32_t c = 0; c < n && rc == MSA_OK; c++) {
+        msa_store_view_t v;
+        rc = msa_store_block_get(s->txn, s->coll.id, hits[c].id, (uint16_t)qs->pos[i], kind, &v);
+        if (rc == MSA_OK && v.len % (row * msa_dtype_size(dt)) != 0) rc = MSA_ECORRUPT;
+        if (rc) {
+            msa_status_set(st, rc == MSA_ENOTFOUND ? MSA_EINTERNAL : rc,
+                           "route: collection \"%s\" document %llu layer %u router block: %s",
+                           s->coll.name, (unsigned long long)hits[c].id, sc->layers[qs->pos[i]],
+                           rc == MSA_ECORRUPT ? "stored data is damaged" : msa_strerror(rc));
+            break;
+        }
+        size_t rows = v.len / (row * msa_dtype_size(dt));
+        if (rows > cap) {
+            float *k2 = realloc(keys, rows * row * sizeof *k2), *r2 = realloc(rs, rows * sizeof *r2);
+            if (k2) keys = k2;
+            if (r2) rs = r2;
+            if (!k2 || !r2) {
+                rc = msa_status_set(st, MSA_ENOMEM, "route: out of memory");
+                break;
+            }
+            cap = rows;
+        }
+        msa_tensor_to_f32(dt, v.data, rows * row, keys);
+        if (cosine) msa_tensor_l2_normalize(keys, rows * H, D);
+        msa_idx_scorer_run(scorer, keys, NULL, rows, rs);
+        float best = rows ? rs[0] : -INFINITY;
+        if (sc->chunk_reduce == MSA_CHUNK_MEAN) {
+            float sum = 0.0f;
+            for (size_t r = 0; r < rows; r++) sum += rs[r];
+            best = rows ? sum / (float)rows : -INFINITY;
+        } else {
+            for (size_t r = 1; r < rows; r++) best = rs[r] > best ? rs[r] : best;
+        }
+        hits[c].score = isnan(best) ? -INFINITY : best;
+    }
+    if (rc == MSA_OK) qsort(hits, n, sizeof *hits, cmp_hit);
+    free(keys);
+    free(rs);
+    msa_idx_scorer_destroy(scorer);
+    return rc;
+}
+
 static int route_layer(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32_t i, uint32_t k,
                        const uint64_t *excl, size_t n_excl, uint64_t **ids, float **scores,
                        uint32_t *n, msa_status_t *st)
@@ -1220,9 +1292,32 @@ static int route_layer(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32
         free(hits);
         return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
     }
+    /* I8 keys are an approximation of the stored keys: ask the index for more
+     * candidates and re-score them from the stored keys (rerank_stored). */
+    const bool i8 = s->coll.schema.routing_dtype == MSA_DT_I8;
+    uint32_t want = k;
+    if (i8) {
+        want = k * RERANK_FACTOR < k + RERANK_MIN_EXTRA ? k + RERANK_MIN_EXTRA : k * RERANK_FACTOR;
+        if (want > MSA_MAX_TOP_K) want = MSA_MAX_TOP_K;
+        msa_idx_hit_t *more = realloc(hits, want * sizeof *hits);
+        if (!more) {
+            free(hits);
+            return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
+        }
+        hits = more;
+    }
     msa_idx_route_args_t a = {.layer_pos = (uint32_t)qs->pos[i], .q = qs->rq[i], .T = qs->T[i],
-                              .snapshot = s->seq, .exclude = excl, .n_exclude = n_excl, .top_k = k};
+                              .snapshot = s->seq, .exclude = excl, .n_exclude = n_excl,
+                              .top_k = want};
     int rc = msa_idx_route(e->idx, s->ic, &a, hits, n);
+    if (rc == MSA_OK && i8) {
+        rc = rerank_stored(e, s, qs, i, hits, *n, st);
+        if (rc) {
+            free(hits);
+            return rc;
+        }
+        if (*n > k) *n = k;
+    }
     for (uint32_t h = 0; h < *n; h++) {
         (*ids)[h] = hits[h].id;
         (*scores)[h] = hits[h].score;

@@ -10,7 +10,8 @@ What it models:
     stored dtype;
   * routing with every schema option (COSINE/DOT, HEAD_MEAN/MAX,
     QUERY_MAX/MEAN/LAST, CHUNK_MAX/MEAN, exclude_ids, ties by smaller id, top_k),
-    with scores in float64 from the keys as stored (and as quantised for I8);
+    with scores in float64 from the keys as stored (for I8 too: the I8 index
+    only picks candidates, msad re-scores them from the stored keys);
   * attention with scale, lse and out dtype;
   * a store: collections, documents with versions and seqs, CAS rules,
     deletes, multi-op requests applied all-or-nothing, commit_seq.
@@ -27,6 +28,10 @@ Decisions where SEMANTICS is silent (tests/test_engine.py states them too):
     an index that keeps normalised keys in float32 instead; the difference is
     far inside the test tolerances.
   * I8 quantisation rounds half away from zero: q = round(x / s), s = max|x|/127.
+  * I8 routing returns the scores of the stored keys (kv_dtype): the quantised
+    index finds 4 x top_k (at least top_k + 16) candidates and msad re-scores
+    them in float32 from the stored router keys. Set Oracle.i8_rerank = False
+    to model scores of the quantised keys instead.
 """
 from __future__ import annotations
 
@@ -245,6 +250,7 @@ def valid_name(name: str) -> bool:
 
 class Oracle:
     index_round = True   # see module docstring
+    i8_rerank = True     # see module docstring
 
     # -- the routing keys of one (document, layer) as the index holds them --
     def index_keys(self, schema: Schema, router_stored: np.ndarray) -> np.ndarray:
@@ -257,7 +263,7 @@ class Oracle:
             k = l2_normalize(k).astype(np.float32)
             if self.index_round and schema.routing_dtype in (F16, BF16):
                 k = round_to(schema.routing_dtype, k)
-        if schema.routing_dtype == I8:
+        if schema.routing_dtype == I8 and not self.i8_rerank:
             q, s = quantize_i8(k)
             return q.astype(np.float64) * s.astype(np.float64)
         return k.astype(np.float64)

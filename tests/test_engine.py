@@ -20,7 +20,7 @@ Exit status: 0 when every test passed; the last line is unittest's summary
 followed by "N passed, N failed".
 
 Tolerances (routing scores, relative to max|q|*max|k| per layer, 1 for COSINE):
-F32 1e-4, F16/BF16 1e-2, I8 3e-2. Two documents whose oracle scores are closer
+F32 1e-4, F16/BF16 1e-2, I8 1e-3 (msad re-scores I8 candidates from the stored keys). Two documents whose oracle scores are closer
 than that may come back in either order. Attention: out within a few ulps of
 the out dtype times max|V|, lse within 1e-4 * (1 + scale * max|q| * max|k|).
 
@@ -60,7 +60,7 @@ PROBE = os.path.join(BIN, "engine_probe")
 KEEP = os.environ.get("MSA_KEEP_TMP") == "1"
 SEED = int(os.environ.get("MSA_TEST_SEED", "0"))        # vary the random stores
 
-ROUTE_TOL = {O.F32: 1e-4, O.F16: 1e-2, O.BF16: 1e-2, O.I8: 3e-2}
+ROUTE_TOL = {O.F32: 1e-4, O.F16: 1e-2, O.BF16: 1e-2, O.I8: 1e-3}  # I8: re-scored from stored keys
 OUT_TOL = {O.F32: 2e-5, O.F16: 2e-3, O.BF16: 1.6e-2}
 STORE_ULP = {O.F32: 2.0 ** -23, O.F16: 2.0 ** -10, O.BF16: 2.0 ** -7}
 DT_NAMES = O.DTYPE_NAMES

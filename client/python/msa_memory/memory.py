@@ -31,6 +31,7 @@ Design (README "Agent memory" says the same):
   come back as bytes).
 """
 
+import inspect
 import json
 import secrets
 import time
@@ -321,13 +322,22 @@ class Memory:
         texts = self._texts([i for i, _ in ranked])
         return [Hit(i, s, *texts[i]) for i, s in ranked if i in texts]
 
-    def _interleave_query(self, question, evidence):
+    def _interleave_query(self, question, evidence, relevance=None):
         """The routing query of an interleave round. An encoder may define
-        encode_interleave(question, evidence_texts) (LexicalEncoder does); otherwise
-        the question and the evidence are joined with blank lines and encoded as one
-        query, as a model would read them in its context."""
+        encode_interleave(question, evidence_texts[, relevance]) (LexicalEncoder
+        does); relevance, one float per evidence text, is the note's score divided by
+        the best score of the round that read it (1.0 for a round's top note), passed
+        when the method takes a `relevance` argument. Otherwise the question and the
+        evidence are joined with blank lines and encoded as one query, as a model
+        would read them in its context."""
         f = getattr(self.encoder, "encode_interleave", None)
         if f is not None:
+            try:
+                takes = "relevance" in inspect.signature(f).parameters
+            except (TypeError, ValueError):
+                takes = False
+            if takes and relevance is not None:
+                return f(question, evidence, relevance=relevance)
             return f(question, evidence)
         return self.encoder.encode_query("\n\n".join([question] + list(evidence)))
 
@@ -338,15 +348,18 @@ class Memory:
         excluding every note already read; stop when max_rounds rounds ran, the
         token budget (tokens of evidence, as the encoder counts them) is used up, or
         no unread note scores >= threshold. A selected note that would overflow the
-        budget is skipped (and excluded from later rounds). Returns an
+        budget is skipped (and excluded from later rounds). Each evidence note's
+        relevance (its score / the best score of its round) goes to the encoder's
+        encode_interleave when it takes one (LexicalEncoder drops weak runners-up
+        from the query, see its focus_gate). Returns an
         InterleaveResult (evidence in reading order, per-round trace, stop reason)."""
-        evidence, trace = [], []
+        evidence, trace, relevance = [], [], []
         read, excluded = [], []
         used = 0
         stop = "rounds"
         for rnd in range(max_rounds):
             t0 = time.monotonic()
-            q = self._interleave_query(question, [h.text for h in evidence])
+            q = self._interleave_query(question, [h.text for h in evidence], relevance)
             ranked, _ = self.route(None, k_per_round, exclude_ids=excluded, encoded=q)
             cands = [(i, s) for i, s in ranked if s >= threshold]
             step = {"round": rnd + 1, "query_tokens": q.tokens,
@@ -357,6 +370,7 @@ class Memory:
                 stop = "threshold" if ranked else "exhausted"
                 break
             texts = self._texts([i for i, _ in cands])
+            best = cands[0][1]
             for i, s in cands:
                 excluded.append(i)
                 if i not in texts:
@@ -370,6 +384,7 @@ class Memory:
                 read.append(i)
                 step["read"].append(i)
                 evidence.append(Hit(i, s, text, meta))
+                relevance.append(s / best if best > 0 else 1.0)
             step["tokens_used"] = used
             step["ms"] = round(1000 * (time.monotonic() - t0), 2)
             if used >= token_budget:
