@@ -1264,15 +1264,7 @@ static int rerank_stored(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint
         msa_tensor_to_f32(dt, v.data, rows * row, keys);
         if (cosine) msa_tensor_l2_normalize(keys, rows * H, D);
         msa_idx_scorer_run(scorer, keys, NULL, rows, rs);
-        float best = rows ? rs[0] : -INFINITY;
-        if (sc->chunk_reduce == MSA_CHUNK_MEAN) {
-            float sum = 0.0f;
-            for (size_t r = 0; r < rows; r++) sum += rs[r];
-            best = rows ? sum / (float)rows : -INFINITY;
-        } else {
-            for (size_t r = 1; r < rows; r++) best = rs[r] > best ? rs[r] : best;
-        }
-        hits[c].score = isnan(best) ? -INFINITY : best;
+        hits[c].score = msa_idx_chunk_reduce(rs, rows, sc->chunk_reduce == MSA_CHUNK_MEAN);
     }
     if (rc == MSA_OK) qsort(hits, n, sizeof *hits, cmp_hit);
     free(keys);

@@ -295,16 +295,7 @@ static int sim_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
             excluded(a->exclude, a->n_exclude, en->doc))
             continue;
         const float *s = a->scores + (en->row0 - a->row_base);
-        float best = s[0];
-        if (a->chunk_mean) {
-            float sum = 0.0f;
-            for (uint32_t r = 0; r < en->nrows; r++) sum += s[r];
-            best = sum / (float)en->nrows;
-        } else {
-            for (uint32_t r = 1; r < en->nrows; r++) best = s[r] > best ? s[r] : best;
-        }
-        if (isnan(best)) best = -INFINITY;
-        msa_idx_topk_push(&tk, best, en->doc);
+        msa_idx_topk_push(&tk, msa_idx_chunk_reduce(s, en->nrows, a->chunk_mean), en->doc);
     }
     *a->n_out = msa_idx_topk_finish(&tk, a->out);
     return MSA_OK;

@@ -596,16 +596,8 @@ static void route_task(void *arg, size_t task, unsigned worker)
         const float *s = scores;
         for (size_t k = first; k < e; k++) {
             uint32_t n = c->ent[k].nrows;
-            float best = s[0];
-            if (chunk_mean) {
-                float sum = 0.f;
-                for (uint32_t r = 0; r < n; r++) sum += s[r];
-                best = sum / (float)n;
-            } else {
-                for (uint32_t r = 1; r < n; r++) best = s[r] > best ? s[r] : best;
-            }
-            if (isnan(best)) best = -INFINITY;
-            msa_idx_topk_push(&j->topk[task], best, c->ent[k].doc);
+            msa_idx_topk_push(&j->topk[task], msa_idx_chunk_reduce(s, n, chunk_mean),
+                              c->ent[k].doc);
             s += n;
         }
     }

@@ -77,6 +77,11 @@ void msa_idx_scorer_columns(const msa_idx_scorer_t *s, float *cols);
 void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float *scales,
                         size_t nrows, float *out);
 
+/* Document score from its rows' scores (SEMANTICS "Routing" step 5): max, or
+ * the float32 mean in row order (mean); NaN -> -INFINITY; n == 0 -> -INFINITY.
+ * The CPU scan, the simulated device and the I8 re-rank all reduce this way. */
+float msa_idx_chunk_reduce(const float *s, size_t n, bool mean);
+
 /* ---- top-k ------------------------------------------------------------------ */
 
 typedef struct msa_idx_hit {

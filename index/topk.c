@@ -77,3 +77,17 @@ uint32_t msa_idx_topk_finish(msa_idx_topk_t *t, msa_idx_hit_t *out)
     t->n = 0;
     return n;
 }
+
+float msa_idx_chunk_reduce(const float *s, size_t n, bool mean)
+{
+    if (n == 0) return -INFINITY;
+    float best = s[0];
+    if (mean) {
+        float sum = 0.0f;
+        for (size_t r = 0; r < n; r++) sum += s[r];
+        best = sum / (float)n;
+    } else {
+        for (size_t r = 1; r < n; r++) best = s[r] > best ? s[r] : best;
+    }
+    return isnan(best) ? -INFINITY : best;
+}

@@ -7,7 +7,10 @@ Corpus (deterministic for a seed):
     split on lines holding only '%', stripped, de-duplicated: ~15.1K texts). Up to
     that many, a seeded sample without repetition; above it (100K), every fortune
     once plus "augmented" documents, each the join of two different random fortunes
-    (a seeded pair, never the same pair twice).
+    (a seeded pair, never the same pair twice). So at 100K every fortune occurs in ~12
+    documents: an interleave query that appends a weakly matching runner-up's text
+    routes straight to that text's copies (the v1 lexical encoder's two-hop recall
+    fell to 0.055 for this reason; see LexicalEncoder.focus_gate).
   * planted facts, each embedded in a random host fortune (before or after it):
     single-hop: one sentence naming an invented entity and its answer; the question
     shares the entity name and some words with it.
@@ -303,7 +306,8 @@ def run_size(n, args, fortunes):
     docs, questions = corpus(n, n_single, n_chain, args.seed, fortunes)
     t_corpus = time.monotonic() - t0
     res = {"documents": n, "single": n_single, "chains": n_chain}
-    enc = LexicalEncoder()
+    enc = LexicalEncoder(**json.loads(args.encoder_kw or "{}"))
+    res["encoder"] = enc.identity
     name = "eval_%d_%d" % (n, os.getpid())
     mem = Memory(args.addr, name, enc, timeout=600)
     try:
@@ -313,7 +317,8 @@ def run_size(n, args, fortunes):
         info = mem.client.describe(name)
         res.update({"ingest_s": round(t_ingest, 2), "docs_per_s": round(n / t_ingest, 1),
                     "chunks": info["chunks"], "tokens": info["tokens"],
-                    "stored_mb": round(info["bytes"] / 2**20, 1)})
+                    "stored_mb": round(info["bytes"] / 2**20, 1),
+                    "bytes_per_doc": int(info["bytes"] / n)})
         ix = {i: j for j, i in enumerate(ids)}
         lat = []
 
@@ -384,10 +389,13 @@ def table(results, rounds, kpr):
             line += " | %12.3f | %14s" % (lx, "%.3f" % tf[key] if key in tf else "-")
         lines.append(line)
     for r in results:
-        lines.append("%d docs: %d single + %d chains, %d chunks, %.1f MB stored, ingest %.1f s "
-                     "(%.0f docs/s), route p50 %.1f ms"
+        lines.append("%d docs: %d single + %d chains, %d chunks, %.1f MB stored (%d B/doc), "
+                     "ingest %.1f s (%.0f docs/s), route p50 %.1f ms"
                      % (r["documents"], r["single"], r["chains"], r["chunks"], r["stored_mb"],
-                        r["ingest_s"], r["docs_per_s"], r["lexical"]["route_ms_p50"]))
+                        r.get("bytes_per_doc", 0), r["ingest_s"], r["docs_per_s"],
+                        r["lexical"]["route_ms_p50"]))
+    if results and results[0].get("encoder"):
+        lines.append("encoder: " + results[0]["encoder"])
     return "\n".join(lines)
 
 
@@ -403,6 +411,9 @@ def main():
     ap.add_argument("--budget", type=int, default=2048, help="interleave token budget (words)")
     ap.add_argument("--threshold", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--encoder-kw", default="",
+                    help='LexicalEncoder arguments as JSON, e.g. \'{"chunk_tokens": 32, '
+                         '"char_layer": true, "focus_gate": 0}\' (v1-like settings)')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-tfidf", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the collections")

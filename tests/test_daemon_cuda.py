@@ -101,13 +101,17 @@ class CudaDaemonTest(unittest.TestCase):
             np.testing.assert_allclose(from_tensor(la.out), out, rtol=1e-3, atol=1e-3)
             np.testing.assert_allclose(from_tensor(la.lse), lse, rtol=1e-3, atol=1e-3)
 
-    def test_1_oracle_route_attend_update_delete(self):
+    def create(self, name, dtype, separate, similarity, head_reduce):
+        """Creates the collection; returns its oracle schema."""
         kw = dict(layers=LAYERS, kv_heads=H, query_heads=HQ, head_dim=D, chunk_tokens=P,
-                  kv_dtype=O.BF16, routing_dtype=O.BF16, separate_router_keys=True,
-                  similarity=O.DOT, head_reduce=O.HEAD_MAX, query_reduce=O.QUERY_MEAN,
+                  kv_dtype=dtype, routing_dtype=dtype, separate_router_keys=separate,
+                  similarity=similarity, head_reduce=head_reduce, query_reduce=O.QUERY_MEAN,
                   chunk_reduce=O.CHUNK_MAX)
-        self.m.CreateCollection(pb.CreateCollectionRequest(name="g", schema=pb.CollectionSchema(**kw)))
-        osch = O.Schema(**kw)
+        self.m.CreateCollection(pb.CreateCollectionRequest(name=name, schema=pb.CollectionSchema(**kw)))
+        return O.Schema(**kw)
+
+    def test_1_oracle_route_attend_update_delete(self):
+        osch = self.create("g", O.BF16, True, O.DOT, O.HEAD_MAX)
         docs = {}
         self.write_docs("g", osch, docs, range(1, 41), 0)
         self.check_attend("g", osch, docs, 6, [3, 17])
@@ -120,12 +124,7 @@ class CudaDaemonTest(unittest.TestCase):
         self.check_attend("g", osch, docs, 12, [])   # warm K/V cache, same answers
 
     def test_2_concurrent_routes_coalesce(self):
-        kw = dict(layers=LAYERS, kv_heads=H, query_heads=HQ, head_dim=D, chunk_tokens=P,
-                  kv_dtype=O.F32, routing_dtype=O.F32, separate_router_keys=False,
-                  similarity=O.COSINE, head_reduce=O.HEAD_MEAN, query_reduce=O.QUERY_MEAN,
-                  chunk_reduce=O.CHUNK_MAX)
-        self.m.CreateCollection(pb.CreateCollectionRequest(name="c", schema=pb.CollectionSchema(**kw)))
-        osch = O.Schema(**kw)
+        osch = self.create("c", O.F32, False, O.COSINE, O.HEAD_MEAN)
         docs, ops = {}, []
         for i in range(1, 301):
             n = 1 + i % 5

@@ -21,6 +21,7 @@
  */
 #include "dev.h"
 #include "harness.h"
+#include "ref_util.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -32,55 +33,8 @@ static bool g_cuda;                 /* device under test */
 static msa_dev_t *g_dev[2];         /* [0] GEMM-forced, [1] GEMM-never (same for sim) */
 static const char *const g_path_name[2] = {"gemm", "fused"};
 
-static uint64_t g_rng = 0x243f6a8885a308d3ull;
-static uint64_t rnd(void)
-{
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return g_rng;
-}
-static double urand(void) { return (double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0; }
 
-/* ==== independent dtype codecs ============================================== */
-
-static uint16_t to_bf16(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    u += 0x7fffu + ((u >> 16) & 1u); /* finite inputs only */
-    return (uint16_t)(u >> 16);
-}
-static double from_bf16(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-/* Half via frexp/ldexp: the test keeps values in the normal range or zero. */
-static uint16_t to_f16(float x)
-{
-    if (x == 0.0f) return 0;
-    uint16_t sign = x < 0 ? 0x8000 : 0;
-    int e;
-    double m = frexp(fabs((double)x), &e);
-    double man = nearbyint((m * 2.0 - 1.0) * 1024.0);
-    e -= 1;
-    if (man >= 1024.0) {
-        man = 0;
-        e++;
-    }
-    if (e < -14) return sign;
-    return (uint16_t)(sign | (uint16_t)((e + 15) << 10) | (uint16_t)man);
-}
-static double from_f16(uint16_t h)
-{
-    int e = (h >> 10) & 0x1f;
-    double m = h & 0x3ff;
-    double v = e == 0 ? ldexp(m, -24) : ldexp(1.0 + m / 1024.0, e - 15);
-    return (h & 0x8000) ? -v : v;
-}
+/* Independent dtype codecs: ref_util.h. */
 
 static size_t dt_size(msa_dtype_t dt) { return dt == MSA_DT_F32 ? 4 : dt == MSA_DT_I8 ? 1 : 2; }
 

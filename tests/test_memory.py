@@ -169,6 +169,13 @@ class MemoryTest(unittest.TestCase):
     def test_model_mismatch(self):
         e1, e2 = LexicalEncoder(seed=0), LexicalEncoder(seed=1)
         self.assertNotEqual(e1.identity, e2.identity)
+        # every setting that changes latents or queries changes the identity, and v1
+        # collections (32-word chunks, char layer) are refused by v2 encoders
+        ids = {LexicalEncoder(**kw).identity for kw in
+               ({}, {"chunk_tokens": 32}, {"char_layer": True}, {"focus_gate": 0.5},
+                {"kv_heads": 4}, {"head_dim": 64}, {"caps_boost": 1.0})}
+        self.assertEqual(len(ids), 7)
+        self.assertTrue(e1.identity.startswith("msa_memory.LexicalEncoder/v2:"))
         with Memory(self.addr, "model", e1) as m:
             m.add("Only latents of encoder one go here.")
             self.assertEqual(m.client.describe("model")["schema"]["model"], e1.identity)
@@ -191,8 +198,8 @@ class MemoryTest(unittest.TestCase):
         self.assertEqual(cm.exception.code, grpc.StatusCode.NOT_FOUND)
 
     # -- exact search -----------------------------------------------------------------
-    def _exact(self, name, kv_dtype, routing_dtype, tol):
-        enc = LexicalEncoder()
+    def _exact(self, name, kv_dtype, routing_dtype, tol, **enc_kw):
+        enc = LexicalEncoder(**enc_kw)
         texts = (FORTUNES[:300] if FORTUNES else
                  ["text %d with words w%d and w%d" % (i, i % 17, i % 5) for i in range(300)])
         texts = texts + [" ".join(texts[i:i + 5]) for i in range(0, 60, 5)]   # multi-chunk docs
@@ -240,12 +247,70 @@ class MemoryTest(unittest.TestCase):
             self.assertEqual(hits[0].text, texts[7])
 
     def test_search_exact_f32(self):
-        self._exact("exact32", "f32", "f32", 1e-5)
+        # two layers (words + character trigrams): the layer fusion is exercised too
+        self._exact("exact32", "f32", "f32", 1e-5, char_layer=True)
 
     def test_search_bf16(self):
         self._exact("exact16", "bf16", "bf16", 8e-3)
 
     # -- interleave -------------------------------------------------------------------
+    def test_sentences_and_focus_gate(self):
+        S = LexicalEncoder.sentences
+        # an abbreviation or an initial does not end a sentence
+        self.assertEqual(S("What did Dr. Dynzheis prescribe for a migraine?"),
+                         ["What did Dr. Dynzheis prescribe for a migraine?"])
+        self.assertEqual(len(S("Ask J. R. Smith. Then leave!")), 2)
+        # a line ending in a capitalised word (an attribution) ends a unit; prose
+        # wrapped mid-sentence does not
+        self.assertEqual(S("Be brief.\n\t\t-- Warren H. Goldsmith\nThe Kerbax orchestra "
+                           "is conducted by Klanrax Stirk."),
+                         ["Be brief.", "-- Warren H. Goldsmith",
+                          "The Kerbax orchestra is conducted by Klanrax Stirk."])
+        self.assertEqual(S("The ledger was entrusted to\nTessa Quibble.\n\nNext one"),
+                         ["The ledger was entrusted to Tessa Quibble.", "Next one"])
+        enc = LexicalEncoder()
+        q = "Where does the keeper of the Orvaline ledger live now?"
+        ev = ["The Orvaline ledger was entrusted to Tessa Quibble.",
+              "If you are given a take-home exam, you will forget where you live."]
+        flat = lambda w: {x for win in w for x in win}          # noqa: E731
+        full = flat(enc.interleave_windows(q, ev))
+        self.assertTrue({"Tessa", "Quibble", "exam"} <= full)
+        gated = flat(enc.interleave_windows(q, ev, relevance=[1.0, 0.6]))
+        self.assertIn("Quibble", gated)
+        self.assertNotIn("exam", gated)                         # a weak runner-up: no rows
+        self.assertEqual(gated, flat(enc.interleave_windows(q, ev[:1])))
+        with self.assertRaises(ValueError):
+            enc.interleave_windows(q, ev, relevance=[1.0])
+
+    def test_interleave_passes_relevance(self):
+        seen = []
+
+        class Rec(LexicalEncoder):
+            def encode_interleave(self, question, evidence, relevance=None):
+                seen.append((len(evidence), None if relevance is None else list(relevance)))
+                return super().encode_interleave(question, evidence, relevance)
+
+        with Memory(self.addr, "ilrel", Rec()) as m:
+            m.add_many(FORTUNES[:100] or ["filler %d about keys" % i for i in range(100)])
+            m.add("The spare key is under the blue flower pot.")
+            r = m.interleave("where is the spare key?", max_rounds=3, k_per_round=2,
+                             token_budget=4000, threshold=0.0)
+        self.assertEqual(seen[0], (0, []))
+        self.assertEqual(len(seen), len(r.trace))
+        for n, rel in seen[1:]:
+            self.assertEqual(len(rel), n)
+            self.assertTrue(all(0 < x <= 1.0 + 1e-9 for x in rel))
+            self.assertEqual(rel[0], 1.0)                       # a round's top note
+        # the last round's query saw the notes read before it, each with its score /
+        # the best score of the round that read it
+        self.assertEqual(len(r.trace), 3)
+        want = []
+        for t in r.trace[:-1]:
+            best = t["candidates"][0][1]
+            want += [dict(t["candidates"])[i] / best for i in t["read"]]
+        self.assertEqual(len(want), 4)
+        np.testing.assert_allclose(seen[-1][1], want, atol=1e-4)
+
     def test_interleave_mechanics(self):
         with Memory(self.addr, "il", LexicalEncoder()) as m:
             a = m.add("The Orvaline ledger was entrusted to Tessa Quibble.")
@@ -289,10 +354,10 @@ class MemoryTest(unittest.TestCase):
             print("bounded eval, tf-idf baseline:", {k: round(v, 3) for k, v in r2.items()})
         except ImportError:
             print("tf-idf baseline skipped: python3-sklearn not installed")
-        self.assertGreaterEqual(res["single_recall@5"], 0.9)
-        self.assertGreaterEqual(res["single_recall@1"], 0.7)
+        self.assertGreaterEqual(res["single_recall@5"], 0.95)
+        self.assertGreaterEqual(res["single_recall@1"], 0.9)
         self.assertGreaterEqual(res["chain_search_A@6"], 0.9)
-        self.assertGreaterEqual(res["chain_interleave_both"], 0.7)
+        self.assertGreaterEqual(res["chain_interleave_both"], 0.9)
         self.assertGreaterEqual(res["chain_interleave_both"], res["chain_search_both@6"] + 0.5)
         self.assertGreaterEqual(res["chain_interleave_both"], res["chain_search_both@10"] + 0.5)
         self.assertGreaterEqual(res["single_interleave_recall"], 0.9)

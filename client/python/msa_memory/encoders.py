@@ -158,9 +158,10 @@ def _splitmix64(x):
 class LexicalEncoder(Encoder):
     """A deterministic, model-free lexical baseline (NOT Memory Sparse Attention).
 
-    Tokens are words (``[^\\W_]+``). A document is cut into chunks of P words (P = 32
-    by default: fortunes and notes are short); each chunk becomes one pooled row per
-    layer and head:
+    Tokens are words (``[^\\W_]+``). A document is cut into chunks of P words (P = 16
+    by default: a planted fact inside a longer note keeps most of a chunk's weight;
+    P = 32 lost single-hop recall@1 0.97 -> 0.905 at 100K fortunes); each chunk
+    becomes one pooled row per layer and head:
 
       * layer 0 ("words"): content-word unigrams and bigrams of adjacent content
         words (weight ``bigram_weight``), stopwords dropped, lower-cased, a plural 's'
@@ -168,9 +169,13 @@ class LexicalEncoder(Encoder):
         IDF; two corpus-free priors stand in: longer words weigh more
         (``length_prior``: 1 + lp * (clamp(len, 3, 10) - 6) / 4, Zipf's law of
         abbreviation), and capitalised words (names) weigh ``caps_boost`` times more;
-      * layer 1 ("chars", when ``char_layer``): character trigrams of each content
-        word with boundary marks (``^wo``, ``wor``, ``ord``, ``rd$``): spelling
-        variants and inflections still overlap.
+      * layer 1 ("chars", only when ``char_layer``; off by default since v2):
+        character trigrams of each content word with boundary marks (``^wo``,
+        ``wor``, ``ord``, ``rd$``): spelling variants and inflections still overlap.
+        Measured on tests/eval_memory.py it costs recall: Memory fuses layers by the
+        mean score, and trigrams of common words rank the documents that share only
+        the question's common words high (two-hop interleave at 10K: 0.685 with it,
+        0.875 without), at twice the bytes and routing work.
 
     A feature with count tf in the chunk weighs ``w * (1 + log tf)`` (sublinear tf).
     Every feature is hashed (blake2b, 64 bits) and added with a +-1 sign into one of
@@ -178,10 +183,12 @@ class LexicalEncoder(Encoder):
     is an independent sketch of the same sparse vector, so under COSINE + HEAD_MEAN
     the score is the mean of H independent estimates of the cosine of the two
     feature vectors, and hash collisions average out. Similarity: COSINE, HEAD_MEAN,
-    QUERY_MAX, CHUNK_MAX; Hq = H.
+    QUERY_MAX, CHUNK_MAX; Hq = H. (Measured: replacing the sketch by the exact sparse
+    cosine, i.e. unlimited buckets, changes recall by <= 0.01 at 10K and 100K
+    fortunes; the 8 x 128 sketch is not what limits this baseline.)
 
-    Queries: one row per sentence (P-word windows when longer); QUERY_MAX takes the
-    best row. ``encode_interleave`` builds the query of a memory-interleave round
+    Queries: one row per sentence (see sentences(); P-word windows when longer);
+    QUERY_MAX takes the best row. ``encode_interleave`` builds the query of a memory-interleave round
     (see there).
 
     V = K: a lexical sketch has nothing to attend to; V is stored so that the
