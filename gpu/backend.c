@@ -100,8 +100,21 @@ struct msa_gpu {
     void *link;                    /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
     _Atomic uint64_t n_routes, n_streamed, n_fallback, n_batches, n_coalesced, n_page_in,
         n_page_out, n_syncs, n_att_dev, n_att_fallback;
-    bool warned_fallback;
+    atomic_bool warned_fallback;
+    atomic_bool disabled;          /* set by a device failure: everything goes to the CPU */
 };
+
+/* A device error (not lack of room) may leave the CUDA context unusable (a
+ * sticky error): the backend switches itself off and the CPU answers from
+ * then on, exactly. A restart of msad tries the device again. */
+static void device_failed(msa_gpu_t *g, const char *what, int rc)
+{
+    if (rc != MSA_EINTERNAL || atomic_exchange(&g->disabled, true)) return;
+    msa_log(MSA_LOG_ERROR,
+            "gpu: device error in %s (%s): the CUDA backend is off; Route and Attend are served "
+            "by the CPU until msad restarts (Stats gpu.disabled = 1)",
+            what, msa_strerror(rc));
+}
 
 static size_t align_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
 
@@ -911,6 +924,10 @@ static int accel_route(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_s
 {
     msa_gpu_t *g = ctx;
     *n_out = 0;
+    if (atomic_load(&g->disabled)) {
+        atomic_fetch_add(&g->n_fallback, 1);
+        return MSA_EUNAVAIL;
+    }
     if (v->n_ent == 0) return MSA_OK;
     waiter_t w = {.scorer = s, .snapshot = snapshot, .excl = excl, .n_excl = n_excl,
                   .top_k = top_k, .chunk_mean = v->schema->chunk_reduce == MSA_CHUNK_MEAN,
@@ -950,8 +967,8 @@ static int accel_route(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_s
         atomic_fetch_add(&g->n_routes, 1);
     } else {
         atomic_fetch_add(&g->n_fallback, 1);
-        if (!g->warned_fallback) {
-            g->warned_fallback = true;
+        device_failed(g, "route", rc);
+        if (!atomic_exchange(&g->warned_fallback, true)) {
             msa_log(MSA_LOG_WARN,
                     "gpu: collection %u layer %u answered by the CPU (%s); further fallbacks are "
                     "counted in Stats (gpu_routes_fallback)",
@@ -1008,6 +1025,7 @@ void msa_gpu_get_stats(msa_gpu_t *g, msa_gpu_stats_t *out)
     out->syncs = atomic_load(&g->n_syncs);
     out->attends_device = atomic_load(&g->n_att_dev);
     out->attends_fallback = atomic_load(&g->n_att_fallback);
+    out->disabled = atomic_load(&g->disabled);
     for (unsigned i = 0; i < g->n_dev; i++) {
         msa_gpu_kvcache_stats_t cs;
         msa_gpu_kvcache_stats(g->dev[i].cache, &cs);
@@ -1062,6 +1080,10 @@ static unsigned block_home(const msa_gpu_t *g, const msa_gpu_kvkey_t *k)
  * call (the engine attends on the CPU then). */
 int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
 {
+    if (atomic_load(&g->disabled)) {
+        atomic_fetch_add(&g->n_att_fallback, 1);
+        return MSA_EUNAVAIL;
+    }
     size_t esz = msa_dtype_size(a->kv_dtype), row = (size_t)a->H * a->D * esz;
     size_t nb = a->n ? a->n : 1;
     msa_gpu_kvblock_t **pin = calloc(nb, sizeof *pin);
@@ -1177,5 +1199,9 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
     free(home);
     free(desc);
     if (!loader_failed) atomic_fetch_add(rc == MSA_OK ? &g->n_att_dev : &g->n_att_fallback, 1);
+    if (!loader_failed && rc != MSA_OK) {
+        device_failed(g, "attend", rc);
+        rc = MSA_EUNAVAIL; /* the engine attends on the CPU */
+    }
     return rc;
 }

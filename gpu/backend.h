@@ -68,8 +68,9 @@ typedef struct msa_gpu_attend_args {
 } msa_gpu_attend_args_t;
 
 /* Attention over the documents' K/V, from the device cache where present.
- * MSA_EUNAVAIL when the blocks do not fit the cache/scratch (the caller then
- * attends on the CPU); loader errors are passed through. */
+ * MSA_EUNAVAIL when the device cannot take it (blocks do not fit the
+ * scratch, or a device error, which also switches the backend off): the
+ * caller then attends on the CPU. Loader errors are passed through. */
 int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a);
 /* A collection was dropped: its cached blocks go. */
 void msa_gpu_forget_coll(msa_gpu_t *g, uint32_t coll_id);
@@ -95,6 +96,7 @@ typedef struct msa_gpu_stats {
     uint64_t syncs;              /* mirror updates (appends, deletes, rebuilds) */
     uint64_t cache_hits, cache_misses, cache_evictions;
     uint64_t attends_device, attends_fallback;
+    bool disabled;               /* a device error switched the backend off */
 } msa_gpu_stats_t;
 
 void msa_gpu_get_stats(msa_gpu_t *g, msa_gpu_stats_t *out);

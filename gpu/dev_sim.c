@@ -6,6 +6,8 @@
  * (default 4096; pages never touched cost nothing) so out-of-memory paths can be exercised; copies are memcpy
  * (completed at once, so lane_sync has nothing to wait for); kernels are plain
  * loops that follow dev.h word for word. Never a serving backend.
+ * MSA_GPU_SIM_FAIL_AFTER=N makes every kernel call after the N-th fail with
+ * MSA_EINTERNAL, as a sticky CUDA error would (fault-injection tests).
  */
 #include "dev_impl.h"
 
@@ -14,6 +16,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +33,8 @@ struct msa_dev_lane {
 struct msa_dev {
     msa_dev_head_t head;
     int ordinal;
+    long fail_after;             /* kernel calls before the injected fault; < 0: never */
+    atomic_long kernel_calls;
     size_t mem_cap, mem_used;    /* bytes of simulated device memory */
     pthread_mutex_t lock;
     pthread_cond_t lane_free;
@@ -109,6 +114,8 @@ static int sim_open(int ordinal, unsigned lanes, size_t lane_scratch, size_t lan
     d->head.ops = &msa__dev_sim_ops;
     d->ordinal = ordinal;
     d->mem_cap = env_size("MSA_GPU_SIM_MEM_MB", 4096) << 20;
+    const char *fa = getenv("MSA_GPU_SIM_FAIL_AFTER");
+    d->fail_after = fa && *fa ? atol(fa) : -1;
     pthread_mutex_init(&d->lock, NULL);
     pthread_cond_init(&d->lane_free, NULL);
     d->lanes = calloc(lanes, sizeof *d->lanes);
@@ -203,6 +210,15 @@ static int sim_lane_sync(msa_dev_lane_t *l)
 
 /* ==== kernels ============================================================== */
 
+/* The fault injection of MSA_GPU_SIM_FAIL_AFTER. */
+static int injected_fault(msa_dev_lane_t *l, const char *what)
+{
+    msa_dev_t *d = l->head.dev;
+    if (d->fail_after < 0 || atomic_fetch_add(&d->kernel_calls, 1) < d->fail_after) return MSA_OK;
+    msa_log(MSA_LOG_ERROR, "simulated device %d: injected fault in %s", d->ordinal, what);
+    return MSA_EINTERNAL;
+}
+
 static float key_value(msa_dtype_t dt, const void *keys, size_t i)
 {
     switch (dt) {
@@ -219,7 +235,7 @@ static float key_value(msa_dtype_t dt, const void *keys, size_t i)
 
 static int sim_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a)
 {
-    (void)l;
+    if (injected_fault(l, "score")) return MSA_EINTERNAL;
     const uint32_t H = a->H, D = a->D, nc = a->ncol;
     if (!H || !D || !nc || (a->key_dtype == MSA_DT_I8 && !a->scales) ||
         (a->plan == MSA_DEV_PLAN_GENERAL && (!a->G || nc % a->G)))
@@ -283,7 +299,7 @@ static bool excluded(const uint64_t *ex, uint32_t n, uint64_t doc)
 
 static int sim_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
 {
-    (void)l;
+    if (injected_fault(l, "select")) return MSA_EINTERNAL;
     if (a->top_k == 0 || a->top_k > MSA_MAX_TOP_K) return MSA_EINVAL;
     if (a->work_bytes < msa__dev_select_work(a->n_ent, a->top_k)) return MSA_EINVAL;
     msa_idx_topk_t tk;
@@ -303,7 +319,7 @@ static int sim_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
 
 static int sim_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
 {
-    (void)l;
+    if (injected_fault(l, "attend")) return MSA_EINTERNAL;
     size_t R = 0;
     for (uint32_t b = 0; b < a->n_blocks; b++) R += a->blocks[b].nrows;
     size_t w = (size_t)a->H * a->D;

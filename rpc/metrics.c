@@ -120,6 +120,7 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
             fn(arg, "gpu.cache_evictions", g->cache_evictions);
             fn(arg, "gpu.attends_device", g->attends_device);
             fn(arg, "gpu.attends_fallback", g->attends_fallback);
+            fn(arg, "gpu.disabled", g->disabled);
         }
     }
 }
@@ -224,6 +225,8 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
             COUNTER("gpu_cache_evictions_total", "K/V blocks evicted (LRU).", g->cache_evictions);
             COUNTER("gpu_attends_total", "Attend layers computed on the device.", g->attends_device);
             COUNTER("gpu_attends_fallback_total", "Attend layers handed to the CPU.", g->attends_fallback);
+            fprintf(f, "# HELP msad_gpu_disabled 1 once a device error switched the CUDA backend off.\n"
+                       "# TYPE msad_gpu_disabled gauge\nmsad_gpu_disabled %d\n", g->disabled ? 1 : 0);
             fprintf(f, "# HELP msad_gpu_memory_bytes Device memory by use.\n"
                        "# TYPE msad_gpu_memory_bytes gauge\n");
             for (unsigned i = 0; i < es.n_gpu; i++) {

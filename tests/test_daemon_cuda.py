@@ -75,7 +75,8 @@ class CudaDaemonTest(unittest.TestCase):
             for l in LAYERS:
                 k, v, r = (self.rng.standard_normal((n, H, D)).astype(np.float32) for _ in range(3))
                 layers.append(pb.LayerKV(layer=l, k=tensor(k), v=tensor(v), router_k=tensor(r)))
-                kd[l], vd[l], rd[l] = (O.round_to(O.BF16, x) for x in (k, v, r))
+                kd[l], vd[l] = (O.round_to(osch.kv_dtype, x) for x in (k, v))
+                rd[l] = O.round_to(osch.routing_dtype, r)
             ops.append(pb.WriteOp(put=pb.Document(id=i, tokens=tokens, layers=layers)))
             docs[i] = O.Doc(id=i, version=1, tokens=tokens, chunks=n, created_seq=0,
                             updated_seq=0, text=b"", metadata=b"", k=kd, v=vd, r=rd)
@@ -180,6 +181,38 @@ class CudaDaemonTest(unittest.TestCase):
         for series in ("msad_gpu_routes_total", "msad_gpu_cache_hits_total",
                        'msad_gpu_memory_bytes{device="0",use="routing"}'):
             self.assertIn(series, text)
+
+
+@unittest.skipIf(REAL, "fault injection needs the simulated device")
+class CudaFaultTest(unittest.TestCase):
+    """A device error mid-service (injected: every simulated kernel call after
+    the 6th fails, as a sticky CUDA error would): msad switches the CUDA backend
+    off and keeps answering correctly from the CPU."""
+
+    def test_device_error_falls_back_to_cpu(self):
+        env = gpu_env()
+        env["MSA_GPU_SIM_FAIL_AFTER"] = "6"
+        saved = dict(os.environ)
+        os.environ.update(env)
+        d = Daemon(args=["--backend", "cuda", "--gpu-scratch-mb", "32", "--gpu-lanes", "2",
+                         "--gpu-routing-mb", "32", "--gpu-cache-mb", "8"])
+        try:
+            d.start()
+            t = CudaDaemonTest()
+            t.m, t.rng = d.memory(), np.random.default_rng(11)
+            osch = t.create("f", O.F32, True, O.DOT, O.HEAD_MEAN)
+            docs = {}
+            t.write_docs("f", osch, docs, range(1, 31), 0)
+            for _ in range(4):   # the fault hits during these; every answer stays right
+                t.check_attend("f", osch, docs, 5, [2])
+            c = t.m.Stats(pb.StatsRequest()).counters
+            self.assertEqual(c["gpu.disabled"], 1, c)
+            self.assertGreater(c["gpu.routes_fallback"] + c["gpu.attends_fallback"], 0, c)
+            self.assertIn("the CUDA backend is off", d.log_tail())
+        finally:
+            d.stop()
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 class CudaFlagsTest(unittest.TestCase):
