@@ -1320,6 +1320,28 @@ static int route_layer(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32
 
 /* ==== Route ============================================================================================ */
 
+typedef struct route_layers_ctx {
+    msa_engine_t *e;
+    snap_t *s;
+    const query_set_t *qs;
+    uint32_t k;
+    const uint64_t *excl;
+    size_t n_excl;
+    msa_route_result_t *r;
+    msa_status_t *st;             /* per layer */
+    int *rc;                      /* per layer */
+} route_layers_ctx_t;
+
+static void route_layer_task(void *arg, size_t i, unsigned worker)
+{
+    (void)worker;
+    route_layers_ctx_t *c = arg;
+    msa_layer_route_t *lr = &c->r->layers[i];
+    msa_status_clear(&c->st[i]);
+    c->rc[i] = route_layer(c->e, c->s, c->qs, (uint32_t)i, c->k, c->excl, c->n_excl,
+                           &lr->doc_ids, &lr->scores, &lr->n, &c->st[i]);
+}
+
 void msa_srv_route_result_free(msa_route_result_t *r)
 {
     if (!r) return;
@@ -1359,12 +1381,32 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
         goto done;
     }
     r->snapshot_seq = s.seq;
-    for (uint32_t i = 0; i < qs.n && rc == MSA_OK; i++) {
-        msa_layer_route_t *lr = &r->layers[r->n_layers++];
-        lr->layer = req->layers[i].layer;
-        rc = route_layer(e, &s, &qs, i, k, req->exclude_ids, req->n_exclude, &lr->doc_ids,
-                         &lr->scores, &lr->n, st);
+    r->n_layers = qs.n;
+    for (uint32_t i = 0; i < qs.n; i++) r->layers[i].layer = req->layers[i].layer;
+    route_layers_ctx_t lc = {.e = e, .s = &s, .qs = &qs, .k = k, .excl = req->exclude_ids,
+                             .n_excl = req->n_exclude, .r = r,
+                             .st = calloc(qs.n, sizeof *lc.st), .rc = calloc(qs.n, sizeof(int))};
+    if (!lc.st || !lc.rc) {
+        free(lc.st);
+        free(lc.rc);
+        rc = msa_status_set(st, MSA_ENOMEM, "route: out of memory");
+        goto done;
     }
+    /* On the CUDA backend the layers go to the device side by side (each
+     * layer is its own mirror and lane), so one layer's select latency hides
+     * behind another's pass. Not with I8: its re-rank reads the snapshot's
+     * LMDB txn, which serves one thread at a time. */
+    if (e->gpu && qs.n > 1 && s.coll.schema.routing_dtype != MSA_DT_I8)
+        msa_idx_pool_run(msa_idx_get_pool(e->idx), qs.n, route_layer_task, &lc);
+    else
+        for (uint32_t i = 0; i < qs.n; i++) route_layer_task(&lc, i, 0);
+    /* The first failing layer in request order names the error. */
+    for (uint32_t i = 0; i < qs.n && rc == MSA_OK; i++) {
+        rc = lc.rc[i];
+        if (rc) *st = lc.st[i];
+    }
+    free(lc.st);
+    free(lc.rc);
 done:
     query_set_free(&qs);
     snap_close(e, &s);

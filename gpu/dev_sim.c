@@ -330,6 +330,7 @@ static int sim_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
         size_t off = 0;
         for (uint32_t b = 0; b < a->n_blocks; b++) {
             size_t n = (size_t)a->blocks[b].nrows * w;
+            if (n == 0) continue; /* empty blocks may carry NULL pointers */
             msa_tensor_to_f32(a->kv_dtype, a->blocks[b].k, n, k + off);
             msa_tensor_to_f32(a->kv_dtype, a->blocks[b].v, n, v + off);
             off += n;
