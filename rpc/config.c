@@ -16,6 +16,7 @@ typedef enum {
     O_THREADS,
     O_HANDLERS,
     O_MAX_QUEUE,
+    O_MAX_QUEUE_MB,
     O_TOKENS,
     O_TLS_CERT,
     O_TLS_KEY,
@@ -68,6 +69,9 @@ static const optdef_t defs[O_COUNT] = {
     [O_HANDLERS] = {"handlers", "N", "request handler threads (default max(16, 4 x threads))"},
     [O_MAX_QUEUE] = {"max-queue", "N",
                      "calls waiting for a handler before RESOURCE_EXHAUSTED (default 4096)"},
+    [O_MAX_QUEUE_MB] = {"max-queue-mb", "N",
+                        "request bytes of the waiting calls, MiB, before RESOURCE_EXHAUSTED "
+                        "(default 1024)"},
     [O_TOKENS] = {"tokens-file", "FILE", "bearer tokens, one `token read|write|admin` per line"},
     [O_TLS_CERT] = {"tls-cert", "FILE", "TLS certificate chain (PEM); needs --tls-key"},
     [O_TLS_KEY] = {"tls-key", "FILE", "TLS private key (PEM)"},
@@ -188,6 +192,7 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_THREADS: return parse_uint(src, v, 0, 1024, &o->threads, st);
     case O_HANDLERS: return parse_uint(src, v, 0, 4096, &o->handlers, st);
     case O_MAX_QUEUE: return parse_uint(src, v, 0, 1u << 20, &o->max_queue, st);
+    case O_MAX_QUEUE_MB: return parse_uint(src, v, 1, 1u << 20, &o->max_queue_mb, st);
     case O_TOKENS: return set_str(&o->tokens_file, v, src, st);
     case O_TLS_CERT: return set_str(&o->tls_cert, v, src, st);
     case O_TLS_KEY: return set_str(&o->tls_key, v, src, st);

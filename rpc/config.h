@@ -34,6 +34,7 @@ typedef struct msa_rpc_opts {
     unsigned threads;           /* --threads N: pollers and engine compute threads (0 = cores) */
     unsigned handlers;          /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
     unsigned max_queue;         /* --max-queue N: calls waiting for a handler (0 = 4096) */
+    unsigned max_queue_mb;      /* --max-queue-mb N: their request bytes, MiB (0 = 1024) */
     char *tokens_file;          /* --tokens-file F */
     char *tls_cert, *tls_key;   /* --tls-cert F --tls-key F */
     char *tls_client_ca;        /* --tls-client-ca F */

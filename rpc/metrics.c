@@ -94,6 +94,7 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
     }
     fn(arg, "rpc.inflight", ld(&mx->inflight));
     fn(arg, "rpc.queued", ld(&mx->queued));
+    fn(arg, "rpc.queued_bytes", ld(&mx->queued_bytes));
     fn(arg, "rpc.busy_rejects", ld(&mx->busy_rejects));
     fn(arg, "rpc.bytes_in", ld(&mx->bytes_in));
     fn(arg, "rpc.bytes_out", ld(&mx->bytes_out));
@@ -174,6 +175,8 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
             (unsigned long long)ld(&mx->inflight));
     fprintf(f, "# TYPE msad_queued_requests gauge\nmsad_queued_requests %llu\n",
             (unsigned long long)ld(&mx->queued));
+    fprintf(f, "# TYPE msad_queued_request_bytes gauge\nmsad_queued_request_bytes %llu\n",
+            (unsigned long long)ld(&mx->queued_bytes));
     fprintf(f, "# TYPE msad_busy_rejects_total counter\nmsad_busy_rejects_total %llu\n",
             (unsigned long long)ld(&mx->busy_rejects));
     fprintf(f, "# TYPE msad_received_bytes_total counter\nmsad_received_bytes_total %llu\n",

@@ -35,6 +35,7 @@ typedef struct msa_rpc_metrics {
     msa_rpc_method_metrics_t *m;   /* n_methods entries */
     _Atomic uint64_t inflight;     /* calls accepted and not yet answered */
     _Atomic uint64_t queued;       /* calls waiting for a handler thread */
+    _Atomic uint64_t queued_bytes; /* their request bytes */
     _Atomic uint64_t busy_rejects; /* calls refused: handler queue full */
     _Atomic uint64_t bytes_in;     /* request payload bytes */
     _Atomic uint64_t bytes_out;    /* response payload bytes */

@@ -227,6 +227,7 @@ int main(int argc, char **argv) {
                                 .pollers = o.threads,
                                 .handlers = o.handlers,
                                 .max_queue = o.max_queue,
+                                .max_queue_bytes = (uint64_t)o.max_queue_mb << 20,
                                 .max_message = (size_t)o.max_message_mb << 20,
                                 .auth = auth,
                                 .tls_cert_pem = cert,

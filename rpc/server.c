@@ -83,6 +83,7 @@ typedef struct call {
     gpr_timespec deadline;
     grpc_metadata_array md;
     grpc_byte_buffer *payload; /* request; NULL when none arrived */
+    uint64_t queued_bytes;     /* payload bytes counted in the queue's budget */
     grpc_byte_buffer *resp;    /* response; NULL on error */
     grpc_slice details;        /* status message */
     int code;                  /* gRPC status sent */
@@ -110,6 +111,7 @@ struct msa_rpc_server {
     unsigned n_handlers;
     unsigned n_handlers_started;
     unsigned max_queue;
+    uint64_t max_queue_bytes;
     const msa_rpc_auth_t *auth;
     msa_rpc_metrics_t metrics;
     msa_rpc_ctx_t ctx;
@@ -125,6 +127,7 @@ struct msa_rpc_server {
     pthread_cond_t q_cv;
     call_t *q_head, *q_tail;
     size_t q_len;
+    uint64_t q_bytes;  /* request bytes of the queued calls */
     int q_quit; /* handlers exit once the queue is empty */
 
     /* shutdown notification (tag completes on pollers[0]) */
@@ -324,21 +327,38 @@ static const grpc_slice *find_auth(const grpc_metadata_array *md) {
 
 /* ==== handler pool ====================================================================== */
 
-/* Queues c for a handler; MSA_EFULL when the queue is at its limit. */
-static int enqueue(msa_rpc_server_t *s, call_t *c) {
+/* Queues c for a handler; MSA_EFULL when the queue is at its limit in calls
+ * or in request bytes. The byte budget bounds what queued requests hold in
+ * memory however large each one is (up to --max-message-mb). */
+static int enqueue(msa_rpc_server_t *s, call_t *c, msa_status_t *st) {
+    uint64_t bytes = c->payload ? (uint64_t)grpc_byte_buffer_length(c->payload) : 0;
     pthread_mutex_lock(&s->q_mu);
     if (s->q_len >= s->max_queue) {
         pthread_mutex_unlock(&s->q_mu);
-        return MSA_EFULL;
+        return msa_status_set(st, MSA_EFULL, "too many concurrent requests (%u queued); retry later",
+                              s->max_queue);
+    }
+    /* One call always fits an empty queue, so a large request still runs. */
+    if (s->q_len && s->q_bytes + bytes > s->max_queue_bytes) {
+        uint64_t held = s->q_bytes;
+        pthread_mutex_unlock(&s->q_mu);
+        return msa_status_set(st, MSA_EFULL,
+                              "too many concurrent requests: %llu bytes of requests queued, this one "
+                              "%llu, limit %llu (--max-queue-mb); retry later",
+                              (unsigned long long)held, (unsigned long long)bytes,
+                              (unsigned long long)s->max_queue_bytes);
     }
     c->next = NULL;
+    c->queued_bytes = bytes;
     if (s->q_tail)
         s->q_tail->next = c;
     else
         s->q_head = c;
     s->q_tail = c;
     s->q_len++;
+    s->q_bytes += bytes;
     atomic_fetch_add(&s->metrics.queued, 1);
+    atomic_fetch_add(&s->metrics.queued_bytes, bytes);
     pthread_cond_signal(&s->q_cv);
     pthread_mutex_unlock(&s->q_mu);
     return MSA_OK;
@@ -358,7 +378,9 @@ static void *handler_main(void *arg) {
         s->q_head = c->next;
         if (!s->q_head) s->q_tail = NULL;
         s->q_len--;
+        s->q_bytes -= c->queued_bytes;
         atomic_fetch_sub(&s->metrics.queued, 1);
+        atomic_fetch_sub(&s->metrics.queued_bytes, c->queued_bytes);
         pthread_mutex_unlock(&s->q_mu);
         handle(c);
     }
@@ -396,10 +418,8 @@ static void on_new_call(call_t *c) {
         handle(c);
         return;
     }
-    if (enqueue(s, c) != MSA_OK) {
+    if ((rc = enqueue(s, c, &st)) != MSA_OK) {
         atomic_fetch_add(&s->metrics.busy_rejects, 1);
-        rc = msa_status_set(&st, MSA_EFULL, "too many concurrent requests (%u queued); retry later",
-                            s->max_queue);
         goto fail;
     }
     return;
@@ -564,6 +584,7 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     s->engine = e;
     s->auth = o->auth;
     s->max_queue = o->max_queue ? o->max_queue : 4096;
+    s->max_queue_bytes = o->max_queue_bytes ? o->max_queue_bytes : (1ull << 30);
     s->n_pollers = o->pollers ? o->pollers : online_cpus();
     s->n_handlers = o->handlers ? o->handlers : (4 * s->n_pollers < 16 ? 16 : 4 * s->n_pollers);
     atomic_init(&s->stopping, 0);

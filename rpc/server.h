@@ -45,6 +45,7 @@ typedef struct msa_rpc_server_opts {
     unsigned pollers;           /* completion-queue threads (0 = online CPUs) */
     unsigned handlers;          /* handler threads (0 = max(16, 4 * pollers)) */
     unsigned max_queue;         /* calls waiting for a handler at most (0 = 4096) */
+    uint64_t max_queue_bytes;   /* their request bytes at most (0 = 1 GiB) */
     size_t max_message;         /* bytes, both directions (0 = 256 MiB; at most 2 GiB - 1) */
     const msa_rpc_auth_t *auth; /* NULL: no tokens required; borrowed for the server's life */
     const char *tls_cert_pem;   /* PEM contents; NULL: plaintext */

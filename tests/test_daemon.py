@@ -24,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import re
 import time
+import urllib.request
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -596,6 +598,44 @@ class TestLimits(DaemonCase):
                     time.sleep(0.05)
             else:
                 self.fail("still busy after the slow calls' deadlines")
+
+    def test_busy_queue_bytes(self):
+        # One handler held by a slow call; queued requests may hold 1 MiB of
+        # request bytes: a 0.7 MB Write queues, the next one is refused by name,
+        # and the queued one completes once the handler is free. Progress is
+        # read from /metrics (Stats itself would queue behind the slow call).
+        with Daemon(args=["--handlers", "1", "--max-queue", "100", "--max-queue-mb", "1"],
+                    metrics=True) as d:
+            m = d.memory()
+
+            def gauge(name):
+                text = urllib.request.urlopen("http://%s/metrics" % d.metrics_addr,
+                                              timeout=5).read().decode()
+                return float(re.search(r"^%s (\S+)$" % name, text, re.M).group(1))
+
+            def wait_for(name, above, what):
+                deadline = time.monotonic() + 5
+                while gauge(name) <= above:
+                    self.assertLess(time.monotonic(), deadline, what)
+                    time.sleep(0.02)
+
+            m.CreateCollection(pb.CreateCollectionRequest(name="qb", schema=schema()))
+            q = tensor(np.ones((1, HQ, D), np.float32))
+            slow = pb.RouteRequest(collection="qb", layers=[pb.LayerQuery(layer=3, routing_q=q)],
+                                   min_seq=10 ** 9)
+            f_slow = m.Route.future(slow, timeout=3)
+            wait_for("msad_inflight_requests", 0, "the slow call never arrived")
+
+            def big(i):
+                doc, _ = make_doc(np.random.default_rng(i), i, 4, text="x" * 700000)
+                return pb.WriteRequest(collection="qb", ops=[pb.WriteOp(put=doc)])
+            f_queued = m.Write.future(big(1), timeout=30)
+            wait_for("msad_queued_request_bytes", 600000, "the big write never queued")
+            self.assertCode(SC.RESOURCE_EXHAUSTED, m.Write, big(2), timeout=10,
+                            contains="--max-queue-mb")
+            self.assertEqual(f_slow.exception().code(), SC.DEADLINE_EXCEEDED)
+            self.assertGreater(f_queued.result().commit_seq, 0)
+            self.assertEqual(gauge("msad_queued_request_bytes"), 0)
 
     def test_tls(self):
         import shutil
