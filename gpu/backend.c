@@ -86,6 +86,7 @@ typedef struct mirror {
     waiter_t *pending;
     unsigned n_pending;
     bool leading;
+    atomic_uint users;             /* route calls of this mirror inside the backend */
     struct mirror *next;
 } mirror_t;
 
@@ -96,7 +97,6 @@ struct msa_gpu {
     pthread_mutex_t lock;
     mirror_t *mirrors;
     uint64_t tick;
-    atomic_uint inflight;          /* route calls inside the backend */
     void *link;                    /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
     _Atomic uint64_t n_routes, n_streamed, n_fallback, n_batches, n_coalesced, n_page_in,
         n_page_out, n_syncs, n_att_dev, n_att_fallback;
@@ -382,8 +382,10 @@ static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *
     mirror_shape_t *sp = shape_of(m);
     gdev_t *d = &g->dev[s->dev];
     const uint64_t row_dev = sp->row_bytes + (sp->i8 ? sp->H * sizeof(float) : 0);
-    if (s->n_rows + rows > s->cap_rows || s->keys_off == MSA_GPU_ARENA_NONE) {
-        uint64_t cap = (uint64_t)(s->n_rows + rows) * 5 / 4 + 64;
+    /* Sums in 64 bits: n_rows + rows (both uint32) may wrap, which would
+     * skip the growth and let the append write past the buffer. */
+    if ((uint64_t)s->n_rows + rows > s->cap_rows || s->keys_off == MSA_GPU_ARENA_NONE) {
+        uint64_t cap = ((uint64_t)s->n_rows + rows) * 5 / 4 + 64;
         if (cap > UINT32_MAX) return MSA_EFULL;
         uint64_t k = route_alloc(g, s->dev, cap * sp->row_bytes, m);
         uint64_t sc = sp->i8 ? route_alloc(g, s->dev, cap * sp->H * sizeof(float), m)
@@ -422,8 +424,9 @@ static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *
         m->bytes += cap * row_dev;
         pthread_mutex_unlock(&g->lock);
     }
-    if (s->n_ent + ents > s->cap_ent || s->ent_off == MSA_GPU_ARENA_NONE) {
-        uint64_t cap = (uint64_t)(s->n_ent + ents) * 5 / 4 + 64;
+    if ((uint64_t)s->n_ent + ents > s->cap_ent || s->ent_off == MSA_GPU_ARENA_NONE) {
+        uint64_t cap = ((uint64_t)s->n_ent + ents) * 5 / 4 + 64;
+        if (cap > UINT32_MAX) return MSA_EFULL;
         uint32_t *hidx = realloc(s->hidx, cap * sizeof *hidx);
         if (!hidx) return MSA_ENOMEM;
         s->hidx = hidx;
@@ -748,16 +751,32 @@ static void run_batch(msa_gpu_t *g, mirror_t *m, msa_dtype_t key_dtype, waiter_t
             if (rc == MSA_OK) merge_hits(&tk[i], hits, n);
         }
     }
-    for (unsigned d = 0; d < g->n_dev; d++) msa_dev_lane_release(pd[d].lane);
-    for (unsigned i = 0; i < nq; i++) {
+    for (unsigned d = 0; d < g->n_dev; d++) {
+        /* On failure copies from cols_h/excludes may still be queued: drain
+         * before the host buffers are freed (dev.h: valid until sync). */
+        if (rc != MSA_OK && pd[d].lane) msa_dev_lane_sync(pd[d].lane);
+        msa_dev_lane_release(pd[d].lane);
+    }
+    bool split = rc == MSA_EUNAVAIL && nq > 1;
+    for (unsigned i = 0; i < nq && !split; i++) {
         w[i]->rc = rc;
         if (rc == MSA_OK) *w[i]->n_out = msa_idx_topk_finish(&tk[i], w[i]->out);
     }
-    atomic_fetch_add(&g->n_batches, 1);
-    if (nq > 1) atomic_fetch_add(&g->n_coalesced, nq);
     free(cols_h);
     free(heaps);
     free(hits);
+    /* The scores of a coalesced batch grow with nq: a batch whose scratch
+     * does not fit one lane (MSA_EUNAVAIL from pass_dev_setup) runs as two
+     * smaller passes instead of sending every query of it to the CPU, which
+     * would make coalescing turn load into fallbacks. A single query that
+     * does not fit still falls back. */
+    if (split) {
+        run_batch(g, m, key_dtype, w, nq / 2);
+        run_batch(g, m, key_dtype, w + nq / 2, nq - nq / 2);
+        return;
+    }
+    atomic_fetch_add(&g->n_batches, 1);
+    if (nq > 1) atomic_fetch_add(&g->n_coalesced, nq);
 }
 
 /* A query whose layer is not resident: host rows stream through the device
@@ -791,6 +810,8 @@ static int run_streamed(msa_gpu_t *g, const msa_idx_layer_view_t *v, waiter_t *w
                  : MSA_OK;
     uint8_t *tile = rc ? NULL : carve(&cv, tile_rows * v->row_bytes);
     float *tile_sc = (rc || !i8) ? NULL : carve(&cv, tile_rows * H * sizeof(float));
+    /* Alignment of the two carves can exceed the half left for tiles. */
+    if (rc == MSA_OK && (!tile || (i8 && !tile_sc))) rc = MSA_EUNAVAIL;
     size_t gemm_bytes = cv.cap - cv.at;
     void *gemm = cv.base + cv.at;
     if (rc == MSA_OK) rc = msa_dev_h2d(lane, cols, cols_h, cols_bytes);
@@ -837,6 +858,9 @@ static int run_streamed(msa_gpu_t *g, const msa_idx_layer_view_t *v, waiter_t *w
                                    .n_out = &n_out};
         rc = msa_dev_select(lane, &a);
     }
+    /* A failed pass may leave copies from cols_h and the host rows queued:
+     * drain before cols_h is freed and the caller lets the index change. */
+    if (rc != MSA_OK) msa_dev_lane_sync(lane);
     msa_dev_lane_release(lane);
     if (rc == MSA_OK) *w->n_out = n_out;
     free(cols_h);
@@ -858,9 +882,9 @@ static bool compatible(const waiter_t *a, const waiter_t *b)
 }
 
 /* Queues w on m; either becomes the leader of a pass (taking every compatible
- * waiter, after waiting up to coalesce_us for company when other routes are
- * in flight) or waits until a leader has served it. Caller holds m->lock
- * shared, m fresh. */
+ * waiter, after waiting up to coalesce_us for company when other routes of
+ * this mirror are in flight) or waits until a leader has served it. Caller
+ * holds m->lock shared, m fresh. */
 static void coalesce_and_run(msa_gpu_t *g, mirror_t *m, msa_dtype_t key_dtype, waiter_t *w)
 {
     pthread_mutex_lock(&m->qlock);
@@ -875,10 +899,14 @@ static void coalesce_and_run(msa_gpu_t *g, mirror_t *m, msa_dtype_t key_dtype, w
             continue;
         }
         m->leading = true;
-        /* Wait for company only when there can be any. */
-        if (g->cfg.coalesce_us && atomic_load(&g->inflight) > 1) {
+        /* Wait for company only when there can be any: routes of THIS
+         * mirror that have not queued yet. (Counting every route in the
+         * backend made each layer of a multi-layer Route, which the engine
+         * runs side by side, wait out coalesce_us for company that could
+         * never join a pass of another layer.) */
+        if (g->cfg.coalesce_us && atomic_load(&m->users) > 1) {
             int64_t until = now_ns() + (int64_t)g->cfg.coalesce_us * 1000;
-            while (m->n_pending < MAX_BATCH && atomic_load(&g->inflight) > m->n_pending) {
+            while (m->n_pending < MAX_BATCH && atomic_load(&m->users) > m->n_pending) {
                 int64_t left = until - now_ns();
                 if (left <= 0) break;
                 struct timespec ts;
@@ -913,6 +941,11 @@ static void coalesce_and_run(msa_gpu_t *g, mirror_t *m, msa_dtype_t key_dtype, w
         m->leading = false;
         pthread_cond_broadcast(&m->qcond);
     }
+    /* This route no longer counts as possible company (accel_route took it
+     * into m->users); a leader waiting for company re-checks now rather than
+     * sleeping out coalesce_us for a query that has already been served. */
+    atomic_fetch_sub(&m->users, 1);
+    if (m->leading) pthread_cond_broadcast(&m->qcond);
     pthread_mutex_unlock(&m->qlock);
 }
 
@@ -935,7 +968,7 @@ static int accel_route(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_s
     msa_idx_scorer_colplan(s, &w.plan);
     mirror_t *m = mirror_get(g, v->coll_id, v->layer_pos);
     if (!m) return MSA_EUNAVAIL;
-    atomic_fetch_add(&g->inflight, 1);
+    atomic_fetch_add(&m->users, 1);
     int rc = MSA_OK;
     bool streamed = false;
     pthread_rwlock_rdlock(&m->lock);
@@ -954,15 +987,16 @@ static int accel_route(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_s
         if (rc) break;
     }
     if (rc == MSA_OK && !streamed) {
-        coalesce_and_run(g, m, v->key_dtype, &w);
+        coalesce_and_run(g, m, v->key_dtype, &w); /* drops this route from m->users */
         rc = w.rc;
+    } else {
+        atomic_fetch_sub(&m->users, 1);
     }
     pthread_rwlock_unlock(&m->lock);
     if (rc == MSA_OK && streamed) {
         rc = run_streamed(g, v, &w);
         if (rc == MSA_OK) atomic_fetch_add(&g->n_streamed, 1);
     }
-    atomic_fetch_sub(&g->inflight, 1);
     if (rc == MSA_OK) {
         atomic_fetch_add(&g->n_routes, 1);
     } else {
@@ -1151,10 +1185,14 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
         size_t bytes = (size_t)nrows * row;
         void *kd = NULL, *vd = NULL;
         if (bytes && msa_gpu_kvcache_insert(hd->cache, &key, nrows, bytes, &pin[i]) == MSA_OK) {
-            fresh[i] = true;
             /* Sources are the caller's snapshot (valid until it returns). */
             rc = msa_dev_h2d(lane[h], msa_gpu_kvblock_k(pin[i]), k, bytes);
             if (rc == MSA_OK) rc = msa_dev_h2d(lane[h], msa_gpu_kvblock_v(pin[i]), v, bytes);
+            /* Only a block whose K and V copies were both queued may be
+             * published (after the sync below): one whose fill failed to
+             * queue is released unpublished, i.e. freed, even when the lanes
+             * then sync cleanly (a non-sticky error). */
+            fresh[i] = rc == MSA_OK;
             if (h == 0) {
                 kd = msa_gpu_kvblock_k(pin[i]);
                 vd = msa_gpu_kvblock_v(pin[i]);

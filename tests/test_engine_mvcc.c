@@ -210,6 +210,119 @@ TEST(verify_after_churn)
     msa_store_problems_free(problems, n_problems);
 }
 
+/* ---- two layers: Route runs the layers side by side on the CUDA backend ---- */
+
+/* Writes A and B into "mvcc2" at generation g: layer 3 router keys g, layer 5
+ * router keys 2g (or deletes both). */
+static int write_pair2(float g, bool del, msa_status_t *st)
+{
+    float zeros[C * H * D] = {0}, gen[C * H * D], gen2[C * H * D];
+    for (int i = 0; i < C * H * D; i++) {
+        gen[i] = g;
+        gen2[i] = 2 * g;
+    }
+    msa_layer_kv_t lk[2] = {
+        {.layer = 3, .k = f32_tensor(zeros, C), .v = f32_tensor(gen, C),
+         .router_k = f32_tensor(gen, C)},
+        {.layer = 5, .k = f32_tensor(zeros, C), .v = f32_tensor(gen2, C),
+         .router_k = f32_tensor(gen2, C)}};
+    msa_write_op_t ops[2];
+    memset(ops, 0, sizeof ops);
+    for (int i = 0; i < 2; i++) {
+        if (del) {
+            ops[i].kind = MSA_OP_DELETE;
+            ops[i].delete_id = i ? DOC_B : DOC_A;
+        } else {
+            ops[i].kind = MSA_OP_PUT;
+            ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
+                                     .tokens = TOKENS, .n_layers = 2, .layers = lk};
+        }
+    }
+    msa_write_req_t req = {.collection = "mvcc2", .n_ops = 2, .ops = ops};
+    msa_write_result_t res;
+    int rc = msa_srv_write(eng, &req, &res, st);
+    if (rc == MSA_OK) free(res.versions);
+    return rc;
+}
+
+static void *writer2(void *arg)
+{
+    long id = (long)arg;
+    for (long i = 0; !atomic_load(&stop); i++) {
+        msa_status_t st;
+        float g = (float)(1 + (id * 1000003 + i) % 997);
+        int rc = write_pair2(g, i % 5 == 4, &st);
+        CHECK_MSG(rc == MSA_OK || rc == MSA_ENOTFOUND, "write: %s", st.msg);
+    }
+    return NULL;
+}
+
+static atomic_long routes2_checked;
+
+static void *reader2(void *arg)
+{
+    (void)arg;
+    float q[1 * HQ * D];
+    for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
+    msa_layer_query_t lq[2];
+    memset(lq, 0, sizeof lq);
+    for (int l = 0; l < 2; l++) {
+        lq[l].layer = l ? 5 : 3;
+        lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D},
+                                         .data = q, .nbytes = sizeof q};
+    }
+    while (!atomic_load(&stop)) {
+        msa_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
+                               .top_k = 4};
+        msa_route_result_t *r = NULL;
+        msa_status_t st;
+        int rc = msa_srv_route(eng, &req, &r, &st);
+        CHECK_MSG(rc == MSA_OK, "route: %s", st.msg);
+        if (rc) continue;
+        msa_layer_route_t *a = &r->layers[0], *b = &r->layers[1];
+        CHECK_MSG(a->layer == 3 && b->layer == 5, "layers %u, %u", a->layer, b->layer);
+        CHECK_MSG(a->n == b->n && (a->n == 0 || a->n == 2),
+                  "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)",
+                  a->n, b->n);
+        if (a->n == 2 && b->n == 2) {
+            CHECK_MSG(a->scores[0] == a->scores[1] && b->scores[0] == b->scores[1],
+                      "A and B from different writes: %g/%g, %g/%g", a->scores[0], a->scores[1],
+                      b->scores[0], b->scores[1]);
+            CHECK_MSG(b->scores[0] == 2 * a->scores[0],
+                      "layer 5 score %g is not twice layer 3's %g: layers from different "
+                      "snapshots", b->scores[0], a->scores[0]);
+        }
+        msa_srv_route_result_free(r);
+        atomic_fetch_add(&routes2_checked, 1);
+    }
+    return NULL;
+}
+
+/* Multi-layer Routes (side by side on the CUDA backend: one mirror and lane
+ * per layer) race writers: every layer answers from the one snapshot. */
+TEST(multi_layer_routes)
+{
+    msa_schema_t s = test_schema();
+    s.n_layers = 2;
+    s.layers[1] = 5;
+    msa_coll_info_t info;
+    msa_status_t st;
+    CHECK_MSG(msa_srv_create_collection(eng, "mvcc2", &s, &info, &st) == MSA_OK, "create: %s",
+              st.msg);
+    atomic_store(&stop, false);
+    enum { WRITERS = 2, READERS = 3 };
+    pthread_t w[WRITERS], r[READERS];
+    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer2, (void *)i);
+    for (long i = 0; i < READERS; i++) pthread_create(&r[i], NULL, reader2, NULL);
+    sleep(2);
+    atomic_store(&stop, true);
+    for (int i = 0; i < WRITERS; i++) pthread_join(w[i], NULL);
+    for (int i = 0; i < READERS; i++) pthread_join(r[i], NULL);
+    printf("mvcc2: %ld two-layer routes checked\n", atomic_load(&routes2_checked));
+    CHECK_MSG(atomic_load(&routes2_checked) > 50, "too few routes to mean anything: %ld",
+              atomic_load(&routes2_checked));
+}
+
 static bool on_cuda;
 
 /* CUDA backend only: the device answered, mirrors followed the churn. */
@@ -241,6 +354,7 @@ TEST(device_answered)
 static const msa_test_t tests[] = {
     TEST_ENTRY(pinned_snapshot),
     TEST_ENTRY(readers_see_whole_writes),
+    TEST_ENTRY(multi_layer_routes),
     TEST_ENTRY(verify_after_churn),
     TEST_ENTRY(device_answered),
 };
