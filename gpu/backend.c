@@ -135,10 +135,10 @@ static int dev_setup(msa_gpu_t *g, unsigned i, char *why, size_t len)
     }
     d->scratch_bytes = (uint64_t)lanes * scratch;
     msa_dev_get_info(d->dev, &d->info);
-    uint64_t route = g->cfg.routing_bytes ? g->cfg.routing_bytes : d->info.free_bytes / 10 * 6;
+    uint64_t route = g->cfg.routing_bytes ? g->cfg.routing_bytes : d->info.free_bytes / 100 * 75;
     uint64_t cache = g->cfg.cache_off     ? 0
                      : g->cfg.cache_bytes ? g->cfg.cache_bytes
-                                          : d->info.free_bytes / 100 * 15;
+                                          : d->info.free_bytes / 100 * 12;
     if (route == 0 || route + cache > d->info.free_bytes) {
         snprintf(why, len,
                  "device %u (%s): routing budget %.2f GiB + cache %.2f GiB > %.2f GiB free", i,

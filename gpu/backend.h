@@ -29,8 +29,8 @@ typedef struct msa_gpu msa_gpu_t;
 typedef struct msa_gpu_config {
     bool sim;                    /* the simulated device (tests only; MSA_GPU_SIM=1) */
     unsigned shards_per_gpu;     /* >= 1: shards each GPU's keys are cut into */
-    uint64_t routing_bytes;      /* per GPU budget for resident routing keys; 0 = 60% of free */
-    uint64_t cache_bytes;        /* per GPU K/V block cache; 0 = 15% of free */
+    uint64_t routing_bytes;      /* per GPU budget for resident routing keys; 0 = 75% of free (100M tokens of MSA-4B BF16 keys fit an 80 GB GPU) */
+    uint64_t cache_bytes;        /* per GPU K/V block cache; 0 = 12% of free */
     bool cache_off;              /* no K/V cache (every Attend copies its blocks) */
     unsigned coalesce_us;        /* longest wait to batch concurrent queries; 0 = no waiting */
     unsigned evict_grace_ms;     /* a layer used within this is never paged out for another */

@@ -102,9 +102,9 @@ static const optdef_t defs[O_COUNT] = {
                       "cuda: shards per GPU the routing keys are split into (default 1)"},
     [O_GPU_ROUTING_GB] = {"gpu-routing-gb", "N",
                           "cuda: routing keys resident per GPU, GiB; least recently used "
-                          "layers past it are streamed from host memory (default 60% of free)"},
+                          "layers past it are streamed from host memory (default 75% of free)"},
     [O_GPU_ROUTING_MB] = {"gpu-routing-mb", "N", "cuda: as --gpu-routing-gb in MiB (wins)"},
-    [O_GPU_CACHE_GB] = {"gpu-cache-gb", "N", "cuda: K/V block cache per GPU, GiB (default 15% of free)"},
+    [O_GPU_CACHE_GB] = {"gpu-cache-gb", "N", "cuda: K/V block cache per GPU, GiB (default 12% of free)"},
     [O_GPU_CACHE_MB] = {"gpu-cache-mb", "N", "cuda: as --gpu-cache-gb in MiB (wins)"},
     [O_GPU_COALESCE] = {"gpu-coalesce-us", "N",
                         "cuda: longest wait to batch concurrent queries of one layer into one "
