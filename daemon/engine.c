@@ -880,6 +880,12 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
         msa_status_set(st, rc, "index: %s", msa_strerror(rc));
         goto fail;
     }
+    if (e->gpu) {
+        /* Pinned row arrays: layers paged out of the GPU stream back by DMA. */
+        msa_idx_host_alloc_t ha;
+        msa_gpu_host_allocator(e->gpu, &ha);
+        msa_idx_set_host_alloc(e->idx, &ha);
+    }
     rc = rebuild_index(e, st);
     if (rc) goto fail;
     if (e->gpu) {
@@ -894,9 +900,10 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     *out = e;
     return MSA_OK;
 fail:
+    /* The index first: its row arrays may be the backend's pinned memory. */
     if (e->idx) msa_idx_set_accel(e->idx, NULL);
-    msa_gpu_close(e->gpu);
     msa_idx_destroy(e->idx);
+    msa_gpu_close(e->gpu);
     msa_store_close(e->store);
     free(e->data_dir);
     free(e->backup_dir);
@@ -924,8 +931,8 @@ void msa_srv_close(msa_engine_t *e)
     pthread_mutex_unlock(&e->q_lock);
     pthread_join(e->writer, NULL);
     msa_idx_set_accel(e->idx, NULL);
+    msa_idx_destroy(e->idx); /* before the backend: pinned row arrays */
     msa_gpu_close(e->gpu);
-    msa_idx_destroy(e->idx);
     msa_store_close(e->store);
     pthread_mutex_destroy(&e->q_lock);
     pthread_cond_destroy(&e->q_cond);

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define MAX_DEVICES 16
 #define MAX_BATCH 16               /* queries per coalesced pass */
@@ -100,6 +101,8 @@ struct msa_gpu {
     void *link;                    /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
     _Atomic uint64_t n_routes, n_streamed, n_fallback, n_batches, n_coalesced, n_page_in,
         n_page_out, n_syncs, n_att_dev, n_att_fallback;
+    _Atomic uint64_t pinned_bytes; /* host memory pinned for the index's row arrays */
+    uint64_t pinned_cap;           /* at most this much (half the host's memory) */
     atomic_bool warned_fallback;
     atomic_bool disabled;          /* set by a device failure: everything goes to the CPU */
 };
@@ -230,6 +233,8 @@ int msa_gpu_open(const msa_gpu_config_t *cfg, msa_gpu_t **out, char *why, size_t
         return rc;
     }
     g->n_shards = g->n_dev * cfg->shards_per_gpu;
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    g->pinned_cap = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz / 2 : 0;
 #ifdef MSA_HAVE_CUDA
     if (!cfg->sim && g->n_dev >= 2) {
         char nwhy[256] = "";
@@ -1042,6 +1047,56 @@ void msa_gpu_accel(msa_gpu_t *g, msa_idx_accel_t *out)
     *out = (msa_idx_accel_t){.ctx = g, .route = accel_route, .forget = accel_forget};
 }
 
+/* ==== pinned host memory for the index ============================================================ */
+
+/* Every array handed to the index starts with this header (64 bytes keep the
+ * payload 64-byte aligned), so host_free knows how it was allocated. */
+typedef struct host_hdr {
+    uint64_t pinned_bytes;         /* 0: malloc'd */
+    uint64_t pad[7];
+} host_hdr_t;
+
+/* Arrays below cfg.pin_min_bytes (default 1 MiB) stay pageable: pinning
+ * costs a system call and page locking per array, and small layers stream
+ * fast either way. */
+#define PIN_MIN_BYTES_DEFAULT (1u << 20)
+
+static void *host_alloc(void *ctx, size_t bytes)
+{
+    msa_gpu_t *g = ctx;
+    size_t total = sizeof(host_hdr_t) + bytes;
+    host_hdr_t *h = NULL;
+    const uint64_t pin_min = g->cfg.pin_min_bytes ? g->cfg.pin_min_bytes : PIN_MIN_BYTES_DEFAULT;
+    if (bytes >= pin_min &&
+        atomic_fetch_add(&g->pinned_bytes, total) + total <= g->pinned_cap &&
+        msa_dev_host_alloc(g->dev[0].dev, total, (void **)&h) == MSA_OK) {
+        h->pinned_bytes = total;
+        return h + 1;
+    }
+    if (bytes >= pin_min) atomic_fetch_sub(&g->pinned_bytes, total);
+    h = aligned_alloc(64, (total + 63) / 64 * 64);
+    if (!h) return NULL;
+    h->pinned_bytes = 0;
+    return h + 1;
+}
+
+static void host_free(void *ctx, void *p)
+{
+    msa_gpu_t *g = ctx;
+    host_hdr_t *h = (host_hdr_t *)p - 1;
+    if (h->pinned_bytes) {
+        atomic_fetch_sub(&g->pinned_bytes, h->pinned_bytes);
+        msa_dev_host_free(g->dev[0].dev, h);
+    } else {
+        free(h);
+    }
+}
+
+void msa_gpu_host_allocator(msa_gpu_t *g, msa_idx_host_alloc_t *out)
+{
+    *out = (msa_idx_host_alloc_t){.ctx = g, .alloc = host_alloc, .free = host_free};
+}
+
 /* ==== stats ===================================================================================== */
 
 void msa_gpu_get_stats(msa_gpu_t *g, msa_gpu_stats_t *out)
@@ -1060,6 +1115,7 @@ void msa_gpu_get_stats(msa_gpu_t *g, msa_gpu_stats_t *out)
     out->attends_device = atomic_load(&g->n_att_dev);
     out->attends_fallback = atomic_load(&g->n_att_fallback);
     out->disabled = atomic_load(&g->disabled);
+    out->pinned_bytes = atomic_load(&g->pinned_bytes);
     for (unsigned i = 0; i < g->n_dev; i++) {
         msa_gpu_kvcache_stats_t cs;
         msa_gpu_kvcache_stats(g->dev[i].cache, &cs);

@@ -36,6 +36,7 @@ typedef struct msa_gpu_config {
     unsigned evict_grace_ms;     /* a layer used within this is never paged out for another */
     unsigned lanes;              /* concurrent device work per GPU (0 = 4) */
     uint64_t lane_scratch;       /* device scratch per lane, bytes (0 = 256 MiB) */
+    uint64_t pin_min_bytes;      /* index arrays this large or more are pinned (0 = 1 MiB) */
 } msa_gpu_config_t;
 
 /* Opens every device, carves the arenas. MSA_EUNAVAIL (why says it) when no
@@ -45,6 +46,11 @@ int msa_gpu_open(const msa_gpu_config_t *cfg, msa_gpu_t **out, char *why, size_t
 void msa_gpu_close(msa_gpu_t *g);
 /* The accelerator to install into the index. */
 void msa_gpu_accel(msa_gpu_t *g, msa_idx_accel_t *out);
+/* The host allocator for the index's row arrays: pinned memory (arrays of
+ * cfg.pin_min_bytes and more, up to half the host's memory), so that layers paged out of the
+ * GPU stream back by DMA; malloc past that. The index must be destroyed
+ * before g is closed. */
+void msa_gpu_host_allocator(msa_gpu_t *g, msa_idx_host_alloc_t *out);
 
 /* ---- Attend ------------------------------------------------------------------------ */
 
@@ -97,6 +103,7 @@ typedef struct msa_gpu_stats {
     uint64_t cache_hits, cache_misses, cache_evictions;
     uint64_t attends_device, attends_fallback;
     bool disabled;               /* a device error switched the backend off */
+    uint64_t pinned_bytes;       /* host memory pinned for the index's row arrays */
 } msa_gpu_stats_t;
 
 void msa_gpu_get_stats(msa_gpu_t *g, msa_gpu_stats_t *out);

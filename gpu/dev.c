@@ -48,6 +48,15 @@ void msa_dev_free(msa_dev_t *d, void *p)
     if (p) OPS(d)->dfree(d, p);
 }
 
+int msa_dev_host_alloc(msa_dev_t *d, size_t bytes, void **out)
+{
+    return OPS(d)->host_alloc(d, bytes, out);
+}
+void msa_dev_host_free(msa_dev_t *d, void *p)
+{
+    if (p) OPS(d)->host_free(d, p);
+}
+
 msa_dev_lane_t *msa_dev_lane_acquire(msa_dev_t *d) { return OPS(d)->lane_acquire(d); }
 void msa_dev_lane_release(msa_dev_lane_t *l)
 {

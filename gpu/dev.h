@@ -76,6 +76,12 @@ void msa_dev_get_info(const msa_dev_t *d, msa_dev_info_t *out);
 int msa_dev_malloc(msa_dev_t *d, size_t bytes, void **out);
 void msa_dev_free(msa_dev_t *d, void *p);
 
+/* Pinned (page-locked, portable) host memory, so copies from it run by DMA
+ * at full bus speed and truly asynchronously; the simulation uses malloc.
+ * MSA_ENOMEM when it cannot be had (callers fall back to malloc). */
+int msa_dev_host_alloc(msa_dev_t *d, size_t bytes, void **out);
+void msa_dev_host_free(msa_dev_t *d, void *p);
+
 /* ---- lanes ---------------------------------------------------------------------- */
 
 msa_dev_lane_t *msa_dev_lane_acquire(msa_dev_t *d);

@@ -184,6 +184,26 @@ static void cuda_dfree(msa_dev_t *d, void *p)
     if (cudaSetDevice(d->ordinal) == cudaSuccess) msa__cuda_status(cudaFree(p), "cudaFree", __func__, __LINE__);
 }
 
+// Pinned host memory, portable across every device of the process.
+static int cuda_host_alloc(msa_dev_t *d, size_t bytes, void **out)
+{
+    *out = NULL;
+    MSA_CK(cudaSetDevice(d->ordinal));
+    cudaError_t e = cudaHostAlloc(out, bytes ? bytes : 1, cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        cudaGetLastError(); /* not sticky: the caller falls back to pageable memory */
+        *out = NULL;
+        return MSA_ENOMEM;
+    }
+    return MSA_OK;
+}
+
+static void cuda_host_free(msa_dev_t *d, void *p)
+{
+    (void)d;
+    msa__cuda_status(cudaFreeHost(p), "cudaFreeHost", __func__, __LINE__);
+}
+
 /* ==== lanes ================================================================== */
 
 // Blocks until a lane is free (a lane serves one thread at a time).
@@ -278,7 +298,7 @@ extern "C" const msa_dev_ops_t msa__dev_cuda_ops = {
     cuda_dmalloc,      cuda_dfree,        cuda_lane_acquire,  cuda_lane_release,
     cuda_lane_scratch, cuda_lane_staging, cuda_h2d,           cuda_d2h,
     cuda_d2d,          cuda_lane_sync,    msa__cuda_peer_copy, cuda_score,
-    cuda_select,       cuda_attend,
+    cuda_select,       cuda_attend,       cuda_host_alloc,    cuda_host_free,
 };
 
 /* ==== bench helpers ========================================================== */

@@ -32,6 +32,8 @@ typedef struct msa_dev_ops {
     int (*score)(msa_dev_lane_t *l, const msa_dev_score_args_t *a);
     int (*select)(msa_dev_lane_t *l, const msa_dev_select_args_t *a);
     int (*attend)(msa_dev_lane_t *l, const msa_dev_attend_args_t *a);
+    int (*host_alloc)(msa_dev_t *d, size_t bytes, void **out);
+    void (*host_free)(msa_dev_t *d, void *p);
 } msa_dev_ops_t;
 
 /* Every msa_dev_t and msa_dev_lane_t of an implementation starts with these. */

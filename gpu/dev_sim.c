@@ -343,6 +343,19 @@ static int sim_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
     return rc;
 }
 
+static int sim_host_alloc(msa_dev_t *d, size_t bytes, void **out)
+{
+    (void)d;
+    *out = malloc(bytes ? bytes : 1);
+    return *out ? MSA_OK : MSA_ENOMEM;
+}
+
+static void sim_host_free(msa_dev_t *d, void *p)
+{
+    (void)d;
+    free(p);
+}
+
 const msa_dev_ops_t msa__dev_sim_ops = {
     .count = sim_count,
     .open = sim_open,
@@ -362,4 +375,6 @@ const msa_dev_ops_t msa__dev_sim_ops = {
     .score = sim_score,
     .select = sim_select,
     .attend = sim_attend,
+    .host_alloc = sim_host_alloc,
+    .host_free = sim_host_free,
 };

@@ -56,7 +56,31 @@ struct msa_idx {
     pthread_cond_t pub_cond;     /* signalled on publish */
     _Atomic uint64_t applied;    /* last commit seq applied to the index */
     msa_idx_accel_t accel;       /* route/forget NULL: CPU only */
+    msa_idx_host_alloc_t mem;    /* row arrays' allocator (malloc by default) */
 };
+
+static void *mem_alloc(const msa_idx_t *x, size_t bytes)
+{
+    return x->mem.alloc ? x->mem.alloc(x->mem.ctx, bytes) : malloc(bytes);
+}
+
+static void mem_free(const msa_idx_t *x, void *p)
+{
+    if (!p) return;
+    if (x->mem.free) x->mem.free(x->mem.ctx, p);
+    else free(p);
+}
+
+/* A row array of new_bytes holding the first keep bytes of old (freed); NULL
+ * on failure (old stays). Not realloc: the allocator may be pinned memory. */
+static void *mem_grow(const msa_idx_t *x, void *old, size_t keep, size_t new_bytes)
+{
+    void *n = mem_alloc(x, new_bytes);
+    if (!n) return NULL;
+    if (keep) memcpy(n, old, keep);
+    mem_free(x, old);
+    return n;
+}
 
 /* ==== index lifetime ===================================================== */
 
@@ -83,10 +107,11 @@ int msa_idx_create(unsigned threads, msa_isa_t isa, msa_idx_t **out)
 
 static void coll_free(msa_idx_coll_t *c)
 {
-    if (c->owner->accel.forget) c->owner->accel.forget(c->owner->accel.ctx, c->id);
+    const msa_idx_t *x = c->owner;
+    if (x->accel.forget) x->accel.forget(x->accel.ctx, c->id);
     for (uint32_t l = 0; l < c->schema.n_layers; l++) {
-        free(c->rows[l]);
-        if (c->scales) free(c->scales[l]);
+        mem_free(x, c->rows[l]);
+        if (c->scales) mem_free(x, c->scales[l]);
     }
     free(c->rows);
     free(c->scales);
@@ -112,6 +137,11 @@ void msa_idx_destroy(msa_idx_t *x)
 
 msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x) { return x->pool; }
 msa_isa_t msa_idx_get_isa(const msa_idx_t *x) { return x->isa; }
+
+void msa_idx_set_host_alloc(msa_idx_t *x, const msa_idx_host_alloc_t *a)
+{
+    x->mem = a ? *a : (msa_idx_host_alloc_t){0};
+}
 
 void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel)
 {
@@ -275,12 +305,16 @@ static int reserve(msa_idx_coll_t *c, uint32_t nrows)
     if (c->n_rows + nrows > c->cap_rows) {
         size_t cap = c->cap_rows ? c->cap_rows : 64;
         while (cap < c->n_rows + nrows) cap *= 2;
+        /* On a failure midway the layers grown so far keep their larger
+         * arrays while cap_rows stays the old value: safe, only wasteful. */
         for (uint32_t l = 0; l < L; l++) {
-            uint8_t *r = realloc(c->rows[l], cap * c->row_bytes);
+            uint8_t *r = mem_grow(c->owner, c->rows[l], c->n_rows * c->row_bytes,
+                                  cap * c->row_bytes);
             if (!r) return MSA_ENOMEM;
             c->rows[l] = r;
             if (c->scales) {
-                float *s = realloc(c->scales[l], cap * H * sizeof(float));
+                size_t hs = (size_t)H * sizeof(float);
+                float *s = mem_grow(c->owner, c->scales[l], c->n_rows * hs, cap * hs);
                 if (!s) return MSA_ENOMEM;
                 c->scales[l] = s;
             }

@@ -147,6 +147,18 @@ typedef struct msa_idx_accel {
     void (*forget)(void *ctx, uint32_t coll_id);
 } msa_idx_accel_t;
 
+/* Where the row arrays (keys, I8 scales) live: by default malloc; the CUDA
+ * backend hands out pinned host memory so that layers paged out of the GPU
+ * stream back by DMA. alloc returns NULL on failure. Install before any
+ * collection is added; the allocator must outlive the index. */
+typedef struct msa_idx_host_alloc {
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t bytes);
+    void (*free)(void *ctx, void *p);
+} msa_idx_host_alloc_t;
+
+void msa_idx_set_host_alloc(msa_idx_t *x, const msa_idx_host_alloc_t *a);
+
 /* Installs (or with NULL removes) the accelerator; call before serving. */
 void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel);
 

@@ -122,6 +122,7 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
             fn(arg, "gpu.attends_device", g->attends_device);
             fn(arg, "gpu.attends_fallback", g->attends_fallback);
             fn(arg, "gpu.disabled", g->disabled);
+            fn(arg, "gpu.pinned_host_bytes", g->pinned_bytes);
         }
     }
 }

@@ -45,6 +45,8 @@ enum { L = 2, H = 2, HQ = 4, D = 8, W = H * D, MAXROWS = 5, T = 2, COLL = 7 };
  * scores the dequantised keys (what the index stores), so the check is about
  * the backend (scales on the device, mirrors), not about quantisation. */
 static bool g_i8;
+/* Row arrays from the backend's (pinned) host allocator, every size pinned. */
+static bool g_pinned;
 
 /* ---- the model: every version ever written ------------------------------------ */
 
@@ -305,6 +307,11 @@ static int fixture_open(fixture_t *f, unsigned devices, const msa_gpu_config_t *
         return rc;
     }
     CHECK_OK(msa_idx_create(2, msa_idx_isa_detect(), &f->x));
+    if (g_pinned) {
+        msa_idx_host_alloc_t ha;
+        msa_gpu_host_allocator(f->g, &ha);
+        msa_idx_set_host_alloc(f->x, &ha);
+    }
     msa_schema_t s = schema();
     CHECK_OK(msa_idx_coll_add(f->x, COLL, &s));
     f->c = msa_idx_coll_acquire(f->x, COLL);
@@ -319,6 +326,9 @@ static void fixture_close(fixture_t *f)
     msa_idx_coll_release(f->c);
     msa_idx_set_accel(f->x, NULL);
     msa_idx_destroy(f->x);
+    msa_gpu_stats_t st;
+    msa_gpu_get_stats(f->g, &st);
+    CHECK_EQ_U(st.pinned_bytes, 0); /* every pinned array went back */
     msa_gpu_close(f->g);
     model_free(&f->m);
 }
@@ -374,6 +384,7 @@ static void churn(unsigned devices, const msa_gpu_config_t *cfg, int steps, cons
     CHECK_EQ_U(st.routes_fallback, 0);
     CHECK(st.routes_device > 0);
     CHECK(!st.disabled);
+    if (g_pinned) CHECK(st.pinned_bytes > 0); /* the index's arrays came from the backend */
     if (expect_stream) {
         CHECK(st.routes_streamed > 0);
         CHECK(st.page_outs > 0);
@@ -403,6 +414,19 @@ TEST(churn_i8_two_gpus_paging)
     cfg.routing_bytes = 8u << 10;
     churn(2, &cfg, 300, "churn i8", true);
     g_i8 = false;
+}
+
+TEST(churn_pinned_rows)
+{
+    /* The index's row arrays come from the backend's pinned allocator (the
+     * simulation's pinned memory is malloc): growth copies, compaction moves
+     * and streaming all read them. */
+    g_pinned = true;
+    msa_gpu_config_t cfg = base_cfg();
+    cfg.pin_min_bytes = 1;
+    cfg.routing_bytes = 16u << 10;
+    churn(1, &cfg, 300, "churn pinned", true);
+    g_pinned = false;
 }
 
 TEST(churn_paging)
@@ -899,6 +923,7 @@ int main(int argc, char **argv)
         TEST_ENTRY(churn_one_gpu),
         TEST_ENTRY(churn_two_gpus_three_shards),
         TEST_ENTRY(churn_paging),
+        TEST_ENTRY(churn_pinned_rows),
         TEST_ENTRY(churn_i8_two_gpus_paging),
         TEST_ENTRY(concurrent_coalesced),
         TEST_ENTRY(concurrent_paging),
