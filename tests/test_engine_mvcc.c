@@ -65,13 +65,19 @@ static msa_tensor_t f32_tensor(const float *data, uint32_t rows)
     return t;
 }
 
-/* Writes A and B at generation g in one request (or deletes both). */
-static int write_pair(float g, bool del, msa_status_t *st)
+/* Writes A and B into coll at generation g in one request (or deletes both):
+ * layer 3 router keys and V = g, and with two layers also layer 5 = 2g. */
+static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_status_t *st)
 {
-    float zeros[C * H * D] = {0}, gen[C * H * D];
-    for (int i = 0; i < C * H * D; i++) gen[i] = g;
-    msa_layer_kv_t lk = {.layer = 3, .k = f32_tensor(zeros, C), .v = f32_tensor(gen, C),
-                         .router_k = f32_tensor(gen, C)};
+    float zeros[C * H * D] = {0}, gen[2][C * H * D];
+    for (int i = 0; i < C * H * D; i++) {
+        gen[0][i] = g;
+        gen[1][i] = 2 * g;
+    }
+    msa_layer_kv_t lk[2];
+    for (int l = 0; l < 2; l++)
+        lk[l] = (msa_layer_kv_t){.layer = l ? 5 : 3, .k = f32_tensor(zeros, C),
+                                 .v = f32_tensor(gen[l], C), .router_k = f32_tensor(gen[l], C)};
     msa_write_op_t ops[2];
     memset(ops, 0, sizeof ops);
     for (int i = 0; i < 2; i++) {
@@ -81,26 +87,35 @@ static int write_pair(float g, bool del, msa_status_t *st)
         } else {
             ops[i].kind = MSA_OP_PUT;
             ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
-                                     .tokens = TOKENS, .n_layers = 1, .layers = &lk};
+                                     .tokens = TOKENS, .n_layers = (uint32_t)n_layers,
+                                     .layers = lk};
         }
     }
-    msa_write_req_t req = {.collection = "mvcc", .n_ops = 2, .ops = ops};
+    msa_write_req_t req = {.collection = coll, .n_ops = 2, .ops = ops};
     msa_write_result_t res;
     int rc = msa_srv_write(eng, &req, &res, st);
     if (rc == MSA_OK) free(res.versions);
     return rc;
 }
 
+static int write_pair(float g, bool del, msa_status_t *st)
+{
+    return write_pair_to("mvcc", 1, g, del, st);
+}
+
+/* A writer thread: id < 100 writes "mvcc" (one layer), id >= 100 "mvcc2"
+ * (two layers). */
 static void *writer(void *arg)
 {
     long id = (long)arg;
+    const bool two = id >= 100;
     for (long i = 0; !atomic_load(&stop); i++) {
         msa_status_t st;
         float g = (float)(1 + (id * 1000003 + i) % 997);
         /* Every 5th request deletes the pair; the next put re-inserts it. */
-        int rc = write_pair(g, i % 5 == 4, &st);
+        int rc = write_pair_to(two ? "mvcc2" : "mvcc", two ? 2 : 1, g, i % 5 == 4, &st);
         CHECK_MSG(rc == MSA_OK || rc == MSA_ENOTFOUND, "write: %s", st.msg);
-        atomic_fetch_add(&writes_done, 1);
+        if (!two) atomic_fetch_add(&writes_done, 1);
     }
     return NULL;
 }
@@ -212,51 +227,6 @@ TEST(verify_after_churn)
 
 /* ---- two layers: Route runs the layers side by side on the CUDA backend ---- */
 
-/* Writes A and B into "mvcc2" at generation g: layer 3 router keys g, layer 5
- * router keys 2g (or deletes both). */
-static int write_pair2(float g, bool del, msa_status_t *st)
-{
-    float zeros[C * H * D] = {0}, gen[C * H * D], gen2[C * H * D];
-    for (int i = 0; i < C * H * D; i++) {
-        gen[i] = g;
-        gen2[i] = 2 * g;
-    }
-    msa_layer_kv_t lk[2] = {
-        {.layer = 3, .k = f32_tensor(zeros, C), .v = f32_tensor(gen, C),
-         .router_k = f32_tensor(gen, C)},
-        {.layer = 5, .k = f32_tensor(zeros, C), .v = f32_tensor(gen2, C),
-         .router_k = f32_tensor(gen2, C)}};
-    msa_write_op_t ops[2];
-    memset(ops, 0, sizeof ops);
-    for (int i = 0; i < 2; i++) {
-        if (del) {
-            ops[i].kind = MSA_OP_DELETE;
-            ops[i].delete_id = i ? DOC_B : DOC_A;
-        } else {
-            ops[i].kind = MSA_OP_PUT;
-            ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
-                                     .tokens = TOKENS, .n_layers = 2, .layers = lk};
-        }
-    }
-    msa_write_req_t req = {.collection = "mvcc2", .n_ops = 2, .ops = ops};
-    msa_write_result_t res;
-    int rc = msa_srv_write(eng, &req, &res, st);
-    if (rc == MSA_OK) free(res.versions);
-    return rc;
-}
-
-static void *writer2(void *arg)
-{
-    long id = (long)arg;
-    for (long i = 0; !atomic_load(&stop); i++) {
-        msa_status_t st;
-        float g = (float)(1 + (id * 1000003 + i) % 997);
-        int rc = write_pair2(g, i % 5 == 4, &st);
-        CHECK_MSG(rc == MSA_OK || rc == MSA_ENOTFOUND, "write: %s", st.msg);
-    }
-    return NULL;
-}
-
 static atomic_long routes2_checked;
 
 static void *reader2(void *arg)
@@ -312,7 +282,7 @@ TEST(multi_layer_routes)
     atomic_store(&stop, false);
     enum { WRITERS = 2, READERS = 3 };
     pthread_t w[WRITERS], r[READERS];
-    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer2, (void *)i);
+    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer, (void *)(100 + i));
     for (long i = 0; i < READERS; i++) pthread_create(&r[i], NULL, reader2, NULL);
     sleep(2);
     atomic_store(&stop, true);

@@ -784,7 +784,9 @@ static void *attend_main(void *arg)
     return NULL;
 }
 
-static void attend_case(unsigned devices, uint64_t cache_bytes)
+/* Opens a backend on `devices` simulated GPUs with a K/V cache of
+ * cache_bytes and makes AT_DOCS random documents; NULL when it cannot open. */
+static msa_gpu_t *attend_setup(unsigned devices, uint64_t cache_bytes, uint64_t *rs, at_data_t *d)
 {
     setenv("MSA_GPU_SIM_DEVICES", devices == 2 ? "2" : "1", 1);
     msa_gpu_config_t cfg = base_cfg();
@@ -793,20 +795,27 @@ static void attend_case(unsigned devices, uint64_t cache_bytes)
     char why[256];
     if (msa_gpu_open(&cfg, &g, why, sizeof why) != MSA_OK) {
         FAILF("open: %s", why);
-        return;
+        return NULL;
     }
-    at_data_t d;
-    memset(&d, 0, sizeof d);
-    uint64_t rs = 31337;
+    memset(d, 0, sizeof *d);
     for (int i = 0; i < AT_DOCS; i++) {
-        d.rows[i] = 1 + (uint32_t)(rnd_r(&rs) % 7);
-        d.k[i] = malloc(d.rows[i] * W * sizeof(float));
-        d.v[i] = malloc(d.rows[i] * W * sizeof(float));
-        for (uint32_t x = 0; x < d.rows[i] * W; x++) {
-            d.k[i][x] = frand_r(&rs);
-            d.v[i][x] = frand_r(&rs);
+        d->rows[i] = 1 + (uint32_t)(rnd_r(rs) % 7);
+        d->k[i] = malloc(d->rows[i] * W * sizeof(float));
+        d->v[i] = malloc(d->rows[i] * W * sizeof(float));
+        for (uint32_t x = 0; x < d->rows[i] * W; x++) {
+            d->k[i][x] = frand_r(rs);
+            d->v[i][x] = frand_r(rs);
         }
     }
+    return g;
+}
+
+static void attend_case(unsigned devices, uint64_t cache_bytes)
+{
+    at_data_t d;
+    uint64_t rs = 31337;
+    msa_gpu_t *g = attend_setup(devices, cache_bytes, &rs, &d);
+    if (!g) return;
     atomic_int bad = 0;
     enum { NT = 4 };
     at_thread_t ta[NT];
@@ -847,26 +856,10 @@ static int at_load_failing(void *arg, uint32_t i, const void **k, const void **v
 
 TEST(attend_loader_error)
 {
-    setenv("MSA_GPU_SIM_DEVICES", "2", 1);
-    msa_gpu_config_t cfg = base_cfg();
-    msa_gpu_t *g = NULL;
-    char why[256];
-    if (msa_gpu_open(&cfg, &g, why, sizeof why) != MSA_OK) {
-        FAILF("open: %s", why);
-        return;
-    }
     at_data_t d;
-    memset(&d, 0, sizeof d);
     uint64_t rs = 4711;
-    for (int i = 0; i < AT_DOCS; i++) {
-        d.rows[i] = 1 + (uint32_t)(rnd_r(&rs) % 7);
-        d.k[i] = malloc(d.rows[i] * W * sizeof(float));
-        d.v[i] = malloc(d.rows[i] * W * sizeof(float));
-        for (uint32_t x = 0; x < d.rows[i] * W; x++) {
-            d.k[i][x] = frand_r(&rs);
-            d.v[i][x] = frand_r(&rs);
-        }
-    }
+    msa_gpu_t *g = attend_setup(2, base_cfg().cache_bytes, &rs, &d);
+    if (!g) return;
     uint64_t ids[6] = {1, 2, 3, 4, 5, 6}, vers[6];
     for (int i = 0; i < 6; i++)
         vers[i] = 500 + ids[i];
