@@ -725,6 +725,17 @@ typedef struct at_thread {
     uint64_t seed;
 } at_thread_t;
 
+/* The attend call of these tests: collection COLL, F32 K/V, AT_T tokens. */
+static msa_gpu_attend_args_t attend_args(uint32_t layer, const uint64_t *ids, const uint64_t *vers,
+                                         uint32_t n, msa_gpu_kv_loader_t load, void *load_arg,
+                                         const float *q, float scale, float *out, float *lse)
+{
+    return (msa_gpu_attend_args_t){.coll_id = COLL, .layer = layer, .docs = ids,
+                                   .versions = vers, .n = n, .load = load, .load_arg = load_arg,
+                                   .q = q, .T = AT_T, .Hq = HQ, .H = H, .D = D, .scale = scale,
+                                   .kv_dtype = MSA_DT_F32, .out = out, .lse = lse};
+}
+
 static void *attend_main(void *arg)
 {
     at_thread_t *a = arg;
@@ -743,22 +754,8 @@ static void *attend_main(void *arg)
             q[i] = frand_r(&rs);
         float out[AT_T * HQ * D], lse[AT_T * HQ];
         void *la[2] = {a->d, ids};
-        msa_gpu_attend_args_t at = {.coll_id = COLL,
-                                    .layer = 1,
-                                    .docs = ids,
-                                    .versions = vers,
-                                    .n = n,
-                                    .load = at_load,
-                                    .load_arg = la,
-                                    .q = q,
-                                    .T = AT_T,
-                                    .Hq = HQ,
-                                    .H = H,
-                                    .D = D,
-                                    .scale = 0.3f,
-                                    .kv_dtype = MSA_DT_F32,
-                                    .out = out,
-                                    .lse = lse};
+        msa_gpu_attend_args_t at =
+            attend_args(1, ids, vers, n, at_load, la, q, 0.3f, out, lse);
         int rc = msa_gpu_attend(a->g, &at);
         if (rc != MSA_OK) {
             FAILF("attend rc %s", msa_strerror(rc));
@@ -867,22 +864,8 @@ TEST(attend_loader_error)
     for (int i = 0; i < AT_T * HQ * D; i++)
         q[i] = frand_r(&rs);
     void *la[2] = {&d, ids};
-    msa_gpu_attend_args_t at = {.coll_id = COLL,
-                                .layer = 0,
-                                .docs = ids,
-                                .versions = vers,
-                                .n = 6,
-                                .load = at_load_failing,
-                                .load_arg = la,
-                                .q = q,
-                                .T = AT_T,
-                                .Hq = HQ,
-                                .H = H,
-                                .D = D,
-                                .scale = 0.5f,
-                                .kv_dtype = MSA_DT_F32,
-                                .out = out,
-                                .lse = lse};
+    msa_gpu_attend_args_t at =
+        attend_args(0, ids, vers, 6, at_load_failing, la, q, 0.5f, out, lse);
     fail_doc = 4;
     CHECK_RC(msa_gpu_attend(g, &at), MSA_ECORRUPT);
     fail_doc = -1;
