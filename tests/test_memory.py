@@ -13,7 +13,7 @@
   * MSAEncoder vs a direct computation from a small random Qwen3's weights: SKIPPED
     (with the reason printed) where torch/transformers are absent.
 
-Run: MSA_BIN=build/bin /usr/bin/python3 tests/test_memory.py. Exits 77 when msad or
+Run: MSA_BIN=build/bin ~/.cache/msad/venv/bin/python tests/test_memory.py. Exits 77 when msad or
 the msa_client package is not built; the bounded evaluation is skipped (reported)
 when the `fortunes` package is missing, and its TF-IDF line when python3-sklearn is.
 """

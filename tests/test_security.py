@@ -23,7 +23,7 @@ a real daemon on loopback driven by grpcio stubs generated from the proto.
   text and metadata bytes per document, exclude_ids, doc_ids, Get ids, List
   limit; and the flags that change them.
 
-Run: /usr/bin/python3 tests/test_security.py (MSA_BIN, MSA_SOURCE as in
+Run: ~/.cache/msad/venv/bin/python tests/test_security.py (MSA_BIN, MSA_SOURCE as in
 daemon_util.py). Exits 77 (skipped) when msad has not been built.
 """
 import os

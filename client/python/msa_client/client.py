@@ -4,7 +4,7 @@ Arrays go in as NumPy arrays of any float dtype (uint16 arrays are taken as bflo
 bit patterns, the .npy convention of msactl) and come out as np.float32. Errors raise
 MsaError with the gRPC status code and the server's message.
 
-Works with Debian's python3-grpcio (1.51), python3-protobuf (3.21) and python3-numpy.
+Runs in the project's venv (ops/venv: PyPI grpcio, protobuf, numpy; pinned in ops/python.lock).
 """
 
 import grpc
