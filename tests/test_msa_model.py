@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from msa_client import Client, MsaError  # noqa: E402
 from msa_model import MemoryUnavailable, MsadMemoryClient, tiny_msa_model  # noqa: E402
+from msa_ref import InProcessMemory  # noqa: E402
 
 LOGIT_TOL = 5e-5       # max |logit difference|, float32 end to end (measured ~5e-6)
 TIE_TOL = 1e-5
@@ -51,68 +52,6 @@ DOCS = {i + 1: "Note %d: the keeper of the %s vault is %s; it opens at %d o'cloc
     i, w, WORDS[(i * 7) % len(WORDS)].title(), (i * 5) % 12 + 1) for i, w in enumerate(WORDS)}
 QUESTIONS = ["Who keeps the cobalt vault?", "When does the raven vault open?",
              "Which vault does Marble keep?", "Tell me about the zephyr vault."]
-
-
-class InProcessMemory:
-    """The reference memory: pooled K/V in torch, routing and top-k in torch float64."""
-    mode = "fetch"
-
-    def __init__(self, model):
-        self.model = model
-        s = model.settings
-        self.P, self.k = s.chunk_tokens, s.top_k
-        self.docs = {}
-        ids = model.template_ids()
-        cap = model.encode_tokens(ids) if ids else None
-        H, D = model.kv_heads, model.head_dim
-        self.template = {l: (cap[l][0], cap[l][1]) if cap else (torch.zeros(0, H, D),) * 2
-                         for l in range(model.num_layers)}
-        self.n_template = len(ids)
-
-    def _pool(self, x):
-        x = x.double()
-        C = -(-x.shape[0] // self.P)
-        return torch.stack([x[c * self.P:(c + 1) * self.P].mean(0) for c in range(C)]).float()
-
-    def put(self, doc_id, text):
-        cap = self.model.encode_tokens(self.model.tokenizer.encode(text))
-        self.docs[doc_id] = {l: (self._pool(cap[l][0]), self._pool(cap[l][1]), self._pool(cap[l][2]))
-                             for l in self.model.memory_layers}
-
-    def delete(self, doc_id):
-        del self.docs[doc_id]
-
-    def template_tokens(self):
-        return self.n_template
-
-    def get_template_prefix_kvcaches(self, layer):
-        k, v = self.template[layer]
-        return k.transpose(0, 1)[None].clone(), v.transpose(0, 1)[None].clone()
-
-    def scores(self, rq, layer):
-        """rq [T, Hq, D] -> {doc: float64 score}."""
-        q = rq.double()
-        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-        G = q.shape[1] // self.model.kv_heads
-        out = {}
-        for d, layers in self.docs.items():
-            rk = layers[layer][2].double()                        # [C, H, D]
-            rk = rk / rk.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            rk = rk.repeat_interleave(G, dim=1)                   # [C, Hq, D]
-            s = torch.einsum("tjd,cjd->tjc", q, rk).mean(1)        # head mean -> [T, C]
-            out[d] = float(s.max(0).values.max())                 # query max, chunk max
-        return out
-
-    def doc_query(self, routing_q, query_mask, layer):
-        rq = routing_q[0].transpose(0, 1)[query_mask[0]]
-        sc = self.scores(rq, layer)
-        ids = sorted(sc, key=lambda d: (-sc[d], d))[:self.k]
-        H, D = self.model.kv_heads, self.model.head_dim
-        K = torch.cat([torch.zeros(0, H, D)] + [self.docs[d][layer][0] for d in ids]).transpose(0, 1)
-        V = torch.cat([torch.zeros(0, H, D)] + [self.docs[d][layer][1] for d in ids]).transpose(0, 1)
-        self.last_scores = (layer, sc)
-        return (K, V, torch.tensor([[sc[d] for d in ids]], dtype=torch.float32).reshape(1, -1),
-                torch.tensor([K.shape[1]]), torch.tensor([ids], dtype=torch.long).reshape(1, -1))
 
 
 def same_selection(test, ref_mem, ref_out, out, what):
@@ -268,6 +207,43 @@ class MSAModelParity(unittest.TestCase):
         self.assertIn("document 7", str(cm.exception))
         self.assertIn("split", str(cm.exception))
         self.assertEqual(mem.client.describe("big")["documents"], 0)   # nothing written
+
+
+class MSACheckpoint(unittest.TestCase):
+    def test_checkpoint_on_disk_loads_and_answers_the_same(self):
+        """The real loading path: a checkpoint folder (config.json with msa_config,
+        model.safetensors, tokenizer.json) written by transformers, loaded by
+        MSAModel.from_pretrained, gives the original model's logits and selections."""
+        import tempfile
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+        from msa_model import MSAModel
+        m = tiny_msa_model(seed=2)
+        tmp = tempfile.mkdtemp(prefix="msa-ckpt-")
+        m.lm.save_pretrained(tmp)
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tk.train_from_iterator(list(DOCS.values()) + QUESTIONS, trainers.BpeTrainer(
+            vocab_size=257, special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp)
+        loaded = MSAModel.from_pretrained(tmp, template=m.template)
+        self.assertEqual(loaded.settings, m.settings)
+        ids = loaded.tokenizer.encode(QUESTIONS[0])
+        self.assertGreater(len(ids), 3)
+        self.assertLess(max(ids), m.config.vocab_size)
+        m.tokenizer = loaded.tokenizer    # one tokenizer for documents, template, question
+        ref_a = InProcessMemory(m)
+        ref_b = InProcessMemory(loaded)
+        for i, t in list(DOCS.items())[:8]:
+            ref_a.put(i, t)
+            ref_b.put(i, t)
+        a = m.generate(ids, ref_a, max_new_tokens=8)
+        b = loaded.generate(ids, ref_b, max_new_tokens=8)
+        self.assertEqual(a["tokens"], b["tokens"])
+        for x, y in zip(a["logits"], b["logits"]):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        with self.assertRaises(FileNotFoundError):
+            MSAModel.from_pretrained(tempfile.mkdtemp())
 
 
 class MSAModelDaemonGone(unittest.TestCase):

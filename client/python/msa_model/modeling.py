@@ -298,8 +298,6 @@ class MSAModel:
                 state.update(load_file(os.path.join(path, fn)))
         if not state:
             raise FileNotFoundError("%s: no *.safetensors weights" % path)
-        state = {k[len("model."):] if k.startswith("model.model.") else k: t
-                 for k, t in state.items()}
         missing, unexpected = lm.load_state_dict(state, strict=False)
         missing = [k for k in missing if "router_" not in k and k != "lm_head.weight"]
         if missing:
