@@ -86,6 +86,7 @@ struct msa_store_txn {
     int tx_err;         /* first failure that left the root txn half-written */
     int tx_child_err;   /* the same for the open savepoint */
     uint64_t tx_seq;    /* snapshot seq (read) or last committed seq at begin (write) */
+    bool tx_detached;   /* read txn whose gate hold belongs to no thread (msa_store_txn_detach) */
 };
 
 /* ==== errors ================================================================= */
@@ -964,8 +965,34 @@ uint64_t msa_store_txn_seq(const msa_store_txn_t *t)
 
 static void txn_free(msa_store_txn_t *t)
 {
-    gate_leave(t->tx_store);
+    /* A detached txn's hold is not in any thread's count: any thread may end it
+     * (glibc rwlocks count readers without owners). */
+    if (t->tx_detached) pthread_rwlock_unlock(&t->tx_store->st_gate);
+    else gate_leave(t->tx_store);
     free(t);
+}
+
+int msa_store_txn_detach(msa_store_txn_t *t)
+{
+    msa_assert(!t->tx_write);
+    if (t->tx_detached) return MSA_OK;
+    msa_store_t *s = t->tx_store;
+    for (int i = 0; i < GATE_SLOTS; i++) {
+        if (gate_held[i].store != s || gate_held[i].depth == 0) continue;
+        if (gate_held[i].depth == 1) {
+            gate_held[i].store = NULL; /* the one real hold moves to the txn */
+            gate_held[i].depth = 0;
+        } else {
+            /* This thread's other txns keep the hold it counts; the detached
+             * txn needs its own. Never wait for it: a grow may be pending. */
+            if (pthread_rwlock_tryrdlock(&s->st_gate) != 0) return MSA_EUNAVAIL;
+            gate_held[i].depth--;
+        }
+        t->tx_detached = true;
+        return MSA_OK;
+    }
+    t->tx_detached = true; /* an uncounted hold (every slot was in use) */
+    return MSA_OK;
 }
 
 /* Less than 64 MiB left for unprivileged writers on the data file's file system. */
