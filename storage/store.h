@@ -124,9 +124,9 @@ void msa_store_abort(msa_store_txn_t *t);
 /* Makes a read txn begun on this thread independent of it, so that it may
  * outlive the call that began it (held snapshots): any thread may use it
  * afterwards, one thread at a time (the env has MDB_NOTLS), and any thread
- * may end it with msa_store_abort. It still delays msa_store_grow until it
- * ends. MSA_EUNAVAIL (txn unchanged) when this thread holds other txns of the
- * store and a grow is pending. */
+ * may end it with msa_store_abort. It still delays msa_store_grow (and
+ * msa_store_reserve) until it ends, so a caller that holds one for long must
+ * end it before those. MSA_EUNAVAIL (txn unchanged) while a grow is pending. */
 int msa_store_txn_detach(msa_store_txn_t *t);
 
 /* Savepoints (nested LMDB txns) make one request of a group commit atomic:
