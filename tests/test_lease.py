@@ -251,6 +251,21 @@ class LeaseTest(unittest.TestCase):
         self.assertEqual([d["id"] for d in self.c.list_docs(name, snapshot_seq=S2)[0]], [2, 4])
         self.assertTrue(self.c.release_snapshot(S2))
 
+    def test_drop_after_hold(self):
+        """A snapshot held before DropCollection still sees the collection."""
+        w = World(np.random.default_rng(17))
+        name = self.collection(w, 3)
+        rq = {l: w.rand(2, HQ, D) for l in LAYERS}
+        S = self.c.route(name, rq, hold_snapshot_ms=10000).snapshot_seq
+        self.c.drop_collection(name)
+        self.c.create_collection(name, layers=LAYERS, kv_heads=H, query_heads=HQ, head_dim=D,
+                                 chunk_tokens=P, kv_dtype="f32", routing_dtype="f32")
+        self.check_route(name, rq, w.docs, self.c.route(name, rq, top_k=3, snapshot_seq=S), 3)
+        g = self.c.get(name, 2, snapshot_seq=S)
+        np.testing.assert_array_equal(g["layers"][LAYERS[1]]["v"], w.docs[2][LAYERS[1]][1])
+        self.assertEqual(len(self.c.route(name, rq, top_k=3)[LAYERS[0]][0]), 0)   # the new one
+        self.assertTrue(self.c.release_snapshot(S))
+
     def test_expiry_and_renewal(self):
         w = World(np.random.default_rng(13))
         name = self.collection(w, 3)
