@@ -272,11 +272,11 @@ class LeaseTest(unittest.TestCase):
         rq = {l: w.rand(1, HQ, D) for l in LAYERS}
         c0 = self.counters()
         t0 = time.monotonic()
-        S = self.c.route(name, rq, hold_snapshot_ms=800).snapshot_seq
+        S = self.c.route(name, rq, hold_snapshot_ms=1500).snapshot_seq
         self.c.put(name, 1, w.new_doc(1), tokens=P)   # S is no longer the newest
         time.sleep(0.4)
-        self.c.route(name, rq, snapshot_seq=S, hold_snapshot_ms=2500)   # renew
-        time.sleep(max(0.0, 1.4 - (time.monotonic() - t0)))             # past the first lease
+        self.c.route(name, rq, snapshot_seq=S, hold_snapshot_ms=3000)   # renew
+        time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))             # past the first lease
         self.c.get(name, [2], snapshot_seq=S)                            # still held (renewed)
         # Abandon it: the reaper must close it without any further call on it.
         deadline = time.monotonic() + 6
@@ -288,7 +288,7 @@ class LeaseTest(unittest.TestCase):
         else:
             self.fail("the lease did not expire: %r" % c)
         elapsed = time.monotonic() - t0
-        self.assertGreater(elapsed, 2.0)     # not before the renewed lease ran out
+        self.assertGreater(elapsed, 3.0)     # not before the renewed lease ran out
         self.assertEqual(c["engine.snapshot_leases_renewed"] - c0["engine.snapshot_leases_renewed"], 1)
         with self.assertRaises(MsaError) as e:
             self.c.route(name, rq, snapshot_seq=S)
