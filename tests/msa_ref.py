@@ -70,3 +70,45 @@ class InProcessMemory:
         self.last_scores = (layer, sc)
         return (K, V, torch.tensor([[sc[d] for d in ids]], dtype=torch.float32).reshape(1, -1),
                 torch.tensor([K.shape[1]]), torch.tensor([ids], dtype=torch.long).reshape(1, -1))
+
+
+class FastInProcessMemory(InProcessMemory):
+    """The same memory, routed the way an in-process MSA model would do it fast
+    (float32, all router keys of a layer in one normalised matrix, one matmul, a
+    scatter-max per document, topk): the floor ops/bench-model compares msad to.
+    Ties are not ordered by id; benchmarks only."""
+
+    def _index(self, layer):
+        ids = sorted(self.docs)
+        rk = torch.cat([self.docs[d][layer][2] for d in ids]).float()        # [R, H, D]
+        rk = rk / rk.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        owner = torch.cat([torch.full((self.docs[d][layer][2].shape[0],), i, dtype=torch.long)
+                           for i, d in enumerate(ids)])
+        return ids, rk, owner
+
+    def put(self, doc_id, text):
+        super().put(doc_id, text)
+        self._idx = {}
+
+    def delete(self, doc_id):
+        super().delete(doc_id)
+        self._idx = {}
+
+    def doc_query(self, routing_q, query_mask, layer):
+        if layer not in getattr(self, "_idx", {}):
+            self._idx = getattr(self, "_idx", {})
+            self._idx[layer] = self._index(layer)
+        ids, rk, owner = self._idx[layer]
+        q = routing_q[0].transpose(0, 1)[query_mask[0]].float()               # [T, Hq, D]
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        H = rk.shape[1]
+        G = q.shape[1] // H
+        qg = q.view(q.shape[0], H, G, -1).sum(2)                             # group-summed
+        s = torch.einsum("thd,rhd->tr", qg, rk) / q.shape[1]                  # head mean
+        s = s.max(0).values                                                   # query max
+        doc = torch.full((len(ids),), float("-inf")).scatter_reduce(0, owner, s, "amax")
+        sc, top = torch.topk(doc, min(self.k, len(ids)))
+        sel = [ids[i] for i in top.tolist()]
+        K = torch.cat([self.docs[d][layer][0] for d in sel]).transpose(0, 1)
+        V = torch.cat([self.docs[d][layer][1] for d in sel]).transpose(0, 1)
+        return K, V, sc[None], torch.tensor([K.shape[1]]), torch.tensor([sel])
