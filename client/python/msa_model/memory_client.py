@@ -247,23 +247,32 @@ class MsadMemoryClient:
         return self._read_template()[2]
 
     def _read_template(self):
+        """(seq read at, {layer: (k, v)}, tokens, updated_seq). The tensors are read
+        once and kept while the template document is unchanged: each new snapshot
+        costs one Get without tensors to check its updated_seq."""
         t = self._template
-        if t is not None and (not self._pin_depth or t[0] == self._seq):
+        seq = self._seq if self._pin_depth else 0
+        if t is not None and seq and t[0] == seq:
             return t
         m = self.model
+        req = pb.GetRequest(collection=self.template_collection, ids=[TEMPLATE_DOC_ID])
         try:
-            r = self._call("Get", pb.GetRequest(collection=self.template_collection,
-                                                ids=[TEMPLATE_DOC_ID], with_tensors=True),
-                           "the template prefix")
+            if t is not None:
+                r = self._call("Get", req, "the template prefix")
+                if r.records[0].info.updated_seq == t[3]:
+                    self._template = (self._seq if self._pin_depth else 0,) + t[1:]
+                    return self._template
+            req.with_tensors = True
+            r = self._call("Get", req, "the template prefix")
             rec = r.records[0]
             kv = {l.layer: (_from_tensor(l.k), _from_tensor(l.v)) for l in rec.document.layers}
-            n = rec.info.tokens
+            n, upd = rec.info.tokens, rec.info.updated_seq
         except MsaError as e:
             if e.name != "NOT_FOUND":
                 raise
             z = np.zeros((0, m.kv_heads, m.head_dim), np.float32)
-            kv, n, r = {l: (z, z) for l in range(m.num_layers)}, 0, None
-        self._template = (self._seq if self._pin_depth else 0, kv, n)
+            kv, n, upd = {l: (z, z) for l in range(m.num_layers)}, 0, 0
+        self._template = (self._seq if self._pin_depth else 0, kv, n, upd)
         return self._template
 
     def get_template_prefix_kvcaches(self, layer_idx):
