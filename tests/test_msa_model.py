@@ -40,8 +40,16 @@ from msa_client import Client, MsaError  # noqa: E402
 from msa_model import MemoryUnavailable, MsadMemoryClient, tiny_msa_model  # noqa: E402
 from msa_ref import InProcessMemory  # noqa: E402
 
-LOGIT_TOL = 5e-5       # max |logit difference|, float32 end to end (measured ~5e-6)
-TIE_TOL = 1e-5
+# MSA_MODEL_DTYPE=bf16 / MSA_MODEL_DEVICE=cuda run the same tests in bfloat16 or on a
+# GPU (ops/gpu-check); attention and memory stay float32 at msad either way.
+DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}[os.environ.get("MSA_MODEL_DTYPE", "f32")]
+DEVICE = os.environ.get("MSA_MODEL_DEVICE", "cpu")
+# max |logit difference| vs the reference: float32 end to end (measured ~5e-6); bf16
+# rounds activations between layers, where float32 noise in routing scores and memory
+# attention can flip a rounding (measured up to 0.10 with teacher forcing on CPU; a bf16
+# step is 0.0625 at logits of 8-16).
+LOGIT_TOL = 5e-5 if DTYPE == torch.float32 else 0.25
+TIE_TOL = 1e-5 if DTYPE == torch.float32 else 2e-2
 NEW_TOKENS = 32
 
 WORDS = ["apple", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo",
@@ -59,7 +67,7 @@ def same_selection(test, ref_mem, ref_out, out, what):
     for l, (rids, rsc) in ref_out["selected"].items():
         ids, sc = out["selected"][l]
         if list(map(int, rids)) == list(map(int, ids)):
-            np.testing.assert_allclose(sc, rsc, atol=1e-5, err_msg="%s layer %d scores" % (what, l))
+            np.testing.assert_allclose(sc, rsc, atol=TIE_TOL, err_msg="%s layer %d scores" % (what, l))
             continue
         # Only a reorder/swap among near-ties at equal scores is acceptable.
         test.assertEqual(len(rids), len(ids), "%s layer %d" % (what, l))
@@ -71,7 +79,8 @@ class MSAModelParity(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         torch.set_num_threads(1)
-        cls.model = tiny_msa_model(seed=0)
+        cls.model = tiny_msa_model(seed=0).to(DTYPE, DEVICE)
+        cls.compared = []
         cls.d = Daemon()
         cls.d.__enter__()
 
@@ -80,16 +89,32 @@ class MSAModelParity(unittest.TestCase):
         cls.d.__exit__(None, None, None)
 
     def ask(self, ref, mems, q):
+        """Greedy answer with the reference memory, then each msad mode fed the same
+        tokens (teacher forcing): logits compare at every step; the argmax must agree
+        wherever the reference's top-2 margin exceeds twice the tolerance (in float32:
+        every step, so the free greedy runs are identical too)."""
         r = self.model.generate(q, ref, max_new_tokens=NEW_TOKENS)
+        clear = []
+        for lg in r["logits"]:
+            top = torch.topk(lg, 2).values
+            clear.append(float(top[0] - top[1]) >= 2 * LOGIT_TOL)
+        if DTYPE == torch.float32:
+            self.assertTrue(all(clear), "%r: a float32 top-2 margin below %.0e" % (q, 2 * LOGIT_TOL))
         outs = {}
         for name, mem in mems.items():
-            o = self.model.generate(q, mem, max_new_tokens=NEW_TOKENS)
+            o = self.model.generate(q, mem, max_new_tokens=NEW_TOKENS, forced_tokens=r["tokens"])
             same_selection(self, ref, r, o, "%s %r" % (name, q))
-            self.assertEqual(len(o["logits"]), len(r["logits"]))
+            self.assertEqual(len(o["logits"]), NEW_TOKENS)
             diff = max(float((a - b).abs().max()) for a, b in zip(o["logits"], r["logits"]))
             self.assertLessEqual(diff, LOGIT_TOL, "%s %r: max |logit diff| %.3g" % (name, q, diff))
-            self.assertEqual(o["tokens"], r["tokens"], "%s %r: greedy tokens differ" % (name, q))
+            for i, ok in enumerate(clear):
+                if ok:
+                    self.assertEqual(o["tokens"][i], r["tokens"][i], "%s %r: token %d" % (name, q, i))
+            if all(clear):     # free generation: the same 32 tokens
+                free = self.model.generate(q, mem, max_new_tokens=NEW_TOKENS)
+                self.assertEqual(free["tokens"], r["tokens"], "%s %r: greedy tokens differ" % (name, q))
             outs[name] = (o, diff)
+        self.compared.append(sum(clear))
         return r, outs
 
     def test_parity_fetch_attend_vs_in_process(self):
@@ -129,10 +154,12 @@ class MSAModelParity(unittest.TestCase):
             worst = max(worst, d)
             for l, (ids, _s) in o["selected"].items():
                 self.assertNotIn(gone, list(map(int, ids)), "deleted document still selected")
-        print("parity: %d docs, %d questions + 1 after update/delete, %d tokens each: "
-              "max |logit diff| %.2e (tolerance %.0e), same tokens and documents; wire per "
-              "prefill+decode: fetch %s, attend %s" % (
-                  len(DOCS), len(QUESTIONS), NEW_TOKENS, worst, LOGIT_TOL, fetch.wire, attend.wire))
+        print("parity (%s, %s): %d docs, %d questions + 1 after update/delete, %d tokens each "
+              "(tokens with a clear margin: %s): max |logit diff| %.2e (tolerance %.2g), same tokens and "
+              "documents; wire: fetch %s, attend %s" % (
+                  DTYPE, DEVICE, len(DOCS), len(QUESTIONS), NEW_TOKENS, self.compared, worst,
+                  LOGIT_TOL, fetch.wire, attend.wire))
+        self.assertGreaterEqual(sum(self.compared), len(self.compared) * 8, "too few clear tokens")
 
     def test_one_snapshot_per_prefill(self):
         """A writer replaces every document between two layers' memory calls: pinned,

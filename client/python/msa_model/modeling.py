@@ -90,7 +90,9 @@ class MSASettings:
 def attention_with_lse(q, k, v, scale, mask=None):
     """q [B,Hq,T,D], k/v [B,H,S,D] (GQA: query head j reads kv head j // (Hq/H)),
     mask [T,S] bool (True = visible) or None. Returns out [B,Hq,T,D] and lse
-    [B,Hq,T] (natural log; -inf for a row that sees nothing, with out = 0)."""
+    [B,Hq,T] (natural log; -inf for a row that sees nothing, with out = 0), float32:
+    inputs in any dtype are accumulated in float32, as flash attention does."""
+    q, k, v = q.float(), k.float(), v.float()
     g = q.shape[1] // k.shape[1]
     if g > 1:
         k = k.repeat_interleave(g, dim=1)
@@ -163,12 +165,13 @@ class MSAAttention(Qwen3Attention):
             state.capture[L] = (k[0].transpose(0, 1), v[0].transpose(0, 1), rk)
             # Documents can be long: the fused kernel, no [S, S] score matrix.
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
+                q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True).float()
         elif state.stage == "prefill":
             if mc is None:
                 raise RuntimeError("layer %d: prefill needs a memory client" % L)
             tk, tv = mc.get_template_prefix_kvcaches(L)        # [1, H, Lt, D]
-            tk, tv = tk.to(k.dtype), tv.to(v.dtype)
+            tk = tk.to(device=k.device, dtype=k.dtype)
+            tv = tv.to(device=v.device, dtype=v.dtype)
             Lt = tk.shape[2]
             mode = getattr(mc, "mode", "fetch")
             mem_k = mem_v = None
@@ -179,8 +182,8 @@ class MSAAttention(Qwen3Attention):
                     out_m, lse_m, scores, ids = mc.doc_attend(q, rq, qmask, L, self.scaling)
                 else:
                     mem_k, mem_v, scores, _n, ids = mc.doc_query(rq, qmask, L)
-                    mem_k = mem_k.to(k.dtype).unsqueeze(0)     # [1, H, C, D]
-                    mem_v = mem_v.to(v.dtype).unsqueeze(0)
+                    mem_k = mem_k.to(device=k.device, dtype=k.dtype).unsqueeze(0)   # [1, H, C, D]
+                    mem_v = mem_v.to(device=v.device, dtype=v.dtype).unsqueeze(0)
                 state.selected[L] = (ids, scores)
             C = 0 if mem_k is None else mem_k.shape[2]
             parts_k = [tk] + ([mem_k] if C else []) + [k]
@@ -190,7 +193,8 @@ class MSAAttention(Qwen3Attention):
             mask[:, Lt + C:] = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
             out, lse = attention_with_lse(q, K, V, self.scaling, mask)
             if self.is_router_layer and mode == "attend":
-                out = merge_lse(out_m.to(out.dtype), lse_m.to(lse.dtype), out, lse)
+                out = merge_lse(out_m.to(out.device, torch.float32),
+                                lse_m.to(lse.device, torch.float32), out, lse)
             state.cache[L] = (K, V)
         elif state.stage == "decode":
             K, V = state.cache[L]
@@ -200,10 +204,11 @@ class MSAAttention(Qwen3Attention):
             if self.is_router_layer and getattr(mc, "mode", "fetch") == "attend":
                 ids = state.selected[L][0]
                 out_m, lse_m, _s, _ids = mc.doc_attend(q, None, None, L, self.scaling, doc_ids=ids)
-                out = merge_lse(out_m.to(out.dtype), lse_m.to(lse.dtype), out, lse)
+                out = merge_lse(out_m.to(out.device, torch.float32),
+                                lse_m.to(lse.device, torch.float32), out, lse)
         else:
             raise ValueError("unknown stage %r" % state.stage)
-        out = out.transpose(1, 2).reshape(B, S, -1)
+        out = out.transpose(1, 2).reshape(B, S, -1).to(x.dtype)
         return self.o_proj(out)
 
 
@@ -340,17 +345,18 @@ class MSAModel:
     @torch.no_grad()
     def encode_tokens(self, ids):
         """One sequence alone at positions 0..N-1. Returns {layer: (k, v, rk or None)}
-        token rows float32 [N, H, D] for EVERY layer (rk: router layers only)."""
+        token rows float32 [N, H, D] on the host for EVERY layer (rk: router layers)."""
         st = _State("encode")
         self._run(list(ids), 0, st)
-        return {l: tuple(None if t is None else t.float() for t in c) for l, c in st.capture.items()}
+        return {l: tuple(None if t is None else t.float().cpu() for t in c)
+                for l, c in st.capture.items()}
 
     def template_ids(self):
         return self.tokenizer.encode(self.template) if self.template else []
 
     def pool(self, rows):
         """[N, H, D] -> float32 numpy [ceil(N/P), H, D], the mean per chunk of P."""
-        x = rows.double()
+        x = rows.detach().double().cpu()
         P = self.settings.chunk_tokens
         C = -(-x.shape[0] // P)
         return np.stack([x[c * P:(c + 1) * P].mean(0).numpy() for c in range(C)]).astype(np.float32)
@@ -371,10 +377,13 @@ class MSAModel:
 
     # -- generation --------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, question, memory_client, max_new_tokens=32, eos_token_id=None):
+    def generate(self, question, memory_client, max_new_tokens=32, eos_token_id=None,
+                 forced_tokens=None):
         """Greedy generation with memory. question: text or token ids. Returns a dict:
         tokens (generated ids), text, logits (list of float32 [vocab] per generated
-        token, the first from the prefill), selected {layer: (doc_ids, scores)}."""
+        token, the first from the prefill), selected {layer: (doc_ids, scores)}.
+        forced_tokens: feed these instead of the argmax (teacher forcing; ``tokens``
+        still reports the argmax), so two runs' logits compare step by step."""
         ids = self.tokenizer.encode(question) if isinstance(question, str) else list(question)
         if not ids:
             raise ValueError("question: empty (no tokens)")
@@ -392,6 +401,10 @@ class MSAModel:
             for i in range(max_new_tokens):
                 t = int(torch.argmax(logits))
                 tokens.append(t)
+                if forced_tokens is not None:
+                    if i + 1 >= len(forced_tokens):
+                        break
+                    t = int(forced_tokens[i])
                 if eos is not None and t == eos or i == max_new_tokens - 1:
                     break
                 logits = self._run([t], pos, st)[-1]
