@@ -1,6 +1,6 @@
 """oracle.py — an independent NumPy reference of msad's API semantics.
 
-Written from shared/api/SEMANTICS.md and memory.proto only (not from msad's C
+Written from docs/SEMANTICS.md and rpc/memory.proto only (not from msad's C
 code), so that engine tests compare two implementations of one contract.
 
 What it models:
