@@ -51,6 +51,11 @@ typedef struct msa_rpc_server_opts {
     const char *tls_cert_pem;   /* PEM contents; NULL: plaintext */
     const char *tls_key_pem;
     const char *tls_client_ca_pem; /* non-NULL: clients must present a certificate it signed */
+    unsigned max_connections;      /* client connections at once; past it refused (0 = 1024,
+                                      never more than the fd limit allows) */
+    unsigned idle_timeout_ms;      /* close a connection without calls after this (0 = 300 s) */
+    unsigned handshake_timeout_ms; /* close a connection not through TLS + HTTP/2 setup after
+                                      this (0 = 10 s) */
 } msa_rpc_server_opts_t;
 
 /* Maps an MSA_E* code to its gRPC status code: the one place where this
@@ -69,6 +74,15 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
 const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i);
 
 const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s);
+
+/* The connection cap in force (after the fd-limit clamp). */
+unsigned msa_rpc_server_max_connections(const msa_rpc_server_t *s);
+
+/* Liveness, for /healthz: opens a fresh connection to the first listen
+ * address and waits up to timeout_ms for the accept loop to take it (any
+ * accept counts, a refusal past the cap too). Returns MSA_OK, or
+ * MSA_EUNAVAIL with why in msg (not accepting, shutting down). */
+int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t msg_len);
 
 /* Graceful stop: no new connections or calls (late arrivals get
  * UNAVAILABLE), calls in flight run to completion; after grace_ms the rest are
