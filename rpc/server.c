@@ -119,6 +119,7 @@ struct msa_rpc_server {
     unsigned max_queue;
     uint64_t max_queue_bytes;
     unsigned max_conn; /* client connections at once (connlimit) */
+    grpc_resource_quota *quota; /* receive memory of all connections */
     const msa_rpc_auth_t *auth;
     msa_rpc_metrics_t metrics;
     msa_rpc_ctx_t ctx;
@@ -595,6 +596,7 @@ static void release(msa_rpc_server_t *s)
     free(s->method_tags);
     free(s->pollers);
     free(s->handlers);
+    if (s->quota) grpc_resource_quota_unref(s->quota);
     msa_rpc_metrics_free(&s->metrics);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cv);
@@ -664,7 +666,7 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     unsigned idle_ms = o->idle_timeout_ms ? o->idle_timeout_ms : 300000;
     unsigned hs_ms = o->handshake_timeout_ms ? o->handshake_timeout_ms : 10000;
 
-    grpc_arg args[5];
+    grpc_arg args[6];
     memset(args, 0, sizeof(args));
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -684,7 +686,16 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     args[4].type = GRPC_ARG_INTEGER;
     args[4].key = (char *)GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
     args[4].value.integer = (int)(hs_ms > INT32_MAX ? INT32_MAX : hs_ms);
-    grpc_channel_args cargs = {.num_args = 5, .args = args};
+    /* Bytes being received on every connection together: gRPC charges its
+     * read buffers to this quota and, past it, shrinks flow-control windows
+     * and cancels the streams holding the most. Sized like the queue. */
+    s->quota = grpc_resource_quota_create("msad");
+    grpc_resource_quota_resize(s->quota, (size_t)s->max_queue_bytes);
+    args[5].type = GRPC_ARG_POINTER;
+    args[5].key = (char *)GRPC_ARG_RESOURCE_QUOTA;
+    args[5].value.pointer.p = s->quota;
+    args[5].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    grpc_channel_args cargs = {.num_args = 6, .args = args};
     s->server = grpc_server_create(&cargs, NULL);
     if (!s->server) {
         rc = msa_status_set(st, MSA_EINTERNAL, "grpc_server_create failed");
