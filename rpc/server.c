@@ -686,11 +686,14 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     args[4].type = GRPC_ARG_INTEGER;
     args[4].key = (char *)GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
     args[4].value.integer = (int)(hs_ms > INT32_MAX ? INT32_MAX : hs_ms);
-    /* Bytes being received on every connection together: gRPC charges its
-     * read buffers to this quota and, past it, shrinks flow-control windows
-     * and cancels the streams holding the most. Sized like the queue. */
+    /* Bytes received on every connection together, queued or still
+     * arriving: gRPC charges its read buffers to this quota and, past it,
+     * shrinks flow-control windows and cancels the streams holding the most
+     * (RESOURCE_EXHAUSTED). Room for the queue's budget plus one message
+     * arriving, so the queue's own check (with its clearer message) comes
+     * first. gRPC enforces it softly: test_hostile measures the overshoot. */
     s->quota = grpc_resource_quota_create("msad");
-    grpc_resource_quota_resize(s->quota, (size_t)s->max_queue_bytes);
+    grpc_resource_quota_resize(s->quota, (size_t)(s->max_queue_bytes + max_msg));
     args[5].type = GRPC_ARG_POINTER;
     args[5].key = (char *)GRPC_ARG_RESOURCE_QUOTA;
     args[5].value.pointer.p = s->quota;
