@@ -2,7 +2,9 @@
  * metrics endpoint, and the signal-driven shutdown.
  *
  * Exit codes: 0 after a clean stop (SIGTERM/SIGINT) or --help/--version;
- * 2 for bad options or unreadable option files (config, tokens, TLS);
+ * 2 for bad options or unreadable option files (config, tokens, TLS), a TLS
+ * key that does not match its certificate, a --backup-dir that cannot be
+ * created (systemd then does not restart-loop on a configuration error);
  * 1 when the store, the listen addresses or the metrics port fail at start.
  *
  * Signals: a handler only writes the signal number to a pipe that the main

@@ -3,15 +3,22 @@
  *
  * Threads. N completion-queue threads ("pollers", default one per core), each
  * with its own completion queue and its own requested calls for every method.
- * A poller never runs engine work: when a call arrives it checks shutdown,
- * auth and deadline, then hands the call to a pool of handler threads
+ * A poller never runs engine work: when a call arrives (metadata only) it
+ * checks shutdown and the token, then receives the payload (so a refused
+ * caller's body is never buffered), then hands the call to a pool of handler threads
  * (default 4 per poller, at least 16) through a bounded queue (full ->
  * RESOURCE_EXHAUSTED "too many concurrent requests"). A handler decodes,
  * calls the engine (which may block: Write waits for its group commit's
  * fsync, reads may wait for min_seq), encodes and starts the reply batch; the
  * batch completes on the call's poller, which records metrics and frees the
  * call. So a slow fsync or min_seq wait occupies one handler thread, never a
- * poller, and the other handlers keep serving. Health checks are answered on
+ * poller, and the other handlers keep serving (min_seq waiters are capped by
+ * the engine, so waits never take every handler).
+ *
+ * Connections: at most max_connections (connlimit.h), idle ones closed after
+ * idle_timeout_ms, unfinished setups after handshake_timeout_ms; bytes
+ * received on all connections are bounded by a gRPC resource quota of
+ * max_queue_bytes + max_message. Health checks are answered on
  * the poller itself, so probes work even when every handler is busy.
  *
  * Lifecycle: _start (listening, threads running) -> _shutdown -> _destroy.
