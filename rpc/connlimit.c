@@ -65,6 +65,11 @@ uint64_t msa_rpc_conn_raise_nofile(void) {
 }
 
 int msa_rpc_conn_arm(unsigned max_conn, bool plaintext) {
+    if (atomic_load(&g.armed)) { /* a later server in the same process */
+        g.max = max_conn;
+        g.plaintext = plaintext;
+        return 0;
+    }
     uint64_t nofile = msa_rpc_conn_raise_nofile();
     size_t n = nofile > ((uint64_t)1 << 22) ? ((size_t)1 << 22) : (size_t)nofile;
     atomic_uchar *slot = calloc(n, sizeof(*slot));

@@ -107,9 +107,11 @@ static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_
 static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
                   ProtobufCMessage **out, msa_status_t *st) {
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
+    /* wire.proto's messages are msad's private view of the public ones. */
+    const char *name = strncmp(d->name, "msa.v1.wire.", 12) == 0 ? d->name + 12 : d->name;
     if (!*out)
-        return msa_status_set(st, MSA_EINVAL, "request: malformed %s message (%zu bytes)", d->name,
-                              req->len);
+        return msa_status_set(st, MSA_EINVAL, "request: malformed %s%s message (%zu bytes)",
+                              name == d->name ? "" : "msa.v1.", name, req->len);
     char path[256] = "";
     return nul_walk(d, req->data, req->len, path, sizeof(path), 0, st);
 }
