@@ -415,6 +415,47 @@ class TestStrings(Case):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class TestWireMirror(Case):
+    def test_wire_proto_mirrors_memory_proto(self):
+        # rpc/wire.proto is msad's bytes-for-text view of five messages of
+        # memory.proto: same names, numbers, labels and types (text aside),
+        # so a field added to the contract must be added there too.
+        if not shutil.which("protoc"):
+            self.skipTest("protoc not installed")
+        from google.protobuf import descriptor_pb2
+        rpc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rpc")
+        tmp = tempfile.mkdtemp(prefix="msa-wire-")
+        try:
+            out = os.path.join(tmp, "set.pb")
+            subprocess.run(["protoc", "-I", rpc, "--include_imports", "-o", out,
+                            os.path.join(rpc, "wire.proto")], check=True)
+            fds = descriptor_pb2.FileDescriptorSet()
+            with open(out, "rb") as f:
+                fds.ParseFromString(f.read())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        files = {f.package: {m.name: m for m in f.message_type} for f in fds.file}
+        wire, pub = files["msa.v1.wire"], files["msa.v1"]
+        self.assertEqual(sorted(wire), sorted(["Document", "WriteOp", "WriteRequest",
+                                               "DocumentRecord", "GetResponse"]))
+        for name, wm in wire.items():
+            pf = {f.number: f for f in pub[name].field}
+            wf = {f.number: f for f in wm.field}
+            self.assertEqual(sorted(pf), sorted(wf), "%s: field numbers differ" % name)
+            for n, f in wf.items():
+                p = pf[n]
+                self.assertEqual((f.name, f.label, f.oneof_index if f.HasField("oneof_index") else None),
+                                 (p.name, p.label, p.oneof_index if p.HasField("oneof_index") else None),
+                                 "%s.%s" % (name, f.name))
+                if name == "Document" and f.name == "text":
+                    self.assertEqual((p.type, f.type), (p.TYPE_STRING, f.TYPE_BYTES))
+                else:
+                    self.assertEqual(f.type, p.type, "%s.%s" % (name, f.name))
+                    if f.type == f.TYPE_MESSAGE:
+                        self.assertEqual(f.type_name.replace(".msa.v1.wire.", ".msa.v1."),
+                                         p.type_name, "%s.%s" % (name, f.name))
+
+
 # ==== min_seq ===========================================================================
 
 class TestMinSeq(Case):
