@@ -97,7 +97,7 @@ static int nomem(msa_cli_status_t *st) {
 
 enum {
     M_CREATE, M_DROP, M_LISTCOLL, M_DESCRIBE, M_WRITE, M_GET, M_LIST, M_ROUTE, M_ATTEND,
-    M_STATS, M_BACKUP, M_VERIFY, M_HEALTH, M_COUNT
+    M_STATS, M_BACKUP, M_VERIFY, M_HEALTH, M_RELEASE, M_COUNT
 };
 static const char *const method_names[M_COUNT] = {
     "/msa.v1.Memory/CreateCollection", "/msa.v1.Memory/DropCollection",
@@ -106,7 +106,7 @@ static const char *const method_names[M_COUNT] = {
     "/msa.v1.Memory/List",             "/msa.v1.Memory/Route",
     "/msa.v1.Memory/Attend",           "/msa.v1.Memory/Stats",
     "/msa.v1.Admin/Backup",            "/msa.v1.Admin/Verify",
-    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Check",    "/msa.v1.Memory/ReleaseSnapshot",
 };
 
 struct msa_cli {
@@ -445,6 +445,8 @@ MSA_CLI_RPC(msa_cli_backup, M_BACKUP, Msa__V1__BackupRequest, Msa__V1__BackupRes
             msa__v1__backup_response__descriptor)
 MSA_CLI_RPC(msa_cli_verify, M_VERIFY, Msa__V1__VerifyRequest, Msa__V1__VerifyResponse,
             msa__v1__verify_response__descriptor)
+MSA_CLI_RPC(msa_cli_release_snapshot, M_RELEASE, Msa__V1__ReleaseSnapshotRequest,
+            Msa__V1__ReleaseSnapshotResponse, msa__v1__release_snapshot_response__descriptor)
 
 int msa_cli_health(msa_cli_t *c, const char *service, bool *serving, int64_t timeout_ms,
                    msa_cli_status_t *st) {

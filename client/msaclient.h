@@ -140,6 +140,12 @@ int msa_cli_backup(msa_cli_t *c, const Msa__V1__BackupRequest *req,
                    Msa__V1__BackupResponse **out, int64_t timeout_ms, msa_cli_status_t *st);
 int msa_cli_verify(msa_cli_t *c, const Msa__V1__VerifyRequest *req,
                    Msa__V1__VerifyResponse **out, int64_t timeout_ms, msa_cli_status_t *st);
+/* Held snapshots: set hold_snapshot_ms on a Route/Attend/Get/List request to keep the
+ * snapshot it read (the response's snapshot_seq), snapshot_seq on later ones to read it;
+ * this ends the lease early (released = false when none was held). */
+int msa_cli_release_snapshot(msa_cli_t *c, const Msa__V1__ReleaseSnapshotRequest *req,
+                             Msa__V1__ReleaseSnapshotResponse **out, int64_t timeout_ms,
+                             msa_cli_status_t *st);
 
 /* The standard grpc.health.v1.Health/Check for `service` ("" = the whole server).
  * *serving = true when the answer is SERVING. */

@@ -18,6 +18,7 @@
 #include "gpu.h"
 #include "index.h"
 #include "kernels.h"
+#include "lease.h"
 #include "msa_log.h"
 
 #include <errno.h>
@@ -38,6 +39,8 @@
 #define DEF_MAX_METADATA_BYTES (1u << 20)
 #define DEF_MAX_IDS 100000
 #define ID_MAX ((uint64_t)1 << 63) /* ids are 1..2^63-1 */
+#define DEF_MAX_HELD_SNAPSHOTS 256
+#define DEF_MAX_SNAPSHOT_HOLD_MS 60000
 
 /* ==== the engine ============================================================ */
 
@@ -96,6 +99,7 @@ struct msa_engine {
     atomic_uint seq_waiters;      /* read calls waiting for a min_seq */
     /* counters */
     _Atomic uint64_t n_writes, n_groups, n_routes, n_attends, n_gets, n_lists;
+    msa__lease_table_t *leases;   /* held snapshots (lease.h) */
 };
 
 /* Commit rate assumed when deciding whether a min_seq is reachable in time. */
@@ -509,6 +513,25 @@ static bool group_frees_only(const wq_item_t *group)
     return true;
 }
 
+/* Remapping waits for every open snapshot to end: held snapshots end first
+ * (revoked), or a lease would stall the writer, and every reader queued
+ * behind the pending remap, until it expires. */
+static int grow_revoking(msa_engine_t *e, int (*grow)(msa_store_t *))
+{
+    msa__lease_revoke_all(e->leases, "map growth");
+    int rc = grow(e->store);
+    msa__lease_resume(e->leases);
+    return rc;
+}
+
+static int reserve_revoking(msa_engine_t *e, bool on)
+{
+    msa__lease_revoke_all(e->leases, "map growth");
+    int rc = msa_store_reserve(e->store, on);
+    msa__lease_resume(e->leases);
+    return rc;
+}
+
 /* Commits a group, growing the map as needed. At the map limit (MSA_EFULL):
  * one empty commit makes the pages freed by the last commit reusable (LMDB
  * reuses a commit's freed pages only after the next commit, so right after
@@ -522,7 +545,7 @@ static int commit_growing(msa_engine_t *e, wq_item_t *group)
         rc = commit_group(e, group);
         if (rc != MSA_EFULL) break;
         /* The map is full: grow it (waits for open snapshots) and retry. */
-        if (msa_store_grow(e->store) == MSA_OK) {
+        if (grow_revoking(e, msa_store_grow) == MSA_OK) {
             msa_log(MSA_LOG_INFO, "store: map grown; retrying a group of writes");
             continue;
         }
@@ -535,14 +558,14 @@ static int commit_growing(msa_engine_t *e, wq_item_t *group)
                 continue;
             }
         }
-        if (!reserved && group_frees_only(group) && msa_store_reserve(e->store, true) == MSA_OK) {
+        if (!reserved && group_frees_only(group) && reserve_revoking(e, true) == MSA_OK) {
             reserved = true;
             msa_log(MSA_LOG_WARN, "store full: deletes use the map's reserve");
             continue;
         }
         break;
     }
-    if (reserved) msa_store_reserve(e->store, false);
+    if (reserved) reserve_revoking(e, false);
     return rc;
 }
 
@@ -646,6 +669,8 @@ typedef struct snap {
     msa_coll_rec_t coll;
     msa_idx_coll_t *ic;
     bool registered;
+    msa__lease_t *lease;          /* a held snapshot this call uses: txn is the lease's */
+    bool lease_locked;            /* the lease's txn is still in use by this call */
 } snap_t;
 
 typedef struct begin_ctx {
@@ -665,6 +690,11 @@ static int begin_read_ctx(void *arg, uint64_t *seq)
 static void snap_close(msa_engine_t *e, snap_t *s)
 {
     if (s->ic) msa_idx_coll_release(s->ic);
+    if (s->lease) {
+        if (s->lease_locked) msa__lease_unlock(s->lease);
+        msa__lease_put(e->leases, s->lease);
+        s->txn = NULL; /* the lease's */
+    }
     if (s->txn) msa_store_abort(s->txn);
     if (s->registered) msa_idx_snap_unregister(e->idx, s->seq);
     memset(s, 0, sizeof *s);
@@ -731,6 +761,82 @@ static int snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_
         if (rc) snap_close(e, s);
     }
     return rc;
+}
+
+/* ---- held snapshots (lease.h) ---- */
+
+/* Ends a held snapshot for good (the lease table's close callback). */
+static void lease_close(void *ctx, msa_store_txn_t *txn, uint64_t seq)
+{
+    msa_engine_t *e = ctx;
+    msa_store_abort(txn);
+    msa_idx_snap_unregister(e->idx, seq);
+}
+
+/* snap_open for the reads that take snapshot_seq and hold_snapshot_ms (Route,
+ * Attend, Get, List): snapshot_seq != 0 borrows that held snapshot (see
+ * msa__lease_borrow) and resolves the collection in it. */
+static int snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
+                        uint64_t snapshot_seq, uint32_t hold_ms, snap_t *s, msa_status_t *st)
+{
+    memset(s, 0, sizeof *s);
+    s->e = e;
+    if (hold_ms > e->cfg.max_snapshot_hold_ms)
+        return msa_status_set(st, MSA_EINVAL,
+                              "hold_snapshot_ms: %u ms, at most %u (--max-snapshot-hold-ms); "
+                              "renew the lease instead",
+                              hold_ms, e->cfg.max_snapshot_hold_ms);
+    if (!snapshot_seq) return snap_open(e, name, min_seq, deadline_ms, s, st);
+    if (min_seq > snapshot_seq)
+        return msa_status_set(st, MSA_EINVAL,
+                              "min_seq: %llu is after snapshot_seq %llu (a held snapshot "
+                              "never moves)",
+                              (unsigned long long)min_seq, (unsigned long long)snapshot_seq);
+    if (deadline_ms > 0 && mono_ms() > deadline_ms)
+        return msa_status_set(st, MSA_ETIMEOUT, "deadline passed before the call started");
+    int rc = msa__lease_borrow(e->leases, snapshot_seq, &s->lease, &s->txn, st);
+    if (rc) return rc;
+    s->lease_locked = true;
+    s->seq = snapshot_seq;
+    if (name) {
+        rc = find_coll(s->txn, name, &s->coll, st);
+        if (rc == MSA_OK) {
+            /* A collection dropped after seq stays in the index while a
+             * snapshot older than the drop is registered, as this one is. */
+            s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
+            if (!s->ic) rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index", name);
+        }
+        if (rc) snap_close(e, s);
+    }
+    return rc;
+}
+
+/* After a read succeeded: hold_ms != 0 starts a lease on the snapshot it read
+ * (or renews the one it borrowed). The snapshot then belongs to the lease and
+ * s only counts as its user; snap_close still ends s. Errors: MSA_EFULL at
+ * --max-held-snapshots (s unchanged). */
+static int snap_hold(msa_engine_t *e, snap_t *s, uint32_t hold_ms, msa_status_t *st)
+{
+    if (!hold_ms) return MSA_OK;
+    if (s->lease) {
+        msa__lease_renew(e->leases, s->lease, hold_ms);
+        return MSA_OK;
+    }
+    msa__lease_t *h = NULL;
+    int rc = msa__lease_adopt(e->leases, &s->txn, s->seq, hold_ms, &h, st);
+    if (rc == MSA_OK && h) {
+        s->lease = h; /* took s->txn and the index registration */
+        s->registered = false;
+        s->lease_locked = false;
+    }
+    return rc;
+}
+
+/* The call is done with the txn but still reads views into the snapshot (Get). */
+static void snap_unlock(snap_t *s)
+{
+    if (s->lease && s->lease_locked) msa__lease_unlock(s->lease);
+    s->lease_locked = false;
 }
 
 /* ==== lifecycle ===================================================================== */
@@ -856,6 +962,18 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     if (!e->cfg.max_text_bytes) e->cfg.max_text_bytes = DEF_MAX_TEXT_BYTES;
     if (!e->cfg.max_metadata_bytes) e->cfg.max_metadata_bytes = DEF_MAX_METADATA_BYTES;
     if (!e->cfg.max_ids) e->cfg.max_ids = DEF_MAX_IDS;
+    if (!e->cfg.max_held_snapshots) e->cfg.max_held_snapshots = DEF_MAX_HELD_SNAPSHOTS;
+    if (!e->cfg.max_snapshot_hold_ms) e->cfg.max_snapshot_hold_ms = DEF_MAX_SNAPSHOT_HOLD_MS;
+    {
+        /* Each held snapshot takes an LMDB reader slot: leave half to calls. */
+        uint32_t slots = cfg->max_readers ? cfg->max_readers : 1024;
+        if (e->cfg.max_held_snapshots > slots / 2) {
+            msa_log(MSA_LOG_WARN, "--max-held-snapshots %u lowered to %u: half the %u LMDB reader "
+                                  "slots (--max-readers) stay for calls",
+                    e->cfg.max_held_snapshots, slots / 2, slots);
+            e->cfg.max_held_snapshots = slots / 2;
+        }
+    }
     e->data_dir = dup_or_null(cfg->data_dir ? cfg->data_dir : "./msa-data");
     e->backup_dir = dup_or_null(cfg->backup_dir);
     e->cfg.data_dir = e->data_dir;
@@ -922,6 +1040,11 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     }
     rc = rebuild_index(e, st);
     if (rc) goto fail;
+    rc = msa__lease_table_create(e->cfg.max_held_snapshots, lease_close, e, &e->leases);
+    if (rc) {
+        msa_status_set(st, rc, "held snapshots: %s", msa_strerror(rc));
+        goto fail;
+    }
     if (e->gpu) {
         msa_idx_accel_t acc;
         msa_gpu_accel(e->gpu, &acc);
@@ -934,6 +1057,7 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     *out = e;
     return MSA_OK;
 fail:
+    msa__lease_table_destroy(e->leases);
     /* The index first: its row arrays may be the backend's pinned memory. */
     if (e->idx) msa_idx_set_accel(e->idx, NULL);
     msa_idx_destroy(e->idx);
@@ -964,6 +1088,7 @@ void msa_srv_close(msa_engine_t *e)
     pthread_cond_signal(&e->q_cond);
     pthread_mutex_unlock(&e->q_lock);
     pthread_join(e->writer, NULL);
+    msa__lease_table_destroy(e->leases); /* closes every held snapshot */
     msa_idx_set_accel(e->idx, NULL);
     msa_idx_destroy(e->idx); /* before the backend: pinned row arrays */
     msa_gpu_close(e->gpu);
@@ -1403,7 +1528,8 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     snap_t s;
     query_set_t qs = {0};
     msa_route_result_t *r = NULL;
-    rc = snap_open(e, req->c.collection, req->c.min_seq, req->c.deadline_ms, &s, st);
+    rc = snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
+                      req->c.snapshot_seq, req->c.hold_ms, &s, st);
     if (rc) return leave(e, rc);
     uint32_t k = 0;
     if ((rc = check_model(&s.coll.schema, req->c.model, st))) goto done;
@@ -1448,6 +1574,7 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     }
     free(lc.st);
     free(lc.rc);
+    if (rc == MSA_OK) rc = snap_hold(e, &s, req->c.hold_ms, st);
 done:
     query_set_free(&qs);
     snap_close(e, &s);
@@ -1630,7 +1757,8 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
     query_set_t qs = {0};
     msa_attend_result_t *r = NULL;
     float *k = NULL, *v = NULL, *o = NULL;
-    rc = snap_open(e, req->c.collection, req->c.min_seq, req->c.deadline_ms, &s, st);
+    rc = snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
+                      req->c.snapshot_seq, req->c.hold_ms, &s, st);
     if (rc) return leave(e, rc);
     const msa_schema_t *sc = &s.coll.schema;
     uint32_t topk = 0;
@@ -1719,6 +1847,7 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
         free(o);
         k = v = o = NULL;
     }
+    if (rc == MSA_OK) rc = snap_hold(e, &s, req->c.hold_ms, st);
 done:
     free(k);
     free(v);
@@ -1771,7 +1900,8 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
         free(r);
         return leave(e, msa_status_set(st, MSA_ENOMEM, "get: out of memory"));
     }
-    rc = snap_open(e, req->collection, req->min_seq, req->deadline_ms, s, st);
+    rc = snap_open_at(e, req->collection, req->min_seq, req->deadline_ms, req->snapshot_seq,
+                      req->hold_ms, s, st);
     if (rc) {
         free(s);
         free(r);
@@ -1885,6 +2015,10 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
             if (kinds == 3) view_tensor(&gl->router_k, msa_schema_router_store_dtype(sc), C, H, D, kv[2]);
         }
     }
+    if (rc == MSA_OK) rc = snap_hold(e, s, req->hold_ms, st);
+    /* The views stay valid while the result keeps its use of the snapshot;
+     * other calls may borrow a held one's txn meanwhile. */
+    snap_unlock(s);
     if (rc) {
         msa_srv_get_result_free(r);
         return leave(e, rc);
@@ -1912,7 +2046,7 @@ int msa_srv_list(msa_engine_t *e, const msa_list_req_t *req, msa_list_result_t *
                                        MAX_LIST_LIMIT));
     uint32_t limit = req->limit ? req->limit : 1000;
     snap_t s;
-    rc = snap_open(e, req->collection, 0, 0, &s, st);
+    rc = snap_open_at(e, req->collection, 0, 0, req->snapshot_seq, req->hold_ms, &s, st);
     if (rc) return leave(e, rc);
     out->docs = malloc(limit * sizeof *out->docs);
     if (!out->docs) rc = msa_status_set(st, MSA_ENOMEM, "list: out of memory");
@@ -1922,6 +2056,7 @@ int msa_srv_list(msa_engine_t *e, const msa_list_req_t *req, msa_list_result_t *
                                             &out->n, &out->next_after_id),
                          "list");
     out->snapshot_seq = s.seq;
+    if (rc == MSA_OK) rc = snap_hold(e, &s, req->hold_ms, st);
     snap_close(e, &s);
     if (rc) msa_srv_list_result_free(out);
     else atomic_fetch_add(&e->n_lists, 1);
@@ -1964,6 +2099,14 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
     out->attends = atomic_load(&e->n_attends);
     out->gets = atomic_load(&e->n_gets);
     out->lists = atomic_load(&e->n_lists);
+    msa__lease_stats_t ls;
+    msa__lease_get_stats(e->leases, &ls);
+    out->snapshots_held = ls.held;
+    out->leases_granted = ls.granted;
+    out->leases_renewed = ls.renewed;
+    out->leases_released = ls.released;
+    out->leases_expired = ls.expired;
+    out->leases_revoked = ls.revoked;
     if (e->gpu) {
         msa_gpu_get_stats(e->gpu, &out->gpu);
         out->n_gpu = out->gpu.devices < 8 ? out->gpu.devices : 8;
@@ -1971,6 +2114,19 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
             msa_gpu_get_device_stats(e->gpu, i, &out->gpu_dev[i]);
     }
     return leave(e, rc);
+}
+
+int msa_srv_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, bool *released,
+                             msa_status_t *st)
+{
+    *released = false;
+    int rc = enter(e, st);
+    if (rc) return rc;
+    if (!snapshot_seq)
+        return leave(e, msa_status_set(st, MSA_EINVAL, "snapshot_seq: 0, want the seq of a held "
+                                                       "snapshot"));
+    *released = msa__lease_release(e->leases, snapshot_seq);
+    return leave(e, MSA_OK);
 }
 
 int msa_srv_backup(msa_engine_t *e, const char *name, bool compact, uint64_t *seq,

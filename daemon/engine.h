@@ -48,6 +48,9 @@ typedef struct msa_srv_config {
     uint32_t max_text_bytes;      /* Document.text per document (0 = 16 MiB) */
     uint32_t max_metadata_bytes;  /* Document.metadata per document (0 = 1 MiB) */
     uint32_t max_ids;             /* GetRequest.ids, exclude_ids per request (0 = 100000) */
+    /* Held snapshots (snapshot leases). */
+    uint32_t max_held_snapshots;  /* held at once (0 = 256; at most half of max_readers) */
+    uint32_t max_snapshot_hold_ms;/* hold_snapshot_ms limit (0 = 60000) */
     /* Integrity walk of data.mdb in a child process before anything is served
      * (msa_store_check_file): full (0, the default), quick or off. */
     msa_store_check_t check_on_start;
@@ -153,6 +156,8 @@ typedef struct msa_read_common {
     const char *model;
     uint64_t min_seq;
     int64_t deadline_ms;     /* CLOCK_MONOTONIC ms; 0 = none */
+    uint64_t snapshot_seq;   /* != 0: read this held snapshot (MSA_EPRECOND when not held) */
+    uint32_t hold_ms;        /* != 0: hold the snapshot read this long after answering */
 } msa_read_common_t;
 
 typedef struct msa_route_req {
@@ -225,6 +230,8 @@ typedef struct msa_get_req {
     const uint32_t *layers;
     uint64_t min_seq;
     int64_t deadline_ms;
+    uint64_t snapshot_seq;   /* as msa_read_common_t */
+    uint32_t hold_ms;
     /* Bytes of text, metadata and tensors the records may hold in all
      * (0 = no limit): past it MSA_EFULL before anything more is read, so a
      * small request cannot build a huge response. */
@@ -262,6 +269,8 @@ typedef struct msa_list_req {
     const char *collection;
     uint64_t after_id;
     uint32_t limit;          /* 0 = 1000, at most 100000 */
+    uint64_t snapshot_seq;   /* as msa_read_common_t */
+    uint32_t hold_ms;
 } msa_list_req_t;
 
 typedef struct msa_list_result {
@@ -282,6 +291,10 @@ typedef struct msa_srv_stats {
     uint64_t commit_seq, store_bytes, collections, documents, chunks;
     uint64_t index_bytes;    /* routing rows resident in host memory */
     uint64_t writes, write_groups, routes, attends, gets, lists;
+    /* Held snapshots: held now; leases granted, renewed, released (by the
+     * client), expired, revoked (by the server: map growth). */
+    uint64_t snapshots_held, leases_granted, leases_renewed, leases_released, leases_expired,
+        leases_revoked;
     /* CUDA backend only (n_gpu = 0 on the CPU backend). */
     unsigned n_gpu;
     msa_gpu_stats_t gpu;
@@ -289,6 +302,22 @@ typedef struct msa_srv_stats {
 } msa_srv_stats_t;
 
 int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st);
+
+/* ---- held snapshots ------------------------------------------------------------ */
+
+/* Route, Attend, Get and List take snapshot_seq and hold_ms (hold_snapshot_ms):
+ * hold_ms != 0 keeps the snapshot the call read open for hold_ms after it
+ * answers (a lease; at most cfg.max_snapshot_hold_ms, else MSA_EINVAL; at
+ * most cfg.max_held_snapshots held, else MSA_EFULL); snapshot_seq != 0 reads
+ * that held snapshot (MSA_EPRECOND when it is not held; min_seq >
+ * snapshot_seq is MSA_EINVAL), and with hold_ms renews its lease. Calls on
+ * one held snapshot run one at a time. A map grow revokes every held
+ * snapshot. See docs/SEMANTICS-additions-lease.md. */
+
+/* Ends one lease on snapshot_seq before it expires; *released = false when
+ * none is held. MSA_EINVAL for seq 0. */
+int msa_srv_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, bool *released,
+                             msa_status_t *st);
 
 /* name: a plain file name inside cfg.backup_dir ('/' or ".." -> MSA_EINVAL). */
 int msa_srv_backup(msa_engine_t *e, const char *name, bool compact, uint64_t *seq,

@@ -39,6 +39,7 @@ struct msa_idx_coll {
     uint32_t *h_val;
     size_t h_cap, h_count;
     uint64_t dead_rows;          /* rows of deleted versions not yet compacted */
+    uint64_t compact_horizon;    /* horizon of the last pass (writer thread only) */
     uint32_t max_entry_rows;
     uint64_t layout_gen;         /* bumped when compaction moves rows */
     uint64_t delete_gen;         /* bumped when an entry's deleted seq changes */
@@ -556,8 +557,14 @@ size_t msa_idx_compact(msa_idx_t *x, bool force)
     for (size_t i = 0; i < n; i++) {
         msa_idx_coll_t *c = list[i];
         /* dead_rows only changes on this (the writer) thread: no lock needed to peek. */
-        if (c->dead_rows && (force || c->dead_rows * 4 >= c->n_rows))
+        /* A pass at a horizon no later than the last one finds nothing: every
+         * version deleted since was deleted after it. So a long-held snapshot
+         * does not cost a write-locked scan per commit. */
+        if (c->dead_rows && (force || c->dead_rows * 4 >= c->n_rows) &&
+            (force || horizon > c->compact_horizon)) {
             removed += compact_coll(c, horizon);
+            c->compact_horizon = horizon;
+        }
         msa_idx_coll_release(c);
     }
     free(list);

@@ -32,6 +32,8 @@ typedef enum {
     O_MAX_TEXT,
     O_MAX_META,
     O_MAX_IDS,
+    O_MAX_HELD,
+    O_MAX_HOLD_MS,
     O_SYNC,
     O_MAP_MAX,
     O_MAP_MB,
@@ -99,6 +101,11 @@ static const optdef_t defs[O_COUNT] = {
     [O_MAX_META] = {"max-metadata-bytes", "N",
                     "metadata bytes per document (default 1048576 = 1 MiB)"},
     [O_MAX_IDS] = {"max-ids", "N", "ids of a Get, exclude_ids of a Route/Attend (default 100000)"},
+    [O_MAX_HELD] = {"max-held-snapshots", "N",
+                    "snapshots held at once by hold_snapshot_ms leases; at most half of "
+                    "--max-readers (default 256)"},
+    [O_MAX_HOLD_MS] = {"max-snapshot-hold-ms", "N",
+                       "longest hold_snapshot_ms a call may ask for (default 60000)"},
     [O_SYNC] = {"sync", "full|nosync", "fsync every commit (full, default) or not"},
     [O_MAP_MAX] = {"map-max-gb", "N", "LMDB map size limit in GiB (default: engine's)"},
     [O_MAP_MB] = {"map-mb", "N", "initial LMDB map size in MiB (default: engine's)"},
@@ -233,6 +240,8 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_MAX_TEXT: return parse_uint(src, v, 1, 2047u << 20, &o->max_text_bytes, st);
     case O_MAX_META: return parse_uint(src, v, 1, 2047u << 20, &o->max_metadata_bytes, st);
     case O_MAX_IDS: return parse_uint(src, v, 1, 1u << 24, &o->max_ids, st);
+    case O_MAX_HELD: return parse_uint(src, v, 1, 1u << 20, &o->max_held_snapshots, st);
+    case O_MAX_HOLD_MS: return parse_uint(src, v, 1, 86400000, &o->max_snapshot_hold_ms, st);
     case O_SYNC:
         if (!strcmp(v, "full"))
             o->nosync = false;

@@ -50,6 +50,8 @@ typedef struct msa_rpc_opts {
     unsigned max_text_bytes;     /* --max-text-bytes N (16 MiB) */
     unsigned max_metadata_bytes; /* --max-metadata-bytes N (1 MiB) */
     unsigned max_ids;            /* --max-ids N (100000) */
+    unsigned max_held_snapshots; /* --max-held-snapshots N (256) */
+    unsigned max_snapshot_hold_ms; /* --max-snapshot-hold-ms N (60000) */
     bool nosync;                /* --sync full|nosync */
     unsigned map_max_gb;        /* --map-max-gb N (0 = engine default) */
     unsigned map_mb;            /* --map-mb N: initial LMDB map in MiB (0 = engine default) */

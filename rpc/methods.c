@@ -464,6 +464,8 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
                         .layers = r->layers,
                         .min_seq = r->min_seq,
                         .deadline_ms = req->deadline_ms,
+                        .snapshot_seq = r->snapshot_seq,
+                        .hold_ms = r->hold_snapshot_ms,
                         .max_bytes = ctx->max_send};
     msa_get_result_t *res = NULL;
     rc = msa_srv_get(ctx->engine, &gr, &res, st);
@@ -538,8 +540,11 @@ static int h_list(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_re
     int rc = unpack(req, &msa__v1__list_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__ListRequest *r = (const void *)m;
-    msa_list_req_t lr = {
-        .collection = str(r->collection), .after_id = r->after_id, .limit = r->limit};
+    msa_list_req_t lr = {.collection = str(r->collection),
+                         .after_id = r->after_id,
+                         .limit = r->limit,
+                         .snapshot_seq = r->snapshot_seq,
+                         .hold_ms = r->hold_snapshot_ms};
     msa_list_result_t res;
     memset(&res, 0, sizeof(res));
     rc = msa_srv_list(ctx->engine, &lr, &res, st);
@@ -579,7 +584,9 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     msa_route_req_t rr = {.c = {.collection = str(r->collection),
                                 .model = opt_str(r->model),
                                 .min_seq = r->min_seq,
-                                .deadline_ms = req->deadline_ms},
+                                .deadline_ms = req->deadline_ms,
+                                .snapshot_seq = r->snapshot_seq,
+                                .hold_ms = r->hold_snapshot_ms},
                           .n_layers = (uint32_t)r->n_layers,
                           .layers = qs,
                           .top_k = r->top_k,
@@ -629,7 +636,9 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     msa_attend_req_t ar = {.c = {.collection = str(r->collection),
                                  .model = opt_str(r->model),
                                  .min_seq = r->min_seq,
-                                 .deadline_ms = req->deadline_ms},
+                                 .deadline_ms = req->deadline_ms,
+                                 .snapshot_seq = r->snapshot_seq,
+                                 .hold_ms = r->hold_snapshot_ms},
                            .n_layers = (uint32_t)r->n_layers,
                            .layers = qs,
                            .top_k = r->top_k,
@@ -793,6 +802,20 @@ static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     return pack(ctx, &out.base, rep, st);
 }
 
+static int h_release_snapshot(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
+                              msa_rpc_reply_t *rep, msa_status_t *st) {
+    ProtobufCMessage *m;
+    int rc = unpack(req, &msa__v1__release_snapshot_request__descriptor, &m, st);
+    if (rc) return rc;
+    const Msa__V1__ReleaseSnapshotRequest *r = (const void *)m;
+    Msa__V1__ReleaseSnapshotResponse out = MSA__V1__RELEASE_SNAPSHOT_RESPONSE__INIT;
+    bool released = false;
+    rc = msa_srv_release_snapshot(ctx->engine, r->snapshot_seq, &released, st);
+    if (rc) return rc;
+    out.released = released;
+    return pack(ctx, &out.base, rep, st);
+}
+
 /* ==== Admin service ============================================================ */
 
 static int h_backup(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
@@ -866,6 +889,9 @@ const msa_rpc_method_t msa__rpc_methods[] = {
     {"/msa.v1.Memory/Route", "Route", MSA_RPC_SCOPE_READ, false, h_route},
     {"/msa.v1.Memory/Attend", "Attend", MSA_RPC_SCOPE_READ, false, h_attend},
     {"/msa.v1.Memory/Stats", "Stats", MSA_RPC_SCOPE_READ, false, h_stats},
+    /* Ends a lease a read call took: the caller's own scope sufficed to take it. */
+    {"/msa.v1.Memory/ReleaseSnapshot", "ReleaseSnapshot", MSA_RPC_SCOPE_READ, false,
+     h_release_snapshot},
     {"/msa.v1.Admin/Backup", "Backup", MSA_RPC_SCOPE_ADMIN, false, h_backup},
     {"/msa.v1.Admin/Verify", "Verify", MSA_RPC_SCOPE_ADMIN, false, h_verify},
     {"/grpc.health.v1.Health/Check", "HealthCheck", MSA_RPC_SCOPE_NONE, true, h_health_check},
@@ -883,6 +909,7 @@ const char *const msa__rpc_method_names[] = {
     "Route",
     "Attend",
     "Stats",
+    "ReleaseSnapshot",
     "Backup",
     "Verify",
     "HealthCheck",

@@ -108,6 +108,12 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
         fn(arg, "engine.gets", es->gets);
         fn(arg, "engine.lists", es->lists);
         fn(arg, "engine.index_bytes", es->index_bytes);
+        fn(arg, "engine.snapshots_held", es->snapshots_held);
+        fn(arg, "engine.snapshot_leases_granted", es->leases_granted);
+        fn(arg, "engine.snapshot_leases_renewed", es->leases_renewed);
+        fn(arg, "engine.snapshot_leases_released", es->leases_released);
+        fn(arg, "engine.snapshot_leases_expired", es->leases_expired);
+        fn(arg, "engine.snapshot_leases_revoked", es->leases_revoked);
         if (es->n_gpu) {
             const msa_gpu_stats_t *g = &es->gpu;
             fn(arg, "gpu.routes_device", g->routes_device);
@@ -212,6 +218,7 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         GAUGE("documents", "Live documents over all collections.", es.documents);
         GAUGE("chunks", "Pooled chunks over all collections (index rows per layer).", es.chunks);
         GAUGE("index_bytes", "Routing rows resident in host memory, bytes.", es.index_bytes);
+        GAUGE("snapshots_held", "Held snapshots (snapshot leases) open now.", es.snapshots_held);
 #undef GAUGE
 #define COUNTER(name, help, v)                                                                     \
     fprintf(f,                                                                                     \
@@ -223,6 +230,16 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         COUNTER("engine_attends_total", "Attend calls served by the engine.", es.attends);
         COUNTER("engine_gets_total", "Get calls served by the engine.", es.gets);
         COUNTER("engine_lists_total", "List calls served by the engine.", es.lists);
+        COUNTER("snapshot_leases_granted_total", "Snapshot leases granted (hold_snapshot_ms).",
+                es.leases_granted);
+        COUNTER("snapshot_leases_renewed_total", "Snapshot leases renewed by a call on a held snapshot.",
+                es.leases_renewed);
+        COUNTER("snapshot_leases_released_total", "Snapshot leases ended by ReleaseSnapshot.",
+                es.leases_released);
+        COUNTER("snapshot_leases_expired_total", "Held snapshots closed because their lease ran out.",
+                es.leases_expired);
+        COUNTER("snapshot_leases_revoked_total", "Held snapshots closed by the server (map growth).",
+                es.leases_revoked);
         if (es.n_gpu) {
             const msa_gpu_stats_t *g = &es.gpu;
             COUNTER("gpu_routes_total", "Layer routes answered by the CUDA backend.", g->routes_device);

@@ -311,6 +311,8 @@ int main(int argc, char **argv) {
     cfg.max_text_bytes = o.max_text_bytes;
     cfg.max_metadata_bytes = o.max_metadata_bytes;
     cfg.max_ids = o.max_ids;
+    cfg.max_held_snapshots = o.max_held_snapshots;
+    cfg.max_snapshot_hold_ms = o.max_snapshot_hold_ms;
     cfg.max_min_seq_waiters = o.max_min_seq_waiters;
     cfg.check_on_start = o.check_on_start;
     cfg.gpu.shards_per_gpu = o.gpu_shards;

@@ -65,6 +65,12 @@ struct msa_store {
     MDB_dbi st_metadata;      /* "metadata": (coll_id, doc_id) -> bytes */
     MDB_dbi st_blocks;        /* "blocks": (coll_id, doc_id, layer_pos, kind) -> bytes */
     pthread_rwlock_t st_gate; /* shared by every txn, exclusive while the map is resized */
+    /* Detached read txns (msa_store_txn_detach) hold no gate: the exclusive
+     * side also waits until none is open, and refuses new ones meanwhile. */
+    pthread_mutex_t st_detach_lock;
+    pthread_cond_t st_detach_cond; /* st_detached dropped */
+    uint32_t st_detached;     /* detached read txns open */
+    bool st_closing;          /* the gate is (being) taken exclusively: no new detach */
     int st_lock_fd;           /* flock'd dir/msad.lock; -1 when read_only */
     bool st_read_only;
     uint64_t st_map_size;     /* bytes; changed only under the exclusive gate */
@@ -86,6 +92,7 @@ struct msa_store_txn {
     int tx_err;         /* first failure that left the root txn half-written */
     int tx_child_err;   /* the same for the open savepoint */
     uint64_t tx_seq;    /* snapshot seq (read) or last committed seq at begin (write) */
+    bool tx_detached;   /* read txn whose gate hold belongs to no thread (msa_store_txn_detach) */
 };
 
 /* ==== errors ================================================================= */
@@ -746,6 +753,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
         rc = msa_status_set(st, MSA_ENOMEM, "cannot create the store lock: %s", strerror(rc));
         goto fail;
     }
+    pthread_mutex_init(&s->st_detach_lock, NULL);
+    pthread_cond_init(&s->st_detach_cond, NULL);
     gate_init = true;
 
     if (!o.read_only) {
@@ -861,7 +870,11 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
 fail:
     if (s->st_env) mdb_env_close(s->st_env);
     if (s->st_lock_fd >= 0) close(s->st_lock_fd);
-    if (gate_init) pthread_rwlock_destroy(&s->st_gate);
+    if (gate_init) {
+        pthread_rwlock_destroy(&s->st_gate);
+        pthread_mutex_destroy(&s->st_detach_lock);
+        pthread_cond_destroy(&s->st_detach_cond);
+    }
     free(s->st_dir);
     free(s->st_data_path);
     free(s);
@@ -875,6 +888,8 @@ void msa_store_close(msa_store_t *s)
     /* The flock goes last, once nothing of this process touches the files. */
     if (s->st_lock_fd >= 0) close(s->st_lock_fd);
     pthread_rwlock_destroy(&s->st_gate);
+    pthread_mutex_destroy(&s->st_detach_lock);
+    pthread_cond_destroy(&s->st_detach_cond);
     free(s->st_dir);
     free(s->st_data_path);
     free(s);
@@ -894,18 +909,39 @@ uint64_t msa_store_last_seq(const msa_store_t *s)
 
 /* ==== transactions =========================================================== */
 
+/* Takes the gate exclusively: every txn has ended, detached ones included,
+ * and none begins until gate_open_all. */
+static void gate_close_all(msa_store_t *s)
+{
+    pthread_mutex_lock(&s->st_detach_lock);
+    s->st_closing = true;
+    pthread_mutex_unlock(&s->st_detach_lock);
+    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    pthread_mutex_lock(&s->st_detach_lock);
+    while (s->st_detached > 0) pthread_cond_wait(&s->st_detach_cond, &s->st_detach_lock);
+    pthread_mutex_unlock(&s->st_detach_lock);
+}
+
+static void gate_open_all(msa_store_t *s)
+{
+    pthread_mutex_lock(&s->st_detach_lock);
+    s->st_closing = false;
+    pthread_mutex_unlock(&s->st_detach_lock);
+    pthread_rwlock_unlock(&s->st_gate);
+}
+
 /* Another process grew the map (only possible for a read-only store beside a
  * live msad): adopt the new size under the exclusive gate. */
 static int adopt_map_size(msa_store_t *s)
 {
     if (gate_held_by_me(s)) return MSA_EIO; /* cannot remap under our own txn */
-    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    gate_close_all(s);
     int rc = mdb_env_set_mapsize(s->st_env, 0);
     if (rc == 0) {
         MDB_envinfo info;
         if (mdb_env_info(s->st_env, &info) == 0) s->st_map_size = info.me_mapsize;
     }
-    pthread_rwlock_unlock(&s->st_gate);
+    gate_open_all(s);
     return xlate(s, rc);
 }
 
@@ -964,8 +1000,35 @@ uint64_t msa_store_txn_seq(const msa_store_txn_t *t)
 
 static void txn_free(msa_store_txn_t *t)
 {
-    gate_leave(t->tx_store);
+    msa_store_t *s = t->tx_store;
+    if (t->tx_detached) {
+        pthread_mutex_lock(&s->st_detach_lock);
+        s->st_detached--;
+        pthread_cond_broadcast(&s->st_detach_cond);
+        pthread_mutex_unlock(&s->st_detach_lock);
+    } else {
+        gate_leave(s);
+    }
     free(t);
+}
+
+/* A detached txn gives its gate hold back (on the thread that took it: a
+ * rwlock is released by its owner) and is counted in st_detached instead,
+ * which the exclusive side waits on as well. It is counted before the hold
+ * goes, so a remap can never slip in between. */
+int msa_store_txn_detach(msa_store_txn_t *t)
+{
+    msa_assert(!t->tx_write);
+    if (t->tx_detached) return MSA_OK;
+    msa_store_t *s = t->tx_store;
+    pthread_mutex_lock(&s->st_detach_lock);
+    bool closing = s->st_closing;
+    if (!closing) s->st_detached++;
+    pthread_mutex_unlock(&s->st_detach_lock);
+    if (closing) return MSA_EUNAVAIL;
+    t->tx_detached = true;
+    gate_leave(s);
+    return MSA_OK;
 }
 
 /* Less than 64 MiB left for unprivileged writers on the data file's file system. */
@@ -1049,8 +1112,9 @@ int msa_store_grow(msa_store_t *s)
     /* Growing under one's own txn would wait for itself forever. */
     msa_assert(!gate_held_by_me(s));
     /* Waits for every open read snapshot to end: readers that hold snapshots
-     * delay growth, and new ones queue behind it (writer-preferring lock). */
-    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+     * delay growth, and new ones queue behind it (writer-preferring lock).
+     * Detached (held) snapshots too: the engine revokes them first. */
+    gate_close_all(s);
     int rc = MSA_OK;
     if (s->st_map_size >= s->st_map_soft) {
         rc = MSA_EFULL;
@@ -1066,7 +1130,7 @@ int msa_store_grow(msa_store_t *s)
     MDB_envinfo info;
     s->st_map_size = mdb_env_info(s->st_env, &info) == 0 ? info.me_mapsize : next;
 out:
-    pthread_rwlock_unlock(&s->st_gate);
+    gate_open_all(s);
     return rc;
 }
 
@@ -1074,7 +1138,7 @@ int msa_store_reserve(msa_store_t *s, bool on)
 {
     if (s->st_read_only) return MSA_EINVAL;
     msa_assert(!gate_held_by_me(s));
-    msa_assert(pthread_rwlock_wrlock(&s->st_gate) == 0);
+    gate_close_all(s);
     int rc = MSA_OK;
     uint64_t want = on ? s->st_map_max : s->st_map_soft;
     if (on && s->st_map_size >= want) {
@@ -1090,7 +1154,7 @@ int msa_store_reserve(msa_store_t *s, bool on)
     MDB_envinfo info;
     s->st_map_size = mdb_env_info(s->st_env, &info) == 0 ? info.me_mapsize : want;
 out:
-    pthread_rwlock_unlock(&s->st_gate);
+    gate_open_all(s);
     return rc;
 }
 

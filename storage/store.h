@@ -121,6 +121,13 @@ uint64_t msa_store_txn_seq(const msa_store_txn_t *t);
 int msa_store_commit(msa_store_txn_t *t, uint64_t seq);
 /* Ends a read txn, or rolls back a write txn. NULL is a no-op. */
 void msa_store_abort(msa_store_txn_t *t);
+/* Makes a read txn begun on this thread independent of it, so that it may
+ * outlive the call that began it (held snapshots): any thread may use it
+ * afterwards, one thread at a time (the env has MDB_NOTLS), and any thread
+ * may end it with msa_store_abort. It still delays msa_store_grow (and
+ * msa_store_reserve) until it ends, so a caller that holds one for long must
+ * end it before those. MSA_EUNAVAIL (txn unchanged) while a grow is pending. */
+int msa_store_txn_detach(msa_store_txn_t *t);
 
 /* Savepoints (nested LMDB txns) make one request of a group commit atomic:
  * begin, apply its ops, then end with keep=true, or keep=false to undo them.

@@ -3,7 +3,7 @@ keys (normalised, float32) with the group-summed normalised queries, i.e. the
 COSINE + HEAD_MEAN scoring as one inner product, T queries per layer, all
 layers. Prints the median time of a full 18-layer pass and a JSON line.
 
-usage: /usr/bin/python3 tests/bench_faiss.py DUMP_DIR [REPS]
+usage: ~/.cache/msad/venv/bin/python tests/bench_faiss.py DUMP_DIR [REPS]
 """
 import glob
 import json

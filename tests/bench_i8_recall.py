@@ -8,7 +8,7 @@ Keys are a mixture of 64 Gaussian clusters (documents inside a cluster are
 near-ties, which is where quantisation hurts), queries are noisy copies of
 random documents' keys. MSA-4B head shapes (H=8, Hq=32, D=128), P=64, 1 layer.
 
-usage: MSA_BIN=build/bin /usr/bin/python3 tests/bench_i8_recall.py [DOCS] [QUERIES]
+usage: MSA_BIN=build/bin ~/.cache/msad/venv/bin/python tests/bench_i8_recall.py [DOCS] [QUERIES]
 """
 import json
 import os

@@ -42,7 +42,7 @@ def msad_path():
 
 def stubs():
     """(memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc), generated
-    once per process with protoc + grpc_python_plugin into a temp dir."""
+    once per process with grpcio-tools (the venv's) into a temp dir."""
     global _stubs
     with _stubs_lock:
         if _stubs is not None:
@@ -54,13 +54,10 @@ def stubs():
             _stubs = (memory_pb2, memory_pb2_grpc, health_pb2, health_pb2_grpc)
             return _stubs
         out = tempfile.mkdtemp(prefix="msa-stubs-")
-        plugin = shutil.which("grpc_python_plugin")
-        if not plugin or not shutil.which("protoc"):
-            raise RuntimeError("protoc and grpc_python_plugin are needed "
-                               "(apt: protobuf-compiler protobuf-compiler-grpc)")
         rpc = os.path.join(SOURCE, "rpc")
-        subprocess.run(["protoc", "--python_out=" + out, "--grpc_out=" + out,
-                        "--plugin=protoc-gen-grpc=" + plugin, "-I", rpc,
+        # grpcio-tools from the venv: stubs of the same release as the runtime.
+        subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "--python_out=" + out,
+                        "--grpc_python_out=" + out, "-I", rpc,
                         os.path.join(rpc, "memory.proto"), os.path.join(rpc, "health.proto")],
                        check=True)
         sys.path.insert(0, out)

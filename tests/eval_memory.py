@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Evaluation of msa_memory on real text: a haystack of Debian `fortunes` with planted
 single-hop facts and two-hop chains.
 
@@ -31,7 +31,7 @@ Metrics:
     questions, and a TF-IDF interleave with the same loop (query rows = paragraphs,
     max over rows, like QUERY_MAX).
 
-Run:  MSA_BIN=build/bin /usr/bin/python3 tests/eval_memory.py --sizes 1000,10000 [--json out.json]
+Run:  MSA_BIN=build/bin ~/.cache/msad/venv/bin/python tests/eval_memory.py --sizes 1000,10000 [--json out.json]
       (starts its own msad on a temp dir with --sync nosync, or --addr HOST:PORT)
 or    ops/eval-memory
 """

@@ -14,7 +14,7 @@ shutting down); garbage bytes to every method; TLS; restart keeps
 everything; SIGTERM under write load loses no acknowledged write; unix
 socket; metrics endpoint; Stats counters; flags, config file, exit codes.
 
-Run: /usr/bin/python3 tests/test_daemon.py  (MSA_BIN, MSA_SOURCE as in
+Run: ~/.cache/msad/venv/bin/python tests/test_daemon.py  (MSA_BIN, MSA_SOURCE as in
 daemon_util.py). Exits 77 (skipped) when msad has not been built.
 """
 import os

@@ -211,6 +211,131 @@ TEST(readers_see_whole_writes)
               (unsigned long long)stats.write_groups, atomic_load(&writes_done));
 }
 
+/* ---- held snapshots: many threads read one while writers write ---- */
+
+static uint64_t held_seq;
+static atomic_long held_checked, short_leases;
+
+/* Attend at the held snapshot must see the pair at generation 5 however the
+ * writers move on; a Get result kept open across other borrowers keeps V = 5. */
+static void *held_reader(void *arg)
+{
+    long id = (long)arg;
+    float q[1 * HQ * D];
+    for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
+    msa_layer_query_t lq = {.layer = 3};
+    lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
+                                  .nbytes = sizeof q};
+    lq.q = lq.routing_q;
+    uint64_t ids[2] = {DOC_A, DOC_B};
+    while (!atomic_load(&stop)) {
+        msa_status_t st;
+        msa_attend_req_t req = {.c = {.collection = "mvcc", .snapshot_seq = held_seq,
+                                      .hold_ms = id == 0 ? 20000 : 0},
+                                .n_layers = 1, .layers = &lq, .top_k = 4};
+        msa_attend_result_t *r = NULL;
+        int rc = msa_srv_attend(eng, &req, &r, &st);
+        CHECK_MSG(rc == MSA_OK, "attend at held %llu: %s", (unsigned long long)held_seq, st.msg);
+        if (rc) continue;
+        CHECK_MSG(r->snapshot_seq == held_seq, "answered from %llu, want held %llu",
+                  (unsigned long long)r->snapshot_seq, (unsigned long long)held_seq);
+        msa_layer_attention_t *la = &r->layers[0];
+        CHECK_MSG(la->n == 2 && la->scores[0] == 5.0f * D && la->scores[1] == 5.0f * D,
+                  "held snapshot moved: %u docs, score %g", la->n, la->n ? la->scores[0] : 0.0f);
+        if (la->n == 2)
+            for (int j = 0; j < HQ * D; j++)
+                CHECK_MSG(fabsf(((const float *)la->out)[j] - 5.0f) < 1e-5f, "held V %g",
+                          ((const float *)la->out)[j]);
+        msa_srv_attend_result_free(r);
+        msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_tensors = true,
+                            .snapshot_seq = held_seq};
+        msa_get_result_t *g = NULL;
+        rc = msa_srv_get(eng, &gr, &g, &st);
+        CHECK_MSG(rc == MSA_OK, "get at held: %s", st.msg);
+        if (rc) continue;
+        usleep(200); /* others borrow the snapshot while this result reads its pages */
+        for (int i = 0; i < 2; i++) {
+            float v;
+            memcpy(&v, g->records[i].layers[0].v.data, sizeof v);
+            CHECK_MSG(v == 5.0f, "held Get V %g", v);
+        }
+        msa_srv_get_result_free(g);
+        atomic_fetch_add(&held_checked, 1);
+    }
+    return NULL;
+}
+
+/* Short leases on the newest snapshot: hold, read it again, then release
+ * half and abandon half to the reaper (which closes them on its thread). */
+static void *short_lease_taker(void *arg)
+{
+    (void)arg;
+    for (long i = 0; !atomic_load(&stop); i++) {
+        msa_status_t st;
+        msa_list_req_t lr = {.collection = "mvcc", .hold_ms = 30};
+        msa_list_result_t res;
+        int rc = msa_srv_list(eng, &lr, &res, &st);
+        CHECK_MSG(rc == MSA_OK || rc == MSA_EFULL, "list hold: %s", st.msg);
+        if (rc) continue;
+        uint64_t seq = res.snapshot_seq;
+        msa_srv_list_result_free(&res);
+        msa_list_req_t again = {.collection = "mvcc", .snapshot_seq = seq};
+        rc = msa_srv_list(eng, &again, &res, &st);
+        /* Another thread's lease on the same seq may have been released. */
+        CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s",
+                  (unsigned long long)seq, st.msg);
+        if (rc == MSA_OK) msa_srv_list_result_free(&res);
+        bool released;
+        /* A lease on the main held seq shares it: always give that one back. */
+        if (i % 2 || seq == held_seq) msa_srv_release_snapshot(eng, seq, &released, &st);
+        atomic_fetch_add(&short_leases, 1);
+        usleep(500);
+    }
+    return NULL;
+}
+
+TEST(held_snapshot_readers)
+{
+    msa_status_t st;
+    CHECK_MSG(write_pair(5.0f, false, &st) == MSA_OK, "%s", st.msg);
+    msa_list_req_t lr = {.collection = "mvcc", .hold_ms = 20000};
+    msa_list_result_t res;
+    CHECK_MSG(msa_srv_list(eng, &lr, &res, &st) == MSA_OK, "hold: %s", st.msg);
+    held_seq = res.snapshot_seq;
+    msa_srv_list_result_free(&res);
+    atomic_store(&stop, false);
+    enum { WRITERS = 2, READERS = 4, TAKERS = 2 };
+    pthread_t w[WRITERS], r[READERS], t[TAKERS];
+    for (long i = 0; i < WRITERS; i++) pthread_create(&w[i], NULL, writer, (void *)i);
+    for (long i = 0; i < READERS; i++) pthread_create(&r[i], NULL, held_reader, (void *)i);
+    for (long i = 0; i < TAKERS; i++) pthread_create(&t[i], NULL, short_lease_taker, NULL);
+    sleep(2);
+    atomic_store(&stop, true);
+    for (int i = 0; i < WRITERS; i++) pthread_join(w[i], NULL);
+    for (int i = 0; i < READERS; i++) pthread_join(r[i], NULL);
+    for (int i = 0; i < TAKERS; i++) pthread_join(t[i], NULL);
+    printf("held: %ld reads of held snapshot %llu checked, %ld short leases\n",
+           atomic_load(&held_checked), (unsigned long long)held_seq, atomic_load(&short_leases));
+    CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld", atomic_load(&held_checked));
+    CHECK_MSG(msa_srv_commit_seq(eng) > held_seq + 20, "writers did not move on");
+    bool released = false;
+    CHECK_OK(msa_srv_release_snapshot(eng, held_seq, &released, &st));
+    CHECK(released);
+    msa_route_req_t rr = {.c = {.collection = "mvcc", .snapshot_seq = held_seq}};
+    msa_route_result_t *rres = NULL;
+    CHECK_RC(msa_srv_route(eng, &rr, &rres, &st), MSA_EPRECOND);
+    CHECK_STR_HAS(st.msg, "snapshot_seq");
+    /* The abandoned short leases expire (30 ms) and the reaper closes them. */
+    msa_srv_stats_t s;
+    for (int i = 0; i < 50; i++) {
+        CHECK_OK(msa_srv_stats(eng, &s, &st));
+        if (s.snapshots_held == 0) break;
+        usleep(50000);
+    }
+    CHECK_EQ_U(s.snapshots_held, 0);
+    CHECK_MSG(s.leases_expired > 0, "no lease expired");
+}
+
 /* The store and the index agree after all that churn (and compaction). */
 TEST(verify_after_churn)
 {
@@ -325,6 +450,7 @@ static const msa_test_t tests[] = {
     TEST_ENTRY(pinned_snapshot),
     TEST_ENTRY(readers_see_whole_writes),
     TEST_ENTRY(multi_layer_routes),
+    TEST_ENTRY(held_snapshot_readers),
     TEST_ENTRY(verify_after_churn),
     TEST_ENTRY(device_answered),
 };

@@ -38,7 +38,7 @@
   Attend answer; only free pages may be harmless, so the compacted copy must
   refuse them all. 0 crashes, 0 silent cases.
 
-Run: /usr/bin/python3 tests/test_faults.py (MSA_BIN, MSA_SOURCE as in
+Run: ~/.cache/msad/venv/bin/python tests/test_faults.py (MSA_BIN, MSA_SOURCE as in
 daemon_util.py). Exits 77 when msad has not been built.
 """
 import hashlib

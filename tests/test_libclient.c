@@ -655,6 +655,47 @@ TEST(delete) {
     EXPECT_STATUS(msa_cli_get(cli, &gr, &g, 0, &st), 5);
 }
 
+/* A held snapshot: a List holds it, a later Put is invisible to a Get naming it. */
+TEST(held_snapshot) {
+    NEED_DAEMON();
+    msa_cli_status_t st;
+    Msa__V1__ListRequest lr = MSA__V1__LIST_REQUEST__INIT;
+    lr.collection = (char *)COLL;
+    lr.hold_snapshot_ms = 10000;
+    Msa__V1__ListResponse *l;
+    OK(msa_cli_list(cli, &lr, &l, 0, &st));
+    uint64_t held = l->snapshot_seq;
+    msa_cli_free(l);
+    msa_cli_doc_t *d = make_doc(77, 5, NULL, NULL, NULL);
+    CHECK(d != NULL);
+    uint64_t seq = 0;
+    OK(msa_cli_put(cli, COLL, d, 0, true, &seq, NULL, &st));
+    msa_cli_doc_free(d);
+    CHECK(seq > held);
+    uint64_t id = 77;
+    Msa__V1__GetRequest gr = MSA__V1__GET_REQUEST__INIT;
+    gr.collection = (char *)COLL;
+    gr.n_ids = 1;
+    gr.ids = &id;
+    Msa__V1__GetResponse *g;
+    OK(msa_cli_get(cli, &gr, &g, 0, &st));
+    msa_cli_free(g);
+    gr.snapshot_seq = held;
+    EXPECT_STATUS(msa_cli_get(cli, &gr, &g, 0, &st), 5); /* not in the held snapshot */
+    Msa__V1__ReleaseSnapshotRequest rr = MSA__V1__RELEASE_SNAPSHOT_REQUEST__INIT;
+    rr.snapshot_seq = held;
+    Msa__V1__ReleaseSnapshotResponse *rel;
+    OK(msa_cli_release_snapshot(cli, &rr, &rel, 0, &st));
+    CHECK(rel->released);
+    msa_cli_free(rel);
+    OK(msa_cli_release_snapshot(cli, &rr, &rel, 0, &st));
+    CHECK(!rel->released);
+    msa_cli_free(rel);
+    EXPECT_STATUS(msa_cli_get(cli, &gr, &g, 0, &st), 9); /* FAILED_PRECONDITION: not held */
+    CHECK(strstr(st.msg, "snapshot_seq") != NULL);
+    OK(msa_cli_delete(cli, COLL, &id, 1, NULL, &st));
+}
+
 typedef struct commit_log {
     int calls;
     uint64_t ops;
@@ -886,6 +927,7 @@ static const msa_test_t TESTS[] = {
     TEST_ENTRY(write_get_list),
     TEST_ENTRY(route_attend),
     TEST_ENTRY(delete),
+    TEST_ENTRY(held_snapshot),
     TEST_ENTRY(batch_writer),
     TEST_ENTRY(admin),
     TEST_ENTRY(concurrent),

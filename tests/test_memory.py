@@ -13,7 +13,7 @@
   * MSAEncoder vs a direct computation from a small random Qwen3's weights: SKIPPED
     (with the reason printed) where torch/transformers are absent.
 
-Run: MSA_BIN=build/bin /usr/bin/python3 tests/test_memory.py. Exits 77 when msad or
+Run: MSA_BIN=build/bin ~/.cache/msad/venv/bin/python tests/test_memory.py. Exits 77 when msad or
 the msa_client package is not built; the bounded evaluation is skipped (reported)
 when the `fortunes` package is missing, and its TF-IDF line when python3-sklearn is.
 """
@@ -417,12 +417,12 @@ class MSAEncoderTest(unittest.TestCase):
                 lay = model.model.layers[l]
                 at = lay.self_attn
                 h = hs[l][0].double().numpy()
-                x = rms(h, lay.input_layernorm.weight.double().numpy(), cfg.rms_norm_eps)
-                k = (x @ at.k_proj.weight.double().numpy().T).reshape(len(h), 2, D)
-                q = (x @ at.q_proj.weight.double().numpy().T).reshape(len(h), 4, D)
-                v = (x @ at.v_proj.weight.double().numpy().T).reshape(len(h), 2, D)
-                k = rms(k, at.k_norm.weight.double().numpy(), cfg.rms_norm_eps)
-                q = rms(q, at.q_norm.weight.double().numpy(), cfg.rms_norm_eps)
+                x = rms(h, lay.input_layernorm.weight.detach().double().numpy(), cfg.rms_norm_eps)
+                k = (x @ at.k_proj.weight.detach().double().numpy().T).reshape(len(h), 2, D)
+                q = (x @ at.q_proj.weight.detach().double().numpy().T).reshape(len(h), 4, D)
+                v = (x @ at.v_proj.weight.detach().double().numpy().T).reshape(len(h), 2, D)
+                k = rms(k, at.k_norm.weight.detach().double().numpy(), cfg.rms_norm_eps)
+                q = rms(q, at.q_norm.weight.detach().double().numpy(), cfg.rms_norm_eps)
                 pos = np.arange(len(h)) + offset
                 out[l] = (rope(k, pos), v, rope(q, pos))
             return out
@@ -445,6 +445,78 @@ class MSAEncoderTest(unittest.TestCase):
             np.testing.assert_allclose(q.layers[l][0], ref[l][2], atol=2e-4, rtol=1e-3)
         self.assertFalse(enc.separate_router_keys)
         self.assertIn("test-qwen3", enc.identity)
+
+    def test_router_projections_match_weights(self):
+        """An MSA model (router K/Q projections, GQA): pooled K, V and router K of a
+        document, and q / routing q of a query, against float64 from the weights."""
+        import torch
+        from msa_model import tiny_msa_model
+        from msa_memory.msa_encoder import MSAEncoder
+        m = tiny_msa_model(seed=3)
+        lm, cfg = m.lm, m.lm.config
+        P, D, H, HQ = 8, m.head_dim, m.kv_heads, m.query_heads
+        tok = lambda s: [b + 1 for b in s.encode()]   # noqa: E731
+        enc = MSAEncoder(lm, tok, layers=list(m.memory_layers), chunk_tokens=P, name="tiny-msa",
+                         query_position_offset=4)
+        self.assertTrue(enc.separate_router_keys)
+        self.assertIn("router=r", enc.identity)
+        text = "The Orvaline ledger was entrusted to Tessa Quibble in the spring. " * 2
+        doc = enc.encode_documents([text])[0]
+        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+        inv = 1.0 / (theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
+
+        def rope(x, pos):
+            ang = np.outer(pos, inv)
+            cos = np.cos(np.concatenate([ang, ang], -1))[:, None, :]
+            sin = np.sin(np.concatenate([ang, ang], -1))[:, None, :]
+            return x * cos + np.concatenate([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+
+        def rms(x, w, eps):
+            return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+
+        def direct(ids, offset):
+            t = torch.tensor([ids])
+            with torch.no_grad():
+                hs = lm(input_ids=t, output_hidden_states=True,
+                        position_ids=torch.arange(len(ids))[None] + offset).hidden_states
+            out = {}
+            pos = np.arange(len(ids)) + offset
+            for l in m.memory_layers:
+                lay = lm.model.layers[l]
+                at = lay.self_attn
+                W = lambda mod: mod.weight.detach().double().numpy().T   # noqa: E731
+                x = rms(hs[l][0].double().numpy(), lay.input_layernorm.weight.detach().double().numpy(),
+                        cfg.rms_norm_eps)
+                k = rms((x @ W(at.k_proj)).reshape(-1, H, D), at.k_norm.weight.detach().double().numpy(), cfg.rms_norm_eps)
+                q = rms((x @ W(at.q_proj)).reshape(-1, HQ, D), at.q_norm.weight.detach().double().numpy(), cfg.rms_norm_eps)
+                out[l] = {"k": rope(k, pos), "q": rope(q, pos), "v": (x @ W(at.v_proj)).reshape(-1, H, D),
+                          "rk": (x @ W(at.router_k_proj[0])).reshape(-1, H, D),
+                          "rq": (x @ W(at.router_q_proj[0])).reshape(-1, HQ, D)}
+            return out
+
+        ids = tok(text)
+        ref = direct(ids, 0)
+        C = math.ceil(len(ids) / P)
+        pool = lambda x: np.stack([x[c * P:(c + 1) * P].mean(0) for c in range(C)])   # noqa: E731
+        for l in m.memory_layers:
+            k, v, rk = doc.layers[l]
+            for got, want, what in ((k, ref[l]["k"], "k"), (v, ref[l]["v"], "v"), (rk, ref[l]["rk"], "router_k")):
+                np.testing.assert_allclose(got, pool(want), atol=3e-4, rtol=1e-3,
+                                           err_msg="layer %d %s" % (l, what))
+        qids = tok("who has the ledger?")
+        q = enc.encode_query("who has the ledger?")
+        ref = direct(qids, 4)
+        for l in m.memory_layers:
+            rq, qq = q.layers[l]
+            np.testing.assert_allclose(qq, ref[l]["q"], atol=3e-4, rtol=1e-3)
+            np.testing.assert_allclose(rq, ref[l]["rq"], atol=3e-4, rtol=1e-3)
+        # The model's own encode path (msa_model, used to ingest for generation)
+        # computes the same pooled latents as the hooks.
+        n, lay = m.encode_document(text)
+        self.assertEqual(n, len(ids))
+        for l in m.memory_layers:
+            for a, b in zip(lay[l], doc.layers[l]):
+                np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ tensors as stored), stats, backup, verify, health, bench (tiny shapes), --json o
 parsed, exit codes (0 ok, 1 server error with the gRPC status name, 2 usage, 3 verify
 problems / not serving) and --help of every command.
 
-Run: /usr/bin/python3 tests/test_msactl.py (MSA_BIN = directory with msad and msactl).
+Run: ~/.cache/msad/venv/bin/python tests/test_msactl.py (MSA_BIN = directory with msad and msactl).
 Exits 77 when msad or msactl is not built.
 """
 import json

@@ -5,7 +5,7 @@ conversion, raw pooling, router keys), checks route/attend against an fp64 refer
 computed here, the batch splitting of put_many under a 1 MiB server limit, errors as
 MsaError with the gRPC status, and the admin calls.
 
-Run: /usr/bin/python3 tests/test_python_client.py. MSA_BIN = build/bin; the package is
+Run: ~/.cache/msad/venv/bin/python tests/test_python_client.py. MSA_BIN = build/bin; the package is
 taken from $MSA_PYTHON or MSA_BIN/../python. Exits 77 when msad or the package is absent.
 """
 import os

@@ -23,7 +23,7 @@ a real daemon on loopback driven by grpcio stubs generated from the proto.
   text and metadata bytes per document, exclude_ids, doc_ids, Get ids, List
   limit; and the flags that change them.
 
-Run: /usr/bin/python3 tests/test_security.py (MSA_BIN, MSA_SOURCE as in
+Run: ~/.cache/msad/venv/bin/python tests/test_security.py (MSA_BIN, MSA_SOURCE as in
 daemon_util.py). Exits 77 (skipped) when msad has not been built.
 """
 import os
@@ -111,7 +111,7 @@ READ, WRITE, ADMIN = 1, 2, 3
 METHODS = {
     "CreateCollection": ADMIN, "DropCollection": ADMIN, "ListCollections": READ,
     "DescribeCollection": READ, "Write": WRITE, "Get": READ, "List": READ, "Route": READ,
-    "Attend": READ, "Stats": READ, "Backup": ADMIN, "Verify": ADMIN,
+    "Attend": READ, "Stats": READ, "ReleaseSnapshot": READ, "Backup": ADMIN, "Verify": ADMIN,
 }
 TOKENS = {"rtok-0123456789abcdef": READ, "wtok-0123456789abcdef": WRITE,
           "atok-0123456789abcdef": ADMIN}
@@ -176,6 +176,11 @@ class TestAuth(Case):
             return self.m.Attend(pb.AttendRequest(collection="sec", layers=[query()]), **kw)
         if method == "Stats":
             return self.m.Stats(pb.StatsRequest(), **kw)
+        if method == "ReleaseSnapshot":
+            # A read token may hold a snapshot (any read call) and so release it.
+            seq = self.m.List(pb.ListRequest(collection="sec", hold_snapshot_ms=5000),
+                              metadata=md(TOK[READ])).snapshot_seq
+            return self.m.ReleaseSnapshot(pb.ReleaseSnapshotRequest(snapshot_seq=seq), **kw)
         if method == "Backup":
             return self.a.Backup(pb.BackupRequest(name="b%d" % n), **kw)
         if method == "Verify":

@@ -40,7 +40,7 @@ group write into two requests and requires get, list and attend readers to
 notice within seconds.
 
 Prints one summary line starting with "soak:" (quoted in the README).
-Run: /usr/bin/python3 tests/test_soak.py  (MSA_BIN, MSA_SOURCE as in daemon_util.py).
+Run: ~/.cache/msad/venv/bin/python tests/test_soak.py  (MSA_BIN, MSA_SOURCE as in daemon_util.py).
 """
 import collections
 import json

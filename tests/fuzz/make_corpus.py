@@ -1,7 +1,7 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """make_corpus.py — writes the seed corpora of the fuzz targets into tests/fuzz/corpus/.
 
-    /usr/bin/python3 tests/fuzz/make_corpus.py     # rewrites corpus/{rpc,tensor,config}/
+    ~/.cache/msad/venv/bin/python tests/fuzz/make_corpus.py     # rewrites corpus/{rpc,tensor,config}/
 
 Deterministic: the same files every run, so the checked-in corpus only changes
 when this script does. Request messages are built with protobuf stubs that

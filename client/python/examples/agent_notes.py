@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """agent_notes: an agent's long-term notes in msad (msa_memory example).
 
     PYTHONPATH=build/python client/python/examples/agent_notes.py --addr 127.0.0.1:7420 \

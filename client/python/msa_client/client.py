@@ -4,7 +4,7 @@ Arrays go in as NumPy arrays of any float dtype (uint16 arrays are taken as bflo
 bit patterns, the .npy convention of msactl) and come out as np.float32. Errors raise
 MsaError with the gRPC status code and the server's message.
 
-Works with Debian's python3-grpcio (1.51), python3-protobuf (3.21) and python3-numpy.
+Runs in the project's venv (ops/venv: PyPI grpcio, protobuf, numpy; pinned in ops/python.lock).
 """
 
 import grpc
@@ -129,6 +129,18 @@ class Result(dict):
     snapshot_seq = 0
 
 
+class Records(list):
+    """Get's list of document dicts, with .snapshot_seq of the read."""
+
+    snapshot_seq = 0
+
+
+class Page(tuple):
+    """list_docs' (documents, next_after_id), with .snapshot_seq of the read."""
+
+    snapshot_seq = 0
+
+
 class AttendLayer:
     """One layer of an Attend answer."""
 
@@ -226,6 +238,9 @@ class Client:
         self.timeout = timeout
         self.max_message_bytes = n
         self._md = (("authorization", "Bearer " + token),) if token else None
+        # snapshot_seq of the last Route/Attend/Get/List answer of this client (with
+        # several threads on one client, read the result's .snapshot_seq instead).
+        self.last_snapshot_seq = 0
         self._mem = pbg.MemoryStub(self._ch)
         self._adm = pbg.AdminStub(self._ch)
         self._health = self._ch.unary_unary(
@@ -377,15 +392,20 @@ class Client:
 
     # -- reads -------------------------------------------------------------------------
     def get(self, collection, ids, with_text=True, with_metadata=True, with_tensors=True,
-            layers=None, min_seq=0, timeout=None):
-        """Documents as dicts {"id", "info", "text", "metadata", "layers": {layer: {"k",
-        "v"[, "router_k"]: np.float32 [C, H, D]}}}. ids: an int (one dict back) or a list."""
+            layers=None, min_seq=0, snapshot_seq=0, hold_snapshot_ms=0, timeout=None):
+        """Documents as dicts {"id", "info", "text", "metadata", "snapshot_seq", "layers":
+        {layer: {"k", "v"[, "router_k"]: np.float32 [C, H, D]}}}. ids: an int (one dict
+        back) or a list (a Records list with .snapshot_seq). snapshot_seq / hold_snapshot_ms:
+        read a held snapshot / hold the one read (see route)."""
         single = isinstance(ids, (int, np.integer))
         idl = [int(ids)] if single else [int(i) for i in ids]
         r = self._call(self._mem.Get, pb.GetRequest(
             collection=collection, ids=idl, with_text=with_text, with_metadata=with_metadata,
-            with_tensors=with_tensors, layers=list(layers or []), min_seq=min_seq), timeout)
-        out = []
+            with_tensors=with_tensors, layers=list(layers or []), min_seq=min_seq,
+            snapshot_seq=snapshot_seq, hold_snapshot_ms=hold_snapshot_ms), timeout)
+        self.last_snapshot_seq = r.snapshot_seq
+        out = Records()
+        out.snapshot_seq = r.snapshot_seq
         for rec in r.records:
             d = {"id": rec.info.id, "info": _docinfo_dict(rec.info), "snapshot_seq": r.snapshot_seq}
             if with_text:
@@ -404,11 +424,17 @@ class Client:
             out.append(d)
         return out[0] if single else out
 
-    def list_docs(self, collection, after_id=0, limit=0, timeout=None):
-        """One page: (list of document info dicts, next_after_id; 0 = no more)."""
-        r = self._call(self._mem.List, pb.ListRequest(collection=collection, after_id=after_id,
-                                                      limit=limit), timeout)
-        return [_docinfo_dict(d) for d in r.documents], r.next_after_id
+    def list_docs(self, collection, after_id=0, limit=0, snapshot_seq=0, hold_snapshot_ms=0,
+                  timeout=None):
+        """One page: a Page (list of document info dicts, next_after_id; 0 = no more) with
+        .snapshot_seq. snapshot_seq / hold_snapshot_ms: as route."""
+        r = self._call(self._mem.List, pb.ListRequest(
+            collection=collection, after_id=after_id, limit=limit, snapshot_seq=snapshot_seq,
+            hold_snapshot_ms=hold_snapshot_ms), timeout)
+        self.last_snapshot_seq = r.snapshot_seq
+        page = Page(([_docinfo_dict(d) for d in r.documents], r.next_after_id))
+        page.snapshot_seq = r.snapshot_seq
+        return page
 
     def iter_docs(self, collection, page=1000):
         after = 0
@@ -419,15 +445,23 @@ class Client:
                 return
 
     def route(self, collection, queries, top_k=0, exclude_ids=(), min_seq=0, model="",
-              query_dtype=None, timeout=None):
+              query_dtype=None, snapshot_seq=0, hold_snapshot_ms=0, timeout=None):
         """queries: {layer: routing_q [T, Hq, D] (or [Hq, D])}. Returns a Result {layer:
-        (doc_ids np.uint64, scores np.float32)}, best first, with .snapshot_seq."""
+        (doc_ids np.uint64, scores np.float32)}, best first, with .snapshot_seq.
+
+        Held snapshots: hold_snapshot_ms > 0 keeps the snapshot this call read open for that
+        long after it answers; pass its seq (result.snapshot_seq, also
+        client.last_snapshot_seq) as snapshot_seq to later route/attend/get/list_docs calls
+        so they read exactly the same versions (with hold_snapshot_ms they also renew the
+        lease); release_snapshot(seq) ends it early."""
         req = pb.RouteRequest(collection=collection, top_k=top_k,
                               exclude_ids=[int(i) for i in exclude_ids], min_seq=min_seq,
-                              model=model)
+                              model=model, snapshot_seq=snapshot_seq,
+                              hold_snapshot_ms=hold_snapshot_ms)
         for layer, rq in queries.items():
             req.layers.append(pb.LayerQuery(layer=layer, routing_q=_query(rq, query_dtype)))
         r = self._call(self._mem.Route, req, timeout)
+        self.last_snapshot_seq = r.snapshot_seq
         res = Result()
         res.snapshot_seq = r.snapshot_seq
         for l in r.layers:
@@ -435,14 +469,17 @@ class Client:
         return res
 
     def attend(self, collection, queries, top_k=0, doc_ids=None, exclude_ids=(), scale=0.0,
-               out_dtype="f32", min_seq=0, model="", query_dtype=None, timeout=None):
+               out_dtype="f32", min_seq=0, model="", query_dtype=None, snapshot_seq=0,
+               hold_snapshot_ms=0, timeout=None):
         """queries: {layer: (routing_q, q)}, or {layer: q} with doc_ids (routing skipped).
         Returns a Result {layer: AttendLayer(doc_ids, scores, out np.float32 [T, Hq, D],
-        lse np.float32 [T, Hq])} with .snapshot_seq."""
+        lse np.float32 [T, Hq])} with .snapshot_seq. snapshot_seq / hold_snapshot_ms: as
+        route."""
         req = pb.AttendRequest(collection=collection, top_k=top_k,
                                exclude_ids=[int(i) for i in exclude_ids], min_seq=min_seq,
                                doc_ids=[int(i) for i in (doc_ids or [])], scale=scale,
-                               out_dtype=_dtype(out_dtype) if out_dtype else 0, model=model)
+                               out_dtype=_dtype(out_dtype) if out_dtype else 0, model=model,
+                               snapshot_seq=snapshot_seq, hold_snapshot_ms=hold_snapshot_ms)
         for layer, qq in queries.items():
             if isinstance(qq, (tuple, list)):
                 rq, q = qq
@@ -453,6 +490,7 @@ class Client:
                 lq.routing_q.CopyFrom(_query(rq, query_dtype))
             req.layers.append(lq)
         r = self._call(self._mem.Attend, req, timeout)
+        self.last_snapshot_seq = r.snapshot_seq
         res = Result()
         res.snapshot_seq = r.snapshot_seq
         for l in r.layers:
@@ -460,6 +498,13 @@ class Client:
                                        np.array(l.scores, dtype=np.float32),
                                        _from_tensor(l.out), _from_tensor(l.lse))
         return res
+
+    def release_snapshot(self, snapshot_seq, timeout=None):
+        """Ends this client's lease on a held snapshot; False when none was held (it
+        expired, was released, or the server revoked it)."""
+        r = self._call(self._mem.ReleaseSnapshot,
+                       pb.ReleaseSnapshotRequest(snapshot_seq=int(snapshot_seq)), timeout)
+        return r.released
 
     # -- admin -------------------------------------------------------------------------
     def stats(self, timeout=None):

@@ -1,8 +1,8 @@
 """MSAEncoder: latents of a Qwen3-family or MSA checkpoint (Hugging Face transformers).
 
-UNTESTED IN THIS REPOSITORY'S CI: torch and transformers are not installed on the
-build machines. tests/test_memory.py has a check (a small randomly initialised Qwen3,
-no download) that runs wherever they are installed and skips otherwise.
+Tested in ./ops/test (tests/test_memory.py MSAEncoderTest, on CPU): a small random
+Qwen3, and a small random MSA model with router K/Q projections, against a float64
+computation from the weights.
 
 What it computes, per memory layer l (``layers``, default: the upper half of the
 model's decoder layers, where MSA puts its memory):
@@ -16,9 +16,10 @@ model's decoder layers, where MSA puts its memory):
         keys are exactly those the model attends with;
       - V: the value projection (no norm, no RoPE);
       - router K: the checkpoint's router key projection when the attention module
-        has one (an attribute named in ``router_k_names``), taken as it is output
-        (no RoPE: routing compares content, positions differ per document); else the
-        collection routes on K (``separate_router_keys = False``).
+        has one (an attribute named in ``router_k_names``), applied to the
+        attention's input (no norm, no RoPE: routing compares content, positions
+        differ per document); else the collection routes on K
+        (``separate_router_keys = False``).
     Token rows are mean-pooled per chunk of P tokens in float32 (SEMANTICS.md
     "Pooling"); the pooled rows are sent (Document.raw = false).
   * queries: position ids start at ``query_position_offset`` (MSA: k, the number of
@@ -114,6 +115,8 @@ class MSAEncoder(Encoder):
                     if pe is None and len(args) > 1:
                         pe = args[1]
                     self._cap[l]["pe"] = pe
+                    x = kwargs.get("hidden_states")
+                    self._cap[l]["x"] = (args[0] if x is None and args else x).detach()
                 return None
 
             self._hooks.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
@@ -122,12 +125,9 @@ class MSAEncoder(Encoder):
             self._hooks.append(k_mod.register_forward_hook(self._saver(l, "k")))
             self._hooks.append(q_mod.register_forward_hook(self._saver(l, "q")))
             self._hooks.append(attn.v_proj.register_forward_hook(self._saver(l, "v")))
-            if self._rk_name:
-                self._hooks.append(getattr(attn, self._rk_name).register_forward_hook(
-                    self._saver(l, "rk")))
-            if self._rq_name:
-                self._hooks.append(getattr(attn, self._rq_name).register_forward_hook(
-                    self._saver(l, "rq")))
+            # Router projections: a plain transformers forward never calls them (the
+            # MSA reference does only in its own prefill stages), so _run applies
+            # them to the attention's input captured above.
 
     def _saver(self, l, key):
         def hook(mod, inp, out):
@@ -170,10 +170,11 @@ class MSAEncoder(Encoder):
                 k = _apply_rope(self._heads(c["k"], self.kv_heads), cos.float(), sin.float())
                 q = _apply_rope(self._heads(c["q"], self.query_heads), cos.float(), sin.float())
                 o = {"k": k, "q": q, "v": self._heads(c["v"], self.kv_heads)}
-                if "rk" in c:
-                    o["rk"] = self._heads(c["rk"], self.kv_heads)
-                if "rq" in c:
-                    o["rq"] = self._heads(c["rq"], self.query_heads)
+                attn = self._decoder_layers[l].self_attn
+                if self._rk_name:
+                    o["rk"] = self._heads(getattr(attn, self._rk_name)(c["x"]).detach(), self.kv_heads)
+                if self._rq_name:
+                    o["rq"] = self._heads(getattr(attn, self._rq_name)(c["x"]).detach(), self.query_heads)
                 out[l] = o
             return out
         finally:
