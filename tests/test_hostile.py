@@ -28,6 +28,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -251,6 +252,30 @@ class TestConnections(Case):
                     s.close()
 
 
+    def test_healthz_503_while_draining(self):
+        # /healthz fails as soon as msad stops serving new calls (here: the
+        # lame duck of SIGTERM, held open by a call waiting for a min_seq).
+        with Daemon(metrics=True, args=["--shutdown-grace", "10"]) as d:
+            m = d.memory()
+            m.CreateCollection(pb.CreateCollectionRequest(name="hz", schema=schema()))
+            seq = m.Stats(pb.StatsRequest()).commit_seq
+            slow = m.Route.future(pb.RouteRequest(collection="hz", layers=[query()],
+                                                  min_seq=seq + 1000), timeout=4)
+            time.sleep(0.3)
+            d.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3
+            while True:
+                try:
+                    urllib.request.urlopen("http://%s/healthz" % d.metrics_addr, timeout=3)
+                except urllib.error.HTTPError as e:
+                    self.assertEqual(e.code, 503)
+                    self.assertIn("shutting down", e.read().decode())
+                    break
+                self.assertLess(time.monotonic(), deadline, "/healthz kept answering 200")
+                time.sleep(0.02)
+            self.assertIsNotNone(slow.exception())
+
+
 # ==== memory ===========================================================================
 
 class TestMemory(Case):
@@ -420,14 +445,19 @@ class TestWireMirror(Case):
         # rpc/wire.proto is msad's bytes-for-text view of five messages of
         # memory.proto: same names, numbers, labels and types (text aside),
         # so a field added to the contract must be added there too.
-        if not shutil.which("protoc"):
-            self.skipTest("protoc not installed")
+        try:
+            import grpc_tools  # noqa: F401
+            protoc = [sys.executable, "-m", "grpc_tools.protoc"]
+        except ImportError:
+            if not shutil.which("protoc"):
+                self.skipTest("neither grpc_tools nor protoc installed")
+            protoc = ["protoc"]
         from google.protobuf import descriptor_pb2
         rpc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rpc")
         tmp = tempfile.mkdtemp(prefix="msa-wire-")
         try:
             out = os.path.join(tmp, "set.pb")
-            subprocess.run(["protoc", "-I", rpc, "--include_imports", "-o", out,
+            subprocess.run(protoc + ["-I", rpc, "--include_imports", "-o", out,
                             os.path.join(rpc, "wire.proto")], check=True)
             fds = descriptor_pb2.FileDescriptorSet()
             with open(out, "rb") as f:
