@@ -95,10 +95,15 @@ struct msa_engine {
     atomic_bool shutting_down;
     atomic_bool broken;
     atomic_int inflight;          /* public calls in progress */
+    atomic_uint submitted;        /* requests handed to the writer, not yet answered */
+    atomic_uint seq_waiters;      /* read calls waiting for a min_seq */
     /* counters */
     _Atomic uint64_t n_writes, n_groups, n_routes, n_attends, n_gets, n_lists;
     msa__lease_table_t *leases;   /* held snapshots (lease.h) */
 };
+
+/* Commit rate assumed when deciding whether a min_seq is reachable in time. */
+#define MIN_SEQ_COMMITS_PER_MS 1000
 
 static int64_t mono_ms(void)
 {
@@ -641,6 +646,9 @@ static int submit(msa_engine_t *e, wq_item_t *it)
 {
     it->next = NULL;
     it->done = false;
+    /* Counted from before it is queued until after it is answered: every
+     * commit not yet applied belongs to a counted request (see snap_open). */
+    atomic_fetch_add(&e->submitted, 1);
     pthread_mutex_lock(&e->q_lock);
     if (e->q_tail) e->q_tail->next = it;
     else e->q_head = it;
@@ -648,6 +656,7 @@ static int submit(msa_engine_t *e, wq_item_t *it)
     pthread_cond_signal(&e->q_cond);
     while (!it->done) pthread_cond_wait(&e->done_cond, &e->q_lock);
     pthread_mutex_unlock(&e->q_lock);
+    atomic_fetch_sub(&e->submitted, 1);
     return it->rc;
 }
 
@@ -698,11 +707,36 @@ static int snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_
 {
     memset(s, 0, sizeof *s);
     s->e = e;
-    if (min_seq) {
+    if (min_seq && min_seq > msa_idx_applied(e->idx)) {
+        /* "Far" means out of reach within the wait even if every request
+         * the writer holds commits and new writes then commit at 1,000 per
+         * millisecond (well above what LMDB commits): such a call can only
+         * time out, so it is refused at once instead of holding a handler
+         * for the whole wait. Read the pending count before `applied`: a
+         * request finishing in between is then counted in `applied`. */
         uint32_t wait = e->cfg.min_seq_wait_ms ? e->cfg.min_seq_wait_ms : 5000;
+        uint64_t pending = atomic_load(&e->submitted);
+        uint64_t applied = msa_idx_applied(e->idx);
+        uint64_t reach = applied + pending + (uint64_t)wait * MIN_SEQ_COMMITS_PER_MS;
+        if (min_seq > reach)
+            return msa_status_set(st, MSA_EPRECOND,
+                                  "min_seq: commit %llu is out of reach (last commit %llu, %llu "
+                                  "writes in progress; at most %llu within the %u ms wait)",
+                                  (unsigned long long)min_seq, (unsigned long long)applied,
+                                  (unsigned long long)pending, (unsigned long long)reach, wait);
+        unsigned max_w = e->cfg.max_min_seq_waiters ? e->cfg.max_min_seq_waiters : 8;
+        if (atomic_fetch_add(&e->seq_waiters, 1) >= max_w) {
+            atomic_fetch_sub(&e->seq_waiters, 1);
+            return msa_status_set(st, MSA_EFULL,
+                                  "min_seq: %u calls already wait for a commit "
+                                  "(--max-min-seq-waiters); retry later",
+                                  max_w);
+        }
         int64_t limit = mono_ms() + wait;
         if (deadline_ms > 0 && deadline_ms < limit) limit = deadline_ms;
-        if (msa_idx_wait_applied(e->idx, min_seq, limit) != MSA_OK)
+        int wrc = msa_idx_wait_applied(e->idx, min_seq, limit);
+        atomic_fetch_sub(&e->seq_waiters, 1);
+        if (wrc != MSA_OK)
             return msa_status_set(st, MSA_ETIMEOUT,
                                   "min_seq: commit %llu not reached in time (commit seq is %llu)",
                                   (unsigned long long)min_seq,
@@ -1898,6 +1932,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
     }
     if (rc == MSA_OK && !(r->records = calloc(req->n_ids ? req->n_ids : 1, sizeof *r->records)))
         rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
+    uint64_t bytes = 0; /* response bytes so far (req->max_bytes) */
     for (size_t i = 0; i < req->n_ids && rc == MSA_OK; i++) {
         msa_get_record_t *g = &r->records[r->n_records++];
         char path[48];
@@ -1915,6 +1950,31 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
                            rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
                                               : msa_strerror(rc));
             break;
+        }
+        /* Count what this record brings before reading any of it: views
+         * cost nothing, but the response packs every byte once per record.
+         * A repeated id is answered at each of its positions (records come
+         * in request order) and counted each time, so ids=[1]*300 of an
+         * 8 MiB text stops at the limit instead of building 2.4 GB. */
+        if (req->max_bytes) {
+            uint64_t add = 64 + (req->with_text ? g->info.text_bytes : 0) +
+                           (req->with_metadata ? g->info.metadata_bytes : 0);
+            if (nl) {
+                uint64_t per = (uint64_t)g->info.chunks * sc->kv_heads * sc->head_dim;
+                uint64_t kvb = per * msa_dtype_size(sc->kv_dtype) * 2;
+                if (sc->separate_router_keys)
+                    kvb += per * msa_dtype_size(msa_schema_router_store_dtype(sc));
+                add += kvb * nl;
+            }
+            bytes += add;
+            if (bytes > req->max_bytes) {
+                rc = msa_status_set(st, MSA_EFULL,
+                                    "response: more than %llu bytes by ids[%zu] (%zu of %zu "
+                                    "records), over the message limit (--max-message-mb); ask for "
+                                    "fewer ids or less per id",
+                                    (unsigned long long)req->max_bytes, i, i + 1, req->n_ids);
+                break;
+            }
         }
         if (req->with_text && g->info.text_bytes &&
             (rc = msa_store_text_get(s->txn, s->coll.id, req->ids[i], &g->text)))

@@ -40,6 +40,8 @@ typedef struct msa_srv_config {
     const char *backup_dir;       /* Backup writes only here (NULL: backups refused) */
     unsigned group_commit_max;    /* requests per LMDB txn at most (0 = 256) */
     uint32_t min_seq_wait_ms;     /* min_seq wait limit (0 = 5000) */
+    uint32_t max_min_seq_waiters; /* calls waiting for min_seq at once (0 = 8); more:
+                                     MSA_EFULL, so waits cannot take every handler */
     /* Request limits (INVALID_ARGUMENT naming the field when exceeded). */
     uint32_t max_query_tokens;    /* T per layer of Route/Attend (0 = 65536) */
     uint32_t max_write_ops;       /* ops per WriteRequest (0 = 4096) */
@@ -230,6 +232,10 @@ typedef struct msa_get_req {
     int64_t deadline_ms;
     uint64_t snapshot_seq;   /* as msa_read_common_t */
     uint32_t hold_ms;
+    /* Bytes of text, metadata and tensors the records may hold in all
+     * (0 = no limit): past it MSA_EFULL before anything more is read, so a
+     * small request cannot build a huge response. */
+    uint64_t max_bytes;
 } msa_get_req_t;
 
 /* Tensors of one layer of one record, zero-copy views into the snapshot. */

@@ -17,6 +17,10 @@ typedef enum {
     O_HANDLERS,
     O_MAX_QUEUE,
     O_MAX_QUEUE_MB,
+    O_MAX_CONN,
+    O_IDLE_TIMEOUT,
+    O_HANDSHAKE_TIMEOUT,
+    O_MAX_WAITERS,
     O_TOKENS,
     O_TLS_CERT,
     O_TLS_KEY,
@@ -74,6 +78,17 @@ static const optdef_t defs[O_COUNT] = {
     [O_MAX_QUEUE_MB] = {"max-queue-mb", "N",
                         "request bytes of the waiting calls, MiB, before RESOURCE_EXHAUSTED "
                         "(default 1024)"},
+    [O_MAX_CONN] = {"max-connections", "N",
+                    "client connections at once; past it a new one is refused with an HTTP/2 "
+                    "GOAWAY (default 1024, never more than `ulimit -n` less 256)"},
+    [O_IDLE_TIMEOUT] = {"idle-timeout", "SECONDS",
+                        "close a client connection without calls for this long (default 300)"},
+    [O_HANDSHAKE_TIMEOUT] = {"handshake-timeout", "SECONDS",
+                             "close a connection that has not finished its TLS and HTTP/2 setup "
+                             "within this (default 10)"},
+    [O_MAX_WAITERS] = {"max-min-seq-waiters", "N",
+                       "read calls waiting at once for a min_seq commit; more get "
+                       "RESOURCE_EXHAUSTED (default 8; keep below --handlers)"},
     [O_TOKENS] = {"tokens-file", "FILE", "bearer tokens, one `token read|write|admin` per line"},
     [O_TLS_CERT] = {"tls-cert", "FILE", "TLS certificate chain (PEM); needs --tls-key"},
     [O_TLS_KEY] = {"tls-key", "FILE", "TLS private key (PEM)"},
@@ -179,6 +194,16 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         if (!*v) return msa_status_set(st, MSA_EINVAL, "%s: empty address", src);
         if (strncmp(v, "unix:", 5) != 0 && !strchr(v, ':'))
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want HOST:PORT or unix:/path", src, v);
+        if (strncmp(v, "unix:", 5) != 0) {
+            /* gRPC would take the port modulo 65536: 99999 would bind 34463. */
+            const char *port = strrchr(v, ':') + 1;
+            char *end = NULL;
+            errno = 0;
+            unsigned long pn = strtoul(port, &end, 10);
+            if (!*port || *end || errno || port[0] == '-' || port[0] == '+' || pn > 65535)
+                return msa_status_set(st, MSA_EINVAL, "%s: '%s': port '%s', want 0..65535", src, v,
+                                      port);
+        }
         char **l = realloc(o->listen, (o->n_listen + 1) * sizeof(char *));
         if (!l) return msa_status_set(st, MSA_ENOMEM, "out of memory");
         o->listen = l;
@@ -200,6 +225,10 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
     case O_HANDLERS: return parse_uint(src, v, 0, 4096, &o->handlers, st);
     case O_MAX_QUEUE: return parse_uint(src, v, 0, 1u << 20, &o->max_queue, st);
     case O_MAX_QUEUE_MB: return parse_uint(src, v, 1, 1u << 20, &o->max_queue_mb, st);
+    case O_MAX_CONN: return parse_uint(src, v, 1, 1u << 20, &o->max_connections, st);
+    case O_IDLE_TIMEOUT: return parse_uint(src, v, 1, 86400 * 7, &o->idle_timeout_s, st);
+    case O_HANDSHAKE_TIMEOUT: return parse_uint(src, v, 1, 3600, &o->handshake_timeout_s, st);
+    case O_MAX_WAITERS: return parse_uint(src, v, 1, 1u << 16, &o->max_min_seq_waiters, st);
     case O_TOKENS: return set_str(&o->tokens_file, v, src, st);
     case O_TLS_CERT: return set_str(&o->tls_cert, v, src, st);
     case O_TLS_KEY: return set_str(&o->tls_key, v, src, st);

@@ -35,6 +35,10 @@ typedef struct msa_rpc_opts {
     unsigned handlers;          /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
     unsigned max_queue;         /* --max-queue N: calls waiting for a handler (0 = 4096) */
     unsigned max_queue_mb;      /* --max-queue-mb N: their request bytes, MiB (0 = 1024) */
+    unsigned max_connections;   /* --max-connections N (0 = 1024, clamped to the fd limit) */
+    unsigned idle_timeout_s;    /* --idle-timeout S: idle connections closed (0 = 300) */
+    unsigned handshake_timeout_s; /* --handshake-timeout S: setup must finish (0 = 10) */
+    unsigned max_min_seq_waiters; /* --max-min-seq-waiters N (0 = engine default, 8) */
     char *tokens_file;          /* --tokens-file F */
     char *tls_cert, *tls_key;   /* --tls-cert F --tls-key F */
     char *tls_client_ca;        /* --tls-client-ca F */

@@ -14,6 +14,7 @@
 
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
+#include "wire.pb-c.h"
 #include "msa_log.h"
 
 #include <stdarg.h>
@@ -33,14 +34,86 @@ int64_t msa__rpc_now_ms(void) {
 
 #define OOM(st) msa_status_set((st), MSA_ENOMEM, "out of memory building the message")
 
-/* Unpacks req into the call's arena. Malformed bytes -> INVALID_ARGUMENT. */
+/* One varint at p[*i..len); 0 when truncated. */
+static int varint(const uint8_t *p, size_t len, size_t *i, uint64_t *out) {
+    uint64_t v = 0;
+    for (unsigned shift = 0; shift < 64 && *i < len; shift += 7) {
+        uint8_t b = p[(*i)++];
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Walks the wire bytes of a message of descriptor d and refuses a string
+ * field that holds a NUL byte: protobuf-c hands strings to C NUL-terminated,
+ * so "c\0junk" would silently act on "c". path (capacity cap) is the field
+ * path so far; it is restored on return. Malformed bytes are left to unpack. */
+static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len, char *path,
+                    size_t cap, int depth, msa_status_t *st) {
+    unsigned seen[64] = {0}; /* per field: entries so far, for "ops[3]" */
+    size_t i = 0;
+    while (i < len) {
+        uint64_t key, flen;
+        if (!varint(p, len, &i, &key)) return MSA_OK;
+        switch (key & 7) {
+        case 0:
+            if (!varint(p, len, &i, &flen)) return MSA_OK;
+            continue;
+        case 1: i += 8; continue;
+        case 5: i += 4; continue;
+        case 2:
+            if (!varint(p, len, &i, &flen) || flen > len - i) return MSA_OK;
+            break;
+        default: return MSA_OK;
+        }
+        size_t start = i;
+        i += flen;
+        const ProtobufCFieldDescriptor *f =
+            key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                                   : NULL;
+        if (!f || (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE))
+            continue;
+        size_t fi = (size_t)(f - d->fields);
+        unsigned k = fi < 64 ? seen[fi]++ : 0;
+        size_t pl = strlen(path);
+        if (f->label == PROTOBUF_C_LABEL_REPEATED)
+            snprintf(path + pl, cap - pl, "%s%s[%u]", pl ? "." : "", f->name, k);
+        else
+            snprintf(path + pl, cap - pl, "%s%s", pl ? "." : "", f->name);
+        int rc = MSA_OK;
+        if (f->type == PROTOBUF_C_TYPE_STRING) {
+            if (memchr(p + start, 0, flen))
+                rc = msa_status_set(st, MSA_EINVAL,
+                                    "%s: contains a NUL byte at offset %zu; names and strings "
+                                    "may not",
+                                    path, (size_t)((const uint8_t *)memchr(p + start, 0, flen) -
+                                                   (p + start)));
+        } else if (depth < 32) {
+            rc = nul_walk(f->descriptor, p + start, flen, path, cap, depth + 1, st);
+        }
+        path[pl] = '\0';
+        if (rc) return rc;
+    }
+    return MSA_OK;
+}
+
+/* Unpacks req into the call's arena. Malformed bytes -> INVALID_ARGUMENT;
+ * so is a NUL inside any string field (a name cut short would act on another
+ * object). */
 static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
                   ProtobufCMessage **out, msa_status_t *st) {
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
+    /* wire.proto's messages are msad's private view of the public ones. */
+    const char *name = strncmp(d->name, "msa.v1.wire.", 12) == 0 ? d->name + 12 : d->name;
     if (!*out)
-        return msa_status_set(st, MSA_EINVAL, "request: malformed %s message (%zu bytes)", d->name,
-                              req->len);
-    return MSA_OK;
+        return msa_status_set(st, MSA_EINVAL, "request: malformed %s%s message (%zu bytes)",
+                              name == d->name ? "" : "msa.v1.", name, req->len);
+    char path[256] = "";
+    return nul_walk(d, req->data, req->len, path, sizeof(path), 0, st);
 }
 
 /* Packs m into a malloc'd buffer, refusing responses above the send limit so
@@ -310,29 +383,30 @@ static int h_describe_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *
 static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
                    msa_status_t *st) {
     ProtobufCMessage *m;
-    int rc = unpack(req, &msa__v1__write_request__descriptor, &m, st);
+    /* The wire form keeps text as bytes: a NUL inside it is data. */
+    int rc = unpack(req, &msa__v1__wire__write_request__descriptor, &m, st);
     if (rc) return rc;
-    const Msa__V1__WriteRequest *r = (const void *)m;
+    const Msa__V1__Wire__WriteRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
     msa_write_op_t *ops = msa_rpc_arena_calloc(a, r->n_ops ? r->n_ops : 1, sizeof(*ops));
     if (!ops) return OOM(st);
     char path[96];
     for (size_t i = 0; i < r->n_ops; i++) {
-        const Msa__V1__WriteOp *po = r->ops[i];
+        const Msa__V1__Wire__WriteOp *po = r->ops[i];
         msa_write_op_t *o = &ops[i];
         o->expect_version = po->expect_version;
         o->expect_absent = po->expect_absent;
-        if (po->op_case == MSA__V1__WRITE_OP__OP_DELETE_ID) {
+        if (po->op_case == MSA__V1__WIRE__WRITE_OP__OP_DELETE_ID) {
             o->kind = MSA_OP_DELETE;
             o->delete_id = po->delete_id;
-        } else if (po->op_case == MSA__V1__WRITE_OP__OP_PUT) {
+        } else if (po->op_case == MSA__V1__WIRE__WRITE_OP__OP_PUT) {
             o->kind = MSA_OP_PUT;
-            const Msa__V1__Document *d = po->put;
+            const Msa__V1__Wire__Document *d = po->put;
             if (!d) continue; /* an empty put: the engine names what is missing */
             msa_doc_t *doc = &o->put;
             doc->id = d->id;
-            doc->text = str(d->text);
-            doc->text_len = strlen(doc->text);
+            doc->text = d->text.data ? (const char *)d->text.data : "";
+            doc->text_len = d->text.len;
             doc->metadata = d->metadata.data;
             doc->metadata_len = d->metadata.len;
             doc->tokens = d->tokens;
@@ -391,32 +465,32 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
                         .min_seq = r->min_seq,
                         .deadline_ms = req->deadline_ms,
                         .snapshot_seq = r->snapshot_seq,
-                        .hold_ms = r->hold_snapshot_ms};
+                        .hold_ms = r->hold_snapshot_ms,
+                        .max_bytes = ctx->max_send};
     msa_get_result_t *res = NULL;
     rc = msa_srv_get(ctx->engine, &gr, &res, st);
     if (rc) return rc;
 
-    Msa__V1__GetResponse out = MSA__V1__GET_RESPONSE__INIT;
+    /* The wire form: text as bytes, borrowed from the snapshot like the
+     * tensors, so packing is the one copy of every byte. */
+    Msa__V1__Wire__GetResponse out = MSA__V1__WIRE__GET_RESPONSE__INIT;
     size_t n = res->n_records;
-    Msa__V1__DocumentRecord **recs = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*recs));
+    Msa__V1__Wire__DocumentRecord **recs = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*recs));
     if (!recs) goto oom;
     for (size_t i = 0; i < n; i++) {
         const msa_get_record_t *g = &res->records[i];
-        Msa__V1__DocumentRecord *dr = msa_rpc_arena_alloc(a, sizeof(*dr));
+        Msa__V1__Wire__DocumentRecord *dr = msa_rpc_arena_alloc(a, sizeof(*dr));
         Msa__V1__DocumentInfo *di = msa_rpc_arena_alloc(a, sizeof(*di));
-        Msa__V1__Document *doc = msa_rpc_arena_alloc(a, sizeof(*doc));
+        Msa__V1__Wire__Document *doc = msa_rpc_arena_alloc(a, sizeof(*doc));
         if (!dr || !di || !doc) goto oom;
-        msa__v1__document_record__init(dr);
+        msa__v1__wire__document_record__init(dr);
         doc_info_out(&g->info, di);
-        msa__v1__document__init(doc);
+        msa__v1__wire__document__init(doc);
         doc->id = g->info.id;
         doc->tokens = g->info.tokens;
         doc->raw = false;
-        if (g->text.len) {
-            /* proto strings are NUL-terminated for protobuf-c: one copy. */
-            doc->text = msa_rpc_arena_strndup(a, g->text.data, g->text.len);
-            if (!doc->text) goto oom;
-        }
+        doc->text.data = (uint8_t *)g->text.data;
+        doc->text.len = g->text.len;
         doc->metadata.data = (uint8_t *)g->metadata.data;
         doc->metadata.len = g->metadata.len;
         if (g->n_layers) {
@@ -574,6 +648,22 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
                            .doc_ids = r->doc_ids,
                            .scale = r->scale,
                            .out_dtype = (msa_dtype_t)r->out_dtype};
+    /* The output grows with T x Hq x D per layer (F32 doubles a BF16 query):
+     * refuse before computing what could not be sent anyway. */
+    uint64_t want = 0;
+    size_t osz = r->out_dtype == MSA__V1__DTYPE__F16 || r->out_dtype == MSA__V1__DTYPE__BF16 ? 2 : 4;
+    for (size_t i = 0; i < r->n_layers; i++) {
+        const msa_tensor_t *q = &qs[i].q;
+        if (q->ndim != 3) continue; /* the engine names the bad shape */
+        uint64_t th = (uint64_t)q->shape[0] * q->shape[1];
+        want += th * q->shape[2] * osz + th * 4 + 12u * 1024;
+    }
+    if (want > ctx->max_send)
+        return msa_status_set(st, MSA_EFULL,
+                              "response: out and lse of %zu layers need %llu bytes, over the "
+                              "message limit of %zu bytes (--max-message-mb); send fewer query "
+                              "tokens or layers per call",
+                              r->n_layers, (unsigned long long)want, ctx->max_send);
     msa_attend_result_t *res = NULL;
     rc = msa_srv_attend(ctx->engine, &ar, &res, st);
     if (rc) return rc;

@@ -2,12 +2,14 @@
  * (see metrics.h). */
 #include "metrics.h"
 
+#include "connlimit.h"
 #include "msa_log.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,6 +182,14 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
     }
     fprintf(f, "# TYPE msad_inflight_requests gauge\nmsad_inflight_requests %llu\n",
             (unsigned long long)ld(&mx->inflight));
+    fprintf(f, "# HELP msad_connections Client connections open now, and the cap.\n"
+               "# TYPE msad_connections gauge\nmsad_connections %llu\n"
+               "# TYPE msad_connections_max gauge\nmsad_connections_max %u\n"
+               "# HELP msad_connections_refused_total Connections closed at accept: past "
+               "--max-connections or out of file descriptors.\n"
+               "# TYPE msad_connections_refused_total counter\nmsad_connections_refused_total %llu\n",
+            (unsigned long long)msa_rpc_conn_open(), msa_rpc_conn_max(),
+            (unsigned long long)msa_rpc_conn_refused());
     fprintf(f, "# TYPE msad_queued_requests gauge\nmsad_queued_requests %llu\n",
             (unsigned long long)ld(&mx->queued));
     fprintf(f, "# TYPE msad_queued_request_bytes gauge\nmsad_queued_request_bytes %llu\n",
@@ -277,7 +287,31 @@ struct msa_rpc_http {
     char bound[300]; /* "HOST:PORT" as bound */
     const msa_rpc_metrics_t *mx;
     msa_engine_t *e;
+    _Atomic(msa_rpc_probe_fn) probe;
+    void *_Atomic probe_arg;
 };
+
+void msa_rpc_http_set_probe(msa_rpc_http_t *h, msa_rpc_probe_fn fn, void *arg) {
+    atomic_store(&h->probe_arg, arg);
+    atomic_store(&h->probe, fn);
+}
+
+/* /healthz: liveness as a load balancer or systemd watchdog sees it. */
+static enum MHD_Result healthz(msa_rpc_http_t *h, struct MHD_Connection *conn) {
+    char msg[400] = "ok";
+    int rc = MSA_OK;
+    msa_rpc_probe_fn fn = atomic_load(&h->probe);
+    if (fn) rc = fn(atomic_load(&h->probe_arg), msg, sizeof(msg) - 1);
+    size_t n = strlen(msg);
+    msg[n++] = '\n';
+    struct MHD_Response *resp = MHD_create_response_from_buffer(n, msg, MHD_RESPMEM_MUST_COPY);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "text/plain; charset=utf-8");
+    enum MHD_Result ret =
+        MHD_queue_response(conn, rc == MSA_OK ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
@@ -294,8 +328,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         MHD_destroy_response(resp);
         return ret;
     }
+    if (strcmp(url, "/healthz") == 0) return healthz(h, conn);
     if (strcmp(url, "/metrics") != 0 && strcmp(url, "/") != 0) {
-        static const char msg[] = "not found; try /metrics\n";
+        static const char msg[] = "not found; try /metrics or /healthz\n";
         resp =
             MHD_create_response_from_buffer(sizeof(msg) - 1, (void *)msg, MHD_RESPMEM_PERSISTENT);
         if (!resp) return MHD_NO;
@@ -368,7 +403,9 @@ int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine
     if (!h) return msa_status_set(st, MSA_ENOMEM, "--metrics: out of memory");
     h->mx = mx;
     h->e = e;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    /* poll/epoll, not select: descriptor numbers grow past FD_SETSIZE when
+     * many clients are connected, and select would refuse them. */
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
     uint16_t port;
     if (ss.ss_family == AF_INET6) {
         flags |= MHD_USE_IPv6;
@@ -377,12 +414,15 @@ int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine
         port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     }
     h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR,
-                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)10, MHD_OPTION_END);
+                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MSA_RPC_HTTP_MAX_CONN,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)5, MHD_OPTION_END);
     if (!h->d) {
         free(h);
         return msa_status_set(st, MSA_EIO, "--metrics: cannot listen on %s", addr);
     }
+    /* Its connections are limited by MHD, not by --max-connections. */
+    const union MHD_DaemonInfo *lfd = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_LISTEN_FD);
+    if (lfd) msa_rpc_conn_exempt(lfd->listen_fd);
     char host[INET6_ADDRSTRLEN] = "?";
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     if (di && di->port) port = di->port;

@@ -65,6 +65,15 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
 typedef struct msa_rpc_http msa_rpc_http_t;
 int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine_t *e,
                        msa_rpc_http_t **out, msa_status_t *st);
+/* Connections the HTTP endpoint holds at most; idle ones close after 5 s. */
+#define MSA_RPC_HTTP_MAX_CONN 128
+
+/* GET /healthz answers 200 with the probe's message when it returns MSA_OK,
+ * else 503 (without a probe: 200 "ok" while the process runs). The probe
+ * runs on the HTTP thread. */
+typedef int (*msa_rpc_probe_fn)(void *arg, char *msg, size_t msg_len);
+void msa_rpc_http_set_probe(msa_rpc_http_t *h, msa_rpc_probe_fn fn, void *arg);
+
 /* The bound address as "HOST:PORT" (the real port when 0 was asked). */
 const char *msa_rpc_http_bound(const msa_rpc_http_t *h);
 /* Stops the thread and closes the socket. NULL is a no-op. */

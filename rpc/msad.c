@@ -2,7 +2,9 @@
  * metrics endpoint, and the signal-driven shutdown.
  *
  * Exit codes: 0 after a clean stop (SIGTERM/SIGINT) or --help/--version;
- * 2 for bad options or unreadable option files (config, tokens, TLS);
+ * 2 for bad options or unreadable option files (config, tokens, TLS), a TLS
+ * key that does not match its certificate, a --backup-dir that cannot be
+ * created (systemd then does not restart-loop on a configuration error);
  * 1 when the store, the listen addresses or the metrics port fail at start.
  *
  * Signals: a handler only writes the signal number to a pipe that the main
@@ -13,6 +15,7 @@
  */
 #include "auth.h"
 #include "config.h"
+#include "connlimit.h"
 #include "engine.h"
 #include "metrics.h"
 #include "msa_err.h"
@@ -22,10 +25,14 @@
 #include <errno.h>
 #include <limits.h>
 #include <fcntl.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define EXIT_USAGE 2
@@ -118,6 +125,90 @@ fail:
     return NULL;
 }
 
+/* The last OpenSSL error as text ("" when none). */
+static const char *ssl_err(char *buf, size_t n) {
+    unsigned long e = ERR_get_error();
+    buf[0] = '\0';
+    if (e) ERR_error_string_n(e, buf, n);
+    ERR_clear_error();
+    return buf;
+}
+
+/* Checks the TLS files before gRPC sees them: gRPC only says "cannot bind"
+ * about a bad certificate or a key of another certificate. st names the
+ * file and what is wrong. */
+static int check_tls(const char *cert_path, const char *cert, const char *key_path,
+                     const char *key, const char *ca_path, const char *ca, msa_status_t *st) {
+    char eb[256];
+    int rc = MSA_OK;
+    X509 *x = NULL;
+    EVP_PKEY *pk = NULL;
+    BIO *b = BIO_new_mem_buf(cert, -1);
+    if (!b || !(x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
+        rc = msa_status_set(st, MSA_EINVAL, "--tls-cert %s: no PEM certificate in it (%s)",
+                            cert_path, ssl_err(eb, sizeof(eb)));
+        goto fail;
+    }
+    BIO_free(b);
+    b = BIO_new_mem_buf(key, -1);
+    if (!b || !(pk = PEM_read_bio_PrivateKey(b, NULL, NULL, NULL))) {
+        rc = msa_status_set(st, MSA_EINVAL,
+                            "--tls-key %s: no PEM private key in it, or it is encrypted (%s)",
+                            key_path, ssl_err(eb, sizeof(eb)));
+        goto fail;
+    }
+    if (X509_check_private_key(x, pk) != 1) {
+        rc = msa_status_set(st, MSA_EINVAL,
+                            "--tls-key %s: does not belong to the certificate in --tls-cert %s",
+                            key_path, cert_path);
+        goto fail;
+    }
+    if (ca) {
+        BIO_free(b);
+        X509 *c = NULL;
+        b = BIO_new_mem_buf(ca, -1);
+        if (!b || !(c = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
+            rc = msa_status_set(st, MSA_EINVAL, "--tls-client-ca %s: no PEM certificate in it (%s)",
+                                ca_path, ssl_err(eb, sizeof(eb)));
+            goto fail;
+        }
+        X509_free(c);
+    }
+fail:
+    BIO_free(b);
+    X509_free(x);
+    EVP_PKEY_free(pk);
+    ERR_clear_error();
+    return rc;
+}
+
+/* --backup-dir must exist or be creatable (its parent exists): found at
+ * start, not at the first Backup. */
+static int check_backup_dir(const char *dir, msa_status_t *st) {
+    struct stat sb;
+    if (stat(dir, &sb) == 0) {
+        if (!S_ISDIR(sb.st_mode))
+            return msa_status_set(st, MSA_EINVAL, "--backup-dir %s: not a directory", dir);
+        return MSA_OK;
+    }
+    if (mkdir(dir, 0700) != 0)
+        return msa_status_set(st, MSA_EINVAL, "--backup-dir %s: cannot create it: %s", dir,
+                              strerror(errno));
+    return MSA_OK;
+}
+
+/* True for addresses only this host can reach (loopback, unix sockets). */
+static int is_local_listen(const char *a) {
+    if (!strncmp(a, "unix:", 5)) return 1;
+    if (!strncmp(a, "127.", 4) || !strncmp(a, "localhost:", 10) || !strncmp(a, "[::1]:", 6))
+        return 1;
+    return 0;
+}
+
+static int probe(void *arg, char *msg, size_t n) {
+    return msa_rpc_server_probe(arg, 2000, msg, n);
+}
+
 static void log_host(const char *backend) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
@@ -174,6 +265,16 @@ int main(int argc, char **argv) {
             exit_code = EXIT_USAGE;
             goto fail;
         }
+        if (check_tls(o.tls_cert, cert, o.tls_key, key, o.tls_client_ca, ca, &st) != MSA_OK) {
+            fprintf(stderr, "msad: %s\n", st.msg);
+            exit_code = EXIT_USAGE;
+            goto fail;
+        }
+    }
+    if (o.backup_dir && check_backup_dir(o.backup_dir, &st) != MSA_OK) {
+        fprintf(stderr, "msad: %s\n", st.msg);
+        exit_code = EXIT_USAGE;
+        goto fail;
     }
 
     /* From here on SIGTERM/SIGINT mean "shut down cleanly", even while the
@@ -185,6 +286,15 @@ int main(int argc, char **argv) {
 
     msa_log(MSA_LOG_INFO, "msad %s starting: data %s, sync %s", MSA_VERSION, o.data_dir,
             o.nosync ? "nosync" : "full");
+    /* Every client connection is a descriptor: take what the hard limit allows. */
+    msa_log(MSA_LOG_INFO, "file limit %llu descriptors", (unsigned long long)msa_rpc_conn_raise_nofile());
+    if (!auth && !cert)
+        for (size_t i = 0; i < o.n_listen; i++)
+            if (!is_local_listen(o.listen[i]))
+                msa_log(MSA_LOG_WARN,
+                        "--listen %s: reachable from other hosts with neither --tokens-file nor "
+                        "--tls-cert: anyone who can reach it may read, write and drop data",
+                        o.listen[i]);
     msa_srv_config_t cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.data_dir = o.data_dir;
@@ -203,6 +313,7 @@ int main(int argc, char **argv) {
     cfg.max_ids = o.max_ids;
     cfg.max_held_snapshots = o.max_held_snapshots;
     cfg.max_snapshot_hold_ms = o.max_snapshot_hold_ms;
+    cfg.max_min_seq_waiters = o.max_min_seq_waiters;
     cfg.check_on_start = o.check_on_start;
     cfg.gpu.shards_per_gpu = o.gpu_shards;
     cfg.gpu.routing_bytes = o.gpu_routing_mb ? (uint64_t)o.gpu_routing_mb << 20
@@ -234,7 +345,10 @@ int main(int argc, char **argv) {
                                 .auth = auth,
                                 .tls_cert_pem = cert,
                                 .tls_key_pem = key,
-                                .tls_client_ca_pem = ca};
+                                .tls_client_ca_pem = ca,
+                                .max_connections = o.max_connections,
+                                .idle_timeout_ms = o.idle_timeout_s * 1000u,
+                                .handshake_timeout_ms = o.handshake_timeout_s * 1000u};
     if (msa_rpc_server_start(engine, &so, &srv, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "%s", st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);
@@ -246,6 +360,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "msad: %s\n", st.msg);
         goto fail;
     }
+    if (http) msa_rpc_http_set_probe(http, probe, srv);
     for (size_t i = 0; msa_rpc_server_bound(srv, i); i++) {
         msa_log(MSA_LOG_INFO, "listening on %s%s", msa_rpc_server_bound(srv, i),
                 cert ? " (TLS)" : "");

@@ -4,10 +4,12 @@
  * start; shutdown.
  *
  * A call's life:
- *   WAIT  requested with grpc_server_request_registered_call (payload read
- *         up front); its tag completes on the poller of its completion queue.
- *         The poller requests a replacement, checks shutdown/auth/deadline,
- *         then runs the handler inline (health) or queues it for a handler.
+ *   WAIT  requested with grpc_server_request_registered_call (metadata
+ *         only); its tag completes on the poller of its completion queue.
+ *         The poller requests a replacement and checks shutdown and auth from
+ *         the initial metadata, before a byte of the payload is read.
+ *   RECV  the payload is being received; its completion runs the handler
+ *         inline (health) or queues it for a handler.
  *   SEND  the reply batch (initial metadata, message, status, recv close)
  *         was started; its completion frees the call on the poller.
  * Every path ends in reply(), which starts the SEND batch exactly once.
@@ -15,6 +17,7 @@
 #include "server.h"
 
 #include "arena.h"
+#include "connlimit.h"
 #include "methods.h"
 #include "msa_log.h"
 
@@ -26,6 +29,9 @@
 #include <grpc/support/time.h>
 
 #include <errno.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -69,12 +75,12 @@ int msa_rpc_grpc_status(int msa_code) {
 
 /* ==== types ======================================================================= */
 
-enum { CALL_WAIT = 1, CALL_SEND = 2 };
+enum { CALL_WAIT = 1, CALL_RECV = 2, CALL_SEND = 3 };
 
 typedef struct poller poller_t;
 
 typedef struct call {
-    int state; /* CALL_WAIT / CALL_SEND */
+    int state; /* CALL_WAIT / CALL_RECV / CALL_SEND */
     msa_rpc_server_t *srv;
     poller_t *pl;  /* whose CQ the call is bound to */
     size_t method; /* index into msa__rpc_methods */
@@ -112,6 +118,8 @@ struct msa_rpc_server {
     unsigned n_handlers_started;
     unsigned max_queue;
     uint64_t max_queue_bytes;
+    unsigned max_conn; /* client connections at once (connlimit) */
+    grpc_resource_quota *quota; /* receive memory of all connections */
     const msa_rpc_auth_t *auth;
     msa_rpc_metrics_t metrics;
     msa_rpc_ctx_t ctx;
@@ -185,7 +193,7 @@ static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
     msa_rpc_arena_init(&c->arena);
     grpc_call_error err =
         grpc_server_request_registered_call(s->server, s->method_tags[method], &c->call,
-                                            &c->deadline, &c->md, &c->payload, pl->cq, pl->cq, c);
+                                            &c->deadline, &c->md, NULL, pl->cq, pl->cq, c);
     if (err != GRPC_CALL_OK) {
         /* Only expected while shutting down. */
         if (!atomic_load(&s->stopping))
@@ -388,7 +396,10 @@ static void *handler_main(void *arg) {
 
 /* ==== pollers ============================================================================ */
 
-/* A requested call arrived: re-arm, then gatekeep and dispatch. */
+/* A requested call arrived with its metadata: re-arm, gatekeep, then start
+ * receiving the payload. Shutdown and the token are checked here, before any
+ * of the payload is read: a refused caller's body stays in the client's
+ * flow-control window and never in msad's memory. */
 static void on_new_call(call_t *c) {
     msa_rpc_server_t *s = c->srv;
     const msa_rpc_method_t *m = &msa__rpc_methods[c->method];
@@ -413,6 +424,32 @@ static void on_new_call(call_t *c) {
         rc = msa_rpc_auth_check(s->auth, v ? (const char *)GRPC_SLICE_START_PTR(*v) : NULL,
                                 v ? GRPC_SLICE_LENGTH(*v) : 0, m->scope, &st);
         if (rc) goto fail;
+    }
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->payload;
+    c->state = CALL_RECV;
+    grpc_call_error err = grpc_call_start_batch(c->call, &op, 1, c, NULL);
+    if (err != GRPC_CALL_OK) {
+        rc = msa_status_set(&st, MSA_EINTERNAL, "grpc_call_start_batch(recv): error %d", (int)err);
+        goto fail;
+    }
+    return;
+fail:
+    reply(c, rc, &st);
+}
+
+/* The payload arrived (or the client went away): dispatch. */
+static void on_received(call_t *c, int success) {
+    msa_rpc_server_t *s = c->srv;
+    const msa_rpc_method_t *m = &msa__rpc_methods[c->method];
+    msa_status_t st;
+    msa_status_clear(&st);
+    int rc;
+    if (!success) {
+        rc = msa_status_set(&st, MSA_EINVAL, "request: the message could not be received");
+        goto fail;
     }
     if (m->on_poller) {
         handle(c);
@@ -460,6 +497,8 @@ static void *poller_main(void *arg) {
                 continue;
             }
             on_new_call(c);
+        } else if (c->state == CALL_RECV) {
+            on_received(c, ev.success);
         } else {
             on_sent(c);
         }
@@ -557,6 +596,7 @@ static void release(msa_rpc_server_t *s)
     free(s->method_tags);
     free(s->pollers);
     free(s->handlers);
+    if (s->quota) grpc_resource_quota_unref(s->quota);
     msa_rpc_metrics_free(&s->metrics);
     pthread_mutex_destroy(&s->q_mu);
     pthread_cond_destroy(&s->q_cv);
@@ -604,7 +644,29 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     s->ctx.max_send = max_msg;
     s->ctx.stopping = &s->draining;
 
-    grpc_arg args[3];
+    /* The connection cap: never so many that client sockets could take the
+     * descriptors the store, backups and gRPC itself need. */
+    uint64_t nofile = msa_rpc_conn_raise_nofile();
+    uint64_t fd_cap = nofile > 2 * MSA_RPC_FD_RESERVE ? nofile - MSA_RPC_FD_RESERVE : nofile / 2;
+    s->max_conn = o->max_connections ? o->max_connections : 1024;
+    if (s->max_conn > fd_cap) {
+        if (o->max_connections)
+            msa_log(MSA_LOG_WARN,
+                    "--max-connections %u: the file limit (%llu, `ulimit -n`) leaves room for %llu; "
+                    "using %llu",
+                    o->max_connections, (unsigned long long)nofile, (unsigned long long)fd_cap,
+                    (unsigned long long)fd_cap);
+        s->max_conn = (unsigned)fd_cap;
+    }
+    if (s->max_conn == 0) {
+        rc = msa_status_set(st, MSA_EINVAL, "file limit %llu (`ulimit -n`): too low to serve",
+                            (unsigned long long)nofile);
+        goto fail;
+    }
+    unsigned idle_ms = o->idle_timeout_ms ? o->idle_timeout_ms : 300000;
+    unsigned hs_ms = o->handshake_timeout_ms ? o->handshake_timeout_ms : 10000;
+
+    grpc_arg args[6];
     memset(args, 0, sizeof(args));
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -616,7 +678,27 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_ALLOW_REUSEPORT;
     args[2].value.integer = 0;
-    grpc_channel_args cargs = {.num_args = 3, .args = args};
+    /* A connection that holds a slot without calls, or that never finishes
+     * its TLS and HTTP/2 setup, is closed: idle sockets cannot pin the cap. */
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = (char *)GRPC_ARG_MAX_CONNECTION_IDLE_MS;
+    args[3].value.integer = (int)(idle_ms > INT32_MAX ? INT32_MAX : idle_ms);
+    args[4].type = GRPC_ARG_INTEGER;
+    args[4].key = (char *)GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
+    args[4].value.integer = (int)(hs_ms > INT32_MAX ? INT32_MAX : hs_ms);
+    /* Bytes received on every connection together, queued or still
+     * arriving: gRPC charges its read buffers to this quota and, past it,
+     * shrinks flow-control windows and cancels the streams holding the most
+     * (RESOURCE_EXHAUSTED). Room for the queue's budget plus one message
+     * arriving, so the queue's own check (with its clearer message) comes
+     * first. gRPC enforces it softly: test_hostile measures the overshoot. */
+    s->quota = grpc_resource_quota_create("msad");
+    grpc_resource_quota_resize(s->quota, (size_t)(s->max_queue_bytes + max_msg));
+    args[5].type = GRPC_ARG_POINTER;
+    args[5].key = (char *)GRPC_ARG_RESOURCE_QUOTA;
+    args[5].value.pointer.p = s->quota;
+    args[5].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    grpc_channel_args cargs = {.num_args = 6, .args = args};
     s->server = grpc_server_create(&cargs, NULL);
     if (!s->server) {
         rc = msa_status_set(st, MSA_EINTERNAL, "grpc_server_create failed");
@@ -632,7 +714,7 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     for (size_t i = 0; i < msa__rpc_n_methods; i++) {
         s->method_tags[i] =
             grpc_server_register_method(s->server, msa__rpc_methods[i].path, NULL,
-                                        GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+                                        GRPC_SRM_PAYLOAD_NONE, 0);
         if (!s->method_tags[i]) {
             rc = msa_status_set(st, MSA_EINTERNAL, "cannot register %s", msa__rpc_methods[i].path);
             goto fail;
@@ -644,6 +726,10 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
         grpc_server_register_completion_queue(s->server, s->pollers[i].cq, NULL);
     }
     if ((rc = bind_all(s, o, st)) != MSA_OK) goto fail;
+    if (msa_rpc_conn_arm(s->max_conn, o->tls_cert_pem == NULL) != 0) {
+        rc = msa_status_set(st, MSA_ENOMEM, "out of memory (connection table)");
+        goto fail;
+    }
     grpc_server_start(s->server);
 
     for (unsigned i = 0; i < s->n_pollers; i++)
@@ -668,6 +754,10 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
             "rpc: %u pollers, %u handlers, queue %u, max message %zu bytes, auth %s, tls %s",
             s->n_pollers, s->n_handlers, s->max_queue, max_msg, s->auth ? "tokens" : "off",
             o->tls_cert_pem ? (o->tls_client_ca_pem ? "mutual" : "on") : "off");
+    msa_log(MSA_LOG_INFO,
+            "rpc: at most %u connections (file limit %llu), idle ones closed after %u ms, "
+            "setup within %u ms",
+            s->max_conn, (unsigned long long)nofile, idle_ms, hs_ms);
     *out = s;
     return MSA_OK;
 
@@ -703,6 +793,86 @@ const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i) {
 }
 
 const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s) { return &s->metrics; }
+
+unsigned msa_rpc_server_max_connections(const msa_rpc_server_t *s) { return s->max_conn; }
+
+/* A socket connected (or connecting) to the bound address a; -1 on failure.
+ * Wildcard hosts are probed on loopback. */
+static int probe_connect(const char *a) {
+    const char *upath = unix_path(a);
+    if (upath) {
+        struct sockaddr_un un;
+        memset(&un, 0, sizeof(un));
+        un.sun_family = AF_UNIX;
+        if (strlen(upath) >= sizeof(un.sun_path)) return -1;
+        strcpy(un.sun_path, upath);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0) return -1;
+        if (connect(fd, (struct sockaddr *)&un, sizeof(un)) != 0 && errno != EINPROGRESS) {
+            close(fd);
+            return -1;
+        }
+        return fd;
+    }
+    const char *colon = strrchr(a, ':');
+    if (!colon) return -1;
+    char host[300];
+    size_t hl = (size_t)(colon - a);
+    if (hl >= sizeof(host)) return -1;
+    memcpy(host, a, hl);
+    host[hl] = '\0';
+    char *h = host;
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') {
+        h[hl - 1] = '\0';
+        h++;
+    }
+    if (!*h || !strcmp(h, "0.0.0.0")) h = "127.0.0.1";
+    else if (!strcmp(h, "::")) h = "::1";
+    struct addrinfo hints, *res = NULL;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    if (getaddrinfo(h, colon + 1, &hints, &res) != 0 || !res) return -1;
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) != 0 && errno != EINPROGRESS) {
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t msg_len) {
+    if (atomic_load(&s->draining)) {
+        snprintf(msg, msg_len, "shutting down");
+        return MSA_EUNAVAIL;
+    }
+    if (!s->n_bound) {
+        snprintf(msg, msg_len, "not listening");
+        return MSA_EUNAVAIL;
+    }
+    uint64_t seen = msa_rpc_conn_accepted() + msa_rpc_conn_refused();
+    int fd = probe_connect(s->bound[0]);
+    if (fd < 0) {
+        snprintf(msg, msg_len, "cannot connect to %s: %s", s->bound[0], strerror(errno));
+        return MSA_EUNAVAIL;
+    }
+    int64_t end = now_ns() + (int64_t)timeout_ms * 1000000;
+    int ok = 0;
+    while (!(ok = msa_rpc_conn_accepted() + msa_rpc_conn_refused() != seen) && now_ns() < end) {
+        struct timespec ts = {0, 2 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    close(fd);
+    if (!ok) {
+        snprintf(msg, msg_len, "listener %s did not accept a connection within %d ms",
+                 s->bound[0], timeout_ms);
+        return MSA_EUNAVAIL;
+    }
+    snprintf(msg, msg_len, "ok: %llu of %u connections open", (unsigned long long)msa_rpc_conn_open(),
+             s->max_conn);
+    return MSA_OK;
+}
 
 /* ==== shutdown ================================================================================ */
 

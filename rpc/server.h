@@ -3,15 +3,22 @@
  *
  * Threads. N completion-queue threads ("pollers", default one per core), each
  * with its own completion queue and its own requested calls for every method.
- * A poller never runs engine work: when a call arrives it checks shutdown,
- * auth and deadline, then hands the call to a pool of handler threads
+ * A poller never runs engine work: when a call arrives (metadata only) it
+ * checks shutdown and the token, then receives the payload (so a refused
+ * caller's body is never buffered), then hands the call to a pool of handler threads
  * (default 4 per poller, at least 16) through a bounded queue (full ->
  * RESOURCE_EXHAUSTED "too many concurrent requests"). A handler decodes,
  * calls the engine (which may block: Write waits for its group commit's
  * fsync, reads may wait for min_seq), encodes and starts the reply batch; the
  * batch completes on the call's poller, which records metrics and frees the
  * call. So a slow fsync or min_seq wait occupies one handler thread, never a
- * poller, and the other handlers keep serving. Health checks are answered on
+ * poller, and the other handlers keep serving (min_seq waiters are capped by
+ * the engine, so waits never take every handler).
+ *
+ * Connections: at most max_connections (connlimit.h), idle ones closed after
+ * idle_timeout_ms, unfinished setups after handshake_timeout_ms; bytes
+ * received on all connections are bounded by a gRPC resource quota of
+ * max_queue_bytes + max_message. Health checks are answered on
  * the poller itself, so probes work even when every handler is busy.
  *
  * Lifecycle: _start (listening, threads running) -> _shutdown -> _destroy.
@@ -51,6 +58,11 @@ typedef struct msa_rpc_server_opts {
     const char *tls_cert_pem;   /* PEM contents; NULL: plaintext */
     const char *tls_key_pem;
     const char *tls_client_ca_pem; /* non-NULL: clients must present a certificate it signed */
+    unsigned max_connections;      /* client connections at once; past it refused (0 = 1024,
+                                      never more than the fd limit allows) */
+    unsigned idle_timeout_ms;      /* close a connection without calls after this (0 = 300 s) */
+    unsigned handshake_timeout_ms; /* close a connection not through TLS + HTTP/2 setup after
+                                      this (0 = 10 s) */
 } msa_rpc_server_opts_t;
 
 /* Maps an MSA_E* code to its gRPC status code: the one place where this
@@ -69,6 +81,15 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
 const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i);
 
 const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s);
+
+/* The connection cap in force (after the fd-limit clamp). */
+unsigned msa_rpc_server_max_connections(const msa_rpc_server_t *s);
+
+/* Liveness, for /healthz: opens a fresh connection to the first listen
+ * address and waits up to timeout_ms for the accept loop to take it (any
+ * accept counts, a refusal past the cap too). Returns MSA_OK, or
+ * MSA_EUNAVAIL with why in msg (not accepting, shutting down). */
+int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t msg_len);
 
 /* Graceful stop: no new connections or calls (late arrivals get
  * UNAVAILABLE), calls in flight run to completion; after grace_ms the rest are

@@ -38,6 +38,21 @@ static void put_json_string(FILE *f, const char *s)
     fputc('"', f);
 }
 
+/* Writes a message for the text format: control characters are escaped
+ * (\n, \r, \t, \xNN), so a field taken from a request (a backup name, a
+ * collection name) cannot start a forged log line or move the cursor. */
+static void put_text(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '\n') fputs("\\n", f);
+        else if (c == '\r') fputs("\\r", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c < 0x20 || c == 0x7f) fprintf(f, "\\x%02x", c);
+        else fputc(c, f);
+    }
+}
+
 void msa__log(int level, const char *file, int line, const char *fmt, ...)
 {
     char msg[2048];
@@ -63,8 +78,9 @@ void msa__log(int level, const char *file, int line, const char *fmt, ...)
         put_json_string(stderr, msg);
         fputs("}\n", stderr);
     } else {
-        fprintf(stderr, "%s.%03ldZ %-5s %s (%s:%d)\n", when, ts.tv_nsec / 1000000,
-                level_names[level], msg, base, line);
+        fprintf(stderr, "%s.%03ldZ %-5s ", when, ts.tv_nsec / 1000000, level_names[level]);
+        put_text(stderr, msg);
+        fprintf(stderr, " (%s:%d)\n", base, line);
     }
     fflush(stderr);
     pthread_mutex_unlock(&log_lock);

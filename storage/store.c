@@ -1540,9 +1540,20 @@ int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *s
     }
     /* The copy reads through the live mapping, so it holds the gate like any
      * reader: a concurrent grow must not remap under it. */
+    /* The copy holds every document: readable by the daemon's user only
+     * (LMDB's own copy would create it 0666 less the umask). */
+    int fd = open(data, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        int rc = msa_status_set(st, MSA_EIO, "backup %s: %s", data, strerror(errno));
+        free(data);
+        rmdir(path);
+        return rc;
+    }
     gate_enter(s);
-    int rc = mdb_env_copy2(s->st_env, path, compact ? MDB_CP_COMPACT : 0);
+    int rc = mdb_env_copyfd2(s->st_env, fd, compact ? MDB_CP_COMPACT : 0);
     gate_leave(s);
+    if (rc == 0 && fsync(fd) != 0) rc = errno;
+    if (close(fd) != 0 && rc == 0) rc = errno;
     if (rc) {
         rc = msa_status_set(st, xlate(s, rc), "backup %s: copy failed: %s", path,
                             mdb_strerror(rc));

@@ -121,11 +121,12 @@ class Daemon:
 
     args: extra flags. listen: list of --listen values (default one
     127.0.0.1:0; the real port is read from the "listening on" line).
-    metrics=True adds --metrics 127.0.0.1:0.
+    metrics=True adds --metrics 127.0.0.1:0. preexec_fn runs in the child
+    before exec (e.g. resource.setrlimit for a low file limit).
     """
 
     def __init__(self, data_dir=None, args=(), listen=None, metrics=False, tmp=None,
-                 start_timeout=30.0):
+                 start_timeout=30.0, preexec_fn=None):
         self.tmp = tmp or tempfile.mkdtemp(prefix="msad-test-")
         self._own_tmp = tmp is None
         self.data_dir = data_dir or os.path.join(self.tmp, "data")
@@ -133,6 +134,7 @@ class Daemon:
         self.listen = list(listen) if listen else ["127.0.0.1:0"]
         self.metrics = metrics
         self.start_timeout = start_timeout
+        self.preexec_fn = preexec_fn
         self.proc = None
         self.addrs = []
         self.metrics_addr = None
@@ -154,7 +156,7 @@ class Daemon:
         self.metrics_addr = None
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmdline(), stdout=subprocess.PIPE, stderr=log,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=self.preexec_fn)
         log.close()
         deadline = time.monotonic() + self.start_timeout
         want = len(self.listen)

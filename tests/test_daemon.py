@@ -569,7 +569,7 @@ class TestLimits(DaemonCase):
             m.CreateCollection(pb.CreateCollectionRequest(name="busy", schema=schema()))
             q = tensor(np.ones((1, HQ, D), np.float32))
             slow = pb.RouteRequest(collection="busy", layers=[pb.LayerQuery(layer=3, routing_q=q)],
-                                   min_seq=10 ** 9)
+                                   min_seq=10 ** 6)
             futs = [m.Route.future(slow, timeout=4) for _ in range(2)]
             # Wait (polling, not sleeping a fixed time: CI hosts are slow) until
             # the two slow calls hold the handler and the queue slot.
@@ -622,7 +622,7 @@ class TestLimits(DaemonCase):
             m.CreateCollection(pb.CreateCollectionRequest(name="qb", schema=schema()))
             q = tensor(np.ones((1, HQ, D), np.float32))
             slow = pb.RouteRequest(collection="qb", layers=[pb.LayerQuery(layer=3, routing_q=q)],
-                                   min_seq=10 ** 9)
+                                   min_seq=10 ** 6)
             f_slow = m.Route.future(slow, timeout=3)
             wait_for("msad_inflight_requests", 0, "the slow call never arrived")
 
@@ -794,7 +794,7 @@ class TestLifecycle(DaemonCase):
             m.CreateCollection(pb.CreateCollectionRequest(name="sd", schema=schema()))
             q = tensor(np.ones((1, HQ, D), np.float32))
             slow = pb.RouteRequest(collection="sd", layers=[pb.LayerQuery(layer=3, routing_q=q)],
-                                   min_seq=10 ** 9)
+                                   min_seq=10 ** 6)
             res = {}
 
             def in_flight():

@@ -620,8 +620,9 @@ TEST(route_attend) {
     lq[1].routing_q->shape[2] = D / 2;
     EXPECT_STATUS(msa_cli_route(cli, &rr, &r, 0, &st), 3);
     lq[1].routing_q->shape[2] = D;
-    /* min_seq far ahead: the server waits; our 300 ms deadline passes first. */
-    rr.min_seq = 1u << 30;
+    /* min_seq ahead but within reach (msad refuses at once what no write could
+     * reach in its 5 s wait): the server waits; our 300 ms deadline passes first. */
+    rr.min_seq = 1u << 20;
     EXPECT_STATUS(msa_cli_route(cli, &rr, &r, 300, &st), 4);
     rr.min_seq = 0;
     for (int l = 0; l < NL; l++) {

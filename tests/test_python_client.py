@@ -116,6 +116,18 @@ class PythonClientTest(unittest.TestCase):
             self.c.describe("pc")
         self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
 
+    def test_text_with_nul_byte_exact(self):
+        # Issue 17: text was cut at its first NUL ("before\0after" stored as
+        # "before"); it is stored and returned byte-exact with its length.
+        self.c.create_collection("nul", layers=LAYERS, kv_heads=H, query_heads=HQ, head_dim=D,
+                                 chunk_tokens=P)
+        kv = {l: (self.rand(1, H, D), self.rand(1, H, D)) for l in LAYERS}
+        text, meta = "before\0after \u00e9\0", b"m\x00eta\x00"
+        self.c.put("nul", 5, kv, tokens=2, text=text, metadata=meta)
+        g = self.c.get("nul", 5, with_tensors=False)
+        self.assertEqual((g["text"], g["metadata"]), (text, meta))
+        self.assertEqual(g["info"]["text_bytes"], len(text.encode()))
+
     def test_roundtrip_dtypes(self):
         self.c.create_collection("bf", layers=LAYERS, kv_heads=H, query_heads=HQ, head_dim=D, chunk_tokens=P,
                                  separate_router_keys=True)

@@ -682,7 +682,7 @@ class TestTransportLimits(Case):
         with Daemon(args=["--handlers", "1", "--max-queue", "1"]) as d:
             m = d.memory()
             m.CreateCollection(pb.CreateCollectionRequest(name="busy", schema=schema()))
-            slow = pb.RouteRequest(collection="busy", layers=[query()], min_seq=10 ** 9)
+            slow = pb.RouteRequest(collection="busy", layers=[query()], min_seq=10 ** 6)
             f_slow = m.Route.future(slow, timeout=2.0)
             time.sleep(0.4)
             f_queued = m.ListCollections.future(pb.ListCollectionsRequest(), timeout=30)
