@@ -312,7 +312,7 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st);
  * that held snapshot (MSA_EPRECOND when it is not held; min_seq >
  * snapshot_seq is MSA_EINVAL), and with hold_ms renews its lease. Calls on
  * one held snapshot run one at a time. A map grow revokes every held
- * snapshot. See docs/SEMANTICS-additions-lease.md. */
+ * snapshot. See docs/SEMANTICS.md, "Held snapshots". */
 
 /* Ends one lease on snapshot_seq before it expires; *released = false when
  * none is held. MSA_EINVAL for seq 0. */

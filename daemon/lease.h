@@ -1,6 +1,6 @@
 /* lease.h — held snapshots (snapshot leases): read snapshots kept open past
  * the call that read them, keyed by commit seq, so that later calls naming
- * that seq read exactly the same versions (docs/SEMANTICS-additions-lease.md).
+ * that seq read exactly the same versions (docs/SEMANTICS.md, "Held snapshots").
  * The table owns each held snapshot's LMDB read txn (detached from the thread
  * that began it) and, through the close callback, its index registration.
  *
