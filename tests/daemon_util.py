@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import unittest
 import time
 
 import numpy as np
@@ -302,3 +303,18 @@ class Daemon:
         import urllib.request
         with urllib.request.urlopen("http://%s/metrics" % self.metrics_addr, timeout=10) as r:
             return r.read().decode()
+
+
+class GrpcCase(unittest.TestCase):
+    """unittest.TestCase with assertCode: the call fails with this gRPC status and
+    its details contain every string of ``contains`` (a string or a sequence)."""
+
+    def assertCode(self, code, fn, *args, contains=(), **kw):
+        import grpc
+        with self.assertRaises(grpc.RpcError) as cm:
+            fn(*args, **kw)
+        err = cm.exception
+        self.assertEqual(err.code(), code, "details: %s" % err.details())
+        for c in ([contains] if isinstance(contains, str) else contains):
+            self.assertIn(c, err.details() or "")
+        return err

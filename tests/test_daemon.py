@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, from_tensor, msad_path, stubs, tensor  # noqa: E402
+from daemon_util import Daemon, from_tensor, msad_path, stubs, tensor, GrpcCase  # noqa: E402
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -135,17 +135,9 @@ def raw_call(channel, method, payload, timeout=10):
     return f(payload, timeout=timeout)
 
 
-class DaemonCase(unittest.TestCase):
+class DaemonCase(GrpcCase):
     daemon = None
 
-    def assertCode(self, code, fn, *args, contains=(), **kw):
-        with self.assertRaises(grpc.RpcError) as cm:
-            fn(*args, **kw)
-        err = cm.exception
-        self.assertEqual(err.code(), code, "details: %s" % err.details())
-        for c in ([contains] if isinstance(contains, str) else contains):
-            self.assertIn(c, err.details())
-        return err
 
 
 # ==== one shared daemon for the functional checks ==================================

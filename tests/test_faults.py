@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, msad_path, stubs, tensor  # noqa: E402
+from daemon_util import Daemon, msad_path, stubs, tensor, GrpcCase  # noqa: E402
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -99,16 +99,7 @@ def put(i, tokens, seed=None):
 STORE_FULL = ("store full",)
 
 
-class FaultCase(unittest.TestCase):
-    def assertCode(self, code, fn, *args, contains=(), **kw):
-        with self.assertRaises(grpc.RpcError) as cm:
-            fn(*args, **kw)
-        err = cm.exception
-        self.assertEqual(err.code(), code, "details: %s" % err.details())
-        for c in contains:
-            self.assertIn(c, err.details())
-        return err
-
+class FaultCase(GrpcCase):
     def list_ids(self, m, coll):
         ids, after = [], 0
         while True:

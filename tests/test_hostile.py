@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, msad_path, stubs, tensor  # noqa: E402
+from daemon_util import Daemon, msad_path, stubs, tensor, GrpcCase  # noqa: E402
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -121,16 +121,29 @@ def run_msad(args, timeout=30):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Case(unittest.TestCase):
-    def assertCode(self, code, fn, *args, contains=(), **kw):
-        with self.assertRaises(grpc.RpcError) as cm:
-            fn(*args, **kw)
-        err = cm.exception
-        self.assertEqual(err.code(), code, "details: %s" % err.details())
-        for c in ([contains] if isinstance(contains, str) else contains):
-            self.assertIn(c, err.details() or "")
-        return err
+def parallel_writes(d, req, n):
+    """n Writes of req at once, one connection each (so their bodies arrive in
+    parallel); returns their status codes."""
+    codes = []
 
+    def attack():
+        ch = own_channel(d)
+        try:
+            pb_grpc.MemoryStub(ch).Write(req, timeout=60)
+            codes.append(SC.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+        finally:
+            ch.close()
+    ts = [threading.Thread(target=attack) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return codes
+
+
+class Case(GrpcCase):
     def fresh_health(self, d, timeout=5):
         """A health check over a brand-new connection (what a prober does):
         a local subchannel pool, so grpcio does not reuse another channel's."""
@@ -328,22 +341,7 @@ class TestMemory(Case):
                 base = proc_kib(pid, "VmHWM")
                 big = pb.WriteRequest(collection="w", ops=[
                     pb.WriteOp(put=doc(i + 1, meta=b"z" * (30 * MIB))) for i in range(4)])
-                codes = []
-
-                def attack():
-                    ch = own_channel(d)   # one connection each: bodies arrive in parallel
-                    try:
-                        pb_grpc.MemoryStub(ch).Write(big, timeout=60)
-                        codes.append(SC.OK)
-                    except grpc.RpcError as e:
-                        codes.append(e.code())
-                    finally:
-                        ch.close()
-                ts = [threading.Thread(target=attack) for _ in range(8)]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
+                codes = parallel_writes(d, big, 8)
                 self.assertEqual(codes, [SC.UNAUTHENTICATED] * 8)
                 grown = (proc_kib(pid, "VmHWM") - base) / 1024
                 sys.stderr.write("unauthenticated bodies: peak RSS +%.0f MiB\n" % grown)
@@ -367,22 +365,7 @@ class TestMemory(Case):
             base = proc_kib(pid, "VmHWM")
             big = pb.WriteRequest(collection="w", ops=[
                 pb.WriteOp(put=doc(i + 1, meta=b"z" * (15 * MIB))) for i in range(4)])
-            codes = []
-
-            def attack():
-                ch = own_channel(d)
-                try:
-                    pb_grpc.MemoryStub(ch).Write(big, timeout=60)
-                    codes.append(SC.OK)
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-                finally:
-                    ch.close()
-            ts = [threading.Thread(target=attack) for _ in range(8)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+            codes = parallel_writes(d, big, 8)
             grown = (proc_kib(pid, "VmHWM") - base) / 1024
             sys.stderr.write("parallel bodies: peak RSS +%.0f MiB, codes %s\n" % (grown, codes))
             # The quota acted: most bodies were cancelled while arriving (all

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, msad_path, stubs, tensor  # noqa: E402
+from daemon_util import Daemon, msad_path, stubs, tensor, GrpcCase  # noqa: E402
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -93,15 +93,8 @@ def openssl(*args, cwd):
     subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True)
 
 
-class Case(unittest.TestCase):
-    def assertCode(self, code, fn, *args, contains=(), **kw):
-        with self.assertRaises(grpc.RpcError) as cm:
-            fn(*args, **kw)
-        err = cm.exception
-        self.assertEqual(err.code(), code, "details: %s" % err.details())
-        for c in ([contains] if isinstance(contains, str) else contains):
-            self.assertIn(c, err.details() or "")
-        return err
+class Case(GrpcCase):
+    pass
 
 
 # ==== auth =========================================================================
