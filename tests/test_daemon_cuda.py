@@ -146,18 +146,23 @@ class CudaDaemonTest(unittest.TestCase):
             lq = [pb.LayerQuery(layer=l, routing_q=tensor(q[l])) for l in LAYERS]
             return q, self.m.Route(pb.RouteRequest(collection="c", layers=lq, top_k=8))
 
-        with concurrent.futures.ThreadPoolExecutor(12) as ex:
-            results = list(ex.map(one, qs))
-        for q, r in results:
-            for lr in r.layers:
-                ranked, bound = O.Oracle().route_layer(osch, docs, lr.layer, q[lr.layer], 8)
-                tol = 1e-4 * bound
-                for pos, (did, sc) in enumerate(zip(lr.doc_ids, lr.scores)):
-                    self.assertAlmostEqual(sc, ranked[pos][0], delta=tol)
-        after = self.counters()
+        # Whether two calls meet in one pass depends on timing: on a loaded
+        # machine a burst can arrive one call at a time, so up to 5 bursts.
+        for _burst in range(5):
+            with concurrent.futures.ThreadPoolExecutor(12) as ex:
+                results = list(ex.map(one, qs))
+            for q, r in results:
+                for lr in r.layers:
+                    ranked, bound = O.Oracle().route_layer(osch, docs, lr.layer, q[lr.layer], 8)
+                    tol = 1e-4 * bound
+                    for pos, (did, sc) in enumerate(zip(lr.doc_ids, lr.scores)):
+                        self.assertAlmostEqual(sc, ranked[pos][0], delta=tol)
+            after = self.counters()
+            if after["gpu.coalesced"] > before["gpu.coalesced"]:
+                break
         self.assertGreater(after["gpu.routes_device"], before["gpu.routes_device"])
         self.assertGreater(after["gpu.coalesced"], before["gpu.coalesced"],
-                           "48 concurrent routes never shared a device pass")
+                           "5 bursts of 48 concurrent routes never shared a device pass")
 
     def counters(self):
         return dict(self.m.Stats(pb.StatsRequest()).counters)
