@@ -8,8 +8,8 @@
  * Which device: argument `sim` or `cuda` (or env MSA_TEST_DEV), default sim.
  * CTest runs both: test_gpu_dev (sim) and test_gpu_dev_cuda, which exits 77
  * (skip) without a CUDA device. The CUDA paths are forced by opening two
- * devices: one with MSA_GPU_GEMM_MIN_COLS=1 (cuBLAS whenever work holds a
- * tile) and one with a huge value (fused / generic kernels only).
+ * devices: one with gemm_min_cols = 1 (cuBLAS whenever work holds a tile)
+ * and one with a huge value (fused / generic kernels only).
  *
  * Score tolerance: |got - ref| <= 1e-4 * M + 1e-30, where M (per row and
  * query) is the largest sum over heads of sum_d |scale * key * q| over the
@@ -575,18 +575,20 @@ int main(int argc, char **argv)
         argc--;
     }
     g_cuda = which && strcmp(which, "cuda") == 0;
+    msa_dev_config_t cfg; /* MSA_GPU_SYNC_CHECK=1 etc. still apply */
+    msa_dev_config_env(&cfg);
+    cfg.sim = !g_cuda;
     char why[256] = "";
-    if (msa_dev_count(!g_cuda, why, sizeof why) <= 0) {
+    if (msa_dev_count(&cfg, why, sizeof why) <= 0) {
         printf("skipped: no %s device (%s)\n", g_cuda ? "CUDA" : "simulated", why);
         return 77;
     }
     /* Two opens of ordinal 0: GEMM whenever possible, and never. */
     const size_t scratch = 64u << 20, staging = 1u << 20;
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1", 1);
-    int rc = msa_dev_open(!g_cuda, 0, 2, scratch, staging, &g_dev[0]);
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1000000000", 1);
-    if (rc == MSA_OK) rc = msa_dev_open(!g_cuda, 0, 2, scratch, staging, &g_dev[1]);
-    unsetenv("MSA_GPU_GEMM_MIN_COLS");
+    cfg.gemm_min_cols = 1;
+    int rc = msa_dev_open(&cfg, 0, 2, scratch, staging, &g_dev[0]);
+    cfg.gemm_min_cols = 1000000000;
+    if (rc == MSA_OK) rc = msa_dev_open(&cfg, 0, 2, scratch, staging, &g_dev[1]);
     if (rc != MSA_OK) {
         fprintf(stderr, "msa_dev_open(%s): %s\n", g_cuda ? "cuda" : "sim", msa_errname(rc));
         msa_dev_close(g_dev[0]);
