@@ -159,7 +159,10 @@ void msa_dev_close(msa_dev_t *d)
 }
 
 void msa_dev_get_info(const msa_dev_t *d, msa_dev_info_t *out) { OPS(d)->get_info(d, out); }
-int msa_dev_malloc(msa_dev_t *d, size_t bytes, void **out) { return OPS(d)->dmalloc(d, bytes, out); }
+int msa_dev_malloc(msa_dev_t *d, size_t bytes, void **out)
+{
+    return OPS(d)->dmalloc(d, bytes, out);
+}
 void msa_dev_free(msa_dev_t *d, void *p)
 {
     if (p) OPS(d)->dfree(d, p);
@@ -193,9 +196,18 @@ int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_l
     if (LANE_OPS(dst_lane) != LANE_OPS(src_lane)) return MSA_EINVAL;
     return n ? LANE_OPS(dst_lane)->peer_copy(dst_lane, dst, src_lane, src, n, link) : MSA_OK;
 }
-int msa_dev_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a) { return LANE_OPS(l)->score(l, a); }
-int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a) { return LANE_OPS(l)->select(l, a); }
-int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a) { return LANE_OPS(l)->attend(l, a); }
+int msa_dev_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a)
+{
+    return LANE_OPS(l)->score(l, a);
+}
+int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
+{
+    return LANE_OPS(l)->select(l, a);
+}
+int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
+{
+    return LANE_OPS(l)->attend(l, a);
+}
 
 /* Ordered score keys (n_ent x 4 bytes) + top_k hits (16 bytes) + a 4 KiB tail
  * for state and alignment, each rounded to 256 B: both implementations carve

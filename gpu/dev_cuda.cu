@@ -1,6 +1,6 @@
 // dev_cuda.cu — the CUDA device of dev.h: device selection, lanes (stream +
 // cuBLAS handle; scratch and pinned staging), memory and copies, the one
-// CUDA/cuBLAS error translation, and the ops table. The lane pool is dev.c's;
+// CUDA/cuBLAS error translation (cuda_status.h), and the ops table. The lane pool is dev.c's;
 // the ops live in route_score.cu, route_select.cu and attend.cu.
 //
 // Every entry point calls cudaSetDevice(ordinal) first: callers are arbitrary
@@ -28,7 +28,7 @@ static const size_t kBlasWorkspace = 8u << 20;
 
 /* ==== error translation ====================================================== */
 
-int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line)
+extern "C" int msa__cuda_status_rt(cudaError_t e, const char *stmt, const char *func, int line)
 {
     if (e == cudaSuccess) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "cuda: %s failed in %s (line %d): %s: %s", stmt, func, line,
@@ -36,7 +36,8 @@ int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line
     return e == cudaErrorMemoryAllocation ? MSA_ENOMEM : MSA_EINTERNAL;
 }
 
-int msa__cuda_status(cublasStatus_t e, const char *stmt, const char *func, int line)
+extern "C" int msa__cuda_status_blas(cublasStatus_t e, const char *stmt, const char *func,
+                                     int line)
 {
     if (e == CUBLAS_STATUS_SUCCESS) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "cublas: %s failed in %s (line %d): %s", stmt, func, line,

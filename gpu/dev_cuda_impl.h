@@ -1,6 +1,6 @@
 /* dev_cuda_impl.h — internals of the CUDA device (dev_cuda.cu and the op
  * files route_score.cu, route_select.cu, attend.cu): the device and lane
- * structs, the one CUDA/cuBLAS error translation and its macros, the op entry
+ * structs, the launch check (errors: cuda_status.h), the op entry
  * points the ops table calls (one shape for all: lane + descriptor), and a few
  * bench-only helpers (device-side data generation, a bandwidth probe).
  *
@@ -19,9 +19,7 @@
 #include <stdint.h>
 
 #ifdef __CUDACC__
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-#include <pthread.h>
+#include "cuda_status.h"
 
 /* One lane: a stream of its own (non-blocking, never stream 0), a cuBLAS
  * handle bound to it with a workspace of its own (so cuBLAS never allocates
@@ -45,23 +43,7 @@ struct msa_dev {
     uint32_t gemm_min_cols;      /* score: GEMM path when nq*ncol >= this (cfg.gemm_min_cols) */
 };
 
-/* Translates a CUDA / cuBLAS status once: logs the statement, function and
- * line at error level and returns MSA_ENOMEM for allocation failures,
- * MSA_EINTERNAL otherwise (MSA_OK for success). */
-int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line);
-int msa__cuda_status(cublasStatus_t e, const char *stmt, const char *func, int line);
-
-/* The translated code of stmt (a CUDA or cuBLAS call), an expression: for
- * code with something to undo (rc = MSA_CK_RC(...); if (rc) goto fail;). */
-#define MSA_CK_RC(stmt) msa__cuda_status((stmt), #stmt, __func__, __LINE__)
-
-/* Evaluates stmt (a CUDA or cuBLAS call) and returns the translated code from
- * the enclosing function on failure. For functions with nothing to undo. */
-#define MSA_CK(stmt)                                                                     \
-    do {                                                                                 \
-        int ck_rc_ = MSA_CK_RC(stmt);                                                    \
-        if (ck_rc_ != MSA_OK) return ck_rc_;                                             \
-    } while (0)
+/* CUDA, cuBLAS and NCCL statuses: MSA_CK / MSA_CK_RC of cuda_status.h. */
 
 /* After a kernel launch: cudaGetLastError, and with sync_check a stream sync,
  * both translated. `what` names the kernel in the log. */
