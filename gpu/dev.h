@@ -218,10 +218,12 @@ typedef struct msa_dev_attend_args {
     uint32_t n_blocks;
     float *out;                  /* device [T][Hq][D] */
     float *lse;                  /* device [T][Hq] */
-    void *work;
-    size_t work_bytes;
+    void *work;                  /* device scratch for the row splits (may be NULL: */
+    size_t work_bytes;           /*   fewer splits, same answer) */
 } msa_dev_attend_args_t;
 
+/* Queues the attention on the lane (contract above). MSA_EINVAL for shapes
+ * it cannot run (D > 256 on CUDA, Hq not a multiple of H, ...). */
 int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a);
 
 #ifdef __cplusplus

@@ -559,7 +559,66 @@ TEST(lanes_and_copies)
     msa_dev_lane_release(l1);
 }
 
+/* The environment maps onto msa_dev_config_t as the device layer read it
+ * before it took a config: defaults when unset, the same edge values. */
+TEST(config_env)
+{
+    static const char *vars[] = {"MSA_GPU_SIM", "MSA_GPU_SIM_DEVICES", "MSA_GPU_SIM_MEM_MB",
+                                 "MSA_GPU_SIM_FAIL_AFTER", "MSA_GPU_SYNC_CHECK",
+                                 "MSA_GPU_GEMM_MIN_COLS"};
+    char *saved[6];
+    for (int i = 0; i < 6; i++) {
+        const char *v = getenv(vars[i]);
+        saved[i] = v ? strdup(v) : NULL;
+        unsetenv(vars[i]);
+    }
+    msa_dev_config_t c;
+    msa_dev_config_env(&c);
+    CHECK(!c.sim);
+    CHECK_EQ_I(c.sim_devices, 1);
+    CHECK_EQ_U(c.sim_mem_bytes, 4096ull << 20);
+    CHECK(!c.sim_fault);
+    CHECK(!c.sync_check);
+    CHECK_EQ_U(c.gemm_min_cols, 17);
+
+    setenv("MSA_GPU_SIM", "1", 1);
+    setenv("MSA_GPU_SIM_DEVICES", "0", 1);
+    setenv("MSA_GPU_SIM_MEM_MB", "64", 1);
+    setenv("MSA_GPU_SIM_FAIL_AFTER", "0", 1);
+    setenv("MSA_GPU_SYNC_CHECK", "1", 1);
+    setenv("MSA_GPU_GEMM_MIN_COLS", "0", 1);
+    msa_dev_config_env(&c);
+    CHECK(c.sim);
+    CHECK(c.sim_devices < 0);
+    CHECK_EQ_U(c.sim_mem_bytes, 64ull << 20);
+    CHECK(c.sim_fault);
+    CHECK_EQ_U(c.sim_fail_after, 0);
+    CHECK(c.sync_check);
+    CHECK_EQ_U(c.gemm_min_cols, 1);
+    char why[128] = "";
+    CHECK_EQ_I(msa_dev_count(&c, why, sizeof why), 0);
+    CHECK_STR(why, "MSA_GPU_SIM_DEVICES=0");
+
+    setenv("MSA_GPU_SIM", "yes", 1);          /* only "1" switches it on */
+    setenv("MSA_GPU_SIM_DEVICES", "3x", 1);   /* not a number: the default */
+    setenv("MSA_GPU_SIM_FAIL_AFTER", "-1", 1); /* negative: no fault */
+    msa_dev_config_env(&c);
+    CHECK(!c.sim);
+    CHECK_EQ_I(c.sim_devices, 1);
+    CHECK(!c.sim_fault);
+    /* A zeroed config is the defaults too. */
+    msa_dev_config_t z = {.sim = true};
+    CHECK_EQ_I(msa_dev_count(&z, why, sizeof why), 1);
+
+    for (int i = 0; i < 6; i++) {
+        if (saved[i]) setenv(vars[i], saved[i], 1);
+        else unsetenv(vars[i]);
+        free(saved[i]);
+    }
+}
+
 static const msa_test_t tests[] = {
+    TEST_ENTRY(config_env),
     TEST_ENTRY(lanes_and_copies), TEST_ENTRY(score_edges),   TEST_ENTRY(score_fixed_shapes),
     TEST_ENTRY(score_all_dtypes_plans), TEST_ENTRY(select_edges), TEST_ENTRY(select_exact_topk),
 };
