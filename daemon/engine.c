@@ -15,7 +15,6 @@
 #include "engine.h"
 
 #include "dev.h"
-#include "gpu.h"
 #include "index.h"
 #include "kernels.h"
 #include "lease.h"
@@ -985,11 +984,8 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     int rc;
 
     char why[256] = "";
-    const char *sim_env = getenv("MSA_GPU_SIM");
-    e->cfg.gpu.sim = sim_env && !strcmp(sim_env, "1");
     if (!e->cfg.gpu.shards_per_gpu) e->cfg.gpu.shards_per_gpu = 1;
-    int gpus = e->cfg.gpu.sim ? msa_dev_count(true, why, sizeof why)
-                              : msa_gpu_device_count(why, sizeof why);
+    int gpus = msa_dev_count(&e->cfg.gpu.dev, why, sizeof why);
     snprintf(e->backend, sizeof e->backend, "cpu");
     if (cfg->backend == MSA_BACKEND_CUDA || (cfg->backend == MSA_BACKEND_AUTO && gpus > 0)) {
         char gwhy[256] = "";
@@ -1004,7 +1000,7 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
         else
             snprintf(e->backend, sizeof e->backend, "cuda");
     }
-    if (e->cfg.gpu.sim && e->gpu)
+    if (e->cfg.gpu.dev.sim && e->gpu)
         msa_log(MSA_LOG_WARN, "backend: cuda on the SIMULATED device (MSA_GPU_SIM=1): a test "
                               "device that computes on the host; never use it to serve");
     msa_log(MSA_LOG_INFO, "backend: %s (%s; %d CUDA device%s%s%s)", e->backend,

@@ -64,8 +64,9 @@ typedef struct msa_srv_config {
  * index from it (progress in the log), picks the backend, starts the writer.
  * Errors: as msa_store_check_file and msa_store_open (MSA_ECORRUPT for a
  * damaged file, also when a block the index needs fails its checksum),
- * MSA_EUNAVAIL when --backend cuda finds no usable GPU (MSA_GPU_SIM=1 in the
- * environment puts the simulated test device of gpu/dev_sim.c in its place). */
+ * MSA_EUNAVAIL when --backend cuda finds no usable GPU (cfg.gpu.dev.sim puts
+ * the simulated test device of gpu/dev_sim.c in its place; msad sets it from
+ * MSA_GPU_SIM=1, see msa_dev_config_env). */
 int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st);
 /* Stops accepting new calls (they get MSA_EUNAVAIL), drains queued writes,
  * waits for calls in flight, then closes everything. NULL is a no-op. */

@@ -130,7 +130,7 @@ static int dev_setup(msa_gpu_t *g, unsigned i, char *why, size_t len)
     gdev_t *d = &g->dev[i];
     unsigned lanes = g->cfg.lanes ? g->cfg.lanes : 4;
     uint64_t scratch = g->cfg.lane_scratch ? g->cfg.lane_scratch : (256ull << 20);
-    int rc = msa_dev_open(g->cfg.sim, (int)i, lanes, scratch, 8u << 20, &d->dev);
+    int rc = msa_dev_open(&g->cfg.dev, (int)i, lanes, scratch, 8u << 20, &d->dev);
     if (rc) {
         snprintf(why, len, "device %u: cannot open with %u lanes of %llu MiB scratch (%s)", i,
                  lanes, (unsigned long long)(scratch >> 20), msa_strerror(rc));
@@ -212,7 +212,7 @@ int msa_gpu_open(const msa_gpu_config_t *cfg, msa_gpu_t **out, char *why, size_t
 {
     *out = NULL;
     char reason[256] = "";
-    int n = msa_dev_count(cfg->sim, reason, sizeof reason);
+    int n = msa_dev_count(&cfg->dev, reason, sizeof reason);
     if (n <= 0) {
         snprintf(why, len, "no usable GPU (%s)", reason);
         return MSA_EUNAVAIL;
@@ -236,7 +236,7 @@ int msa_gpu_open(const msa_gpu_config_t *cfg, msa_gpu_t **out, char *why, size_t
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     g->pinned_cap = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz / 2 : 0;
 #ifdef MSA_HAVE_CUDA
-    if (!cfg->sim && g->n_dev >= 2) {
+    if (!cfg->dev.sim && g->n_dev >= 2) {
         char nwhy[256] = "";
         msa_gpu_nccl_t *nc = NULL;
         if (msa_gpu_nccl_open((int)g->n_dev, &nc, nwhy, sizeof nwhy) == MSA_OK)

@@ -13,6 +13,7 @@
 #ifndef MSA_GPU_BACKEND_H
 #define MSA_GPU_BACKEND_H
 
+#include "dev.h"
 #include "index.h"
 #include "msa_err.h"
 
@@ -27,7 +28,7 @@ extern "C" {
 typedef struct msa_gpu msa_gpu_t;
 
 typedef struct msa_gpu_config {
-    bool sim;                    /* the simulated device (tests only; MSA_GPU_SIM=1) */
+    msa_dev_config_t dev;        /* the device layer: CUDA or the simulated device (tests) */
     unsigned shards_per_gpu;     /* >= 1: shards each GPU's keys are cut into */
     uint64_t routing_bytes;      /* per GPU budget for resident routing keys; 0 = 75% of free (100M tokens of MSA-4B BF16 keys fit an 80 GB GPU) */
     uint64_t cache_bytes;        /* per GPU K/V block cache; 0 = 12% of free */

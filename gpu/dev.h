@@ -5,10 +5,12 @@
  * Two implementations share this contract:
  *   dev_cuda.cu   the GPU (nvcc, cuBLAS);
  *   dev_sim.c     a host simulation with the same semantics (memory is host
- *                 memory, kernels are plain C loops), used when MSA_GPU_SIM=1 so
- *                 that the backend's host logic (mirrors, shards, paging,
- *                 coalescing, K/V cache) runs in the CPU test suite. It is a test
- *                 device, never a serving backend: msad logs it loudly.
+ *                 memory, kernels are plain C loops), picked by
+ *                 msa_dev_config_t.sim so that the backend's host logic
+ *                 (mirrors, shards, paging, coalescing, K/V cache) runs in the
+ *                 CPU test suite. It is a test device, never a serving backend:
+ *                 msad logs it loudly.
+ * dev.c holds what they share: the dispatch, the lane pool, the config.
  *
  * Kernel contracts (both implementations, float32 accumulation):
  *
@@ -31,6 +33,10 @@
  *     q [T][Hq][D] f32; blocks of rows [n][H][D] in kv_dtype; out [T][Hq][D]
  *     f32, lse [T][Hq] (natural log; -inf and 0 output when R = 0).
  *
+ * Every op has one shape: msa_dev_<op>(lane, &args), where the lane brings the
+ * stream (never stream 0; plus a cuBLAS handle and pinned staging) and args,
+ * the op's descriptor, brings the device scratch (work, work_bytes).
+ *
  * Threads: a msa_dev_t is shared; a lane is used by one thread at a time
  * (msa_dev_lane_acquire hands them out, blocking when all are busy).
  */
@@ -52,6 +58,36 @@ extern "C" {
 typedef struct msa_dev msa_dev_t;
 typedef struct msa_dev_lane msa_dev_lane_t;
 
+/* How devices are opened. Zero is the default of every field, so a zeroed
+ * config opens the CUDA devices with the usual settings. It travels down from
+ * the engine's config (msa_srv_config_t.gpu.dev) through the backend's
+ * (msa_gpu_config_t.dev); only the outermost layer (msad's options, the test
+ * tools) may fill it from the environment, with msa_dev_config_env. */
+typedef struct msa_dev_config {
+    bool sim;                    /* the simulated device of dev_sim.c (tests only) */
+    int sim_devices;             /* sim: devices offered; 0 = 1, < 0 = none */
+    uint64_t sim_mem_bytes;      /* sim: device memory of each; 0 = 4 GiB */
+    bool sim_fault;              /* sim: inject a sticky fault: every kernel call after */
+    uint64_t sim_fail_after;     /*   the first sim_fail_after fails with MSA_EINTERNAL */
+    bool sync_check;             /* CUDA: sync the stream after every launch, so an
+                                  * asynchronous fault is reported by the launch that
+                                  * caused it (debugging; slow) */
+    uint32_t gemm_min_cols;      /* CUDA: score uses cuBLAS when nq * ncol >= this; 0 = 17
+                                  * (up to 16 columns stream through the fused kernel);
+                                  * 1 forces GEMM whenever the work space allows */
+} msa_dev_config_t;
+
+/* The thin mapping of the environment onto *cfg, for the outermost layer
+ * only (msad's options, test tools); every field is set, an unset variable
+ * gives the default:
+ *   MSA_GPU_SIM=1             sim
+ *   MSA_GPU_SIM_DEVICES=n     sim_devices (default 1; 0: none)
+ *   MSA_GPU_SIM_MEM_MB=n      sim_mem_bytes (default 4096 MiB)
+ *   MSA_GPU_SIM_FAIL_AFTER=n  sim_fault, sim_fail_after (negative: no fault)
+ *   MSA_GPU_SYNC_CHECK=1      sync_check
+ *   MSA_GPU_GEMM_MIN_COLS=n   gemm_min_cols (default 17; 0 counts as 1) */
+void msa_dev_config_env(msa_dev_config_t *cfg);
+
 typedef struct msa_dev_info {
     char name[128];
     int ordinal;
@@ -60,14 +96,15 @@ typedef struct msa_dev_info {
     size_t free_bytes;           /* at open */
 } msa_dev_info_t;
 
-/* Devices this implementation offers: CUDA devices, or (sim) MSA_GPU_SIM_DEVICES
- * (default 1). 0 with a reason in why when none. */
-int msa_dev_count(bool sim, char *why, size_t len);
+/* Devices the implementation cfg picks offers: CUDA devices, or (sim)
+ * cfg->sim_devices. 0 with a reason in why when none; never aborts (no GPU or
+ * no driver is 0, not an error). */
+int msa_dev_count(const msa_dev_config_t *cfg, char *why, size_t len);
 
 /* Opens device ordinal with `lanes` lanes of lane_scratch bytes of device
  * scratch and lane_staging bytes of pinned host staging each. */
-int msa_dev_open(bool sim, int ordinal, unsigned lanes, size_t lane_scratch, size_t lane_staging,
-                 msa_dev_t **out);
+int msa_dev_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes, size_t lane_scratch,
+                 size_t lane_staging, msa_dev_t **out);
 void msa_dev_close(msa_dev_t *d);
 void msa_dev_get_info(const msa_dev_t *d, msa_dev_info_t *out);
 
@@ -181,10 +218,12 @@ typedef struct msa_dev_attend_args {
     uint32_t n_blocks;
     float *out;                  /* device [T][Hq][D] */
     float *lse;                  /* device [T][Hq] */
-    void *work;
-    size_t work_bytes;
+    void *work;                  /* device scratch for the row splits (may be NULL: */
+    size_t work_bytes;           /*   fewer splits, same answer) */
 } msa_dev_attend_args_t;
 
+/* Queues the attention on the lane (contract above). MSA_EINVAL for shapes
+ * it cannot run (D > 256 on CUDA, Hq not a multiple of H, ...). */
 int msa_dev_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a);
 
 #ifdef __cplusplus

@@ -1,24 +1,17 @@
 // dev_cuda.cu — the CUDA device of dev.h: device selection, lanes (stream +
-// cuBLAS handle + scratch + pinned staging), memory and copies, the one
-// CUDA/cuBLAS error translation, and the ops table. The routing kernels live
-// in route_score.cu and route_select.cu, attention in attend_cuda.cu.
+// cuBLAS handle; scratch and pinned staging), memory and copies, the one
+// CUDA/cuBLAS error translation (cuda_status.h), and the ops table. The lane pool is dev.c's;
+// the ops live in route_score.cu, route_select.cu and attend.cu.
 //
 // Every entry point calls cudaSetDevice(ordinal) first: callers are arbitrary
 // daemon threads, and the current device is per thread. Nothing here aborts:
 // a CUDA failure is logged once (statement, function, line) and comes back as
 // MSA_ENOMEM (allocation) or MSA_EINTERNAL.
 //
-// Environment (read at open):
-//   MSA_GPU_SYNC_CHECK=1      synchronise the stream after every kernel launch,
-//                             so an asynchronous fault is reported by the launch
-//                             that caused it (debugging; slow).
-//   MSA_GPU_GEMM_MIN_COLS=n   score uses the cuBLAS path when nq * ncol >= n
-//                             (default 17: up to 16 columns stream through the
-//                             fused kernel). 1 forces GEMM whenever the work
-//                             space allows; a huge value never uses it.
+// Settings come from msa_dev_config_t at open (sync_check, gemm_min_cols; see
+// dev.h); nothing here reads the environment.
 #include "dev_cuda_impl.h"
 
-#include "attend_cuda.h"
 #include "msa_log.h"
 
 #include <cuda_bf16.h>
@@ -35,7 +28,7 @@ static const size_t kBlasWorkspace = 8u << 20;
 
 /* ==== error translation ====================================================== */
 
-int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line)
+extern "C" int msa__cuda_status_rt(cudaError_t e, const char *stmt, const char *func, int line)
 {
     if (e == cudaSuccess) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "cuda: %s failed in %s (line %d): %s: %s", stmt, func, line,
@@ -43,7 +36,8 @@ int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line
     return e == cudaErrorMemoryAllocation ? MSA_ENOMEM : MSA_EINTERNAL;
 }
 
-int msa__cuda_status(cublasStatus_t e, const char *stmt, const char *func, int line)
+extern "C" int msa__cuda_status_blas(cublasStatus_t e, const char *stmt, const char *func,
+                                     int line)
 {
     if (e == CUBLAS_STATUS_SUCCESS) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "cublas: %s failed in %s (line %d): %s", stmt, func, line,
@@ -61,17 +55,9 @@ int msa__cuda_after_launch(struct msa_dev_lane *l, const char *what, const char 
 
 /* ==== device ================================================================= */
 
-static uint64_t env_u64(const char *name, uint64_t dflt)
+static int cuda_count(const msa_dev_config_t *cfg, char *why, size_t len)
 {
-    const char *s = getenv(name);
-    if (!s || !*s) return dflt;
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    return *end ? dflt : (uint64_t)v;
-}
-
-static int cuda_count(char *why, size_t len)
-{
+    (void)cfg;
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess) {
@@ -83,30 +69,22 @@ static int cuda_count(char *why, size_t len)
     return n;
 }
 
-// Releases what open created, in reverse order; safe on a partly opened device.
-static void cuda_close(msa_dev_t *d)
+// The CUDA part of a lane, in reverse order of lane_open; safe on a lane
+// lane_open left half done (or never saw: all zero).
+static void cuda_lane_close(msa_dev_lane_t *l)
 {
-    cudaSetDevice(d->ordinal);
-    for (unsigned i = 0; d->lanes && i < d->n_lanes; i++) {
-        struct msa_dev_lane *l = &d->lanes[i];
-        if (l->stream) cudaStreamSynchronize(l->stream);
-        if (l->blas) cublasDestroy(l->blas);
-        if (l->stream) cudaStreamDestroy(l->stream);
-        if (l->blas_ws_d) cudaFree(l->blas_ws_d);
-        if (l->scratch_d) cudaFree(l->scratch_d);
-        if (l->staging_h) cudaFreeHost(l->staging_h);
-    }
-    cudaGetLastError(); // errors on the way down have nowhere to go
-    free(d->lanes);
-    pthread_cond_destroy(&d->lane_free);
-    pthread_mutex_destroy(&d->mu);
-    free(d);
+    if (l->stream) cudaStreamSynchronize(l->stream);
+    if (l->blas) cublasDestroy(l->blas);
+    if (l->stream) cudaStreamDestroy(l->stream);
+    if (l->blas_ws_d) cudaFree(l->blas_ws_d);
+    if (l->head.scratch_d) cudaFree(l->head.scratch_d);
+    if (l->head.staging_h) cudaFreeHost(l->head.staging_h);
 }
 
-static int lane_open(msa_dev_t *d, struct msa_dev_lane *l, size_t scratch, size_t staging)
+// Called by the pool (dev.c) for each lane, with the device current.
+static int cuda_lane_open(msa_dev_lane_t *l, size_t scratch, size_t staging)
 {
-    l->head.dev = d;
-    l->dv = d;
+    l->dv = l->head.dev;
     MSA_CK(cudaStreamCreateWithFlags(&l->stream, cudaStreamNonBlocking));
     MSA_CK(cublasCreate(&l->blas));
     MSA_CK(cublasSetStream(l->blas, l->stream));
@@ -114,44 +92,42 @@ static int lane_open(msa_dev_t *d, struct msa_dev_lane *l, size_t scratch, size_
     MSA_CK(cudaMalloc(&l->blas_ws_d, kBlasWorkspace));
     l->blas_ws_bytes = kBlasWorkspace;
     MSA_CK(cublasSetWorkspace(l->blas, l->blas_ws_d, l->blas_ws_bytes));
-    if (scratch) MSA_CK(cudaMalloc(&l->scratch_d, scratch));
-    l->scratch_bytes = scratch;
-    if (staging) MSA_CK(cudaMallocHost(&l->staging_h, staging));
-    l->staging_bytes = staging;
+    if (scratch) MSA_CK(cudaMalloc(&l->head.scratch_d, scratch));
+    l->head.scratch_bytes = scratch;
+    if (staging) MSA_CK(cudaMallocHost(&l->head.staging_h, staging));
+    l->head.staging_bytes = staging;
     return MSA_OK;
 }
 
-static int cuda_open(int ordinal, unsigned lanes, size_t lane_scratch, size_t lane_staging,
-                     msa_dev_t **out)
+// Releases what open created, in reverse order; safe on a partly opened device.
+static void cuda_close(msa_dev_t *d)
+{
+    cudaSetDevice(d->ordinal);
+    msa__dev_pool_close(d);
+    cudaGetLastError(); // errors on the way down have nowhere to go
+    free(d);
+}
+
+static int cuda_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes,
+                     size_t lane_scratch, size_t lane_staging, msa_dev_t **out)
 {
     *out = NULL;
-    int n = cuda_count(NULL, 0);
+    int n = cuda_count(cfg, NULL, 0);
     if (ordinal < 0 || ordinal >= n) return n ? MSA_EINVAL : MSA_EUNAVAIL;
     msa_dev_t *d = (msa_dev_t *)calloc(1, sizeof *d);
     if (!d) return MSA_ENOMEM;
     d->head.ops = &msa__dev_cuda_ops;
     d->ordinal = ordinal;
-    d->sync_check = env_u64("MSA_GPU_SYNC_CHECK", 0) != 0;
-    uint64_t mc = env_u64("MSA_GPU_GEMM_MIN_COLS", kGemmMinColsDefault);
-    d->gemm_min_cols = mc > UINT32_MAX ? UINT32_MAX : (uint32_t)(mc ? mc : 1);
-    pthread_mutex_init(&d->mu, NULL);
-    pthread_cond_init(&d->lane_free, NULL);
+    d->sync_check = cfg->sync_check;
+    d->gemm_min_cols = cfg->gemm_min_cols ? cfg->gemm_min_cols : kGemmMinColsDefault;
 
-    int rc = msa__cuda_status(cudaSetDevice(ordinal), "cudaSetDevice", __func__, __LINE__);
-    if (rc == MSA_OK)
-        rc = msa__cuda_status(cudaGetDeviceProperties(&d->prop, ordinal),
-                              "cudaGetDeviceProperties", __func__, __LINE__);
+    int rc = MSA_CK_RC(cudaSetDevice(ordinal));
+    if (rc == MSA_OK) rc = MSA_CK_RC(cudaGetDeviceProperties(&d->prop, ordinal));
     size_t free_b = 0, total_b = 0;
+    if (rc == MSA_OK) rc = MSA_CK_RC(cudaMemGetInfo(&free_b, &total_b));
     if (rc == MSA_OK)
-        rc = msa__cuda_status(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo", __func__,
-                              __LINE__);
-    if (rc == MSA_OK) {
-        d->lanes = (struct msa_dev_lane *)calloc(lanes, sizeof *d->lanes);
-        if (!d->lanes) rc = MSA_ENOMEM;
-    }
-    d->n_lanes = d->lanes ? lanes : 0;
-    for (unsigned i = 0; i < d->n_lanes && rc == MSA_OK; i++)
-        rc = lane_open(d, &d->lanes[i], lane_scratch, lane_staging);
+        rc = msa__dev_pool_open(d, lanes, sizeof(struct msa_dev_lane), lane_scratch,
+                                lane_staging);
     if (rc == MSA_OK) rc = msa__cuda_score_init(d);
     if (rc != MSA_OK) {
         cuda_close(d);
@@ -181,7 +157,7 @@ static int cuda_dmalloc(msa_dev_t *d, size_t bytes, void **out)
 
 static void cuda_dfree(msa_dev_t *d, void *p)
 {
-    if (cudaSetDevice(d->ordinal) == cudaSuccess) msa__cuda_status(cudaFree(p), "cudaFree", __func__, __LINE__);
+    if (cudaSetDevice(d->ordinal) == cudaSuccess) MSA_CK_RC(cudaFree(p));
 }
 
 // Pinned host memory, portable across every device of the process.
@@ -201,47 +177,10 @@ static int cuda_host_alloc(msa_dev_t *d, size_t bytes, void **out)
 static void cuda_host_free(msa_dev_t *d, void *p)
 {
     (void)d;
-    msa__cuda_status(cudaFreeHost(p), "cudaFreeHost", __func__, __LINE__);
+    MSA_CK_RC(cudaFreeHost(p));
 }
 
-/* ==== lanes ================================================================== */
-
-// Blocks until a lane is free (a lane serves one thread at a time).
-static msa_dev_lane_t *cuda_lane_acquire(msa_dev_t *d)
-{
-    pthread_mutex_lock(&d->mu);
-    for (;;) {
-        for (unsigned i = 0; i < d->n_lanes; i++) {
-            if (!d->lanes[i].busy) {
-                d->lanes[i].busy = true;
-                pthread_mutex_unlock(&d->mu);
-                return &d->lanes[i];
-            }
-        }
-        pthread_cond_wait(&d->lane_free, &d->mu);
-    }
-}
-
-static void cuda_lane_release(msa_dev_lane_t *l)
-{
-    msa_dev_t *d = l->dv;
-    pthread_mutex_lock(&d->mu);
-    l->busy = false;
-    pthread_cond_signal(&d->lane_free);
-    pthread_mutex_unlock(&d->mu);
-}
-
-static void *cuda_lane_scratch(msa_dev_lane_t *l, size_t *bytes)
-{
-    if (bytes) *bytes = l->scratch_bytes;
-    return l->scratch_d;
-}
-
-static void *cuda_lane_staging(msa_dev_lane_t *l, size_t *bytes)
-{
-    if (bytes) *bytes = l->staging_bytes;
-    return l->staging_h;
-}
+/* ==== copies ================================================================= */
 
 static int copy(msa_dev_lane_t *l, void *dst, const void *src, size_t n, cudaMemcpyKind kind)
 {
@@ -270,35 +209,38 @@ static int cuda_lane_sync(msa_dev_lane_t *l)
     return MSA_OK;
 }
 
-/* ==== kernels (entry points) ================================================ */
+/* ==== ops (entry points) ==================================================== */
+
+// Every op has the same shape: make the lane's device current, then the op
+// (lane + descriptor) from its own file.
+template <class Args>
+static int run_op(int (*op)(msa_dev_lane_t *, const Args *), msa_dev_lane_t *l, const Args *a)
+{
+    MSA_CK(cudaSetDevice(l->dv->ordinal));
+    return op(l, a);
+}
 
 static int cuda_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a)
 {
-    MSA_CK(cudaSetDevice(l->dv->ordinal));
-    return msa__cuda_score(l, a);
+    return run_op(msa__cuda_score, l, a);
 }
 
 static int cuda_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
 {
-    MSA_CK(cudaSetDevice(l->dv->ordinal));
-    return msa__cuda_select(l, a);
+    return run_op(msa__cuda_select, l, a);
 }
 
 static int cuda_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
 {
-    MSA_CK(cudaSetDevice(l->dv->ordinal));
-    int rc = msa__cuda_attend((void *)l->stream, a);
-    if (rc == MSA_OK && l->dv->sync_check)
-        MSA_CK(cudaStreamSynchronize(l->stream));
-    return rc;
+    return run_op(msa__cuda_attend, l, a);
 }
 
 extern "C" const msa_dev_ops_t msa__dev_cuda_ops = {
-    cuda_count,        cuda_open,         cuda_close,         cuda_get_info,
-    cuda_dmalloc,      cuda_dfree,        cuda_lane_acquire,  cuda_lane_release,
-    cuda_lane_scratch, cuda_lane_staging, cuda_h2d,           cuda_d2h,
-    cuda_d2d,          cuda_lane_sync,    msa__cuda_peer_copy, cuda_score,
-    cuda_select,       cuda_attend,       cuda_host_alloc,    cuda_host_free,
+    cuda_count,     cuda_open,       cuda_close,          cuda_get_info,
+    cuda_dmalloc,   cuda_dfree,      cuda_host_alloc,     cuda_host_free,
+    cuda_lane_open, cuda_lane_close, cuda_h2d,            cuda_d2h,
+    cuda_d2d,       cuda_lane_sync,  msa__cuda_peer_copy, cuda_score,
+    cuda_select,    cuda_attend,
 };
 
 /* ==== bench helpers ========================================================== */
@@ -425,19 +367,19 @@ extern "C" int msa__cuda_read_bw(msa_dev_lane_t *l, const void *src, size_t byte
     MSA_CK(cudaSetDevice(l->dv->ordinal));
     cudaEvent_t e0 = NULL, e1 = NULL;
     unsigned *sink = NULL;
-    int rc = msa__cuda_status(cudaEventCreate(&e0), "cudaEventCreate", __func__, __LINE__);
-    if (rc == MSA_OK) rc = msa__cuda_status(cudaEventCreate(&e1), "cudaEventCreate", __func__, __LINE__);
-    if (rc == MSA_OK) rc = msa__cuda_status(cudaMalloc(&sink, sizeof *sink), "cudaMalloc", __func__, __LINE__);
+    int rc = MSA_CK_RC(cudaEventCreate(&e0));
+    if (rc == MSA_OK) rc = MSA_CK_RC(cudaEventCreate(&e1));
+    if (rc == MSA_OK) rc = MSA_CK_RC(cudaMalloc(&sink, sizeof *sink));
     const unsigned grid = (unsigned)l->dv->prop.multiProcessorCount * 8;
     for (int r = 0; r <= reps && rc == MSA_OK; r++) { // r = 0 warms up
-        rc = msa__cuda_status(cudaEventRecord(e0, l->stream), "cudaEventRecord", __func__, __LINE__);
+        rc = MSA_CK_RC(cudaEventRecord(e0, l->stream));
         if (rc != MSA_OK) break;
         read_reduce_kernel<<<grid, 256, 0, l->stream>>>((const uint4 *)src, bytes / 16, sink);
         rc = msa__cuda_after_launch(l, "read_reduce_kernel", __func__, __LINE__);
-        if (rc == MSA_OK) rc = msa__cuda_status(cudaEventRecord(e1, l->stream), "cudaEventRecord", __func__, __LINE__);
-        if (rc == MSA_OK) rc = msa__cuda_status(cudaEventSynchronize(e1), "cudaEventSynchronize", __func__, __LINE__);
+        if (rc == MSA_OK) rc = MSA_CK_RC(cudaEventRecord(e1, l->stream));
+        if (rc == MSA_OK) rc = MSA_CK_RC(cudaEventSynchronize(e1));
         float ms = 0.0f;
-        if (rc == MSA_OK) rc = msa__cuda_status(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime", __func__, __LINE__);
+        if (rc == MSA_OK) rc = MSA_CK_RC(cudaEventElapsedTime(&ms, e0, e1));
         if (rc == MSA_OK && r > 0 && ms > 0.0f) {
             double g = (double)bytes / (ms * 1e-3) / 1e9;
             if (g > *gbps) *gbps = g;

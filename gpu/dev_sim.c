@@ -1,13 +1,15 @@
-/* dev_sim.c — the simulated device (MSA_GPU_SIM=1): the device layer's contract
- * implemented on the host, so the CUDA backend's host logic (mirrors, shards,
- * paging, coalescing, K/V cache, merges) runs in the CPU test suite.
+/* dev_sim.c — the simulated device (msa_dev_config_t.sim; msad and the test
+ * tools map MSA_GPU_SIM=1 onto it): the device layer's contract implemented
+ * on the host, so the CUDA backend's host logic (mirrors, shards, paging,
+ * coalescing, K/V cache, merges) runs in the CPU test suite.
  *
- * "Device memory" is host memory capped at MSA_GPU_SIM_MEM_MB per device
- * (default 4096; pages never touched cost nothing) so out-of-memory paths can be exercised; copies are memcpy
- * (completed at once, so lane_sync has nothing to wait for); kernels are plain
- * loops that follow dev.h word for word. Never a serving backend.
- * MSA_GPU_SIM_FAIL_AFTER=N makes every kernel call after the N-th fail with
- * MSA_EINTERNAL, as a sticky CUDA error would (fault-injection tests).
+ * "Device memory" is host memory capped at cfg.sim_mem_bytes per device
+ * (default 4 GiB; pages never touched cost nothing) so out-of-memory paths can
+ * be exercised; copies are memcpy (completed at once, so lane_sync has nothing
+ * to wait for); kernels are plain loops that follow dev.h word for word. Never
+ * a serving backend. cfg.sim_fault makes every kernel call after the first
+ * cfg.sim_fail_after fail with MSA_EINTERNAL, as a sticky CUDA error would
+ * (fault-injection tests). The lane pool is dev.c's.
  */
 #include "dev_impl.h"
 
@@ -21,25 +23,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A simulated lane has nothing of its own: scratch and staging sit in the head. */
 struct msa_dev_lane {
-    msa_dev_lane_head_t head;
-    bool busy;
-    void *scratch;
-    size_t scratch_bytes;
-    void *staging;
-    size_t staging_bytes;
+    msa_dev_lane_head_t head;    /* must stay first (dev.c casts) */
 };
 
 struct msa_dev {
-    msa_dev_head_t head;
+    msa_dev_head_t head;         /* must stay first (dev.c casts) */
     int ordinal;
-    long fail_after;             /* kernel calls before the injected fault; < 0: never */
-    atomic_long kernel_calls;
+    bool fault;                  /* inject a fault after fail_after kernel calls */
+    uint64_t fail_after;
+    atomic_uint_fast64_t kernel_calls;
     size_t mem_cap, mem_used;    /* bytes of simulated device memory */
-    pthread_mutex_t lock;
-    pthread_cond_t lane_free;
-    struct msa_dev_lane *lanes;
-    unsigned n_lanes;
+    pthread_mutex_t lock;        /* mem_used */
 };
 
 /* Every simulated allocation carries its size in front, for the memory cap. */
@@ -48,18 +44,9 @@ typedef struct alloc_hdr {
     size_t pad[7];               /* keeps the payload 64-byte aligned */
 } alloc_hdr_t;
 
-static size_t env_size(const char *name, size_t dflt)
+static int sim_count(const msa_dev_config_t *cfg, char *why, size_t len)
 {
-    const char *s = getenv(name);
-    if (!s || !*s) return dflt;
-    char *end;
-    unsigned long long v = strtoull(s, &end, 10);
-    return *end ? dflt : (size_t)v;
-}
-
-static int sim_count(char *why, size_t len)
-{
-    int n = (int)env_size("MSA_GPU_SIM_DEVICES", 1);
+    int n = cfg->sim_devices ? cfg->sim_devices : 1;
     if (n <= 0 && why && len) snprintf(why, len, "MSA_GPU_SIM_DEVICES=0");
     return n > 0 ? n : 0;
 }
@@ -93,48 +80,44 @@ static void sim_dfree(msa_dev_t *d, void *p)
     free(h);
 }
 
+static int sim_lane_open(msa_dev_lane_t *l, size_t scratch, size_t staging)
+{
+    l->head.scratch_bytes = scratch;
+    l->head.staging_bytes = staging;
+    int rc = scratch ? sim_dmalloc(l->head.dev, scratch, &l->head.scratch_d) : MSA_OK;
+    l->head.staging_h = staging ? malloc(staging) : NULL;
+    return rc ? rc : staging && !l->head.staging_h ? MSA_ENOMEM : MSA_OK;
+}
+
+static void sim_lane_close(msa_dev_lane_t *l)
+{
+    if (l->head.scratch_d) sim_dfree(l->head.dev, l->head.scratch_d);
+    free(l->head.staging_h);
+}
+
 static void sim_close(msa_dev_t *d)
 {
-    for (unsigned i = 0; i < d->n_lanes; i++) {
-        if (d->lanes[i].scratch) sim_dfree(d, d->lanes[i].scratch);
-        free(d->lanes[i].staging);
-    }
-    free(d->lanes);
+    msa__dev_pool_close(d);
     pthread_mutex_destroy(&d->lock);
-    pthread_cond_destroy(&d->lane_free);
     free(d);
 }
 
-static int sim_open(int ordinal, unsigned lanes, size_t lane_scratch, size_t lane_staging,
-                    msa_dev_t **out)
+static int sim_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes, size_t lane_scratch,
+                    size_t lane_staging, msa_dev_t **out)
 {
-    if (ordinal < 0 || ordinal >= sim_count(NULL, 0)) return MSA_EINVAL;
+    if (ordinal < 0 || ordinal >= sim_count(cfg, NULL, 0)) return MSA_EINVAL;
     msa_dev_t *d = calloc(1, sizeof *d);
     if (!d) return MSA_ENOMEM;
     d->head.ops = &msa__dev_sim_ops;
     d->ordinal = ordinal;
-    d->mem_cap = env_size("MSA_GPU_SIM_MEM_MB", 4096) << 20;
-    const char *fa = getenv("MSA_GPU_SIM_FAIL_AFTER");
-    d->fail_after = fa && *fa ? atol(fa) : -1;
+    d->mem_cap = cfg->sim_mem_bytes ? cfg->sim_mem_bytes : (size_t)4096 << 20;
+    d->fault = cfg->sim_fault;
+    d->fail_after = cfg->sim_fail_after;
     pthread_mutex_init(&d->lock, NULL);
-    pthread_cond_init(&d->lane_free, NULL);
-    d->lanes = calloc(lanes, sizeof *d->lanes);
-    if (!d->lanes) {
+    int rc = msa__dev_pool_open(d, lanes, sizeof(struct msa_dev_lane), lane_scratch, lane_staging);
+    if (rc != MSA_OK) {
         sim_close(d);
-        return MSA_ENOMEM;
-    }
-    d->n_lanes = lanes;
-    for (unsigned i = 0; i < lanes; i++) {
-        struct msa_dev_lane *l = &d->lanes[i];
-        l->head.dev = d;
-        l->scratch_bytes = lane_scratch;
-        l->staging_bytes = lane_staging;
-        int rc = lane_scratch ? sim_dmalloc(d, lane_scratch, &l->scratch) : MSA_OK;
-        l->staging = lane_staging ? malloc(lane_staging) : NULL;
-        if (rc || (lane_staging && !l->staging)) {
-            sim_close(d);
-            return rc ? rc : MSA_ENOMEM;
-        }
+        return rc;
     }
     *out = d;
     return MSA_OK;
@@ -148,42 +131,6 @@ static void sim_get_info(const msa_dev_t *d, msa_dev_info_t *out)
     out->sim = true;
     out->total_bytes = d->mem_cap;
     out->free_bytes = d->mem_cap - d->mem_used;
-}
-
-static msa_dev_lane_t *sim_lane_acquire(msa_dev_t *d)
-{
-    pthread_mutex_lock(&d->lock);
-    for (;;) {
-        for (unsigned i = 0; i < d->n_lanes; i++) {
-            if (!d->lanes[i].busy) {
-                d->lanes[i].busy = true;
-                pthread_mutex_unlock(&d->lock);
-                return &d->lanes[i];
-            }
-        }
-        pthread_cond_wait(&d->lane_free, &d->lock);
-    }
-}
-
-static void sim_lane_release(msa_dev_lane_t *l)
-{
-    msa_dev_t *d = l->head.dev;
-    pthread_mutex_lock(&d->lock);
-    l->busy = false;
-    pthread_cond_signal(&d->lane_free);
-    pthread_mutex_unlock(&d->lock);
-}
-
-static void *sim_lane_scratch(msa_dev_lane_t *l, size_t *bytes)
-{
-    if (bytes) *bytes = l->scratch_bytes;
-    return l->scratch;
-}
-
-static void *sim_lane_staging(msa_dev_lane_t *l, size_t *bytes)
-{
-    if (bytes) *bytes = l->staging_bytes;
-    return l->staging;
 }
 
 static int sim_copy(msa_dev_lane_t *l, void *dst, const void *src, size_t n)
@@ -210,11 +157,11 @@ static int sim_lane_sync(msa_dev_lane_t *l)
 
 /* ==== kernels ============================================================== */
 
-/* The fault injection of MSA_GPU_SIM_FAIL_AFTER. */
+/* The fault injection of cfg.sim_fault (MSA_GPU_SIM_FAIL_AFTER). */
 static int injected_fault(msa_dev_lane_t *l, const char *what)
 {
     msa_dev_t *d = l->head.dev;
-    if (d->fail_after < 0 || atomic_fetch_add(&d->kernel_calls, 1) < d->fail_after) return MSA_OK;
+    if (!d->fault || atomic_fetch_add(&d->kernel_calls, 1) < d->fail_after) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "simulated device %d: injected fault in %s", d->ordinal, what);
     return MSA_EINTERNAL;
 }
@@ -301,7 +248,7 @@ static int sim_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a)
 {
     if (injected_fault(l, "select")) return MSA_EINTERNAL;
     if (a->top_k == 0 || a->top_k > MSA_MAX_TOP_K) return MSA_EINVAL;
-    if (a->work_bytes < msa__dev_select_work(a->n_ent, a->top_k)) return MSA_EINVAL;
+    if (a->work_bytes < msa_dev_select_work(a->n_ent, a->top_k)) return MSA_EINVAL;
     msa_idx_topk_t tk;
     msa_idx_hit_t *heap = a->work; /* the heap lives in the lane's scratch, as on a GPU */
     msa_idx_topk_init(&tk, heap, a->top_k);
@@ -363,10 +310,10 @@ const msa_dev_ops_t msa__dev_sim_ops = {
     .get_info = sim_get_info,
     .dmalloc = sim_dmalloc,
     .dfree = sim_dfree,
-    .lane_acquire = sim_lane_acquire,
-    .lane_release = sim_lane_release,
-    .lane_scratch = sim_lane_scratch,
-    .lane_staging = sim_lane_staging,
+    .host_alloc = sim_host_alloc,
+    .host_free = sim_host_free,
+    .lane_open = sim_lane_open,
+    .lane_close = sim_lane_close,
     .h2d = sim_copy,
     .d2h = sim_copy,
     .d2d = sim_copy,
@@ -375,6 +322,4 @@ const msa_dev_ops_t msa__dev_sim_ops = {
     .score = sim_score,
     .select = sim_select,
     .attend = sim_attend,
-    .host_alloc = sim_host_alloc,
-    .host_free = sim_host_free,
 };

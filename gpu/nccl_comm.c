@@ -3,20 +3,14 @@
 #ifdef MSA_HAVE_CUDA
 #include "nccl_comm.h"
 
+#include "cuda_status.h"
 #include "msa_err.h"
 #include "msa_log.h"
 
-#include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-/* The toolkit's header declares some functions without (void). */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wstrict-prototypes"
-#include <nccl.h>
-#pragma GCC diagnostic pop
 
 typedef struct nccl_fns {
     ncclResult_t (*comm_init_all)(ncclComm_t *, int, const int *);
@@ -99,6 +93,30 @@ static int self_check(msa_gpu_nccl_t *n, char *why, size_t len)
     return rc;
 }
 
+/* NCCL's result names: the translation must not need the dlopen'd library. */
+static const char *nccl_name(ncclResult_t e)
+{
+    switch (e) {
+    case ncclSuccess: return "ncclSuccess";
+    case ncclUnhandledCudaError: return "ncclUnhandledCudaError";
+    case ncclSystemError: return "ncclSystemError";
+    case ncclInternalError: return "ncclInternalError";
+    case ncclInvalidArgument: return "ncclInvalidArgument";
+    case ncclInvalidUsage: return "ncclInvalidUsage";
+    case ncclRemoteError: return "ncclRemoteError";
+    case ncclInProgress: return "ncclInProgress";
+    default: return "unknown NCCL result";
+    }
+}
+
+int msa__cuda_status_nccl(ncclResult_t e, const char *stmt, const char *func, int line)
+{
+    if (e == ncclSuccess) return MSA_OK;
+    msa_log(MSA_LOG_ERROR, "nccl: %s failed in %s (line %d): %s (%d)", stmt, func, line,
+            nccl_name(e), (int)e);
+    return MSA_EINTERNAL;
+}
+
 int msa_gpu_nccl_open(int ndev, msa_gpu_nccl_t **out, char *why, size_t len)
 {
     *out = NULL;
@@ -169,18 +187,12 @@ int msa_gpu_nccl_move(msa_gpu_nccl_t *n, int src_dev, const void *src, void *src
     if (src_dev == dst_dev || src_dev < 0 || dst_dev < 0 || src_dev >= n->ndev ||
         dst_dev >= n->ndev)
         return MSA_EINVAL;
-    ncclResult_t r = n->f.group_start();
-    if (r == ncclSuccess)
-        r = n->f.send(src, bytes, ncclInt8, dst_dev, n->comm[src_dev], (cudaStream_t)src_stream);
-    if (r == ncclSuccess)
-        r = n->f.recv(dst, bytes, ncclInt8, src_dev, n->comm[dst_dev], (cudaStream_t)dst_stream);
-    ncclResult_t r2 = n->f.group_end();
-    if (r != ncclSuccess || r2 != ncclSuccess) {
-        msa_log(MSA_LOG_ERROR, "gpu: NCCL move of %zu bytes from GPU %d to GPU %d: %s", bytes,
-                src_dev, dst_dev, n->f.error_string(r != ncclSuccess ? r : r2));
-        return MSA_EINTERNAL;
-    }
-    return MSA_OK;
+    cudaStream_t ss = (cudaStream_t)src_stream, ds = (cudaStream_t)dst_stream;
+    int rc = MSA_CK_RC(n->f.group_start());
+    if (rc == MSA_OK) rc = MSA_CK_RC(n->f.send(src, bytes, ncclInt8, dst_dev, n->comm[src_dev], ss));
+    if (rc == MSA_OK) rc = MSA_CK_RC(n->f.recv(dst, bytes, ncclInt8, src_dev, n->comm[dst_dev], ds));
+    int end = MSA_CK_RC(n->f.group_end()); /* closes the group whatever happened in it */
+    return rc != MSA_OK ? rc : end;
 }
 
 const char *msa_gpu_nccl_version(const msa_gpu_nccl_t *n) { return n->version; }

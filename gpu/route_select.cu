@@ -234,7 +234,7 @@ size_t round256(size_t n) { return (n + 255) / 256 * 256; }
 int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
 {
     if (!a || !a->out || !a->n_out || a->top_k == 0 || a->top_k > MSA_MAX_TOP_K ||
-        a->work_bytes < msa__dev_select_work(a->n_ent, a->top_k) || !a->work ||
+        a->work_bytes < msa_dev_select_work(a->n_ent, a->top_k) || !a->work ||
         (a->n_ent && (!a->scores || !a->ent)) || (a->n_exclude && !a->exclude)) {
         msa_log(MSA_LOG_ERROR, "cuda select: bad arguments (top_k %u, n_ent %u, work %zu)",
                 a ? a->top_k : 0, a ? a->n_ent : 0, a ? a->work_bytes : 0);
@@ -243,7 +243,7 @@ int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
     *a->n_out = 0;
     if (a->n_ent == 0) return MSA_OK;
 
-    // Carve: keys | hits | state (msa__dev_select_work's layout).
+    // Carve: keys | hits | state (msa_dev_select_work's layout).
     // The base is rounded up to 16 bytes; the 4096-byte tail absorbs that.
     char *w = (char *)(((uintptr_t)a->work + 15) & ~(uintptr_t)15);
     const size_t keys_b = round256((size_t)a->n_ent * 4);
@@ -272,13 +272,10 @@ int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
     // Hits and state are adjacent: one copy through the pinned staging (or,
     // when the lane has too little, a plain host buffer).
     const size_t bytes = hits_b + sizeof(SelState);
-    void *host = l->staging_bytes >= bytes ? l->staging_h : malloc(bytes);
+    void *host = l->head.staging_bytes >= bytes ? l->head.staging_h : malloc(bytes);
     if (!host) return MSA_ENOMEM;
-    int rc = msa__cuda_status(cudaMemcpyAsync(host, p.hits, bytes, cudaMemcpyDeviceToHost, l->stream),
-                              "cudaMemcpyAsync", __func__, __LINE__);
-    if (rc == MSA_OK)
-        rc = msa__cuda_status(cudaStreamSynchronize(l->stream), "cudaStreamSynchronize", __func__,
-                              __LINE__);
+    int rc = MSA_CK_RC(cudaMemcpyAsync(host, p.hits, bytes, cudaMemcpyDeviceToHost, l->stream));
+    if (rc == MSA_OK) rc = MSA_CK_RC(cudaStreamSynchronize(l->stream));
     if (rc == MSA_OK) {
         SelState st;
         memcpy(&st, (const char *)host + hits_b, sizeof st);
@@ -287,6 +284,6 @@ int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
         qsort(a->out, n, sizeof *a->out, cmp_hit);
         *a->n_out = n;
     }
-    if (host != l->staging_h) free(host);
+    if (host != l->head.staging_h) free(host);
     return rc;
 }

@@ -357,6 +357,7 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
     o->gpu_coalesce_us = 100;
     o->gpu_evict_grace_ms = 1000;
     o->gpu_cache_gb = o->gpu_cache_mb = UINT_MAX; /* unset: the engine's default */
+    msa_dev_config_env(&o->gpu_dev); /* tests: the simulated device, debugging knobs */
     bool from_flags[O_COUNT] = {false};
     int rc;
 

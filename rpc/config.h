@@ -2,8 +2,10 @@
  * same keys (`key = value` lines, # comments; flags win over the file; a
  * repeatable key such as listen may appear several times).
  *
- * Parsing is pure apart from reading the config file; no globals. The result
- * owns its strings: free with msa_rpc_opts_free.
+ * Parsing is pure apart from reading the config file and the MSA_GPU_*
+ * variables of the environment (the simulated test device and the device
+ * layer's debugging knobs: gpu_dev); no globals. The result owns its strings:
+ * free with msa_rpc_opts_free.
  */
 #ifndef MSA_RPC_CONFIG_H
 #define MSA_RPC_CONFIG_H
@@ -65,6 +67,7 @@ typedef struct msa_rpc_opts {
     unsigned gpu_evict_grace_ms; /* --gpu-evict-grace-ms (1000) */
     unsigned gpu_lanes;         /* --gpu-lanes (0 = 4) */
     unsigned gpu_scratch_mb;    /* --gpu-scratch-mb (0 = 256) */
+    msa_dev_config_t gpu_dev;   /* MSA_GPU_SIM=1 etc. in the environment (msa_dev_config_env) */
     unsigned shutdown_grace_s;  /* --shutdown-grace S: then in-flight calls are cancelled (30) */
     char *metrics;              /* --metrics ADDR */
     char *log_level;            /* --log-level debug|info|warn|error */

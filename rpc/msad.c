@@ -326,6 +326,7 @@ int main(int argc, char **argv) {
     cfg.gpu.evict_grace_ms = o.gpu_evict_grace_ms;
     cfg.gpu.lanes = o.gpu_lanes;
     cfg.gpu.lane_scratch = (uint64_t)o.gpu_scratch_mb << 20;
+    cfg.gpu.dev = o.gpu_dev;
     if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "cannot open the engine on %s: %s", o.data_dir, st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);

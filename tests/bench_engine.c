@@ -221,6 +221,7 @@ int main(int argc, char **argv)
     msa_srv_config_t cfg = {.data_dir = data_dir,
                             .backend = cuda ? MSA_BACKEND_CUDA : MSA_BACKEND_CPU,
                             .threads = (unsigned)threads, .gpu = {.shards_per_gpu = 1}};
+    msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
     msa_engine_t *e;
     msa_status_t st;
     if (msa_srv_open(&cfg, &e, &st)) {

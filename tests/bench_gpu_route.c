@@ -23,8 +23,8 @@
  *   - I8 keys quantised on the device from the same F32 keys as the BF16
  *     ones: time vs BF16 (LINEAR) and recall@16 of I8 and BF16 vs F32 scoring.
  *   - Fused vs GEMM crossover on one 10M layer (MAXVEC, ncol 1..64): two
- *     opens of the device with MSA_GPU_GEMM_MIN_COLS = 1e9 (fused; generic
- *     beyond 16 columns) and = 1 (GEMM).
+ *     opens of the device with gemm_min_cols = 1e9 (fused; generic beyond
+ *     16 columns) and = 1 (GEMM).
  */
 #include "dev.h"
 
@@ -397,19 +397,21 @@ int main(int argc, char **argv)
 {
     bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
     char why[256] = "";
-    if (msa_dev_count(false, why, sizeof why) <= 0) {
+    msa_dev_config_t cfg; /* the CUDA device; MSA_GPU_SYNC_CHECK=1 still applies */
+    msa_dev_config_env(&cfg);
+    cfg.sim = false;
+    if (msa_dev_count(&cfg, why, sizeof why) <= 0) {
         printf("skipped: no CUDA device (%s)\n", why);
         return 77;
     }
     const size_t scratch = 256u << 20;
     msa_dev_t *dev, *dev_fused, *dev_gemm;
-    unsetenv("MSA_GPU_GEMM_MIN_COLS");
-    TRY(msa_dev_open(false, 0, NTHREADS, scratch, 1u << 20, &dev));
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1000000000", 1);
-    TRY(msa_dev_open(false, 0, 1, scratch, 1u << 20, &dev_fused));
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1", 1);
-    TRY(msa_dev_open(false, 0, 1, scratch, 1u << 20, &dev_gemm));
-    unsetenv("MSA_GPU_GEMM_MIN_COLS");
+    cfg.gemm_min_cols = 0; /* the default */
+    TRY(msa_dev_open(&cfg, 0, NTHREADS, scratch, 1u << 20, &dev));
+    cfg.gemm_min_cols = 1000000000;
+    TRY(msa_dev_open(&cfg, 0, 1, scratch, 1u << 20, &dev_fused));
+    cfg.gemm_min_cols = 1;
+    TRY(msa_dev_open(&cfg, 0, 1, scratch, 1u << 20, &dev_gemm));
     msa_dev_info_t info;
     msa_dev_get_info(dev, &info);
     printf("device: %s, %.1f GiB (%.1f GiB free)\n", info.name, info.total_bytes / 1073741824.0,

@@ -716,6 +716,7 @@ int main(int argc, char **argv)
     p.cfg.map_size = jget_u64(script, "map_size", 64ull << 20);
     p.cfg.min_seq_wait_ms = (uint32_t)jget_u64(script, "min_seq_wait_ms", 0);
     /* CUDA backend knobs (MSA_GPU_SIM=1 in the environment: the simulated device). */
+    msa_dev_config_env(&p.cfg.gpu.dev);
     const cJSON *gpu = jget(script, "gpu");
     if (gpu) {
         p.cfg.gpu.shards_per_gpu = (unsigned)jget_u64(gpu, "shards", 1);

@@ -468,6 +468,7 @@ int main(int argc, char **argv)
                                      .lane_scratch = 16u << 20, .routing_bytes = 64u << 20,
                                      .cache_bytes = 16u << 20};
     }
+    msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
     msa_status_t st;
     if (msa_srv_open(&cfg, &eng, &st) != MSA_OK) {
         fprintf(stderr, "open: %s\n", st.msg);

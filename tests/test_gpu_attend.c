@@ -1,10 +1,10 @@
 /* test_gpu_attend.c — the device attention (dev.h msa_dev_attend; on CUDA the
- * kernels of gpu/attend_cuda.cu) against an independent float64 reference
+ * kernels of gpu/attend.cu) against an independent float64 reference
  * written here (not msa_idx_attend), through the public device API: open,
  * lane, h2d of q and K/V blocks, attend, d2h, sync.
  *
  *   test_gpu_attend [case...]       the CUDA device (exit 77 without one)
- *   test_gpu_attend sim [case...]   the simulated device (MSA_GPU_SIM)
+ *   test_gpu_attend sim [case...]   the simulated device (dev_sim.c)
  *
  * Shapes: T = 1..70, GQA group G = Hq/H of 1..4 (and 4 at Hq = 32), D in
  * {3, 32, 64, 100, 101, 128, 256}; K/V in several separately allocated blocks
@@ -442,12 +442,15 @@ int main(int argc, char **argv)
         argv++;
         argc--;
     }
+    msa_dev_config_t cfg; /* MSA_GPU_SYNC_CHECK=1 etc. still apply */
+    msa_dev_config_env(&cfg);
+    cfg.sim = g_sim;
     char why[256] = "";
-    if (msa_dev_count(g_sim, why, sizeof why) <= 0) {
+    if (msa_dev_count(&cfg, why, sizeof why) <= 0) {
         printf("skipped: no %s device (%s)\n", g_sim ? "simulated" : "CUDA", why);
         return 77;
     }
-    int rc = msa_dev_open(g_sim, 0, 1, LANE_SCRATCH, 1 << 20, &g_dev);
+    int rc = msa_dev_open(&cfg, 0, 1, LANE_SCRATCH, 1 << 20, &g_dev);
     if (rc != MSA_OK) {
         fprintf(stderr, "msa_dev_open(%s, 0): %s\n", g_sim ? "sim" : "cuda", msa_errname(rc));
         return 1;

@@ -12,7 +12,7 @@
  *   - concurrency: reader threads route random held snapshots (coalescing on)
  *     while a writer thread churns and compacts, with a budget small enough
  *     that mirrors page out under the readers;
- *   - a device fault (MSA_GPU_SIM_FAIL_AFTER): the backend switches off and
+ *   - a device fault (cfg.dev.sim_fault): the backend switches off and
  *     the CPU answers exactly;
  *   - Attend: concurrent calls over the same documents (concurrent misses of
  *     one key), blocks homed on two GPUs, a tiny K/V cache.
@@ -297,11 +297,10 @@ static int fixture_open(fixture_t *f, unsigned devices, const msa_gpu_config_t *
 {
     memset(f, 0, sizeof *f);
     pthread_mutex_init(&f->m.mu, NULL);
-    char nd[16];
-    snprintf(nd, sizeof nd, "%u", devices);
-    setenv("MSA_GPU_SIM_DEVICES", nd, 1);
+    msa_gpu_config_t c = *cfg;
+    c.dev.sim_devices = (int)devices;
     char why[256] = "";
-    int rc = msa_gpu_open(cfg, &f->g, why, sizeof why);
+    int rc = msa_gpu_open(&c, &f->g, why, sizeof why);
     if (rc) {
         FAILF("msa_gpu_open: %s (%s)", msa_strerror(rc), why);
         return rc;
@@ -335,7 +334,7 @@ static void fixture_close(fixture_t *f)
 
 static msa_gpu_config_t base_cfg(void)
 {
-    return (msa_gpu_config_t){.sim = true,
+    return (msa_gpu_config_t){.dev = {.sim = true},
                               .shards_per_gpu = 1,
                               .routing_bytes = 64u << 20,
                               .cache_bytes = 8u << 20,
@@ -639,12 +638,12 @@ TEST(coalesce_no_wait_across_layers)
 
 TEST(device_fault_falls_back)
 {
-    setenv("MSA_GPU_SIM_FAIL_AFTER", "25", 1);
     msa_gpu_config_t cfg = base_cfg();
+    cfg.dev.sim_fault = true;
+    cfg.dev.sim_fail_after = 25;
     cfg.shards_per_gpu = 2;
     fixture_t f;
     int rc = fixture_open(&f, 2, &cfg);
-    unsetenv("MSA_GPU_SIM_FAIL_AFTER");
     if (rc) return;
     uint64_t rs = 777;
     int bad = 0;
@@ -785,8 +784,8 @@ static void *attend_main(void *arg)
  * cache_bytes and makes AT_DOCS random documents; NULL when it cannot open. */
 static msa_gpu_t *attend_setup(unsigned devices, uint64_t cache_bytes, uint64_t *rs, at_data_t *d)
 {
-    setenv("MSA_GPU_SIM_DEVICES", devices == 2 ? "2" : "1", 1);
     msa_gpu_config_t cfg = base_cfg();
+    cfg.dev.sim_devices = devices == 2 ? 2 : 1;
     cfg.cache_bytes = cache_bytes;
     msa_gpu_t *g = NULL;
     char why[256];
@@ -894,7 +893,6 @@ TEST(attend_tiny_cache) { attend_case(2, 4096); }
 
 int main(int argc, char **argv)
 {
-    setenv("MSA_GPU_SIM", "1", 1);
     static const msa_test_t tests[] = {
         TEST_ENTRY(churn_one_gpu),
         TEST_ENTRY(churn_two_gpus_three_shards),

@@ -8,8 +8,8 @@
  * Which device: argument `sim` or `cuda` (or env MSA_TEST_DEV), default sim.
  * CTest runs both: test_gpu_dev (sim) and test_gpu_dev_cuda, which exits 77
  * (skip) without a CUDA device. The CUDA paths are forced by opening two
- * devices: one with MSA_GPU_GEMM_MIN_COLS=1 (cuBLAS whenever work holds a
- * tile) and one with a huge value (fused / generic kernels only).
+ * devices: one with gemm_min_cols = 1 (cuBLAS whenever work holds a tile)
+ * and one with a huge value (fused / generic kernels only).
  *
  * Score tolerance: |got - ref| <= 1e-4 * M + 1e-30, where M (per row and
  * query) is the largest sum over heads of sum_d |scale * key * q| over the
@@ -559,7 +559,66 @@ TEST(lanes_and_copies)
     msa_dev_lane_release(l1);
 }
 
+/* The environment maps onto msa_dev_config_t as the device layer read it
+ * before it took a config: defaults when unset, the same edge values. */
+TEST(config_env)
+{
+    static const char *vars[] = {"MSA_GPU_SIM", "MSA_GPU_SIM_DEVICES", "MSA_GPU_SIM_MEM_MB",
+                                 "MSA_GPU_SIM_FAIL_AFTER", "MSA_GPU_SYNC_CHECK",
+                                 "MSA_GPU_GEMM_MIN_COLS"};
+    char *saved[6];
+    for (int i = 0; i < 6; i++) {
+        const char *v = getenv(vars[i]);
+        saved[i] = v ? strdup(v) : NULL;
+        unsetenv(vars[i]);
+    }
+    msa_dev_config_t c;
+    msa_dev_config_env(&c);
+    CHECK(!c.sim);
+    CHECK_EQ_I(c.sim_devices, 1);
+    CHECK_EQ_U(c.sim_mem_bytes, 4096ull << 20);
+    CHECK(!c.sim_fault);
+    CHECK(!c.sync_check);
+    CHECK_EQ_U(c.gemm_min_cols, 17);
+
+    setenv("MSA_GPU_SIM", "1", 1);
+    setenv("MSA_GPU_SIM_DEVICES", "0", 1);
+    setenv("MSA_GPU_SIM_MEM_MB", "64", 1);
+    setenv("MSA_GPU_SIM_FAIL_AFTER", "0", 1);
+    setenv("MSA_GPU_SYNC_CHECK", "1", 1);
+    setenv("MSA_GPU_GEMM_MIN_COLS", "0", 1);
+    msa_dev_config_env(&c);
+    CHECK(c.sim);
+    CHECK(c.sim_devices < 0);
+    CHECK_EQ_U(c.sim_mem_bytes, 64ull << 20);
+    CHECK(c.sim_fault);
+    CHECK_EQ_U(c.sim_fail_after, 0);
+    CHECK(c.sync_check);
+    CHECK_EQ_U(c.gemm_min_cols, 1);
+    char why[128] = "";
+    CHECK_EQ_I(msa_dev_count(&c, why, sizeof why), 0);
+    CHECK_STR(why, "MSA_GPU_SIM_DEVICES=0");
+
+    setenv("MSA_GPU_SIM", "yes", 1);          /* only "1" switches it on */
+    setenv("MSA_GPU_SIM_DEVICES", "3x", 1);   /* not a number: the default */
+    setenv("MSA_GPU_SIM_FAIL_AFTER", "-1", 1); /* negative: no fault */
+    msa_dev_config_env(&c);
+    CHECK(!c.sim);
+    CHECK_EQ_I(c.sim_devices, 1);
+    CHECK(!c.sim_fault);
+    /* A zeroed config is the defaults too. */
+    msa_dev_config_t z = {.sim = true};
+    CHECK_EQ_I(msa_dev_count(&z, why, sizeof why), 1);
+
+    for (int i = 0; i < 6; i++) {
+        if (saved[i]) setenv(vars[i], saved[i], 1);
+        else unsetenv(vars[i]);
+        free(saved[i]);
+    }
+}
+
 static const msa_test_t tests[] = {
+    TEST_ENTRY(config_env),
     TEST_ENTRY(lanes_and_copies), TEST_ENTRY(score_edges),   TEST_ENTRY(score_fixed_shapes),
     TEST_ENTRY(score_all_dtypes_plans), TEST_ENTRY(select_edges), TEST_ENTRY(select_exact_topk),
 };
@@ -575,18 +634,20 @@ int main(int argc, char **argv)
         argc--;
     }
     g_cuda = which && strcmp(which, "cuda") == 0;
+    msa_dev_config_t cfg; /* MSA_GPU_SYNC_CHECK=1 etc. still apply */
+    msa_dev_config_env(&cfg);
+    cfg.sim = !g_cuda;
     char why[256] = "";
-    if (msa_dev_count(!g_cuda, why, sizeof why) <= 0) {
+    if (msa_dev_count(&cfg, why, sizeof why) <= 0) {
         printf("skipped: no %s device (%s)\n", g_cuda ? "CUDA" : "simulated", why);
         return 77;
     }
     /* Two opens of ordinal 0: GEMM whenever possible, and never. */
     const size_t scratch = 64u << 20, staging = 1u << 20;
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1", 1);
-    int rc = msa_dev_open(!g_cuda, 0, 2, scratch, staging, &g_dev[0]);
-    setenv("MSA_GPU_GEMM_MIN_COLS", "1000000000", 1);
-    if (rc == MSA_OK) rc = msa_dev_open(!g_cuda, 0, 2, scratch, staging, &g_dev[1]);
-    unsetenv("MSA_GPU_GEMM_MIN_COLS");
+    cfg.gemm_min_cols = 1;
+    int rc = msa_dev_open(&cfg, 0, 2, scratch, staging, &g_dev[0]);
+    cfg.gemm_min_cols = 1000000000;
+    if (rc == MSA_OK) rc = msa_dev_open(&cfg, 0, 2, scratch, staging, &g_dev[1]);
     if (rc != MSA_OK) {
         fprintf(stderr, "msa_dev_open(%s): %s\n", g_cuda ? "cuda" : "sim", msa_errname(rc));
         msa_dev_close(g_dev[0]);

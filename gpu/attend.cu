@@ -1,5 +1,6 @@
-// attend_cuda.cu — attention of query tokens over memory K/V gathered from
-// device blocks (SEMANTICS "Attention"), flash-decoding style; see attend_cuda.h.
+// attend.cu — the attend op of the CUDA device: attention of query tokens over
+// memory K/V gathered from device blocks (SEMANTICS "Attention"),
+// flash-decoding style; contract in dev.h and dev_cuda_impl.h (msa__cuda_attend).
 //
 // Shape of the work. For query token t and query head j (kv head h = j / G),
 // over the R rows of all blocks:
@@ -35,12 +36,11 @@
 // Not done (yet): tensor cores (wgmma/mma) for Q K^T and P V, vector loads
 // and asynchronous copies of the tiles. At T*Hq = 2048 query vectors over
 // 100K rows the CUDA-core dot products dominate the time.
-#include "attend_cuda.h"
+#include "dev_cuda_impl.h"
 
 #include "msa_log.h"
 
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -282,20 +282,6 @@ __global__ void attend_merge_kernel(AttendParams p)
     if (lane == 0) p.lse[o] = M + logf(L);
 }
 
-// Translates a CUDA error once, at this boundary, and logs where it happened.
-int cuda_fail(cudaError_t e, const char *stmt, int line)
-{
-    msa_log(MSA_LOG_ERROR, "cuda attend: %s failed (attend_cuda.cu:%d): %s: %s", stmt, line,
-            cudaGetErrorName(e), cudaGetErrorString(e));
-    return e == cudaErrorMemoryAllocation ? MSA_ENOMEM : MSA_EINTERNAL;
-}
-
-#define CUDA_TRY(stmt)                                                                   \
-    do {                                                                                 \
-        cudaError_t e_ = (stmt);                                                         \
-        if (e_ != cudaSuccess) return cuda_fail(e_, #stmt, __LINE__);                    \
-    } while (0)
-
 // Bytes of work for one split: acc [T*Hq][D], m and l [T*Hq].
 size_t work_per_split(uint32_t T, uint32_t Hq, uint32_t D)
 {
@@ -304,12 +290,7 @@ size_t work_per_split(uint32_t T, uint32_t Hq, uint32_t D)
 
 }  // namespace
 
-extern "C" size_t msa__cuda_attend_work(uint32_t T, uint32_t Hq, uint32_t D, uint32_t splits)
-{
-    return splits > 1 ? (size_t)splits * work_per_split(T, Hq, D) : 0;
-}
-
-extern "C" int msa__cuda_attend(void *stream, const msa_dev_attend_args_t *a)
+int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
 {
     // ---- validate (a bad request is an error, never a crash) ----
     if (a->H == 0 || a->Hq % a->H != 0 || a->D == 0 || a->D > MSA_CUDA_ATTEND_MAX_D ||
@@ -337,7 +318,6 @@ extern "C" int msa__cuda_attend(void *stream, const msa_dev_attend_args_t *a)
         msa_log(MSA_LOG_ERROR, "cuda attend: unsupported kv dtype %d", (int)a->kv_dtype);
         return MSA_EINVAL;
     }
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
 
     // ---- launch geometry ----
     const uint32_t G = a->Hq / a->H, nvec = a->T * G, TH = a->T * a->Hq;
@@ -349,9 +329,7 @@ extern "C" int msa__cuda_attend(void *stream, const msa_dev_attend_args_t *a)
         sizeof(float);
 
     // Splits: enough CTAs for about kCtasPerSm per multiprocessor.
-    int dev = 0, sms = 0;
-    CUDA_TRY(cudaGetDevice(&dev));
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int sms = l->dv->prop.multiProcessorCount;
     const uint64_t ctas_per_split = (uint64_t)tiles * a->H;
     const uint64_t want = ((uint64_t)sms * kCtasPerSm + ctas_per_split - 1) / ctas_per_split;
     uint32_t splits = (uint32_t)(want < 1 ? 1 : want > kMaxSplits ? kMaxSplits : want);
@@ -394,18 +372,18 @@ extern "C" int msa__cuda_attend(void *stream, const msa_dev_attend_args_t *a)
     // so it is always set to the largest size any shape needs (capped by the
     // device, which keeps it one value per device).
     if (smem > 48 * 1024) {
-        int optin = 0;
-        CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        const int optin = (int)l->dv->prop.sharedMemPerBlockOptin;
         const int lim = (int)kMaxSplitSmem < optin ? (int)kMaxSplitSmem : optin;
-        CUDA_TRY(cudaFuncSetAttribute((const void *)split_kernel,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
+        MSA_CK(cudaFuncSetAttribute((const void *)split_kernel,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, lim));
     }
-    split_kernel<<<dim3(tiles, a->H, splits), nwarps * 32, smem, st>>>(p);
-    CUDA_TRY(cudaGetLastError());
+    split_kernel<<<dim3(tiles, a->H, splits), nwarps * 32, smem, l->stream>>>(p);
+    MSA_CK_LAUNCH(l, "attend_split_kernel");
     if (splits > 1) {
         const uint32_t per_block = 8;  // warps (outputs) per merge block
-        attend_merge_kernel<<<(TH + per_block - 1) / per_block, per_block * 32, 0, st>>>(p);
-        CUDA_TRY(cudaGetLastError());
+        const uint32_t merge_blocks = (TH + per_block - 1) / per_block;
+        attend_merge_kernel<<<merge_blocks, per_block * 32, 0, l->stream>>>(p);
+        MSA_CK_LAUNCH(l, "attend_merge_kernel");
     }
     return MSA_OK;
 }
