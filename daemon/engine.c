@@ -12,7 +12,7 @@
  * visible at it, read the selected documents' K/V from the same txn, attend.
  */
 #define _GNU_SOURCE /* asprintf */
-#include "engine.h"
+#include "engine_impl.h"
 
 #include "dev.h"
 #include "gpu.h"
@@ -33,7 +33,7 @@
 
 #define MAX_QUERY_TOKENS 65536  /* T per layer; larger queries are INVALID_ARGUMENT */
 #define MAX_LIST_LIMIT 100000
-/* Defaults of the request limits in msa_srv_config_t (0 there = these). */
+/* Defaults of the request limits in msa_engine_config_t (0 there = these). */
 #define DEF_MAX_WRITE_OPS 4096
 #define DEF_MAX_TEXT_BYTES (16u << 20)
 #define DEF_MAX_METADATA_BYTES (1u << 20)
@@ -63,7 +63,7 @@ typedef struct wq_item {
     const char *name;             /* collection */
     uint32_t coll_id;             /* as validated; the writer re-checks it */
     const msa_schema_t *schema;   /* create */
-    const msa_write_req_t *req;   /* write */
+    const msa_engine_write_req_t *req;   /* write */
     prep_doc_t *prep;             /* per op (NULL entries for deletes) */
     /* results */
     int rc;
@@ -76,7 +76,7 @@ typedef struct wq_item {
 } wq_item_t;
 
 struct msa_engine {
-    msa_srv_config_t cfg;         /* copy; strings below are owned copies */
+    msa_engine_config_t cfg;         /* copy; strings below are owned copies */
     char *data_dir;
     char *backup_dir;
     msa_store_t *store;
@@ -99,7 +99,7 @@ struct msa_engine {
     atomic_uint seq_waiters;      /* read calls waiting for a min_seq */
     /* counters */
     _Atomic uint64_t n_writes, n_groups, n_routes, n_attends, n_gets, n_lists;
-    msa__lease_table_t *leases;   /* held snapshots (lease.h) */
+    msa__engine_lease_table_t *leases;   /* held snapshots (lease.h) */
 };
 
 /* Commit rate assumed when deciding whether a min_seq is reachable in time. */
@@ -147,6 +147,14 @@ static int fill_status(msa_status_t *st, int rc, const char *what)
     if (rc && st && st->code == MSA_OK) msa_status_set(st, rc, "%s: %s", what, msa_strerror(rc));
     return rc;
 }
+
+void *msa__engine_result_new(size_t size, msa_status_t *st)
+{
+    void *r = calloc(1, size);
+    if (!r) msa_status_set(st, MSA_ENOMEM, "out of memory");
+    return r;
+}
+
 
 /* ==== validation helpers ====================================================== */
 
@@ -206,7 +214,7 @@ static int find_coll(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out, 
 
 /* ==== write preparation (caller's thread) ======================================== */
 
-/* Leaves *p empty, so that msa_srv_write's cleanup may free it again after
+/* Leaves *p empty, so that msa_engine_write's cleanup may free it again after
  * prep_put failed and freed it already. */
 static void prep_free(prep_doc_t *p)
 {
@@ -238,7 +246,7 @@ static int pooled_f32(const msa_tensor_t *t, bool raw, uint32_t tokens, uint32_t
 
 /* Validates op i's document against the schema and builds its stored blocks
  * and index rows. Messages carry the path "ops[i].put...". */
-static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, prep_doc_t *p,
+static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_t i, prep_doc_t *p,
                     msa_status_t *st)
 {
     const msa_schema_t *s = &coll->schema;
@@ -260,9 +268,9 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
     uint32_t H = s->kv_heads, D = s->head_dim, W = H * D, P = s->chunk_tokens;
     uint32_t C = (uint32_t)(((uint64_t)d->tokens + P - 1) / P);
     uint32_t want[3] = {d->raw ? d->tokens : C, H, D};
-    const msa_layer_kv_t *by_pos[MSA_MAX_LAYERS] = {0};
+    const msa_engine_layer_kv_t *by_pos[MSA_MAX_LAYERS] = {0};
     for (uint32_t l = 0; l < d->n_layers; l++) {
-        const msa_layer_kv_t *lk = &d->layers[l];
+        const msa_engine_layer_kv_t *lk = &d->layers[l];
         int pos = msa_schema_layer_pos(s, lk->layer);
         if (pos < 0)
             return msa_status_set(st, MSA_EINVAL,
@@ -316,7 +324,7 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
     uint8_t *w = p->buf;
     size_t b = 0;
     for (size_t l = 0; l < L; l++) {
-        const msa_layer_kv_t *lk = by_pos[l];
+        const msa_engine_layer_kv_t *lk = by_pos[l];
         float *router = p->router + l * rows;
         p->router_rows[l] = router;
         const msa_tensor_t *src[3] = {&lk->k, &lk->v, &lk->router_k};
@@ -377,7 +385,7 @@ static int apply_write(msa_store_txn_t *w, wq_item_t *it, uint64_t seq)
     if (rc) return fill_status(it->st, rc, "collection lookup");
     int64_t now = wall_ms();
     for (size_t i = 0; i < it->req->n_ops; i++) {
-        const msa_write_op_t *op = &it->req->ops[i];
+        const msa_engine_write_op_t *op = &it->req->ops[i];
         uint64_t id = op->kind == MSA_OP_PUT ? op->put.id : op->delete_id;
         msa_doc_rec_t old;
         rc = msa_store_doc_get(w, coll.id, id, &old);
@@ -461,7 +469,7 @@ static int index_item(msa_engine_t *e, wq_item_t *it)
     if (!c) return MSA_EINTERNAL;
     int rc = MSA_OK;
     for (size_t i = 0; i < it->req->n_ops && rc == MSA_OK; i++) {
-        const msa_write_op_t *op = &it->req->ops[i];
+        const msa_engine_write_op_t *op = &it->req->ops[i];
         if (op->kind == MSA_OP_DELETE)
             rc = msa_idx_doc_delete(c, op->delete_id, it->seq);
         else
@@ -518,17 +526,17 @@ static bool group_frees_only(const wq_item_t *group)
  * behind the pending remap, until it expires. */
 static int grow_revoking(msa_engine_t *e, int (*grow)(msa_store_t *))
 {
-    msa__lease_revoke_all(e->leases, "map growth");
+    msa__engine_lease_revoke_all(e->leases, "map growth");
     int rc = grow(e->store);
-    msa__lease_resume(e->leases);
+    msa__engine_lease_resume(e->leases);
     return rc;
 }
 
 static int reserve_revoking(msa_engine_t *e, bool on)
 {
-    msa__lease_revoke_all(e->leases, "map growth");
+    msa__engine_lease_revoke_all(e->leases, "map growth");
     int rc = msa_store_reserve(e->store, on);
-    msa__lease_resume(e->leases);
+    msa__engine_lease_resume(e->leases);
     return rc;
 }
 
@@ -669,7 +677,7 @@ typedef struct snap {
     msa_coll_rec_t coll;
     msa_idx_coll_t *ic;
     bool registered;
-    msa__lease_t *lease;          /* a held snapshot this call uses: txn is the lease's */
+    msa__engine_lease_t *lease;          /* a held snapshot this call uses: txn is the lease's */
     bool lease_locked;            /* the lease's txn is still in use by this call */
 } snap_t;
 
@@ -691,8 +699,8 @@ static void snap_close(msa_engine_t *e, snap_t *s)
 {
     if (s->ic) msa_idx_coll_release(s->ic);
     if (s->lease) {
-        if (s->lease_locked) msa__lease_unlock(s->lease);
-        msa__lease_put(e->leases, s->lease);
+        if (s->lease_locked) msa__engine_lease_unlock(s->lease);
+        msa__engine_lease_put(e->leases, s->lease);
         s->txn = NULL; /* the lease's */
     }
     if (s->txn) msa_store_abort(s->txn);
@@ -775,7 +783,7 @@ static void lease_close(void *ctx, msa_store_txn_t *txn, uint64_t seq)
 
 /* snap_open for the reads that take snapshot_seq and hold_snapshot_ms (Route,
  * Attend, Get, List): snapshot_seq != 0 borrows that held snapshot (see
- * msa__lease_borrow) and resolves the collection in it. */
+ * msa__engine_lease_borrow) and resolves the collection in it. */
 static int snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
                         uint64_t snapshot_seq, uint32_t hold_ms, snap_t *s, msa_status_t *st)
 {
@@ -794,7 +802,7 @@ static int snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq, int
                               (unsigned long long)min_seq, (unsigned long long)snapshot_seq);
     if (deadline_ms > 0 && mono_ms() > deadline_ms)
         return msa_status_set(st, MSA_ETIMEOUT, "deadline passed before the call started");
-    int rc = msa__lease_borrow(e->leases, snapshot_seq, &s->lease, &s->txn, st);
+    int rc = msa__engine_lease_borrow(e->leases, snapshot_seq, &s->lease, &s->txn, st);
     if (rc) return rc;
     s->lease_locked = true;
     s->seq = snapshot_seq;
@@ -819,11 +827,11 @@ static int snap_hold(msa_engine_t *e, snap_t *s, uint32_t hold_ms, msa_status_t 
 {
     if (!hold_ms) return MSA_OK;
     if (s->lease) {
-        msa__lease_renew(e->leases, s->lease, hold_ms);
+        msa__engine_lease_renew(e->leases, s->lease, hold_ms);
         return MSA_OK;
     }
-    msa__lease_t *h = NULL;
-    int rc = msa__lease_adopt(e->leases, &s->txn, s->seq, hold_ms, &h, st);
+    msa__engine_lease_t *h = NULL;
+    int rc = msa__engine_lease_adopt(e->leases, &s->txn, s->seq, hold_ms, &h, st);
     if (rc == MSA_OK && h) {
         s->lease = h; /* took s->txn and the index registration */
         s->registered = false;
@@ -835,7 +843,7 @@ static int snap_hold(msa_engine_t *e, snap_t *s, uint32_t hold_ms, msa_status_t 
 /* The call is done with the txn but still reads views into the snapshot (Get). */
 static void snap_unlock(snap_t *s)
 {
-    if (s->lease && s->lease_locked) msa__lease_unlock(s->lease);
+    if (s->lease && s->lease_locked) msa__engine_lease_unlock(s->lease);
     s->lease_locked = false;
 }
 
@@ -949,7 +957,7 @@ static int rebuild_index(msa_engine_t *e, msa_status_t *st)
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
-int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st)
+int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_status_t *st)
 {
     msa_status_t local;
     if (!st) st = &local; /* the rebuild reads st back */
@@ -1040,7 +1048,7 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     }
     rc = rebuild_index(e, st);
     if (rc) goto fail;
-    rc = msa__lease_table_create(e->cfg.max_held_snapshots, lease_close, e, &e->leases);
+    rc = msa__engine_lease_table_create(e->cfg.max_held_snapshots, lease_close, e, &e->leases);
     if (rc) {
         msa_status_set(st, rc, "held snapshots: %s", msa_strerror(rc));
         goto fail;
@@ -1057,7 +1065,7 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     *out = e;
     return MSA_OK;
 fail:
-    msa__lease_table_destroy(e->leases);
+    msa__engine_lease_table_destroy(e->leases);
     /* The index first: its row arrays may be the backend's pinned memory. */
     if (e->idx) msa_idx_set_accel(e->idx, NULL);
     msa_idx_destroy(e->idx);
@@ -1069,15 +1077,15 @@ fail:
     return rc;
 }
 
-void msa_srv_shutdown_begin(msa_engine_t *e)
+void msa_engine_shutdown_begin(msa_engine_t *e)
 {
     if (e) atomic_store(&e->shutting_down, true);
 }
 
-void msa_srv_close(msa_engine_t *e)
+void msa_engine_close(msa_engine_t *e)
 {
     if (!e) return;
-    msa_srv_shutdown_begin(e);
+    msa_engine_shutdown_begin(e);
     /* Calls in flight (including writes queued to the writer) finish first. */
     while (atomic_load(&e->inflight) > 0) {
         struct timespec ts = {0, 1000000};
@@ -1088,7 +1096,7 @@ void msa_srv_close(msa_engine_t *e)
     pthread_cond_signal(&e->q_cond);
     pthread_mutex_unlock(&e->q_lock);
     pthread_join(e->writer, NULL);
-    msa__lease_table_destroy(e->leases); /* closes every held snapshot */
+    msa__engine_lease_table_destroy(e->leases); /* closes every held snapshot */
     msa_idx_set_accel(e->idx, NULL);
     msa_idx_destroy(e->idx); /* before the backend: pinned row arrays */
     msa_gpu_close(e->gpu);
@@ -1102,13 +1110,13 @@ void msa_srv_close(msa_engine_t *e)
     free(e);
 }
 
-const char *msa_srv_backend_name(const msa_engine_t *e) { return e->backend; }
+const char *msa_engine_backend_name(const msa_engine_t *e) { return e->backend; }
 
-uint64_t msa_srv_commit_seq(const msa_engine_t *e) { return msa_idx_applied(e->idx); }
+uint64_t msa_engine_commit_seq(const msa_engine_t *e) { return msa_idx_applied(e->idx); }
 
 /* ==== collections ===================================================================== */
 
-static void info_from_rec(const msa_coll_rec_t *c, msa_coll_info_t *out)
+static void info_from_rec(const msa_coll_rec_t *c, msa_engine_coll_info_t *out)
 {
     memset(out, 0, sizeof *out);
     snprintf(out->name, sizeof out->name, "%s", c->name);
@@ -1120,8 +1128,8 @@ static void info_from_rec(const msa_coll_rec_t *c, msa_coll_info_t *out)
     out->created_seq = c->created_seq;
 }
 
-int msa_srv_create_collection(msa_engine_t *e, const char *name, const msa_schema_t *schema,
-                              msa_coll_info_t *out, msa_status_t *st)
+static int create_collection_into(msa_engine_t *e, const char *name, const msa_schema_t *schema,
+                              msa_engine_coll_info_t *out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -1140,7 +1148,7 @@ int msa_srv_create_collection(msa_engine_t *e, const char *name, const msa_schem
     return leave(e, rc);
 }
 
-int msa_srv_drop_collection(msa_engine_t *e, const char *name, uint64_t *commit_seq,
+static int drop_collection_into(msa_engine_t *e, const char *name, uint64_t *commit_seq,
                             msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1156,7 +1164,7 @@ int msa_srv_drop_collection(msa_engine_t *e, const char *name, uint64_t *commit_
     return leave(e, rc);
 }
 
-int msa_srv_describe_collection(msa_engine_t *e, const char *name, msa_coll_info_t *out,
+static int describe_collection_into(msa_engine_t *e, const char *name, msa_engine_coll_info_t *out,
                                 msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1171,7 +1179,7 @@ int msa_srv_describe_collection(msa_engine_t *e, const char *name, msa_coll_info
 }
 
 typedef struct coll_list {
-    msa_coll_info_t *v;
+    msa_engine_coll_info_t *v;
     size_t n, cap;
 } coll_list_t;
 
@@ -1180,7 +1188,7 @@ static int collect_coll(void *arg, const msa_coll_rec_t *c)
     coll_list_t *l = arg;
     if (l->n == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 8;
-        msa_coll_info_t *n = realloc(l->v, cap * sizeof *n);
+        msa_engine_coll_info_t *n = realloc(l->v, cap * sizeof *n);
         if (!n) return MSA_ENOMEM;
         l->v = n;
         l->cap = cap;
@@ -1189,7 +1197,7 @@ static int collect_coll(void *arg, const msa_coll_rec_t *c)
     return 0;
 }
 
-int msa_srv_list_collections(msa_engine_t *e, msa_coll_info_t **out, size_t *n, msa_status_t *st)
+static int list_collections_into(msa_engine_t *e, msa_engine_coll_info_t **out, size_t *n, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -1208,9 +1216,82 @@ int msa_srv_list_collections(msa_engine_t *e, msa_coll_info_t **out, size_t *n, 
     return leave(e, rc);
 }
 
+int msa_engine_create_collection(msa_engine_t *e, const char *name, const msa_schema_t *schema, msa_engine_create_collection_result_t **out,
+                                 msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_create_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = create_collection_into(e, name, schema, &r->info, st);
+    if (rc) msa_engine_create_collection_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_create_collection_result_free(msa_engine_create_collection_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_drop_collection(msa_engine_t *e, const char *name, msa_engine_drop_collection_result_t **out,
+                               msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_drop_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = drop_collection_into(e, name, &r->commit_seq, st);
+    if (rc) msa_engine_drop_collection_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_drop_collection_result_free(msa_engine_drop_collection_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_describe_collection(msa_engine_t *e, const char *name, msa_engine_describe_collection_result_t **out,
+                                   msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_describe_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = describe_collection_into(e, name, &r->info, st);
+    if (rc) msa_engine_describe_collection_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_describe_collection_result_free(msa_engine_describe_collection_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_list_collections(msa_engine_t *e, msa_engine_list_collections_result_t **out,
+                                msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_list_collections_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = list_collections_into(e, &r->colls, &r->n, st);
+    if (rc) msa_engine_list_collections_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_list_collections_result_free(msa_engine_list_collections_result_t *r)
+{
+    if (!r) return;
+    free(r->colls);
+    free(r);
+}
+
 /* ==== writes ============================================================================ */
 
-int msa_srv_write(msa_engine_t *e, const msa_write_req_t *req, msa_write_result_t *out,
+static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req, msa_engine_write_result_t *out,
                   msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1229,7 +1310,7 @@ int msa_srv_write(msa_engine_t *e, const msa_write_req_t *req, msa_write_result_
         goto done;
     }
     for (size_t i = 0; i < req->n_ops; i++) {
-        const msa_doc_t *d = &req->ops[i].put;
+        const msa_engine_doc_t *d = &req->ops[i].put;
         if (req->ops[i].kind != MSA_OP_PUT) continue;
         if (d->text_len > e->cfg.max_text_bytes)
             rc = msa_status_set(st, MSA_EINVAL,
@@ -1256,7 +1337,7 @@ int msa_srv_write(msa_engine_t *e, const msa_write_req_t *req, msa_write_result_
         goto done;
     }
     for (size_t i = 0; i < req->n_ops && rc == MSA_OK; i++) {
-        const msa_write_op_t *op = &req->ops[i];
+        const msa_engine_write_op_t *op = &req->ops[i];
         char path[64];
         if (op->kind == MSA_OP_PUT) {
             rc = prep_put(&coll, &op->put, i, &prep[i], st);
@@ -1290,6 +1371,25 @@ done:
     return leave(e, rc);
 }
 
+int msa_engine_write(msa_engine_t *e, const msa_engine_write_req_t *req, msa_engine_write_result_t **out,
+                     msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_write_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = write_into(e, req, r, st);
+    if (rc) msa_engine_write_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_write_result_free(msa_engine_write_result_t *r)
+{
+    if (!r) return;
+    free(r->versions);
+    free(r);
+}
+
 /* ==== reads: query validation ==================================================================== */
 
 /* Validates the layers of a Route/Attend request; fills positions and float32
@@ -1320,7 +1420,7 @@ static int tensor_f32(const msa_tensor_t *t, float **out, msa_status_t *st, cons
 }
 
 static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_layers,
-                        const msa_layer_query_t *layers, bool need_route, bool need_q,
+                        const msa_engine_layer_query_t *layers, bool need_route, bool need_q,
                         uint32_t max_t, query_set_t *qs, msa_status_t *st)
 {
     memset(qs, 0, sizeof *qs);
@@ -1330,7 +1430,7 @@ static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_lay
                               s->n_layers);
     char path[96];
     for (uint32_t i = 0; i < n_layers; i++) {
-        const msa_layer_query_t *lq = &layers[i];
+        const msa_engine_layer_query_t *lq = &layers[i];
         int pos = msa_schema_layer_pos(s, lq->layer);
         if (pos < 0)
             return msa_status_set(st, MSA_EINVAL,
@@ -1493,7 +1593,7 @@ typedef struct route_layers_ctx {
     uint32_t k;
     const uint64_t *excl;
     size_t n_excl;
-    msa_route_result_t *r;
+    msa_engine_route_result_t *r;
     msa_status_t *st;             /* per layer */
     int *rc;                      /* per layer */
 } route_layers_ctx_t;
@@ -1502,13 +1602,13 @@ static void route_layer_task(void *arg, size_t i, unsigned worker)
 {
     (void)worker;
     route_layers_ctx_t *c = arg;
-    msa_layer_route_t *lr = &c->r->layers[i];
+    msa_engine_layer_route_t *lr = &c->r->layers[i];
     msa_status_clear(&c->st[i]);
     c->rc[i] = route_layer(c->e, c->s, c->qs, (uint32_t)i, c->k, c->excl, c->n_excl,
                            &lr->doc_ids, &lr->scores, &lr->n, &c->st[i]);
 }
 
-void msa_srv_route_result_free(msa_route_result_t *r)
+void msa_engine_route_result_free(msa_engine_route_result_t *r)
 {
     if (!r) return;
     for (uint32_t i = 0; i < r->n_layers; i++) {
@@ -1519,7 +1619,7 @@ void msa_srv_route_result_free(msa_route_result_t *r)
     free(r);
 }
 
-int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_t **out,
+int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_engine_route_result_t **out,
                   msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1527,7 +1627,7 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     *out = NULL;
     snap_t s;
     query_set_t qs = {0};
-    msa_route_result_t *r = NULL;
+    msa_engine_route_result_t *r = NULL;
     rc = snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
                       req->c.snapshot_seq, req->c.hold_ms, &s, st);
     if (rc) return leave(e, rc);
@@ -1578,7 +1678,7 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
 done:
     query_set_free(&qs);
     snap_close(e, &s);
-    if (rc) msa_srv_route_result_free(r);
+    if (rc) msa_engine_route_result_free(r);
     else {
         *out = r;
         atomic_fetch_add(&e->n_routes, 1);
@@ -1588,7 +1688,7 @@ done:
 
 /* ==== Attend ============================================================================================= */
 
-void msa_srv_attend_result_free(msa_attend_result_t *r)
+void msa_engine_attend_result_free(msa_engine_attend_result_t *r)
 {
     if (!r) return;
     for (uint32_t i = 0; i < r->n_layers; i++) {
@@ -1747,7 +1847,7 @@ static int check_doc_ids(snap_t *s, const uint64_t *ids, size_t n, msa_status_t 
     return rc;
 }
 
-int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_result_t **out,
+int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_engine_attend_result_t **out,
                    msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1755,7 +1855,7 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
     *out = NULL;
     snap_t s;
     query_set_t qs = {0};
-    msa_attend_result_t *r = NULL;
+    msa_engine_attend_result_t *r = NULL;
     float *k = NULL, *v = NULL, *o = NULL;
     rc = snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
                       req->c.snapshot_seq, req->c.hold_ms, &s, st);
@@ -1794,7 +1894,7 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
     r->snapshot_seq = s.seq;
     r->out_dtype = odt;
     for (uint32_t i = 0; i < qs.n && rc == MSA_OK; i++) {
-        msa_layer_attention_t *la = &r->layers[r->n_layers++];
+        msa_engine_layer_attention_t *la = &r->layers[r->n_layers++];
         la->layer = req->layers[i].layer;
         la->T = qs.T[i];
         la->Hq = sc->query_heads;
@@ -1854,7 +1954,7 @@ done:
     free(o);
     query_set_free(&qs);
     snap_close(e, &s);
-    if (rc) msa_srv_attend_result_free(r);
+    if (rc) msa_engine_attend_result_free(r);
     else {
         *out = r;
         atomic_fetch_add(&e->n_attends, 1);
@@ -1864,7 +1964,7 @@ done:
 
 /* ==== Get / List ============================================================================================= */
 
-void msa_srv_get_result_free(msa_get_result_t *r)
+void msa_engine_get_result_free(msa_engine_get_result_t *r)
 {
     if (!r) return;
     for (size_t i = 0; i < r->n_records; i++) free(r->records[i].layers);
@@ -1883,7 +1983,7 @@ static void view_tensor(msa_tensor_t *t, msa_dtype_t dt, uint32_t C, uint32_t H,
     *t = (msa_tensor_t){.dtype = dt, .ndim = 3, .shape = {C, H, D}, .data = v.data, .nbytes = v.len};
 }
 
-int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **out,
+int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_get_result_t **out,
                 msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -1894,7 +1994,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
                                        req->n_ids, e->cfg.max_ids));
     /* The snapshot lives in the result: its views point into it. */
     snap_t *s = calloc(1, sizeof *s);
-    msa_get_result_t *r = calloc(1, sizeof *r);
+    msa_engine_get_result_t *r = calloc(1, sizeof *r);
     if (!s || !r) {
         free(s);
         free(r);
@@ -1934,7 +2034,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
         rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
     uint64_t bytes = 0; /* response bytes so far (req->max_bytes) */
     for (size_t i = 0; i < req->n_ids && rc == MSA_OK; i++) {
-        msa_get_record_t *g = &r->records[r->n_records++];
+        msa_engine_get_record_t *g = &r->records[r->n_records++];
         char path[48];
         snprintf(path, sizeof path, "ids[%zu]", i);
         if ((rc = check_id(req->ids[i], path, st))) break;
@@ -1993,7 +2093,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
             if (!g->layers) rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
         }
         for (uint32_t l = 0; l < nl && rc == MSA_OK; l++) {
-            msa_get_layer_t *gl = &g->layers[g->n_layers++];
+            msa_engine_get_layer_t *gl = &g->layers[g->n_layers++];
             gl->layer = sc->layers[pos[l]];
             msa_store_view_t kv[3] = {{0}};
             int kinds = sc->separate_router_keys ? 3 : 2;
@@ -2020,7 +2120,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
      * other calls may borrow a held one's txn meanwhile. */
     snap_unlock(s);
     if (rc) {
-        msa_srv_get_result_free(r);
+        msa_engine_get_result_free(r);
         return leave(e, rc);
     }
     *out = r;
@@ -2028,14 +2128,14 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
     return leave(e, MSA_OK);
 }
 
-void msa_srv_list_result_free(msa_list_result_t *r)
+static void list_result_clear(msa_engine_list_result_t *r)
 {
     if (!r) return;
     free(r->docs);
     r->docs = NULL;
 }
 
-int msa_srv_list(msa_engine_t *e, const msa_list_req_t *req, msa_list_result_t *out,
+static int list_into(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engine_list_result_t *out,
                  msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -2058,27 +2158,46 @@ int msa_srv_list(msa_engine_t *e, const msa_list_req_t *req, msa_list_result_t *
     out->snapshot_seq = s.seq;
     if (rc == MSA_OK) rc = snap_hold(e, &s, req->hold_ms, st);
     snap_close(e, &s);
-    if (rc) msa_srv_list_result_free(out);
+    if (rc) list_result_clear(out);
     else atomic_fetch_add(&e->n_lists, 1);
     return leave(e, rc);
+}
+
+int msa_engine_list(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engine_list_result_t **out,
+                    msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_list_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = list_into(e, req, r, st);
+    if (rc) msa_engine_list_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_list_result_free(msa_engine_list_result_t *r)
+{
+    if (!r) return;
+    list_result_clear(r);
+    free(r);
 }
 
 /* ==== Stats / Backup / Verify =================================================================== */
 
 typedef struct sum_ctx {
-    msa_srv_stats_t *s;
+    msa_engine_stats_result_t *s;
 } sum_ctx_t;
 
 static int sum_coll(void *arg, const msa_coll_rec_t *c)
 {
-    msa_srv_stats_t *s = ((sum_ctx_t *)arg)->s;
+    msa_engine_stats_result_t *s = ((sum_ctx_t *)arg)->s;
     s->collections++;
     s->documents += c->documents;
     s->chunks += c->chunks;
     return 0;
 }
 
-int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
+static int stats_into(msa_engine_t *e, msa_engine_stats_result_t *out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -2099,8 +2218,8 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
     out->attends = atomic_load(&e->n_attends);
     out->gets = atomic_load(&e->n_gets);
     out->lists = atomic_load(&e->n_lists);
-    msa__lease_stats_t ls;
-    msa__lease_get_stats(e->leases, &ls);
+    msa__engine_lease_stats_t ls;
+    msa__engine_lease_get_stats(e->leases, &ls);
     out->snapshots_held = ls.held;
     out->leases_granted = ls.granted;
     out->leases_renewed = ls.renewed;
@@ -2116,7 +2235,7 @@ int msa_srv_stats(msa_engine_t *e, msa_srv_stats_t *out, msa_status_t *st)
     return leave(e, rc);
 }
 
-int msa_srv_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, bool *released,
+static int release_snapshot_into(msa_engine_t *e, uint64_t snapshot_seq, bool *released,
                              msa_status_t *st)
 {
     *released = false;
@@ -2125,11 +2244,11 @@ int msa_srv_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, bool *relea
     if (!snapshot_seq)
         return leave(e, msa_status_set(st, MSA_EINVAL, "snapshot_seq: 0, want the seq of a held "
                                                        "snapshot"));
-    *released = msa__lease_release(e->leases, snapshot_seq);
+    *released = msa__engine_lease_release(e->leases, snapshot_seq);
     return leave(e, MSA_OK);
 }
 
-int msa_srv_backup(msa_engine_t *e, const char *name, bool compact, uint64_t *seq,
+static int backup_into(msa_engine_t *e, const char *name, bool compact, uint64_t *seq,
                    uint64_t *bytes, msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -2218,7 +2337,7 @@ static int verify_coll(void *arg, const msa_coll_rec_t *c)
     return rc;
 }
 
-int msa_srv_verify(msa_engine_t *e, const char *collection, uint64_t *docs_checked,
+static int verify_into(msa_engine_t *e, const char *collection, uint64_t *docs_checked,
                    char ***problems, size_t *n_problems, msa_status_t *st)
 {
     int rc = enter(e, st);
@@ -2254,4 +2373,77 @@ int msa_srv_verify(msa_engine_t *e, const char *collection, uint64_t *docs_check
         *n_problems = 0;
     }
     return leave(e, fill_status(st, rc, "verify"));
+}
+
+int msa_engine_stats(msa_engine_t *e, msa_engine_stats_result_t **out,
+                     msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_stats_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = stats_into(e, r, st);
+    if (rc) msa_engine_stats_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_stats_result_free(msa_engine_stats_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, msa_engine_release_snapshot_result_t **out,
+                                msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_release_snapshot_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = release_snapshot_into(e, snapshot_seq, &r->released, st);
+    if (rc) msa_engine_release_snapshot_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_release_snapshot_result_free(msa_engine_release_snapshot_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_backup(msa_engine_t *e, const char *name, bool compact, msa_engine_backup_result_t **out,
+                      msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_backup_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = backup_into(e, name, compact, &r->seq, &r->bytes, st);
+    if (rc) msa_engine_backup_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_backup_result_free(msa_engine_backup_result_t *r)
+{
+    if (!r) return;
+    free(r);
+}
+
+int msa_engine_verify(msa_engine_t *e, const char *collection, msa_engine_verify_result_t **out,
+                      msa_status_t *st)
+{
+    *out = NULL;
+    msa_engine_verify_result_t *r = msa__engine_result_new(sizeof *r, st);
+    if (!r) return MSA_ENOMEM;
+    int rc = verify_into(e, collection, &r->docs_checked, &r->problems, &r->n_problems, st);
+    if (rc) msa_engine_verify_result_free(r);
+    else *out = r;
+    return rc;
+}
+
+void msa_engine_verify_result_free(msa_engine_verify_result_t *r)
+{
+    if (!r) return;
+    msa_store_problems_free(r->problems, r->n_problems);
+    free(r);
 }

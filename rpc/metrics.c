@@ -72,7 +72,7 @@ static uint64_t ld(const _Atomic uint64_t *p) {
     return atomic_load_explicit((_Atomic uint64_t *)p, memory_order_relaxed);
 }
 
-void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t *es,
+void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stats_result_t *es,
                               void (*fn)(void *arg, const char *key, uint64_t value), void *arg) {
     char key[96];
     uint64_t by_code[MSA_RPC_N_CODES] = {0};
@@ -201,10 +201,12 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
     fprintf(f, "# TYPE msad_sent_bytes_total counter\nmsad_sent_bytes_total %llu\n",
             (unsigned long long)ld(&mx->bytes_out));
 
-    msa_srv_stats_t es;
+    msa_engine_stats_result_t *res = NULL, es;
     msa_status_t st;
     msa_status_clear(&st);
-    if (e && msa_srv_stats(e, &es, &st) == MSA_OK) {
+    if (e && msa_engine_stats(e, &res, &st) == MSA_OK) {
+        es = *res;
+        msa_engine_stats_result_free(res);
         es.backend[sizeof(es.backend) - 1] = '\0';
         fprintf(f,
                 "# TYPE msad_build_info gauge\nmsad_build_info{version=\"%s\",backend=\"%s\"} 1\n",

@@ -52,7 +52,7 @@ void msa_rpc_metrics_record(msa_rpc_metrics_t *mx, size_t method, int code, uint
 /* Calls fn for every counter of the Stats map ("requests.Write",
  * "errors.Write", "status.NOT_FOUND", ...), then for the engine's counters
  * when e != NULL. */
-void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t *es,
+void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stats_result_t *es,
                               void (*fn)(void *arg, const char *key, uint64_t value), void *arg);
 
 /* Prometheus text exposition (format 0.0.4); malloc'd, *len bytes; NULL when
