@@ -11,6 +11,7 @@
  * and its messages are passed through unchanged.
  */
 #include "methods.h"
+#include "rpc_lists.h"
 
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
@@ -773,11 +774,9 @@ static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     Msa__V1__StatsResponse out = MSA__V1__STATS_RESPONSE__INIT;
     out.version = (char *)MSA_VERSION;
     out.backend = es->backend;
-    out.commit_seq = es->commit_seq;
-    out.store_bytes = es->store_bytes;
-    out.collections = es->collections;
-    out.documents = es->documents;
-    out.chunks = es->chunks;
+#define X(field, family, help) out.field = es->field;
+    MSA_RPC_STATS_FIELDS(X)
+#undef X
 
     /* The host first (it holds the routing index on the CPU backend, and the
      * index's host copy on the CUDA backend), then every GPU. */
@@ -884,49 +883,16 @@ static int h_health_check(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, ms
 
 /* ==== the method table ========================================================== */
 
-/* Scopes per SEMANTICS "Security defaults". on_poller marks calls that never
- * block (no fsync, no min_seq wait, no compute): they are answered on the
- * completion-queue thread without a hand-off. */
+/* The table and the metric names come from MSA_RPC_METHODS (rpc_lists.h). */
 const msa_rpc_method_t msa__rpc_methods[] = {
-    {"/msa.v1.Memory/CreateCollection", "CreateCollection", MSA_RPC_SCOPE_ADMIN, false,
-     h_create_collection},
-    {"/msa.v1.Memory/DropCollection", "DropCollection", MSA_RPC_SCOPE_ADMIN, false,
-     h_drop_collection},
-    {"/msa.v1.Memory/ListCollections", "ListCollections", MSA_RPC_SCOPE_READ, false,
-     h_list_collections},
-    {"/msa.v1.Memory/DescribeCollection", "DescribeCollection", MSA_RPC_SCOPE_READ, false,
-     h_describe_collection},
-    {"/msa.v1.Memory/Write", "Write", MSA_RPC_SCOPE_WRITE, false, h_write},
-    {"/msa.v1.Memory/Get", "Get", MSA_RPC_SCOPE_READ, false, h_get},
-    {"/msa.v1.Memory/List", "List", MSA_RPC_SCOPE_READ, false, h_list},
-    {"/msa.v1.Memory/Route", "Route", MSA_RPC_SCOPE_READ, false, h_route},
-    {"/msa.v1.Memory/Attend", "Attend", MSA_RPC_SCOPE_READ, false, h_attend},
-    {"/msa.v1.Memory/Stats", "Stats", MSA_RPC_SCOPE_READ, false, h_stats},
-    /* Ends a lease a read call took: the caller's own scope sufficed to take it. */
-    {"/msa.v1.Memory/ReleaseSnapshot", "ReleaseSnapshot", MSA_RPC_SCOPE_READ, false,
-     h_release_snapshot},
-    {"/msa.v1.Admin/Backup", "Backup", MSA_RPC_SCOPE_ADMIN, false, h_backup},
-    {"/msa.v1.Admin/Verify", "Verify", MSA_RPC_SCOPE_ADMIN, false, h_verify},
-    {"/grpc.health.v1.Health/Check", "HealthCheck", MSA_RPC_SCOPE_NONE, true, h_health_check},
+#define X(id, path, name, scope, poller, fn) {path, name, MSA_RPC_SCOPE_##scope, poller, fn},
+    MSA_RPC_METHODS(X)
+#undef X
 };
 const size_t msa__rpc_n_methods = sizeof(msa__rpc_methods) / sizeof(msa__rpc_methods[0]);
 
 const char *const msa__rpc_method_names[] = {
-    "CreateCollection",
-    "DropCollection",
-    "ListCollections",
-    "DescribeCollection",
-    "Write",
-    "Get",
-    "List",
-    "Route",
-    "Attend",
-    "Stats",
-    "ReleaseSnapshot",
-    "Backup",
-    "Verify",
-    "HealthCheck",
+#define X(id, path, name, scope, poller, fn) name,
+    MSA_RPC_METHODS(X)
+#undef X
 };
-_Static_assert(sizeof(msa__rpc_method_names) / sizeof(msa__rpc_method_names[0]) ==
-                   sizeof(msa__rpc_methods) / sizeof(msa__rpc_methods[0]),
-               "one name per method");
