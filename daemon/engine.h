@@ -27,7 +27,9 @@
  * once. Writes are queued to one internal writer thread (group commit); a
  * write returns when its request is durable (or has failed, having written
  * nothing). Reads run on the caller's thread (Route's layers on the compute
- * pool). A result may be read from any thread and freed from any thread.
+ * pool). A result is plain memory the caller owns: read it from any thread.
+ * Free a Get result on the thread that called Get (it ends that call's read
+ * snapshot, see msa_engine_get_result_t); any other result on any thread.
  *
  * Sections: configuration and lifecycle; collections; the write path; the
  * read path (snapshots, Route, Attend, Get, List); held snapshots; admin
@@ -212,9 +214,11 @@ typedef struct msa_engine_write_result {
 
 /* Validates, queues for group commit, waits until durable. Nothing is written
  * unless every op applies. Tensors are read in place (zero-copy) during the
- * call. Errors per docs/SEMANTICS.md (Write): MSA_EINVAL (naming the field),
- * MSA_ENOTFOUND (collection), MSA_EPRECOND (model or expect_* mismatch),
- * MSA_EFULL (store full, --max-write-ops ...), MSA_ECORRUPT. */
+ * call. Errors per docs/SEMANTICS.md (Write): MSA_EINVAL (naming the field;
+ * also --max-write-ops, --max-text-bytes, --max-metadata-bytes),
+ * MSA_ENOTFOUND (collection; delete of an absent document), MSA_EPRECOND
+ * (model, expect_version), MSA_EEXIST (expect_absent), MSA_EFULL (store
+ * full: the map is at its limit), MSA_ECORRUPT. */
 int msa_engine_write(msa_engine_t *e, const msa_engine_write_req_t *req,
                      msa_engine_write_result_t **out, msa_status_t *st);
 void msa_engine_write_result_free(msa_engine_write_result_t *r);
@@ -361,9 +365,11 @@ typedef struct msa_engine_get_result {
     void *priv;                       /* the snapshot */
 } msa_engine_get_result_t;
 
-/* Documents by id (absent ones are left out). Errors: MSA_EINVAL (ids, layers,
- * --max-ids), MSA_ENOTFOUND (collection), MSA_EFULL (max_bytes), as Route for
- * min_seq and held snapshots, MSA_ECORRUPT. */
+/* Documents by id, one record per requested id in request order (a repeated
+ * id at each of its positions). Errors: MSA_EINVAL (ids, layers, --max-ids),
+ * MSA_ENOTFOUND (collection, or an id not visible at the snapshot: the
+ * message names ids[i]), MSA_EFULL (max_bytes), as Route for min_seq and held
+ * snapshots, MSA_ECORRUPT. */
 int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req,
                    msa_engine_get_result_t **out, msa_status_t *st);
 void msa_engine_get_result_free(msa_engine_get_result_t *r);
