@@ -8,6 +8,7 @@
 #include "msaclient.h"
 
 #include "health.pb-c.h"
+#include "rpc_lists.h" /* the methods and status codes, kept once */
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
@@ -28,37 +29,27 @@
  * Status helpers
  * ==================================================================================== */
 
+/* Names and client codes of the gRPC status codes: MSA_RPC_GRPC_CODES. */
 static const char *const grpc_names[] = {
-    "OK",          "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS", "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",        "UNAVAILABLE",    "DATA_LOSS",
-    "UNAUTHENTICATED",
+#define X(n, name, msa) [n] = #name,
+    MSA_RPC_GRPC_CODES(X)
+#undef X
 };
+static const int grpc_errs[] = {
+#define X(n, name, msa) [n] = msa,
+    MSA_RPC_GRPC_CODES(X)
+#undef X
+};
+#define N_GRPC_CODES (sizeof grpc_names / sizeof grpc_names[0])
 
 const char *msa_cli_grpc_name(int grpc_code) {
-    if (grpc_code < 0 || grpc_code > 16) return "UNKNOWN";
+    if (grpc_code < 0 || (size_t)grpc_code >= N_GRPC_CODES) return "UNKNOWN";
     return grpc_names[grpc_code];
 }
 
 int msa_cli_err_from_grpc(int g) {
-    switch (g) {
-    case GRPC_STATUS_OK: return MSA_OK;
-    case GRPC_STATUS_INVALID_ARGUMENT:
-    case GRPC_STATUS_OUT_OF_RANGE: return MSA_EINVAL;
-    case GRPC_STATUS_NOT_FOUND: return MSA_ENOTFOUND;
-    case GRPC_STATUS_ALREADY_EXISTS: return MSA_EEXIST;
-    case GRPC_STATUS_FAILED_PRECONDITION:
-    case GRPC_STATUS_ABORTED: return MSA_EPRECOND;
-    case GRPC_STATUS_RESOURCE_EXHAUSTED: return MSA_EFULL;
-    case GRPC_STATUS_UNAUTHENTICATED: return MSA_EUNAUTH;
-    case GRPC_STATUS_PERMISSION_DENIED: return MSA_EPERM;
-    case GRPC_STATUS_UNAVAILABLE:
-    case GRPC_STATUS_CANCELLED: return MSA_EUNAVAIL;
-    case GRPC_STATUS_DEADLINE_EXCEEDED: return MSA_ETIMEOUT;
-    case GRPC_STATUS_DATA_LOSS: return MSA_ECORRUPT;
-    default: return MSA_EINTERNAL;
-    }
+    if (g < 0 || (size_t)g >= N_GRPC_CODES) return MSA_EINTERNAL;
+    return grpc_errs[g];
 }
 
 /* Sets *st from a gRPC code and a printf message; returns the MSA code. */
@@ -95,18 +86,17 @@ static int nomem(msa_cli_status_t *st) {
  * Connection
  * ==================================================================================== */
 
+/* The methods and their paths: MSA_RPC_METHODS, the server's list. */
 enum {
-    M_CREATE, M_DROP, M_LISTCOLL, M_DESCRIBE, M_WRITE, M_GET, M_LIST, M_ROUTE, M_ATTEND,
-    M_STATS, M_BACKUP, M_VERIFY, M_HEALTH, M_RELEASE, M_COUNT
+#define X(id, path, name, scope, poller, fn) M_##id,
+    MSA_RPC_METHODS(X)
+#undef X
+    M_COUNT
 };
 static const char *const method_names[M_COUNT] = {
-    "/msa.v1.Memory/CreateCollection", "/msa.v1.Memory/DropCollection",
-    "/msa.v1.Memory/ListCollections",  "/msa.v1.Memory/DescribeCollection",
-    "/msa.v1.Memory/Write",            "/msa.v1.Memory/Get",
-    "/msa.v1.Memory/List",             "/msa.v1.Memory/Route",
-    "/msa.v1.Memory/Attend",           "/msa.v1.Memory/Stats",
-    "/msa.v1.Admin/Backup",            "/msa.v1.Admin/Verify",
-    "/grpc.health.v1.Health/Check",    "/msa.v1.Memory/ReleaseSnapshot",
+#define X(id, path, name, scope, poller, fn) path,
+    MSA_RPC_METHODS(X)
+#undef X
 };
 
 struct msa_cli {

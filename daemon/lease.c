@@ -26,7 +26,7 @@
 #define LEASE_REAP_MS 200 /* longest reaper sleep: an expired lease closes within this */
 #define GONE_RING 64      /* revoked seqs remembered for the error message */
 
-struct msa__lease {
+struct msa__engine_lease {
     uint64_t seq;
     msa_store_txn_t *txn;     /* detached read txn */
     pthread_mutex_t use;      /* held by the borrower using txn */
@@ -34,26 +34,26 @@ struct msa__lease {
     uint32_t users;           /* borrowers and adopting callers not yet put */
     int64_t expires_ms;       /* CLOCK_MONOTONIC ms */
     bool gone;                /* out of the table; the last user closes it */
-    struct msa__lease *next;
+    struct msa__engine_lease *next;
 };
 
-struct msa__lease_table {
+struct msa__engine_lease_table {
     pthread_mutex_t lock;
     pthread_cond_t cond;      /* wakes the reaper: stop, or a new expiry */
-    msa__lease_t *head;
+    msa__engine_lease_t *head;
     uint32_t n, max;
     bool paused;              /* adoption refused (revoked at once) while set */
     const char *pause_why;
     bool stop;
     pthread_t reaper;
-    msa__lease_close_fn close_fn;
+    msa__engine_lease_close_fn close_fn;
     void *ctx;
     struct {
         uint64_t seq;
         const char *why;
     } ring[GONE_RING];        /* recently revoked seqs */
     unsigned ring_next;
-    msa__lease_stats_t stats; /* .held unused: n is the truth */
+    msa__engine_lease_stats_t stats; /* .held unused: n is the truth */
 };
 
 static int64_t now_ms(void)
@@ -65,9 +65,9 @@ static int64_t now_ms(void)
 
 /* Takes h out of the table (lock held). Returns h when nobody uses it, so
  * the caller closes it after unlocking; NULL when the last user will. */
-static msa__lease_t *unlink_lease(msa__lease_table_t *L, msa__lease_t *h)
+static msa__engine_lease_t *unlink_lease(msa__engine_lease_table_t *L, msa__engine_lease_t *h)
 {
-    for (msa__lease_t **p = &L->head; *p; p = &(*p)->next) {
+    for (msa__engine_lease_t **p = &L->head; *p; p = &(*p)->next) {
         if (*p == h) {
             *p = h->next;
             break;
@@ -79,17 +79,17 @@ static msa__lease_t *unlink_lease(msa__lease_table_t *L, msa__lease_t *h)
     return h->users == 0 ? h : NULL;
 }
 
-static void close_lease(msa__lease_table_t *L, msa__lease_t *h)
+static void close_lease(msa__engine_lease_table_t *L, msa__engine_lease_t *h)
 {
     L->close_fn(L->ctx, h->txn, h->seq);
     pthread_mutex_destroy(&h->use);
     free(h);
 }
 
-static void close_list(msa__lease_table_t *L, msa__lease_t *list)
+static void close_list(msa__engine_lease_table_t *L, msa__engine_lease_t *list)
 {
     while (list) {
-        msa__lease_t *next = list->next;
+        msa__engine_lease_t *next = list->next;
         close_lease(L, list);
         list = next;
     }
@@ -97,8 +97,8 @@ static void close_list(msa__lease_table_t *L, msa__lease_t *list)
 
 /* Expires h when its lease ran out and no call uses it (lock held); pushes it
  * on *closing. A lease never expires under a call that reads it. */
-static bool expire_if_due(msa__lease_table_t *L, msa__lease_t *h, int64_t now,
-                          msa__lease_t **closing)
+static bool expire_if_due(msa__engine_lease_table_t *L, msa__engine_lease_t *h, int64_t now,
+                          msa__engine_lease_t **closing)
 {
     if (h->users > 0 || h->expires_ms > now) return false;
     L->stats.expired++;
@@ -111,9 +111,9 @@ static bool expire_if_due(msa__lease_table_t *L, msa__lease_t *h, int64_t now,
 }
 
 /* The live entry for seq (lock held), expiring it first when due. */
-static msa__lease_t *find(msa__lease_table_t *L, uint64_t seq, msa__lease_t **closing)
+static msa__engine_lease_t *find(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **closing)
 {
-    for (msa__lease_t *h = L->head; h; h = h->next) {
+    for (msa__engine_lease_t *h = L->head; h; h = h->next) {
         if (h->seq != seq) continue;
         return expire_if_due(L, h, now_ms(), closing) ? NULL : h;
     }
@@ -122,12 +122,12 @@ static msa__lease_t *find(msa__lease_table_t *L, uint64_t seq, msa__lease_t **cl
 
 static void *reaper_main(void *arg)
 {
-    msa__lease_table_t *L = arg;
+    msa__engine_lease_table_t *L = arg;
     pthread_mutex_lock(&L->lock);
     while (!L->stop) {
         int64_t now = now_ms(), wake = now + LEASE_REAP_MS;
-        msa__lease_t *closing = NULL;
-        for (msa__lease_t *h = L->head, *next; h; h = next) {
+        msa__engine_lease_t *closing = NULL;
+        for (msa__engine_lease_t *h = L->head, *next; h; h = next) {
             next = h->next;
             if (!expire_if_due(L, h, now, &closing) && h->users == 0 && h->expires_ms < wake)
                 wake = h->expires_ms;
@@ -145,11 +145,11 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
-int msa__lease_table_create(uint32_t max_held, msa__lease_close_fn close_fn, void *ctx,
-                            msa__lease_table_t **out)
+int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn, void *ctx,
+                            msa__engine_lease_table_t **out)
 {
     *out = NULL;
-    msa__lease_table_t *L = calloc(1, sizeof *L);
+    msa__engine_lease_table_t *L = calloc(1, sizeof *L);
     if (!L) return MSA_ENOMEM;
     L->max = max_held;
     L->close_fn = close_fn;
@@ -170,7 +170,7 @@ int msa__lease_table_create(uint32_t max_held, msa__lease_close_fn close_fn, voi
     return MSA_OK;
 }
 
-void msa__lease_table_destroy(msa__lease_table_t *L)
+void msa__engine_lease_table_destroy(msa__engine_lease_table_t *L)
 {
     if (!L) return;
     pthread_mutex_lock(&L->lock);
@@ -179,7 +179,7 @@ void msa__lease_table_destroy(msa__lease_table_t *L)
     pthread_mutex_unlock(&L->lock);
     pthread_join(L->reaper, NULL);
     while (L->head) {
-        msa__lease_t *h = L->head;
+        msa__engine_lease_t *h = L->head;
         msa_assert(h->users == 0); /* every call and Get result ended first */
         unlink_lease(L, h);
         close_lease(L, h);
@@ -189,14 +189,14 @@ void msa__lease_table_destroy(msa__lease_table_t *L)
     free(L);
 }
 
-int msa__lease_borrow(msa__lease_table_t *L, uint64_t seq, msa__lease_t **out,
+int msa__engine_lease_borrow(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **out,
                       msa_store_txn_t **txn, msa_status_t *st)
 {
     *out = NULL;
     *txn = NULL;
-    msa__lease_t *closing = NULL;
+    msa__engine_lease_t *closing = NULL;
     pthread_mutex_lock(&L->lock);
-    msa__lease_t *h = find(L, seq, &closing);
+    msa__engine_lease_t *h = find(L, seq, &closing);
     const char *why = NULL;
     if (h) {
         h->users++;
@@ -223,9 +223,9 @@ int msa__lease_borrow(msa__lease_table_t *L, uint64_t seq, msa__lease_t **out,
     return MSA_OK;
 }
 
-void msa__lease_unlock(msa__lease_t *h) { pthread_mutex_unlock(&h->use); }
+void msa__engine_lease_unlock(msa__engine_lease_t *h) { pthread_mutex_unlock(&h->use); }
 
-void msa__lease_put(msa__lease_table_t *L, msa__lease_t *h)
+void msa__engine_lease_put(msa__engine_lease_table_t *L, msa__engine_lease_t *h)
 {
     pthread_mutex_lock(&L->lock);
     msa_assert(h->users > 0);
@@ -236,7 +236,7 @@ void msa__lease_put(msa__lease_table_t *L, msa__lease_t *h)
     if (close_now) close_lease(L, h);
 }
 
-void msa__lease_renew(msa__lease_table_t *L, msa__lease_t *h, uint32_t hold_ms)
+void msa__engine_lease_renew(msa__engine_lease_table_t *L, msa__engine_lease_t *h, uint32_t hold_ms)
 {
     pthread_mutex_lock(&L->lock);
     if (!h->gone) {
@@ -247,22 +247,22 @@ void msa__lease_renew(msa__lease_table_t *L, msa__lease_t *h, uint32_t hold_ms)
     pthread_mutex_unlock(&L->lock);
 }
 
-static void remember_gone(msa__lease_table_t *L, uint64_t seq, const char *why)
+static void remember_gone(msa__engine_lease_table_t *L, uint64_t seq, const char *why)
 {
     L->ring[L->ring_next].seq = seq;
     L->ring[L->ring_next].why = why;
     L->ring_next = (L->ring_next + 1) % GONE_RING;
 }
 
-int msa__lease_adopt(msa__lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
-                     msa__lease_t **out, msa_status_t *st)
+int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
+                     msa__engine_lease_t **out, msa_status_t *st)
 {
     *out = NULL;
-    msa__lease_t *closing = NULL;
+    msa__engine_lease_t *closing = NULL;
     int rc = MSA_OK;
     pthread_mutex_lock(&L->lock);
     int64_t until = now_ms() + hold_ms;
-    msa__lease_t *h = L->paused ? NULL : find(L, seq, &closing);
+    msa__engine_lease_t *h = L->paused ? NULL : find(L, seq, &closing);
     if (L->paused) {
         /* A map grow is waiting for open snapshots: holding this one would
          * stall it (and every reader behind it) for the whole lease. */
@@ -309,11 +309,11 @@ int msa__lease_adopt(msa__lease_table_t *L, msa_store_txn_t **txn, uint64_t seq,
     return rc;
 }
 
-bool msa__lease_release(msa__lease_table_t *L, uint64_t seq)
+bool msa__engine_lease_release(msa__engine_lease_table_t *L, uint64_t seq)
 {
-    msa__lease_t *closing = NULL, *done = NULL;
+    msa__engine_lease_t *closing = NULL, *done = NULL;
     pthread_mutex_lock(&L->lock);
-    msa__lease_t *h = find(L, seq, &closing);
+    msa__engine_lease_t *h = find(L, seq, &closing);
     if (h) {
         L->stats.released++;
         if (--h->holders == 0) done = unlink_lease(L, h);
@@ -324,15 +324,15 @@ bool msa__lease_release(msa__lease_table_t *L, uint64_t seq)
     return h != NULL;
 }
 
-void msa__lease_revoke_all(msa__lease_table_t *L, const char *why)
+void msa__engine_lease_revoke_all(msa__engine_lease_table_t *L, const char *why)
 {
-    msa__lease_t *closing = NULL;
+    msa__engine_lease_t *closing = NULL;
     pthread_mutex_lock(&L->lock);
     L->paused = true;
     L->pause_why = why;
     uint32_t n = L->n;
     while (L->head) {
-        msa__lease_t *h = L->head;
+        msa__engine_lease_t *h = L->head;
         L->stats.revoked++;
         remember_gone(L, h->seq, why);
         if (unlink_lease(L, h)) {
@@ -345,14 +345,14 @@ void msa__lease_revoke_all(msa__lease_table_t *L, const char *why)
     close_list(L, closing);
 }
 
-void msa__lease_resume(msa__lease_table_t *L)
+void msa__engine_lease_resume(msa__engine_lease_table_t *L)
 {
     pthread_mutex_lock(&L->lock);
     L->paused = false;
     pthread_mutex_unlock(&L->lock);
 }
 
-void msa__lease_get_stats(msa__lease_table_t *L, msa__lease_stats_t *out)
+void msa__engine_lease_get_stats(msa__engine_lease_table_t *L, msa__engine_lease_stats_t *out)
 {
     pthread_mutex_lock(&L->lock);
     *out = L->stats;

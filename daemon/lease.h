@@ -21,43 +21,43 @@
 extern "C" {
 #endif
 
-typedef struct msa__lease_table msa__lease_table_t;
-typedef struct msa__lease msa__lease_t; /* one held snapshot */
+typedef struct msa__engine_lease_table msa__engine_lease_table_t;
+typedef struct msa__engine_lease msa__engine_lease_t; /* one held snapshot */
 
-typedef struct msa__lease_stats {
+typedef struct msa__engine_lease_stats {
     uint64_t held;     /* snapshots held now */
     uint64_t granted;  /* leases granted (a call with hold_snapshot_ms and no snapshot_seq) */
     uint64_t renewed;  /* leases renewed (hold_snapshot_ms with snapshot_seq) */
     uint64_t released; /* leases ended by ReleaseSnapshot */
     uint64_t expired;  /* held snapshots closed because their lease ran out */
     uint64_t revoked;  /* held snapshots closed by the server (map growth) */
-} msa__lease_stats_t;
+} msa__engine_lease_stats_t;
 
 /* Ends a held snapshot for good: aborts txn and unregisters seq from the
  * index. Called without the table's lock, on any thread. */
-typedef void (*msa__lease_close_fn)(void *ctx, msa_store_txn_t *txn, uint64_t seq);
+typedef void (*msa__engine_lease_close_fn)(void *ctx, msa_store_txn_t *txn, uint64_t seq);
 
 /* max_held: snapshots held at once. Starts the reaper. MSA_ENOMEM, MSA_EINTERNAL. */
-int msa__lease_table_create(uint32_t max_held, msa__lease_close_fn close_fn, void *ctx,
-                            msa__lease_table_t **out);
+int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn, void *ctx,
+                            msa__engine_lease_table_t **out);
 /* Stops the reaper and closes every held snapshot. Callers must have put back
  * every borrowed one. NULL is a no-op. */
-void msa__lease_table_destroy(msa__lease_table_t *L);
+void msa__engine_lease_table_destroy(msa__engine_lease_table_t *L);
 
 /* Borrows the held snapshot seq for one call: counts the caller as a user
- * (the snapshot stays open until msa__lease_put) and locks it for the
+ * (the snapshot stays open until msa__engine_lease_put) and locks it for the
  * caller's thread; *txn is its read txn. MSA_EPRECOND (st names snapshot_seq)
  * when no lease on seq is held: never held, expired, released or revoked. */
-int msa__lease_borrow(msa__lease_table_t *L, uint64_t seq, msa__lease_t **out,
+int msa__engine_lease_borrow(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **out,
                       msa_store_txn_t **txn, msa_status_t *st);
 /* The caller is done with the txn (other threads may borrow it now) but
  * still reads views into the snapshot's pages: it stays a user. */
-void msa__lease_unlock(msa__lease_t *h);
-/* Drops the caller's use (after msa__lease_unlock when it borrowed); a
+void msa__engine_lease_unlock(msa__engine_lease_t *h);
+/* Drops the caller's use (after msa__engine_lease_unlock when it borrowed); a
  * snapshot that left the table meanwhile is closed by the last user. */
-void msa__lease_put(msa__lease_table_t *L, msa__lease_t *h);
+void msa__engine_lease_put(msa__engine_lease_table_t *L, msa__engine_lease_t *h);
 /* Extends the lease to at least now + hold_ms. No-op when it ended meanwhile. */
-void msa__lease_renew(msa__lease_table_t *L, msa__lease_t *h, uint32_t hold_ms);
+void msa__engine_lease_renew(msa__engine_lease_table_t *L, msa__engine_lease_t *h, uint32_t hold_ms);
 
 /* Grants a lease on the snapshot (txn, seq) a call just read:
  * - a lease on seq is held already: it gains a holder and the later expiry;
@@ -66,21 +66,21 @@ void msa__lease_renew(msa__lease_table_t *L, msa__lease_t *h, uint32_t hold_ms);
  *   once revoked; *txn stays the caller's and *out = NULL;
  * - otherwise the table takes *txn (*txn = NULL) and the caller's index
  *   registration, and *out is the new held snapshot with the caller counted
- *   as its user (unlocked): msa__lease_put it when done.
+ *   as its user (unlocked): msa__engine_lease_put it when done.
  * MSA_EFULL (st names --max-held-snapshots) when the table is full. */
-int msa__lease_adopt(msa__lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
-                     msa__lease_t **out, msa_status_t *st);
+int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
+                     msa__engine_lease_t **out, msa_status_t *st);
 /* Ends one holder's lease on seq; the snapshot closes when none is left
  * (once its users are done). false when no lease on seq is held. */
-bool msa__lease_release(msa__lease_table_t *L, uint64_t seq);
+bool msa__engine_lease_release(msa__engine_lease_table_t *L, uint64_t seq);
 
 /* Revokes every held snapshot (later borrows get MSA_EPRECOND "released by
- * the server: why") and pauses adoption until msa__lease_resume, so that a
+ * the server: why") and pauses adoption until msa__engine_lease_resume, so that a
  * map grow waiting for open snapshots is not stalled by leases. why: static. */
-void msa__lease_revoke_all(msa__lease_table_t *L, const char *why);
-void msa__lease_resume(msa__lease_table_t *L);
+void msa__engine_lease_revoke_all(msa__engine_lease_table_t *L, const char *why);
+void msa__engine_lease_resume(msa__engine_lease_table_t *L);
 
-void msa__lease_get_stats(msa__lease_table_t *L, msa__lease_stats_t *out);
+void msa__engine_lease_get_stats(msa__engine_lease_table_t *L, msa__engine_lease_stats_t *out);
 
 #ifdef __cplusplus
 }

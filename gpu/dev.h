@@ -60,7 +60,7 @@ typedef struct msa_dev_lane msa_dev_lane_t;
 
 /* How devices are opened. Zero is the default of every field, so a zeroed
  * config opens the CUDA devices with the usual settings. It travels down from
- * the engine's config (msa_srv_config_t.gpu.dev) through the backend's
+ * the engine's config (msa_engine_config_t.gpu.dev) through the backend's
  * (msa_gpu_config_t.dev); only the outermost layer (msad's options, the test
  * tools) may fill it from the environment, with msa_dev_config_env. */
 typedef struct msa_dev_config {

@@ -24,26 +24,25 @@ struct msa_rpc_auth {
     size_t n;
 };
 
+static const char *const scope_names[] = {
+#define X(id, name) [MSA_RPC_SCOPE_##id] = name,
+    MSA_RPC_SCOPES(X)
+#undef X
+};
+#define N_SCOPES (sizeof scope_names / sizeof scope_names[0])
+
 const char *msa_rpc_scope_name(msa_rpc_scope_t s) {
-    switch (s) {
-    case MSA_RPC_SCOPE_NONE: return "none";
-    case MSA_RPC_SCOPE_READ: return "read";
-    case MSA_RPC_SCOPE_WRITE: return "write";
-    case MSA_RPC_SCOPE_ADMIN: return "admin";
-    }
-    return "?";
+    return (unsigned)s < N_SCOPES ? scope_names[s] : "?";
 }
 
+/* A token's scope: any named scope but NONE. */
 static int parse_scope(const char *s, msa_rpc_scope_t *out) {
-    if (!strcmp(s, "read"))
-        *out = MSA_RPC_SCOPE_READ;
-    else if (!strcmp(s, "write"))
-        *out = MSA_RPC_SCOPE_WRITE;
-    else if (!strcmp(s, "admin"))
-        *out = MSA_RPC_SCOPE_ADMIN;
-    else
-        return -1;
-    return 0;
+    for (unsigned i = MSA_RPC_SCOPE_NONE + 1; i < N_SCOPES; i++)
+        if (!strcmp(s, scope_names[i])) {
+            *out = (msa_rpc_scope_t)i;
+            return 0;
+        }
+    return -1;
 }
 
 void msa_rpc_auth_free(msa_rpc_auth_t *a) {

@@ -17,12 +17,14 @@
 extern "C" {
 #endif
 
-/* Ordered: a scope includes every scope below it. NONE = always allowed. */
+/* X(ID, name), ordered: a scope includes every scope below it (the enum's
+ * values are 0, 1, ...). NONE = always allowed, never a token's scope. */
+#define MSA_RPC_SCOPES(X) X(NONE, "none") X(READ, "read") X(WRITE, "write") X(ADMIN, "admin")
+
 typedef enum {
-    MSA_RPC_SCOPE_NONE = 0,
-    MSA_RPC_SCOPE_READ = 1,
-    MSA_RPC_SCOPE_WRITE = 2,
-    MSA_RPC_SCOPE_ADMIN = 3,
+#define X(id, name) MSA_RPC_SCOPE_##id,
+    MSA_RPC_SCOPES(X)
+#undef X
 } msa_rpc_scope_t;
 
 typedef struct msa_rpc_auth msa_rpc_auth_t;

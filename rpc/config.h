@@ -32,7 +32,7 @@ typedef struct msa_rpc_opts {
     char *data_dir; /* --data DIR */
     char **listen;  /* --listen ADDR (repeatable) */
     size_t n_listen;
-    msa_backend_kind_t backend; /* --backend auto|cpu|cuda */
+    msa_engine_backend_t backend; /* --backend auto|cpu|cuda */
     unsigned threads;           /* --threads N: pollers and engine compute threads (0 = cores) */
     unsigned handlers;          /* --handlers N: handler threads (0 = max(16, 4 * threads)) */
     unsigned max_queue;         /* --max-queue N: calls waiting for a handler (0 = 4096) */
@@ -46,7 +46,7 @@ typedef struct msa_rpc_opts {
     char *tls_client_ca;        /* --tls-client-ca F */
     char *backup_dir;           /* --backup-dir DIR */
     unsigned max_message_mb;    /* --max-message-mb N (1..2047, default 256) */
-    /* Request limits; 0 = the engine's default (see msa_srv_config_t). */
+    /* Request limits; 0 = the engine's default (see msa_engine_config_t). */
     unsigned max_query_tokens;   /* --max-query-tokens N (65536) */
     unsigned max_write_ops;      /* --max-write-ops N (4096) */
     unsigned max_text_bytes;     /* --max-text-bytes N (16 MiB) */

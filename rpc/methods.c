@@ -11,6 +11,7 @@
  * and its messages are passed through unchanged.
  */
 #include "methods.h"
+#include "rpc_lists.h"
 
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
@@ -254,7 +255,7 @@ static Msa__V1__CollectionSchema *schema_out(msa_rpc_arena_t *a, const msa_schem
     return p;
 }
 
-static int coll_info_out(msa_rpc_arena_t *a, const msa_coll_info_t *ci,
+static int coll_info_out(msa_rpc_arena_t *a, const msa_engine_coll_info_t *ci,
                          Msa__V1__CollectionInfo *p) {
     msa__v1__collection_info__init(p);
     p->name = (char *)ci->name;
@@ -283,8 +284,8 @@ static void doc_info_out(const msa_doc_rec_t *r, Msa__V1__DocumentInfo *p) {
 
 /* Route/Attend layers -> engine queries (views into the request). */
 static int queries_in(msa_rpc_arena_t *a, Msa__V1__LayerQuery **layers, size_t n, bool with_q,
-                      msa_layer_query_t **out, msa_status_t *st) {
-    msa_layer_query_t *q = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*q));
+                      msa_engine_layer_query_t **out, msa_status_t *st) {
+    msa_engine_layer_query_t *q = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*q));
     if (!q) return OOM(st);
     char path[64];
     for (size_t i = 0; i < n; i++) {
@@ -312,14 +313,16 @@ static int h_create_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *re
     if (rc) return rc;
     const Msa__V1__CreateCollectionRequest *r = (const void *)m;
     msa_schema_t *schema = msa_rpc_arena_alloc(req->arena, sizeof(*schema));
-    msa_coll_info_t *ci = msa_rpc_arena_alloc(req->arena, sizeof(*ci));
-    if (!schema || !ci) return OOM(st);
+    if (!schema) return OOM(st);
     if ((rc = schema_in(r->schema, schema, st))) return rc;
-    rc = msa_srv_create_collection(ctx->engine, str(r->name), schema, ci, st);
+    msa_engine_create_collection_result_t *res = NULL;
+    rc = msa_engine_create_collection(ctx->engine, str(r->name), schema, &res, st);
     if (rc) return rc;
     Msa__V1__CollectionInfo out;
-    if (coll_info_out(req->arena, ci, &out)) return OOM(st);
-    return pack(ctx, &out.base, rep, st);
+    if (coll_info_out(req->arena, &res->info, &out)) rc = OOM(st);
+    else rc = pack(ctx, &out.base, rep, st);
+    msa_engine_create_collection_result_free(res);
+    return rc;
 }
 
 static int h_drop_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
@@ -329,8 +332,11 @@ static int h_drop_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
     if (rc) return rc;
     const Msa__V1__DropCollectionRequest *r = (const void *)m;
     Msa__V1__DropCollectionResponse out = MSA__V1__DROP_COLLECTION_RESPONSE__INIT;
-    rc = msa_srv_drop_collection(ctx->engine, str(r->name), &out.commit_seq, st);
+    msa_engine_drop_collection_result_t *res = NULL;
+    rc = msa_engine_drop_collection(ctx->engine, str(r->name), &res, st);
     if (rc) return rc;
+    out.commit_seq = res->commit_seq;
+    msa_engine_drop_collection_result_free(res);
     return pack(ctx, &out.base, rep, st);
 }
 
@@ -339,10 +345,11 @@ static int h_list_collections(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__list_collections_request__descriptor, &m, st);
     if (rc) return rc;
-    msa_coll_info_t *cs = NULL;
-    size_t n = 0;
-    rc = msa_srv_list_collections(ctx->engine, &cs, &n, st);
+    msa_engine_list_collections_result_t *res = NULL;
+    rc = msa_engine_list_collections(ctx->engine, &res, st);
     if (rc) return rc;
+    const msa_engine_coll_info_t *cs = res->colls;
+    size_t n = res->n;
     Msa__V1__ListCollectionsResponse out = MSA__V1__LIST_COLLECTIONS_RESPONSE__INIT;
     Msa__V1__CollectionInfo *items = msa_rpc_arena_alloc(req->arena, sizeof(*items) * (n ? n : 1));
     Msa__V1__CollectionInfo **ptrs = msa_rpc_arena_alloc(req->arena, sizeof(*ptrs) * (n ? n : 1));
@@ -361,7 +368,7 @@ static int h_list_collections(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req
     out.collections = ptrs;
     rc = pack(ctx, &out.base, rep, st);
 fail:
-    free(cs);
+    msa_engine_list_collections_result_free(res);
     return rc;
 }
 
@@ -371,13 +378,14 @@ static int h_describe_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *
     int rc = unpack(req, &msa__v1__describe_collection_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__DescribeCollectionRequest *r = (const void *)m;
-    msa_coll_info_t *ci = msa_rpc_arena_alloc(req->arena, sizeof(*ci));
-    if (!ci) return OOM(st);
-    rc = msa_srv_describe_collection(ctx->engine, str(r->name), ci, st);
+    msa_engine_describe_collection_result_t *res = NULL;
+    rc = msa_engine_describe_collection(ctx->engine, str(r->name), &res, st);
     if (rc) return rc;
     Msa__V1__CollectionInfo out;
-    if (coll_info_out(req->arena, ci, &out)) return OOM(st);
-    return pack(ctx, &out.base, rep, st);
+    if (coll_info_out(req->arena, &res->info, &out)) rc = OOM(st);
+    else rc = pack(ctx, &out.base, rep, st);
+    msa_engine_describe_collection_result_free(res);
+    return rc;
 }
 
 static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
@@ -388,12 +396,12 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     if (rc) return rc;
     const Msa__V1__Wire__WriteRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
-    msa_write_op_t *ops = msa_rpc_arena_calloc(a, r->n_ops ? r->n_ops : 1, sizeof(*ops));
+    msa_engine_write_op_t *ops = msa_rpc_arena_calloc(a, r->n_ops ? r->n_ops : 1, sizeof(*ops));
     if (!ops) return OOM(st);
     char path[96];
     for (size_t i = 0; i < r->n_ops; i++) {
         const Msa__V1__Wire__WriteOp *po = r->ops[i];
-        msa_write_op_t *o = &ops[i];
+        msa_engine_write_op_t *o = &ops[i];
         o->expect_version = po->expect_version;
         o->expect_absent = po->expect_absent;
         if (po->op_case == MSA__V1__WIRE__WRITE_OP__OP_DELETE_ID) {
@@ -403,7 +411,7 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
             o->kind = MSA_OP_PUT;
             const Msa__V1__Wire__Document *d = po->put;
             if (!d) continue; /* an empty put: the engine names what is missing */
-            msa_doc_t *doc = &o->put;
+            msa_engine_doc_t *doc = &o->put;
             doc->id = d->id;
             doc->text = d->text.data ? (const char *)d->text.data : "";
             doc->text_len = d->text.len;
@@ -412,7 +420,7 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
             doc->tokens = d->tokens;
             doc->raw = d->raw;
             doc->n_layers = (uint32_t)d->n_layers;
-            msa_layer_kv_t *ls =
+            msa_engine_layer_kv_t *ls =
                 msa_rpc_arena_calloc(a, d->n_layers ? d->n_layers : 1, sizeof(*ls));
             if (!ls) return OOM(st);
             for (size_t j = 0; j < d->n_layers; j++) {
@@ -430,20 +438,19 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
             o->kind = 0; /* the engine answers "ops[i]: no op set" */
         }
     }
-    msa_write_req_t wr = {.collection = str(r->collection),
+    msa_engine_write_req_t wr = {.collection = str(r->collection),
                           .model = opt_str(r->model),
                           .n_ops = r->n_ops,
                           .ops = ops};
-    msa_write_result_t res;
-    memset(&res, 0, sizeof(res));
-    rc = msa_srv_write(ctx->engine, &wr, &res, st);
+    msa_engine_write_result_t *res = NULL;
+    rc = msa_engine_write(ctx->engine, &wr, &res, st);
     if (rc) return rc;
     Msa__V1__WriteResponse out = MSA__V1__WRITE_RESPONSE__INIT;
-    out.commit_seq = res.commit_seq;
-    out.n_versions = res.n_versions;
-    out.versions = res.versions;
+    out.commit_seq = res->commit_seq;
+    out.n_versions = res->n_versions;
+    out.versions = res->versions;
     rc = pack(ctx, &out.base, rep, st);
-    free(res.versions);
+    msa_engine_write_result_free(res);
     return rc;
 }
 
@@ -454,7 +461,7 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
     if (rc) return rc;
     const Msa__V1__GetRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
-    msa_get_req_t gr = {.collection = str(r->collection),
+    msa_engine_get_req_t gr = {.collection = str(r->collection),
                         .n_ids = r->n_ids,
                         .ids = r->ids,
                         .with_text = r->with_text,
@@ -467,8 +474,8 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
                         .snapshot_seq = r->snapshot_seq,
                         .hold_ms = r->hold_snapshot_ms,
                         .max_bytes = ctx->max_send};
-    msa_get_result_t *res = NULL;
-    rc = msa_srv_get(ctx->engine, &gr, &res, st);
+    msa_engine_get_result_t *res = NULL;
+    rc = msa_engine_get(ctx->engine, &gr, &res, st);
     if (rc) return rc;
 
     /* The wire form: text as bytes, borrowed from the snapshot like the
@@ -478,7 +485,7 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
     Msa__V1__Wire__DocumentRecord **recs = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*recs));
     if (!recs) goto oom;
     for (size_t i = 0; i < n; i++) {
-        const msa_get_record_t *g = &res->records[i];
+        const msa_engine_get_record_t *g = &res->records[i];
         Msa__V1__Wire__DocumentRecord *dr = msa_rpc_arena_alloc(a, sizeof(*dr));
         Msa__V1__DocumentInfo *di = msa_rpc_arena_alloc(a, sizeof(*di));
         Msa__V1__Wire__Document *doc = msa_rpc_arena_alloc(a, sizeof(*doc));
@@ -497,7 +504,7 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
             Msa__V1__LayerKV **ls = msa_rpc_arena_calloc(a, g->n_layers, sizeof(*ls));
             if (!ls) goto oom;
             for (uint32_t j = 0; j < g->n_layers; j++) {
-                const msa_get_layer_t *gl = &g->layers[j];
+                const msa_engine_get_layer_t *gl = &g->layers[j];
                 Msa__V1__LayerKV *l = msa_rpc_arena_alloc(a, sizeof(*l));
                 if (!l) goto oom;
                 msa__v1__layer_kv__init(l);
@@ -527,10 +534,10 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
     out.records = recs;
     /* Packing copies the snapshot's bytes; only then may the snapshot end. */
     rc = pack(ctx, &out.base, rep, st);
-    msa_srv_get_result_free(res);
+    msa_engine_get_result_free(res);
     return rc;
 oom:
-    msa_srv_get_result_free(res);
+    msa_engine_get_result_free(res);
     return OOM(st);
 }
 
@@ -540,35 +547,34 @@ static int h_list(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_re
     int rc = unpack(req, &msa__v1__list_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__ListRequest *r = (const void *)m;
-    msa_list_req_t lr = {.collection = str(r->collection),
+    msa_engine_list_req_t lr = {.collection = str(r->collection),
                          .after_id = r->after_id,
                          .limit = r->limit,
                          .snapshot_seq = r->snapshot_seq,
                          .hold_ms = r->hold_snapshot_ms};
-    msa_list_result_t res;
-    memset(&res, 0, sizeof(res));
-    rc = msa_srv_list(ctx->engine, &lr, &res, st);
+    msa_engine_list_result_t *res = NULL;
+    rc = msa_engine_list(ctx->engine, &lr, &res, st);
     if (rc) return rc;
     Msa__V1__ListResponse out = MSA__V1__LIST_RESPONSE__INIT;
     Msa__V1__DocumentInfo *items =
-        msa_rpc_arena_alloc(req->arena, sizeof(*items) * (res.n ? res.n : 1));
+        msa_rpc_arena_alloc(req->arena, sizeof(*items) * (res->n ? res->n : 1));
     Msa__V1__DocumentInfo **ptrs =
-        msa_rpc_arena_alloc(req->arena, sizeof(*ptrs) * (res.n ? res.n : 1));
+        msa_rpc_arena_alloc(req->arena, sizeof(*ptrs) * (res->n ? res->n : 1));
     if (!items || !ptrs) {
         rc = OOM(st);
         goto fail;
     }
-    for (uint32_t i = 0; i < res.n; i++) {
-        doc_info_out(&res.docs[i], &items[i]);
+    for (uint32_t i = 0; i < res->n; i++) {
+        doc_info_out(&res->docs[i], &items[i]);
         ptrs[i] = &items[i];
     }
-    out.n_documents = res.n;
+    out.n_documents = res->n;
     out.documents = ptrs;
-    out.next_after_id = res.next_after_id;
-    out.snapshot_seq = res.snapshot_seq;
+    out.next_after_id = res->next_after_id;
+    out.snapshot_seq = res->snapshot_seq;
     rc = pack(ctx, &out.base, rep, st);
 fail:
-    msa_srv_list_result_free(&res);
+    msa_engine_list_result_free(res);
     return rc;
 }
 
@@ -579,9 +585,9 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     if (rc) return rc;
     const Msa__V1__RouteRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
-    msa_layer_query_t *qs;
+    msa_engine_layer_query_t *qs;
     if ((rc = queries_in(a, r->layers, r->n_layers, false, &qs, st))) return rc;
-    msa_route_req_t rr = {.c = {.collection = str(r->collection),
+    msa_engine_route_req_t rr = {.c = {.collection = str(r->collection),
                                 .model = opt_str(r->model),
                                 .min_seq = r->min_seq,
                                 .deadline_ms = req->deadline_ms,
@@ -592,8 +598,8 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
                           .top_k = r->top_k,
                           .n_exclude = r->n_exclude_ids,
                           .exclude_ids = r->exclude_ids};
-    msa_route_result_t *res = NULL;
-    rc = msa_srv_route(ctx->engine, &rr, &res, st);
+    msa_engine_route_result_t *res = NULL;
+    rc = msa_engine_route(ctx->engine, &rr, &res, st);
     if (rc) return rc;
     Msa__V1__RouteResponse out = MSA__V1__ROUTE_RESPONSE__INIT;
     Msa__V1__LayerRoute *ls =
@@ -605,7 +611,7 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
         goto fail;
     }
     for (uint32_t i = 0; i < res->n_layers; i++) {
-        const msa_layer_route_t *lr = &res->layers[i];
+        const msa_engine_layer_route_t *lr = &res->layers[i];
         msa__v1__layer_route__init(&ls[i]);
         ls[i].layer = lr->layer;
         ls[i].n_doc_ids = lr->n;
@@ -619,7 +625,7 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     out.layers = ptrs;
     rc = pack(ctx, &out.base, rep, st);
 fail:
-    msa_srv_route_result_free(res);
+    msa_engine_route_result_free(res);
     return rc;
 }
 
@@ -631,9 +637,9 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     const Msa__V1__AttendRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
     if ((rc = check_enum((int)r->out_dtype, MSA__V1__DTYPE__I8, "out_dtype", st))) return rc;
-    msa_layer_query_t *qs;
+    msa_engine_layer_query_t *qs;
     if ((rc = queries_in(a, r->layers, r->n_layers, true, &qs, st))) return rc;
-    msa_attend_req_t ar = {.c = {.collection = str(r->collection),
+    msa_engine_attend_req_t ar = {.c = {.collection = str(r->collection),
                                  .model = opt_str(r->model),
                                  .min_seq = r->min_seq,
                                  .deadline_ms = req->deadline_ms,
@@ -664,8 +670,8 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
                               "message limit of %zu bytes (--max-message-mb); send fewer query "
                               "tokens or layers per call",
                               r->n_layers, (unsigned long long)want, ctx->max_send);
-    msa_attend_result_t *res = NULL;
-    rc = msa_srv_attend(ctx->engine, &ar, &res, st);
+    msa_engine_attend_result_t *res = NULL;
+    rc = msa_engine_attend(ctx->engine, &ar, &res, st);
     if (rc) return rc;
     Msa__V1__AttendResponse out = MSA__V1__ATTEND_RESPONSE__INIT;
     uint32_t nl = res->n_layers;
@@ -677,7 +683,7 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     }
     msa_dtype_t odt = res->out_dtype ? res->out_dtype : MSA_DT_F32;
     for (uint32_t i = 0; i < nl; i++) {
-        const msa_layer_attention_t *la = &res->layers[i];
+        const msa_engine_layer_attention_t *la = &res->layers[i];
         msa__v1__layer_attention__init(&ls[i]);
         ls[i].layer = la->layer;
         ls[i].n_doc_ids = la->n;
@@ -700,7 +706,7 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     out.layers = ptrs;
     rc = pack(ctx, &out.base, rep, st);
 fail:
-    msa_srv_attend_result_free(res);
+    msa_engine_attend_result_free(res);
     return rc;
 }
 
@@ -756,19 +762,21 @@ static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__stats_request__descriptor, &m, st);
     if (rc) return rc;
-    msa_srv_stats_t *es = msa_rpc_arena_alloc(req->arena, sizeof(*es));
-    if (!es) return OOM(st);
-    rc = msa_srv_stats(ctx->engine, es, st);
+    msa_engine_stats_result_t *res = NULL;
+    rc = msa_engine_stats(ctx->engine, &res, st);
     if (rc) return rc;
+    /* A copy in the arena: the response points into it until it is packed. */
+    msa_engine_stats_result_t *es = msa_rpc_arena_alloc(req->arena, sizeof(*es));
+    if (es) *es = *res;
+    msa_engine_stats_result_free(res);
+    if (!es) return OOM(st);
     es->backend[sizeof(es->backend) - 1] = '\0';
     Msa__V1__StatsResponse out = MSA__V1__STATS_RESPONSE__INIT;
     out.version = (char *)MSA_VERSION;
     out.backend = es->backend;
-    out.commit_seq = es->commit_seq;
-    out.store_bytes = es->store_bytes;
-    out.collections = es->collections;
-    out.documents = es->documents;
-    out.chunks = es->chunks;
+#define X(field, family, help) out.field = es->field;
+    MSA_RPC_STATS_FIELDS(X)
+#undef X
 
     /* The host first (it holds the routing index on the CPU backend, and the
      * index's host copy on the CUDA backend), then every GPU. */
@@ -809,10 +817,11 @@ static int h_release_snapshot(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req
     if (rc) return rc;
     const Msa__V1__ReleaseSnapshotRequest *r = (const void *)m;
     Msa__V1__ReleaseSnapshotResponse out = MSA__V1__RELEASE_SNAPSHOT_RESPONSE__INIT;
-    bool released = false;
-    rc = msa_srv_release_snapshot(ctx->engine, r->snapshot_seq, &released, st);
+    msa_engine_release_snapshot_result_t *res = NULL;
+    rc = msa_engine_release_snapshot(ctx->engine, r->snapshot_seq, &res, st);
     if (rc) return rc;
-    out.released = released;
+    out.released = res->released;
+    msa_engine_release_snapshot_result_free(res);
     return pack(ctx, &out.base, rep, st);
 }
 
@@ -825,8 +834,12 @@ static int h_backup(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     if (rc) return rc;
     const Msa__V1__BackupRequest *r = (const void *)m;
     Msa__V1__BackupResponse out = MSA__V1__BACKUP_RESPONSE__INIT;
-    rc = msa_srv_backup(ctx->engine, str(r->name), r->compact, &out.snapshot_seq, &out.bytes, st);
+    msa_engine_backup_result_t *res = NULL;
+    rc = msa_engine_backup(ctx->engine, str(r->name), r->compact, &res, st);
     if (rc) return rc;
+    out.snapshot_seq = res->seq;
+    out.bytes = res->bytes;
+    msa_engine_backup_result_free(res);
     return pack(ctx, &out.base, rep, st);
 }
 
@@ -837,15 +850,14 @@ static int h_verify(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     if (rc) return rc;
     const Msa__V1__VerifyRequest *r = (const void *)m;
     Msa__V1__VerifyResponse out = MSA__V1__VERIFY_RESPONSE__INIT;
-    char **problems = NULL;
-    size_t n = 0;
-    rc = msa_srv_verify(ctx->engine, opt_str(r->collection), &out.documents_checked, &problems, &n,
-                        st);
+    msa_engine_verify_result_t *res = NULL;
+    rc = msa_engine_verify(ctx->engine, opt_str(r->collection), &res, st);
     if (rc) return rc;
-    out.n_problems = n;
-    out.problems = problems;
+    out.documents_checked = res->docs_checked;
+    out.n_problems = res->n_problems;
+    out.problems = res->problems;
     rc = pack(ctx, &out.base, rep, st);
-    msa_store_problems_free(problems, n);
+    msa_engine_verify_result_free(res);
     return rc;
 }
 
@@ -871,49 +883,16 @@ static int h_health_check(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, ms
 
 /* ==== the method table ========================================================== */
 
-/* Scopes per SEMANTICS "Security defaults". on_poller marks calls that never
- * block (no fsync, no min_seq wait, no compute): they are answered on the
- * completion-queue thread without a hand-off. */
+/* The table and the metric names come from MSA_RPC_METHODS (rpc_lists.h). */
 const msa_rpc_method_t msa__rpc_methods[] = {
-    {"/msa.v1.Memory/CreateCollection", "CreateCollection", MSA_RPC_SCOPE_ADMIN, false,
-     h_create_collection},
-    {"/msa.v1.Memory/DropCollection", "DropCollection", MSA_RPC_SCOPE_ADMIN, false,
-     h_drop_collection},
-    {"/msa.v1.Memory/ListCollections", "ListCollections", MSA_RPC_SCOPE_READ, false,
-     h_list_collections},
-    {"/msa.v1.Memory/DescribeCollection", "DescribeCollection", MSA_RPC_SCOPE_READ, false,
-     h_describe_collection},
-    {"/msa.v1.Memory/Write", "Write", MSA_RPC_SCOPE_WRITE, false, h_write},
-    {"/msa.v1.Memory/Get", "Get", MSA_RPC_SCOPE_READ, false, h_get},
-    {"/msa.v1.Memory/List", "List", MSA_RPC_SCOPE_READ, false, h_list},
-    {"/msa.v1.Memory/Route", "Route", MSA_RPC_SCOPE_READ, false, h_route},
-    {"/msa.v1.Memory/Attend", "Attend", MSA_RPC_SCOPE_READ, false, h_attend},
-    {"/msa.v1.Memory/Stats", "Stats", MSA_RPC_SCOPE_READ, false, h_stats},
-    /* Ends a lease a read call took: the caller's own scope sufficed to take it. */
-    {"/msa.v1.Memory/ReleaseSnapshot", "ReleaseSnapshot", MSA_RPC_SCOPE_READ, false,
-     h_release_snapshot},
-    {"/msa.v1.Admin/Backup", "Backup", MSA_RPC_SCOPE_ADMIN, false, h_backup},
-    {"/msa.v1.Admin/Verify", "Verify", MSA_RPC_SCOPE_ADMIN, false, h_verify},
-    {"/grpc.health.v1.Health/Check", "HealthCheck", MSA_RPC_SCOPE_NONE, true, h_health_check},
+#define X(id, path, name, scope, poller, fn) {path, name, MSA_RPC_SCOPE_##scope, poller, fn},
+    MSA_RPC_METHODS(X)
+#undef X
 };
 const size_t msa__rpc_n_methods = sizeof(msa__rpc_methods) / sizeof(msa__rpc_methods[0]);
 
 const char *const msa__rpc_method_names[] = {
-    "CreateCollection",
-    "DropCollection",
-    "ListCollections",
-    "DescribeCollection",
-    "Write",
-    "Get",
-    "List",
-    "Route",
-    "Attend",
-    "Stats",
-    "ReleaseSnapshot",
-    "Backup",
-    "Verify",
-    "HealthCheck",
+#define X(id, path, name, scope, poller, fn) name,
+    MSA_RPC_METHODS(X)
+#undef X
 };
-_Static_assert(sizeof(msa__rpc_method_names) / sizeof(msa__rpc_method_names[0]) ==
-                   sizeof(msa__rpc_methods) / sizeof(msa__rpc_methods[0]),
-               "one name per method");

@@ -22,10 +22,10 @@ static const double bucket_le[MSA_RPC_N_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.0
                                                     0.25,   0.5,     1.0,    2.5,   10.0};
 
 static const char *const code_names[MSA_RPC_N_CODES] = {
-    "OK",        "CANCELLED",      "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED",   "OUT_OF_RANGE",   "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
-    "DATA_LOSS", "UNAUTHENTICATED"};
+#define X(n, name, msa) [n] = #name,
+    MSA_RPC_GRPC_CODES(X)
+#undef X
+};
 
 const char *msa_rpc_code_name(int code) {
     if (code < 0 || code >= MSA_RPC_N_CODES) return "UNKNOWN";
@@ -72,7 +72,7 @@ static uint64_t ld(const _Atomic uint64_t *p) {
     return atomic_load_explicit((_Atomic uint64_t *)p, memory_order_relaxed);
 }
 
-void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t *es,
+void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stats_result_t *es,
                               void (*fn)(void *arg, const char *key, uint64_t value), void *arg) {
     char key[96];
     uint64_t by_code[MSA_RPC_N_CODES] = {0};
@@ -94,48 +94,30 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t
         snprintf(key, sizeof(key), "status.%s", code_names[c]);
         fn(arg, key, by_code[c]);
     }
-    fn(arg, "rpc.inflight", ld(&mx->inflight));
-    fn(arg, "rpc.queued", ld(&mx->queued));
-    fn(arg, "rpc.queued_bytes", ld(&mx->queued_bytes));
-    fn(arg, "rpc.busy_rejects", ld(&mx->busy_rejects));
-    fn(arg, "rpc.bytes_in", ld(&mx->bytes_in));
-    fn(arg, "rpc.bytes_out", ld(&mx->bytes_out));
+#define X(kind, key, family, help, field) fn(arg, key, ld(&mx->field));
+    MSA_RPC_SERVER_COUNTERS(X)
+#undef X
     if (es) {
-        fn(arg, "engine.writes", es->writes);
-        fn(arg, "engine.write_groups", es->write_groups);
-        fn(arg, "engine.routes", es->routes);
-        fn(arg, "engine.attends", es->attends);
-        fn(arg, "engine.gets", es->gets);
-        fn(arg, "engine.lists", es->lists);
-        fn(arg, "engine.index_bytes", es->index_bytes);
-        fn(arg, "engine.snapshots_held", es->snapshots_held);
-        fn(arg, "engine.snapshot_leases_granted", es->leases_granted);
-        fn(arg, "engine.snapshot_leases_renewed", es->leases_renewed);
-        fn(arg, "engine.snapshot_leases_released", es->leases_released);
-        fn(arg, "engine.snapshot_leases_expired", es->leases_expired);
-        fn(arg, "engine.snapshot_leases_revoked", es->leases_revoked);
+#define X(kind, key, family, help, field) fn(arg, key, (uint64_t)es->field);
+        MSA_RPC_ENGINE_COUNTERS(X)
         if (es->n_gpu) {
-            const msa_gpu_stats_t *g = &es->gpu;
-            fn(arg, "gpu.routes_device", g->routes_device);
-            fn(arg, "gpu.routes_streamed", g->routes_streamed);
-            fn(arg, "gpu.routes_fallback", g->routes_fallback);
-            fn(arg, "gpu.passes", g->batches);
-            fn(arg, "gpu.coalesced", g->coalesced);
-            fn(arg, "gpu.page_ins", g->page_ins);
-            fn(arg, "gpu.page_outs", g->page_outs);
-            fn(arg, "gpu.syncs", g->syncs);
-            fn(arg, "gpu.cache_hits", g->cache_hits);
-            fn(arg, "gpu.cache_misses", g->cache_misses);
-            fn(arg, "gpu.cache_evictions", g->cache_evictions);
-            fn(arg, "gpu.attends_device", g->attends_device);
-            fn(arg, "gpu.attends_fallback", g->attends_fallback);
-            fn(arg, "gpu.disabled", g->disabled);
-            fn(arg, "gpu.pinned_host_bytes", g->pinned_bytes);
+            MSA_RPC_GPU_COUNTERS(X)
         }
+#undef X
     }
 }
 
 /* ---- Prometheus text ------------------------------------------------------ */
+
+/* One family of one sample, from a line of rpc_lists.h: kind "COUNTER" or
+ * "GAUGE"; key (the Stats counter, or the StatsResponse field) ends the HELP
+ * text as "[Stats: key]", the rule tests/test_daemon.py checks. */
+static void family_line(FILE *f, const char *kind, const char *family, const char *help,
+                        const char *key, uint64_t v) {
+    const char *type = strcmp(kind, "COUNTER") == 0 ? "counter" : "gauge";
+    fprintf(f, "# HELP msad_%s %s [Stats: %s]\n# TYPE msad_%s %s\nmsad_%s %llu\n", family, help,
+            key, family, type, family, (unsigned long long)v);
+}
 
 char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_t *len) {
     char *buf = NULL;
@@ -180,8 +162,6 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         fprintf(f, "msad_request_duration_seconds_count{method=\"%s\"} %llu\n", mx->names[i],
                 (unsigned long long)cum);
     }
-    fprintf(f, "# TYPE msad_inflight_requests gauge\nmsad_inflight_requests %llu\n",
-            (unsigned long long)ld(&mx->inflight));
     fprintf(f, "# HELP msad_connections Client connections open now, and the cap.\n"
                "# TYPE msad_connections gauge\nmsad_connections %llu\n"
                "# TYPE msad_connections_max gauge\nmsad_connections_max %u\n"
@@ -190,74 +170,31 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
                "# TYPE msad_connections_refused_total counter\nmsad_connections_refused_total %llu\n",
             (unsigned long long)msa_rpc_conn_open(), msa_rpc_conn_max(),
             (unsigned long long)msa_rpc_conn_refused());
-    fprintf(f, "# TYPE msad_queued_requests gauge\nmsad_queued_requests %llu\n",
-            (unsigned long long)ld(&mx->queued));
-    fprintf(f, "# TYPE msad_queued_request_bytes gauge\nmsad_queued_request_bytes %llu\n",
-            (unsigned long long)ld(&mx->queued_bytes));
-    fprintf(f, "# TYPE msad_busy_rejects_total counter\nmsad_busy_rejects_total %llu\n",
-            (unsigned long long)ld(&mx->busy_rejects));
-    fprintf(f, "# TYPE msad_received_bytes_total counter\nmsad_received_bytes_total %llu\n",
-            (unsigned long long)ld(&mx->bytes_in));
-    fprintf(f, "# TYPE msad_sent_bytes_total counter\nmsad_sent_bytes_total %llu\n",
-            (unsigned long long)ld(&mx->bytes_out));
+#define X(kind, key, family, help, field) family_line(f, #kind, family, help, key, ld(&mx->field));
+    MSA_RPC_SERVER_COUNTERS(X)
+#undef X
 
-    msa_srv_stats_t es;
+    msa_engine_stats_result_t *res = NULL, es;
     msa_status_t st;
     msa_status_clear(&st);
-    if (e && msa_srv_stats(e, &es, &st) == MSA_OK) {
+    if (e && msa_engine_stats(e, &res, &st) == MSA_OK) {
+        es = *res;
+        msa_engine_stats_result_free(res);
         es.backend[sizeof(es.backend) - 1] = '\0';
         fprintf(f,
                 "# TYPE msad_build_info gauge\nmsad_build_info{version=\"%s\",backend=\"%s\"} 1\n",
                 MSA_VERSION, es.backend);
-#define GAUGE(name, help, v)                                                                       \
-    fprintf(f, "# HELP msad_" name " " help "\n# TYPE msad_" name " gauge\nmsad_" name " %llu\n",  \
-            (unsigned long long)(v))
-        GAUGE("commit_seq", "Last committed sequence number.", es.commit_seq);
-        GAUGE("store_bytes", "Size of the LMDB data file in bytes.", es.store_bytes);
-        GAUGE("collections", "Collections in the store.", es.collections);
-        GAUGE("documents", "Live documents over all collections.", es.documents);
-        GAUGE("chunks", "Pooled chunks over all collections (index rows per layer).", es.chunks);
-        GAUGE("index_bytes", "Routing rows resident in host memory, bytes.", es.index_bytes);
-        GAUGE("snapshots_held", "Held snapshots (snapshot leases) open now.", es.snapshots_held);
-#undef GAUGE
-#define COUNTER(name, help, v)                                                                     \
-    fprintf(f,                                                                                     \
-            "# HELP msad_" name " " help "\n# TYPE msad_" name " counter\nmsad_" name " %llu\n",   \
-            (unsigned long long)(v))
-        COUNTER("engine_writes_total", "Write requests committed by the engine.", es.writes);
-        COUNTER("engine_write_groups_total", "Group commits (LMDB transactions).", es.write_groups);
-        COUNTER("engine_routes_total", "Route calls served by the engine.", es.routes);
-        COUNTER("engine_attends_total", "Attend calls served by the engine.", es.attends);
-        COUNTER("engine_gets_total", "Get calls served by the engine.", es.gets);
-        COUNTER("engine_lists_total", "List calls served by the engine.", es.lists);
-        COUNTER("snapshot_leases_granted_total", "Snapshot leases granted (hold_snapshot_ms).",
-                es.leases_granted);
-        COUNTER("snapshot_leases_renewed_total", "Snapshot leases renewed by a call on a held snapshot.",
-                es.leases_renewed);
-        COUNTER("snapshot_leases_released_total", "Snapshot leases ended by ReleaseSnapshot.",
-                es.leases_released);
-        COUNTER("snapshot_leases_expired_total", "Held snapshots closed because their lease ran out.",
-                es.leases_expired);
-        COUNTER("snapshot_leases_revoked_total", "Held snapshots closed by the server (map growth).",
-                es.leases_revoked);
+#define X(field, family, help) family_line(f, "GAUGE", family, help, #field, es.field);
+        MSA_RPC_STATS_FIELDS(X)
+#undef X
+#define X(kind, key, family, help, field)                                                          \
+    family_line(f, #kind, family, help, key, (uint64_t)es.field);
+        MSA_RPC_ENGINE_COUNTERS(X)
         if (es.n_gpu) {
-            const msa_gpu_stats_t *g = &es.gpu;
-            COUNTER("gpu_routes_total", "Layer routes answered by the CUDA backend.", g->routes_device);
-            COUNTER("gpu_routes_streamed_total", "Device routes whose keys were streamed from host memory.",
-                    g->routes_streamed);
-            COUNTER("gpu_routes_fallback_total", "Layer routes the CUDA backend handed to the CPU.",
-                    g->routes_fallback);
-            COUNTER("gpu_passes_total", "Device passes over a layer's keys.", g->batches);
-            COUNTER("gpu_coalesced_total", "Queries that shared a device pass with another.", g->coalesced);
-            COUNTER("gpu_page_ins_total", "Layers made resident in device memory.", g->page_ins);
-            COUNTER("gpu_page_outs_total", "Layers evicted from device memory (LRU).", g->page_outs);
-            COUNTER("gpu_cache_hits_total", "K/V block cache hits.", g->cache_hits);
-            COUNTER("gpu_cache_misses_total", "K/V block cache misses.", g->cache_misses);
-            COUNTER("gpu_cache_evictions_total", "K/V blocks evicted (LRU).", g->cache_evictions);
-            COUNTER("gpu_attends_total", "Attend layers computed on the device.", g->attends_device);
-            COUNTER("gpu_attends_fallback_total", "Attend layers handed to the CPU.", g->attends_fallback);
-            fprintf(f, "# HELP msad_gpu_disabled 1 once a device error switched the CUDA backend off.\n"
-                       "# TYPE msad_gpu_disabled gauge\nmsad_gpu_disabled %d\n", g->disabled ? 1 : 0);
+            MSA_RPC_GPU_COUNTERS(X)
+        }
+#undef X
+        if (es.n_gpu) {
             fprintf(f, "# HELP msad_gpu_memory_bytes Device memory by use.\n"
                        "# TYPE msad_gpu_memory_bytes gauge\n");
             for (unsigned i = 0; i < es.n_gpu; i++) {
@@ -270,7 +207,6 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
                         (unsigned long long)d->memory_used);
             }
         }
-#undef COUNTER
     }
     if (fclose(f) != 0) {
         free(buf);

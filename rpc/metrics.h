@@ -11,6 +11,7 @@
 
 #include "engine.h"
 #include "msa_err.h"
+#include "rpc_lists.h"
 
 #include <stdatomic.h>
 #include <stddef.h>
@@ -20,7 +21,8 @@
 extern "C" {
 #endif
 
-#define MSA_RPC_N_CODES 17   /* gRPC status codes 0..16 */
+#define MSA__RPC_ONE_CODE(n, name, msa) +1
+#define MSA_RPC_N_CODES (0 MSA_RPC_GRPC_CODES(MSA__RPC_ONE_CODE)) /* gRPC status codes 0..16 */
 #define MSA_RPC_N_BUCKETS 15 /* latency bucket bounds, plus +Inf */
 
 typedef struct msa_rpc_method_metrics {
@@ -49,10 +51,11 @@ void msa_rpc_metrics_free(msa_rpc_metrics_t *mx);
 /* One finished call of method `method` with gRPC status `code` after `ns`. */
 void msa_rpc_metrics_record(msa_rpc_metrics_t *mx, size_t method, int code, uint64_t ns);
 
-/* Calls fn for every counter of the Stats map ("requests.Write",
- * "errors.Write", "status.NOT_FOUND", ...), then for the engine's counters
- * when e != NULL. */
-void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_srv_stats_t *es,
+/* Calls fn for every counter of the Stats map: "requests.<method>",
+ * "errors.<method>", "status.<CODE>" (codes seen only), then the lists of
+ * rpc_lists.h: MSA_RPC_SERVER_COUNTERS, and when es != NULL
+ * MSA_RPC_ENGINE_COUNTERS and (n_gpu > 0) MSA_RPC_GPU_COUNTERS. */
+void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stats_result_t *es,
                               void (*fn)(void *arg, const char *key, uint64_t value), void *arg);
 
 /* Prometheus text exposition (format 0.0.4); malloc'd, *len bytes; NULL when

@@ -295,7 +295,7 @@ int main(int argc, char **argv) {
                         "--listen %s: reachable from other hosts with neither --tokens-file nor "
                         "--tls-cert: anyone who can reach it may read, write and drop data",
                         o.listen[i]);
-    msa_srv_config_t cfg;
+    msa_engine_config_t cfg;
     memset(&cfg, 0, sizeof(cfg));
     cfg.data_dir = o.data_dir;
     cfg.backend = o.backend;
@@ -327,13 +327,13 @@ int main(int argc, char **argv) {
     cfg.gpu.lanes = o.gpu_lanes;
     cfg.gpu.lane_scratch = (uint64_t)o.gpu_scratch_mb << 20;
     cfg.gpu.dev = o.gpu_dev;
-    if (msa_srv_open(&cfg, &engine, &st) != MSA_OK) {
+    if (msa_engine_open(&cfg, &engine, &st) != MSA_OK) {
         msa_log(MSA_LOG_ERROR, "cannot open the engine on %s: %s", o.data_dir, st.msg);
         fprintf(stderr, "msad: %s\n", st.msg);
         goto fail;
     }
-    log_host(msa_srv_backend_name(engine));
-    msa_log(MSA_LOG_INFO, "store at commit %llu", (unsigned long long)msa_srv_commit_seq(engine));
+    log_host(msa_engine_backend_name(engine));
+    msa_log(MSA_LOG_INFO, "store at commit %llu", (unsigned long long)msa_engine_commit_seq(engine));
     if (auth) msa_log(MSA_LOG_INFO, "auth: %zu tokens", msa_rpc_auth_count(auth));
 
     msa_rpc_server_opts_t so = {.listen = (const char *const *)o.listen,
@@ -384,8 +384,8 @@ int main(int argc, char **argv) {
     msa_log(MSA_LOG_DEBUG, "shutdown: rpc server stopped");
     msa_rpc_http_stop(http);
     http = NULL;
-    msa_srv_shutdown_begin(engine);
-    msa_srv_close(engine);
+    msa_engine_shutdown_begin(engine);
+    msa_engine_close(engine);
     engine = NULL;
     msa_log(MSA_LOG_DEBUG, "shutdown: engine closed");
     msa_log(MSA_LOG_INFO, "stopped cleanly");
@@ -395,8 +395,8 @@ fail:
     msa_rpc_http_stop(http);
     msa_rpc_server_destroy(srv);
     if (engine) {
-        msa_srv_shutdown_begin(engine);
-        msa_srv_close(engine);
+        msa_engine_shutdown_begin(engine);
+        msa_engine_close(engine);
     }
     msa_rpc_auth_free(auth);
     free(cert);

@@ -75,8 +75,8 @@ static void *ingest_thread(void *arg)
 {
     ingest_t *g = ((ingest_arg_t *)arg)->g;
     const int *slot = &((ingest_arg_t *)arg)->slot;
-    msa_layer_kv_t lk[DOCS_PER_REQ * LAYERS];
-    msa_write_op_t ops[DOCS_PER_REQ];
+    msa_engine_layer_kv_t lk[DOCS_PER_REQ * LAYERS];
+    msa_engine_write_op_t ops[DOCS_PER_REQ];
     double bytes = 0;
     for (long d0 = (long)*slot * DOCS_PER_REQ; d0 < g->ndocs; d0 += (long)g->nthreads * DOCS_PER_REQ) {
         int n = (int)(g->ndocs - d0 < DOCS_PER_REQ ? g->ndocs - d0 : DOCS_PER_REQ);
@@ -85,7 +85,7 @@ static void *ingest_thread(void *arg)
             long tk = id == g->ndocs ? g->tokens - (g->ndocs - 1) * g->doc_tokens : g->doc_tokens;
             uint32_t c = (uint32_t)((tk + P - 1) / P);
             for (int l = 0; l < LAYERS; l++) {
-                msa_layer_kv_t *x = &lk[j * LAYERS + l];
+                msa_engine_layer_kv_t *x = &lk[j * LAYERS + l];
                 const uint16_t *base = g->pool + ((size_t)(id * 7 + l * 3) % 61) * g->blk;
                 msa_tensor_t t = {.dtype = MSA_DT_BF16, .ndim = 3, .shape = {c, H, D},
                                   .nbytes = (size_t)c * H * D * 2};
@@ -96,19 +96,19 @@ static void *ingest_thread(void *arg)
                 x->router_k.data = base + 2 * g->blk;
                 bytes += 3.0 * t.nbytes;
             }
-            ops[j] = (msa_write_op_t){.kind = MSA_OP_PUT,
+            ops[j] = (msa_engine_write_op_t){.kind = MSA_OP_PUT,
                                       .put = {.id = (uint64_t)id, .tokens = (uint32_t)tk,
                                               .n_layers = LAYERS, .layers = &lk[j * LAYERS]}};
         }
-        msa_write_req_t req = {.collection = "bench", .n_ops = (size_t)n, .ops = ops};
-        msa_write_result_t res;
+        msa_engine_write_req_t req = {.collection = "bench", .n_ops = (size_t)n, .ops = ops};
+        msa_engine_write_result_t *res = NULL;
         msa_status_t st;
-        if (msa_srv_write(g->e, &req, &res, &st)) {
+        if (msa_engine_write(g->e, &req, &res, &st)) {
             fprintf(stderr, "write: %s\n", st.msg);
             g->failed = 1;
             break;
         }
-        free(res.versions);
+        msa_engine_write_result_free(res);
     }
     pthread_mutex_lock(&g->lock);
     g->bytes += bytes;
@@ -218,22 +218,24 @@ int main(int argc, char **argv)
     char data_dir[4200];
     snprintf(data_dir, sizeof data_dir, "%s/store", dir);
     bool cuda = !strcmp(backend, "cuda");
-    msa_srv_config_t cfg = {.data_dir = data_dir,
+    msa_engine_config_t cfg = {.data_dir = data_dir,
                             .backend = cuda ? MSA_BACKEND_CUDA : MSA_BACKEND_CPU,
                             .threads = (unsigned)threads, .gpu = {.shards_per_gpu = 1}};
     msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
     msa_engine_t *e;
     msa_status_t st;
-    if (msa_srv_open(&cfg, &e, &st)) {
+    if (msa_engine_open(&cfg, &e, &st)) {
         fprintf(stderr, "open: %s\n", st.msg);
         return 1;
     }
     msa_schema_t s = msa4b_schema();
-    msa_coll_info_t info;
-    if (msa_srv_create_collection(e, "bench", &s, &info, &st)) {
+    msa_engine_create_collection_result_t *created = NULL;
+    if (msa_engine_create_collection(e, "bench", &s, &created, &st)) {
         fprintf(stderr, "create: %s\n", st.msg);
         return 1;
     }
+    msa_engine_coll_info_t info = created->info;
+    msa_engine_create_collection_result_free(created);
     long ndocs = (tokens + doc_tokens - 1) / doc_tokens;
     uint32_t C = (uint32_t)((doc_tokens + P - 1) / P);
     size_t blk = (size_t)C * H * D;
@@ -263,35 +265,35 @@ int main(int argc, char **argv)
     /* ---- route ---- */
     float *q = malloc((size_t)LAYERS * T * HQ * D * sizeof *q);
     for (size_t i = 0; i < (size_t)LAYERS * T * HQ * D; i++) q[i] = frand();
-    msa_layer_query_t lq[LAYERS];
+    msa_engine_layer_query_t lq[LAYERS];
     for (int l = 0; l < LAYERS; l++) {
-        lq[l] = (msa_layer_query_t){.layer = s.layers[l]};
+        lq[l] = (msa_engine_layer_query_t){.layer = s.layers[l]};
         lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {T, HQ, D},
                                          .data = q + (size_t)l * T * HQ * D,
                                          .nbytes = (size_t)T * HQ * D * 4};
     }
-    msa_route_req_t rr = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
+    msa_engine_route_req_t rr = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
                           .top_k = TOP_K};
     double *ms = malloc(reps * sizeof *ms), first_route_ms = 0;
     for (int r = -1; r < reps; r++) {
-        msa_route_result_t *res;
+        msa_engine_route_result_t *res;
         double t0 = now_s();
-        if (msa_srv_route(e, &rr, &res, &st)) {
+        if (msa_engine_route(e, &rr, &res, &st)) {
             fprintf(stderr, "route: %s\n", st.msg);
             return 1;
         }
         if (r >= 0) ms[r] = (now_s() - t0) * 1e3;
         else first_route_ms = (now_s() - t0) * 1e3;
-        msa_srv_route_result_free(res);
+        msa_engine_route_result_free(res);
     }
     if (cuda)
         printf("route: first call %.2f ms (uploads the router keys to the device)\n",
                first_route_ms);
     qsort(ms, reps, sizeof *ms, cmp_double);
     double rows = (double)info.chunks;
-    msa_coll_info_t ci;
-    msa_srv_describe_collection(e, "bench", &ci, &st);
-    rows = (double)ci.chunks;
+    msa_engine_describe_collection_result_t *ci = NULL;
+    if (msa_engine_describe_collection(e, "bench", &ci, &st) == MSA_OK) rows = (double)ci->info.chunks;
+    msa_engine_describe_collection_result_free(ci);
     double key_bytes = rows * LAYERS * H * D * 2;
     double macs = rows * LAYERS * (double)T * H * D;
     double floor_bw = key_bytes / (bw * 1e9) * 1e3, floor_fma = macs / (peak * 1e9) * 1e3;
@@ -303,30 +305,31 @@ int main(int argc, char **argv)
     /* Attend over the routed documents (q = routing_q): routing plus the K/V
      * gather from LMDB and the attention itself. */
     for (int l = 0; l < LAYERS; l++) lq[l].q = lq[l].routing_q;
-    msa_attend_req_t ar = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
+    msa_engine_attend_req_t ar = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
                            .top_k = TOP_K};
     double *ams = malloc(reps * sizeof *ams), cold_ms = 0;
     for (int r = -1; r < reps; r++) {
-        msa_attend_result_t *res;
+        msa_engine_attend_result_t *res;
         double t0 = now_s();
-        if (msa_srv_attend(e, &ar, &res, &st)) {
+        if (msa_engine_attend(e, &ar, &res, &st)) {
             fprintf(stderr, "attend: %s\n", st.msg);
             return 1;
         }
         if (r >= 0) ams[r] = (now_s() - t0) * 1e3;
         else cold_ms = (now_s() - t0) * 1e3;
-        msa_srv_attend_result_free(res);
+        msa_engine_attend_result_free(res);
     }
     qsort(ams, reps, sizeof *ams, cmp_double);
     printf("attend: T=%d, %d layers, top_k %d: median %.2f ms (routing included)\n", T, LAYERS,
            TOP_K, ams[reps / 2]);
     if (cuda) {
-        msa_srv_stats_t ss;
-        if (msa_srv_stats(e, &ss, &st) == MSA_OK)
+        msa_engine_stats_result_t *ss = NULL;
+        if (msa_engine_stats(e, &ss, &st) == MSA_OK)
             printf("attend: cold K/V cache %.2f ms (first call), warm %.2f ms; cache %llu hits, "
                    "%llu misses; device %s\n",
-                   cold_ms, ams[reps / 2], (unsigned long long)ss.gpu.cache_hits,
-                   (unsigned long long)ss.gpu.cache_misses, ss.n_gpu ? ss.gpu_dev[0].name : "?");
+                   cold_ms, ams[reps / 2], (unsigned long long)ss->gpu.cache_hits,
+                   (unsigned long long)ss->gpu.cache_misses, ss->n_gpu ? ss->gpu_dev[0].name : "?");
+        msa_engine_stats_result_free(ss);
     }
 
     /* A bf16 dot product does twice the MACs per instruction but rounds the
@@ -353,10 +356,10 @@ int main(int argc, char **argv)
             uint64_t *ids = malloc(ndocs * sizeof *ids);
             for (long i = 0; i < ndocs; i++) ids[i] = (uint64_t)i + 1;
             uint32_t layer = s.layers[l];
-            msa_get_req_t gr = {.collection = "bench", .n_ids = (size_t)ndocs, .ids = ids,
+            msa_engine_get_req_t gr = {.collection = "bench", .n_ids = (size_t)ndocs, .ids = ids,
                                 .with_tensors = true, .n_layers = 1, .layers = &layer};
-            msa_get_result_t *g;
-            if (msa_srv_get(e, &gr, &g, &st)) {
+            msa_engine_get_result_t *g;
+            if (msa_engine_get(e, &gr, &g, &st)) {
                 fprintf(stderr, "get: %s\n", st.msg);
                 return 1;
             }
@@ -368,7 +371,7 @@ int main(int argc, char **argv)
                 msa_tensor_l2_normalize(keys + at, n / D, D);
                 at += n;
             }
-            msa_srv_get_result_free(g);
+            msa_engine_get_result_free(g);
             free(ids);
             const float *ql = q + (size_t)l * T * HQ * D;
             for (int t = 0; t < T; t++)
@@ -394,7 +397,7 @@ int main(int argc, char **argv)
         free(qg);
         printf("dump: keys and queries of %d layers in %s\n", LAYERS, dump);
     }
-    msa_srv_close(e);
+    msa_engine_close(e);
     free(pool);
     free(q);
     free(ms);

@@ -305,6 +305,72 @@ class Daemon:
             return r.read().decode()
 
 
+def parse_metrics(text):
+    """Prometheus text -> (help: {family: text}, samples: {(name, labels): value});
+    labels is a frozenset of (key, value)."""
+    helps, samples = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, h = line[7:].partition(" ")
+            helps[name] = h
+        elif line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            name, _, rest = series.partition("{")
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', rest))
+            samples[(name, labels)] = float(value)
+    return helps, samples
+
+
+def check_stats_metrics(tc, memory, metrics_text):
+    """Every Stats figure has a /metrics family (issue 12: the lists are kept
+    once, in rpc/rpc_lists.h). The mapping rule:
+      - counter "requests.<M>": the samples msad_requests_total{method="<M>"};
+        "errors.<M>": the same samples with code != "OK"; "status.<C>":
+        msad_errors_total{code="<C>"};
+      - every other counter key K (engine.*, gpu.*, rpc.*) and every numeric
+        StatsResponse field F (commit_seq, store_bytes, ...): the one family
+        whose HELP text ends with "[Stats: K]" (or "[Stats: F]").
+    Engine and GPU figures must also agree in value: /metrics is read before
+    and after Stats, and the Stats value must lie between the two (rpc.* and
+    request counters move with the reads themselves: presence only).
+    Call it on a server with no load of its own. Returns the Stats response."""
+    pb = stubs()[0]
+    helps0, before = parse_metrics(metrics_text())
+    s = memory.Stats(pb.StatsRequest())
+    helps, after = parse_metrics(metrics_text())
+    by_key = {}
+    for fam, h in helps.items():
+        m = re.search(r"\[Stats: ([\w.]+)\]$", h)
+        if m:
+            tc.assertNotIn(m.group(1), by_key, "two families claim Stats key %s" % m.group(1))
+            by_key[m.group(1)] = fam
+    fields = [f.name for f in s.DESCRIPTOR.fields
+              if f.type in (f.TYPE_UINT64, f.TYPE_UINT32, f.TYPE_INT64)]
+    keys = list(s.counters.keys()) + fields
+    tc.assertTrue(any(k.startswith("engine.") for k in keys), keys)
+    for k in keys:
+        if k.startswith(("requests.", "errors.")):
+            method = k.split(".", 1)[1]
+            tc.assertTrue(any(n == "msad_requests_total" and ("method", method) in lab
+                              for (n, lab) in after), "no /metrics series for %s" % k)
+            continue
+        if k.startswith("status."):
+            code = k.split(".", 1)[1]
+            tc.assertIn(("msad_errors_total", frozenset({("code", code)})), after,
+                        "no /metrics series for %s" % k)
+            continue
+        tc.assertIn(k, by_key, "Stats %s has no /metrics family ([Stats: %s] in a HELP line)"
+                    % (k, k))
+        series = (by_key[k], frozenset())
+        tc.assertIn(series, after, "family %s of %s has no sample" % (by_key[k], k))
+        if k.startswith("rpc."):
+            continue
+        v = s.counters[k] if k in s.counters else getattr(s, k)
+        lo, hi = before.get(series, after[series]), after[series]
+        tc.assertTrue(lo <= v <= hi, "%s: Stats %d, /metrics %g .. %g" % (k, v, lo, hi))
+    return s
+
+
 class GrpcCase(unittest.TestCase):
     """unittest.TestCase with assertCode: the call fails with this gRPC status and
     its details contain every string of ``contains`` (a string or a sequence)."""

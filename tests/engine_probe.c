@@ -248,7 +248,7 @@ static cJSON *schema_json(const msa_schema_t *s)
     return o;
 }
 
-static cJSON *coll_json(const msa_coll_info_t *c)
+static cJSON *coll_json(const msa_engine_coll_info_t *c)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "name", c->name);
@@ -294,7 +294,7 @@ static cJSON *scores_json(const float *s, size_t n)
 /* ==== ops ============================================================================ */
 
 typedef struct {
-    msa_srv_config_t cfg;
+    msa_engine_config_t cfg;
     char data_dir[4096];
     char backup_dir[4096];
     msa_engine_t *e;
@@ -335,10 +335,10 @@ static int op_create(probe_t *p, const cJSON *op, cJSON *res, msa_status_t *st)
         memcpy(s.model, model, sizeof s.model); /* unterminated on purpose: too long */
     else
         snprintf(s.model, sizeof s.model, "%s", model);
-    msa_coll_info_t info;
-    memset(&info, 0, sizeof info);
-    int rc = msa_srv_create_collection(p->e, jget_str(op, "name", ""), &s, &info, st);
-    if (rc == MSA_OK) cJSON_AddItemToObject(res, "info", coll_json(&info));
+    msa_engine_create_collection_result_t *out = NULL;
+    int rc = msa_engine_create_collection(p->e, jget_str(op, "name", ""), &s, &out, st);
+    if (rc == MSA_OK) cJSON_AddItemToObject(res, "info", coll_json(&out->info));
+    msa_engine_create_collection_result_free(out);
     return rc;
 }
 
@@ -346,7 +346,7 @@ static int op_write(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
 {
     const cJSON *ops = jget(op, "ops");
     size_t n = cJSON_IsArray(ops) ? (size_t)cJSON_GetArraySize(ops) : 0;
-    msa_write_op_t *w = arena_calloc(a, n, sizeof *w);
+    msa_engine_write_op_t *w = arena_calloc(a, n, sizeof *w);
     for (size_t i = 0; i < n; i++) {
         const cJSON *o = cJSON_GetArrayItem(ops, (int)i);
         w[i].expect_version = jget_u64(o, "expect_version", 0);
@@ -354,7 +354,7 @@ static int op_write(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
         const cJSON *put = jget(o, "put");
         if (put) {
             w[i].kind = MSA_OP_PUT;
-            msa_doc_t *d = &w[i].put;
+            msa_engine_doc_t *d = &w[i].put;
             d->id = jget_u64(put, "id", 0);
             const char *text = jget_str(put, "text", "");
             d->text = text;
@@ -366,7 +366,7 @@ static int op_write(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
             d->raw = jget_bool(put, "raw");
             const cJSON *ls = jget(put, "layers");
             d->n_layers = cJSON_IsArray(ls) ? (uint32_t)cJSON_GetArraySize(ls) : 0;
-            msa_layer_kv_t *lk = arena_calloc(a, d->n_layers, sizeof *lk);
+            msa_engine_layer_kv_t *lk = arena_calloc(a, d->n_layers, sizeof *lk);
             for (uint32_t j = 0; j < d->n_layers; j++) {
                 const cJSON *l = cJSON_GetArrayItem(ls, (int)j);
                 lk[j].layer = (uint32_t)jget_u64(l, "layer", 0);
@@ -379,28 +379,27 @@ static int op_write(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
             w[i].kind = MSA_OP_DELETE;
             w[i].delete_id = jget_u64(o, "delete", 0);
         } else {
-            w[i].kind = (msa_op_kind_t)0; /* "op not set" */
+            w[i].kind = (msa_engine_op_kind_t)0; /* "op not set" */
         }
     }
-    msa_write_req_t req = {.collection = jget_str(op, "collection", ""),
+    msa_engine_write_req_t req = {.collection = jget_str(op, "collection", ""),
                            .model = jget_str(op, "model", NULL),
                            .n_ops = n,
                            .ops = w};
-    msa_write_result_t out;
-    memset(&out, 0, sizeof out);
-    int rc = msa_srv_write(p->e, &req, &out, st);
+    msa_engine_write_result_t *out = NULL;
+    int rc = msa_engine_write(p->e, &req, &out, st);
     if (rc == MSA_OK) {
-        jadd_u64(res, "commit_seq", out.commit_seq);
-        cJSON_AddItemToObject(res, "versions", ids_json(out.versions, out.n_versions));
+        jadd_u64(res, "commit_seq", out->commit_seq);
+        cJSON_AddItemToObject(res, "versions", ids_json(out->versions, out->n_versions));
     }
-    free(out.versions);
+    msa_engine_write_result_free(out);
     return rc;
 }
 
-static msa_layer_query_t *queries_from(const cJSON *layers, arena_t *a, uint32_t *n)
+static msa_engine_layer_query_t *queries_from(const cJSON *layers, arena_t *a, uint32_t *n)
 {
     *n = cJSON_IsArray(layers) ? (uint32_t)cJSON_GetArraySize(layers) : 0;
-    msa_layer_query_t *q = arena_calloc(a, *n, sizeof *q);
+    msa_engine_layer_query_t *q = arena_calloc(a, *n, sizeof *q);
     for (uint32_t i = 0; i < *n; i++) {
         const cJSON *l = cJSON_GetArrayItem(layers, (int)i);
         q[i].layer = (uint32_t)jget_u64(l, "layer", 0);
@@ -410,7 +409,7 @@ static msa_layer_query_t *queries_from(const cJSON *layers, arena_t *a, uint32_t
     return q;
 }
 
-static void read_common(const cJSON *op, msa_read_common_t *c)
+static void read_common(const cJSON *op, msa_engine_read_common_t *c)
 {
     c->collection = jget_str(op, "collection", "");
     c->model = jget_str(op, "model", NULL);
@@ -420,19 +419,19 @@ static void read_common(const cJSON *op, msa_read_common_t *c)
 
 static int op_route(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_status_t *st)
 {
-    msa_route_req_t req;
+    msa_engine_route_req_t req;
     memset(&req, 0, sizeof req);
     read_common(op, &req.c);
     req.layers = queries_from(jget(op, "layers"), a, &req.n_layers);
     req.top_k = (uint32_t)jget_u64(op, "top_k", 0);
     req.exclude_ids = ids_from(jget(op, "exclude_ids"), a, &req.n_exclude);
-    msa_route_result_t *out = NULL;
-    int rc = msa_srv_route(p->e, &req, &out, st);
+    msa_engine_route_result_t *out = NULL;
+    int rc = msa_engine_route(p->e, &req, &out, st);
     if (rc == MSA_OK && out) {
         jadd_u64(res, "snapshot_seq", out->snapshot_seq);
         cJSON *ls = cJSON_AddArrayToObject(res, "layers");
         for (uint32_t i = 0; i < out->n_layers; i++) {
-            const msa_layer_route_t *l = &out->layers[i];
+            const msa_engine_layer_route_t *l = &out->layers[i];
             cJSON *o = cJSON_CreateObject();
             cJSON_AddNumberToObject(o, "layer", l->layer);
             cJSON_AddItemToObject(o, "doc_ids", ids_json(l->doc_ids, l->n));
@@ -440,14 +439,14 @@ static int op_route(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
             cJSON_AddItemToArray(ls, o);
         }
     }
-    msa_srv_route_result_free(out);
+    msa_engine_route_result_free(out);
     return rc;
 }
 
 static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a,
                      msa_status_t *st)
 {
-    msa_attend_req_t req;
+    msa_engine_attend_req_t req;
     memset(&req, 0, sizeof req);
     read_common(op, &req.c);
     req.layers = queries_from(jget(op, "layers"), a, &req.n_layers);
@@ -457,14 +456,14 @@ static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *
     const cJSON *sc = jget(op, "scale");
     req.scale = cJSON_IsNumber(sc) ? (float)sc->valuedouble : 0.0f;
     req.out_dtype = (msa_dtype_t)jget_enum(op, "out_dtype", DTYPES, 5, 0);
-    msa_attend_result_t *out = NULL;
-    int rc = msa_srv_attend(p->e, &req, &out, st);
+    msa_engine_attend_result_t *out = NULL;
+    int rc = msa_engine_attend(p->e, &req, &out, st);
     if (rc == MSA_OK && out) {
         jadd_u64(res, "snapshot_seq", out->snapshot_seq);
         cJSON_AddStringToObject(res, "out_dtype", msa_dtype_name(out->out_dtype));
         cJSON *ls = cJSON_AddArrayToObject(res, "layers");
         for (uint32_t i = 0; i < out->n_layers; i++) {
-            const msa_layer_attention_t *l = &out->layers[i];
+            const msa_engine_layer_attention_t *l = &out->layers[i];
             cJSON *o = cJSON_CreateObject();
             cJSON_AddNumberToObject(o, "layer", l->layer);
             cJSON_AddItemToObject(o, "doc_ids", ids_json(l->doc_ids, l->n));
@@ -483,13 +482,13 @@ static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *
             cJSON_AddItemToArray(ls, o);
         }
     }
-    msa_srv_attend_result_free(out);
+    msa_engine_attend_result_free(out);
     return rc;
 }
 
 static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, msa_status_t *st)
 {
-    msa_get_req_t req;
+    msa_engine_get_req_t req;
     memset(&req, 0, sizeof req);
     req.collection = jget_str(op, "collection", "");
     req.ids = ids_from(jget(op, "ids"), a, &req.n_ids);
@@ -503,13 +502,13 @@ static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
     req.n_layers = (uint32_t)nl;
     req.layers = layers;
     req.min_seq = jget_u64(op, "min_seq", 0);
-    msa_get_result_t *out = NULL;
-    int rc = msa_srv_get(p->e, &req, &out, st);
+    msa_engine_get_result_t *out = NULL;
+    int rc = msa_engine_get(p->e, &req, &out, st);
     if (rc == MSA_OK && out) {
         jadd_u64(res, "snapshot_seq", out->snapshot_seq);
         cJSON *recs = cJSON_AddArrayToObject(res, "records");
         for (size_t i = 0; i < out->n_records; i++) {
-            const msa_get_record_t *r = &out->records[i];
+            const msa_engine_get_record_t *r = &out->records[i];
             cJSON *o = cJSON_CreateObject();
             cJSON_AddItemToObject(o, "info", doc_json(&r->info));
             cJSON_AddItemToObject(o, "text", jstr_n(r->text.data, r->text.len));
@@ -517,7 +516,7 @@ static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
             cJSON_AddItemToObject(o, "metadata_hex", jhex(r->metadata.data, r->metadata.len));
             cJSON *ls = cJSON_AddArrayToObject(o, "layers");
             for (uint32_t j = 0; j < r->n_layers; j++) {
-                const msa_get_layer_t *g = &r->layers[j];
+                const msa_engine_get_layer_t *g = &r->layers[j];
                 cJSON *lo = cJSON_CreateObject();
                 cJSON_AddNumberToObject(lo, "layer", g->layer);
                 const msa_tensor_t *ts[3] = {&g->k, &g->v, &g->router_k};
@@ -538,45 +537,44 @@ static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
             cJSON_AddItemToArray(recs, o);
         }
     }
-    msa_srv_get_result_free(out);
+    msa_engine_get_result_free(out);
     return rc;
 }
 
 static int op_list(probe_t *p, const cJSON *op, cJSON *res, msa_status_t *st)
 {
-    msa_list_req_t req = {.collection = jget_str(op, "collection", ""),
+    msa_engine_list_req_t req = {.collection = jget_str(op, "collection", ""),
                           .after_id = jget_u64(op, "after_id", 0),
                           .limit = (uint32_t)jget_u64(op, "limit", 0)};
-    msa_list_result_t out;
-    memset(&out, 0, sizeof out);
-    int rc = msa_srv_list(p->e, &req, &out, st);
+    msa_engine_list_result_t *out = NULL;
+    int rc = msa_engine_list(p->e, &req, &out, st);
     if (rc == MSA_OK) {
-        jadd_u64(res, "snapshot_seq", out.snapshot_seq);
-        jadd_u64(res, "next_after_id", out.next_after_id);
+        jadd_u64(res, "snapshot_seq", out->snapshot_seq);
+        jadd_u64(res, "next_after_id", out->next_after_id);
         cJSON *docs = cJSON_AddArrayToObject(res, "docs");
-        for (uint32_t i = 0; i < out.n; i++) cJSON_AddItemToArray(docs, doc_json(&out.docs[i]));
-        msa_srv_list_result_free(&out);
+        for (uint32_t i = 0; i < out->n; i++) cJSON_AddItemToArray(docs, doc_json(&out->docs[i]));
     }
+    msa_engine_list_result_free(out);
     return rc;
 }
 
 static int op_stats(probe_t *p, cJSON *res, msa_status_t *st)
 {
-    msa_srv_stats_t s;
-    memset(&s, 0, sizeof s);
-    int rc = msa_srv_stats(p->e, &s, st);
+    msa_engine_stats_result_t *s = NULL;
+    int rc = msa_engine_stats(p->e, &s, st);
     if (rc == MSA_OK) {
-        cJSON_AddStringToObject(res, "backend", s.backend);
-        jadd_u64(res, "commit_seq", s.commit_seq);
-        jadd_u64(res, "store_bytes", s.store_bytes);
-        jadd_u64(res, "collections", s.collections);
-        jadd_u64(res, "documents", s.documents);
-        jadd_u64(res, "chunks", s.chunks);
-        jadd_u64(res, "index_bytes", s.index_bytes);
-        jadd_u64(res, "writes", s.writes);
-        jadd_u64(res, "routes", s.routes);
-        jadd_u64(res, "attends", s.attends);
+        cJSON_AddStringToObject(res, "backend", s->backend);
+        jadd_u64(res, "commit_seq", s->commit_seq);
+        jadd_u64(res, "store_bytes", s->store_bytes);
+        jadd_u64(res, "collections", s->collections);
+        jadd_u64(res, "documents", s->documents);
+        jadd_u64(res, "chunks", s->chunks);
+        jadd_u64(res, "index_bytes", s->index_bytes);
+        jadd_u64(res, "writes", s->writes);
+        jadd_u64(res, "routes", s->routes);
+        jadd_u64(res, "attends", s->attends);
     }
+    msa_engine_stats_result_free(s);
     return rc;
 }
 
@@ -584,7 +582,7 @@ static int engine_open(probe_t *p, msa_status_t *st)
 {
     p->cfg.data_dir = p->data_dir;
     p->cfg.backup_dir = p->backup_dir[0] ? p->backup_dir : NULL;
-    return msa_srv_open(&p->cfg, &p->e, st);
+    return msa_engine_open(&p->cfg, &p->e, st);
 }
 
 static int run_op(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, msa_status_t *st)
@@ -594,26 +592,28 @@ static int run_op(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
         return msa_status_set(st, MSA_EUNAVAIL, "engine not open");
     if (!strcmp(kind, "create")) return op_create(p, op, res, st);
     if (!strcmp(kind, "drop")) {
-        uint64_t seq = 0;
-        int rc = msa_srv_drop_collection(p->e, jget_str(op, "name", ""), &seq, st);
-        if (rc == MSA_OK) jadd_u64(res, "commit_seq", seq);
+        msa_engine_drop_collection_result_t *out = NULL;
+        int rc = msa_engine_drop_collection(p->e, jget_str(op, "name", ""), &out, st);
+        if (rc == MSA_OK) jadd_u64(res, "commit_seq", out->commit_seq);
+        msa_engine_drop_collection_result_free(out);
         return rc;
     }
     if (!strcmp(kind, "describe")) {
-        msa_coll_info_t info;
-        int rc = msa_srv_describe_collection(p->e, jget_str(op, "name", ""), &info, st);
-        if (rc == MSA_OK) cJSON_AddItemToObject(res, "info", coll_json(&info));
+        msa_engine_describe_collection_result_t *out = NULL;
+        int rc = msa_engine_describe_collection(p->e, jget_str(op, "name", ""), &out, st);
+        if (rc == MSA_OK) cJSON_AddItemToObject(res, "info", coll_json(&out->info));
+        msa_engine_describe_collection_result_free(out);
         return rc;
     }
     if (!strcmp(kind, "list_collections")) {
-        msa_coll_info_t *cs = NULL;
-        size_t n = 0;
-        int rc = msa_srv_list_collections(p->e, &cs, &n, st);
+        msa_engine_list_collections_result_t *out = NULL;
+        int rc = msa_engine_list_collections(p->e, &out, st);
         if (rc == MSA_OK) {
             cJSON *arr = cJSON_AddArrayToObject(res, "collections");
-            for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(arr, coll_json(&cs[i]));
+            for (size_t i = 0; i < out->n; i++)
+                cJSON_AddItemToArray(arr, coll_json(&out->colls[i]));
         }
-        free(cs);
+        msa_engine_list_collections_result_free(out);
         return rc;
     }
     if (!strcmp(kind, "write")) return op_write(p, op, res, a, st);
@@ -623,36 +623,34 @@ static int run_op(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
     if (!strcmp(kind, "list")) return op_list(p, op, res, st);
     if (!strcmp(kind, "stats")) return op_stats(p, res, st);
     if (!strcmp(kind, "seq")) {
-        jadd_u64(res, "commit_seq", msa_srv_commit_seq(p->e));
+        jadd_u64(res, "commit_seq", msa_engine_commit_seq(p->e));
         return MSA_OK;
     }
     if (!strcmp(kind, "backup")) {
-        uint64_t seq = 0, bytes = 0;
-        int rc = msa_srv_backup(p->e, jget_str(op, "name", ""), jget_bool(op, "compact"), &seq,
-                                &bytes, st);
+        msa_engine_backup_result_t *out = NULL;
+        int rc = msa_engine_backup(p->e, jget_str(op, "name", ""), jget_bool(op, "compact"), &out,
+                                   st);
         if (rc == MSA_OK) {
-            jadd_u64(res, "snapshot_seq", seq);
-            jadd_u64(res, "bytes", bytes);
+            jadd_u64(res, "snapshot_seq", out->seq);
+            jadd_u64(res, "bytes", out->bytes);
         }
+        msa_engine_backup_result_free(out);
         return rc;
     }
     if (!strcmp(kind, "verify")) {
-        uint64_t docs = 0;
-        char **problems = NULL;
-        size_t np = 0;
-        int rc = msa_srv_verify(p->e, jget_str(op, "collection", ""), &docs, &problems, &np, st);
+        msa_engine_verify_result_t *out = NULL;
+        int rc = msa_engine_verify(p->e, jget_str(op, "collection", ""), &out, st);
         if (rc == MSA_OK) {
-            jadd_u64(res, "documents_checked", docs);
+            jadd_u64(res, "documents_checked", out->docs_checked);
             cJSON *arr = cJSON_AddArrayToObject(res, "problems");
-            for (size_t i = 0; i < np; i++)
-                cJSON_AddItemToArray(arr, cJSON_CreateString(problems[i]));
+            for (size_t i = 0; i < out->n_problems; i++)
+                cJSON_AddItemToArray(arr, cJSON_CreateString(out->problems[i]));
         }
-        for (size_t i = 0; i < np; i++) free(problems[i]);
-        free(problems);
+        msa_engine_verify_result_free(out);
         return rc;
     }
     if (!strcmp(kind, "reopen")) {
-        msa_srv_close(p->e);
+        msa_engine_close(p->e);
         p->e = NULL;
         const char *dir = jget_str(op, "data_dir", NULL);
         if (dir) snprintf(p->data_dir, sizeof p->data_dir, "%s", dir);
@@ -756,26 +754,27 @@ int main(int argc, char **argv)
     free(arena.p);
     if (p.e) {
         /* What the backend did, so tests can tell device answers from fallbacks. */
-        msa_srv_stats_t s;
+        msa_engine_stats_result_t *s = NULL;
         msa_status_clear(&st);
-        if (msa_srv_stats(p.e, &s, &st) == MSA_OK && s.n_gpu) {
+        if (msa_engine_stats(p.e, &s, &st) == MSA_OK && s->n_gpu) {
             cJSON *g = cJSON_AddObjectToObject(results, "gpu");
-            jadd_u64(g, "routes_device", s.gpu.routes_device);
-            jadd_u64(g, "routes_streamed", s.gpu.routes_streamed);
-            jadd_u64(g, "routes_fallback", s.gpu.routes_fallback);
-            jadd_u64(g, "batches", s.gpu.batches);
-            jadd_u64(g, "coalesced", s.gpu.coalesced);
-            jadd_u64(g, "page_ins", s.gpu.page_ins);
-            jadd_u64(g, "page_outs", s.gpu.page_outs);
-            jadd_u64(g, "syncs", s.gpu.syncs);
-            jadd_u64(g, "cache_hits", s.gpu.cache_hits);
-            jadd_u64(g, "cache_misses", s.gpu.cache_misses);
-            jadd_u64(g, "cache_evictions", s.gpu.cache_evictions);
-            jadd_u64(g, "attends_device", s.gpu.attends_device);
-            jadd_u64(g, "attends_fallback", s.gpu.attends_fallback);
+            jadd_u64(g, "routes_device", s->gpu.routes_device);
+            jadd_u64(g, "routes_streamed", s->gpu.routes_streamed);
+            jadd_u64(g, "routes_fallback", s->gpu.routes_fallback);
+            jadd_u64(g, "batches", s->gpu.batches);
+            jadd_u64(g, "coalesced", s->gpu.coalesced);
+            jadd_u64(g, "page_ins", s->gpu.page_ins);
+            jadd_u64(g, "page_outs", s->gpu.page_outs);
+            jadd_u64(g, "syncs", s->gpu.syncs);
+            jadd_u64(g, "cache_hits", s->gpu.cache_hits);
+            jadd_u64(g, "cache_misses", s->gpu.cache_misses);
+            jadd_u64(g, "cache_evictions", s->gpu.cache_evictions);
+            jadd_u64(g, "attends_device", s->gpu.attends_device);
+            jadd_u64(g, "attends_fallback", s->gpu.attends_fallback);
         }
+        msa_engine_stats_result_free(s);
     }
-    msa_srv_close(p.e);
+    msa_engine_close(p.e);
 
     char path[8192];
     snprintf(path, sizeof path, "%s/results.json", g_out_dir);

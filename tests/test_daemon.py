@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, from_tensor, msad_path, stubs, tensor, GrpcCase  # noqa: E402
+from daemon_util import (Daemon, GrpcCase, check_stats_metrics, from_tensor,  # noqa: E402
+                         msad_path, stubs, tensor)
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -506,6 +507,12 @@ class TestFunctional(DaemonCase):
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 float(value)   # every sample parses
+
+    def test_every_stats_counter_has_a_metric(self):
+        # The rule is check_stats_metrics's (tests/daemon_util.py); the lists
+        # it checks live once in rpc/rpc_lists.h.
+        s = check_stats_metrics(self, self.m, self.d.metrics_text)
+        self.assertIn("engine.snapshot_leases_granted", s.counters)
 
     def test_unix_socket(self):
         self.assertTrue(any(a.startswith("unix:") for a in self.d.addrs))

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from daemon_util import Daemon, from_tensor, msad_path, stubs, tensor  # noqa: E402
+from daemon_util import (Daemon, check_stats_metrics, from_tensor, msad_path, stubs,  # noqa: E402
+                         tensor)
 
 if not os.access(msad_path(), os.X_OK):
     print("skip: %s not built" % msad_path())
@@ -186,6 +187,10 @@ class CudaDaemonTest(unittest.TestCase):
         for series in ("msad_gpu_routes_total", "msad_gpu_cache_hits_total",
                        'msad_gpu_memory_bytes{device="0",use="routing"}'):
             self.assertIn(series, text)
+        # Every Stats counter, gpu.* included (gpu.syncs, gpu.pinned_host_bytes), has a family.
+        s = check_stats_metrics(self, self.m, self.d.metrics_text)
+        self.assertIn("gpu.syncs", s.counters)
+        self.assertIn("gpu.pinned_host_bytes", s.counters)
 
 
 @unittest.skipIf(REAL, "fault injection needs the simulated device")

@@ -34,6 +34,17 @@ enum { D = 4, H = 1, HQ = 2, P = 2, TOKENS = 3, C = 2, DOC_A = 11, DOC_B = 12 };
 
 static char dir[64];
 static msa_engine_t *eng;
+
+/* The engine's stats by value: the tests read many fields. */
+static int stats_copy(msa_engine_stats_result_t *out, msa_status_t *st)
+{
+    msa_engine_stats_result_t *r = NULL;
+    memset(out, 0, sizeof *out);
+    int rc = msa_engine_stats(eng, &r, st);
+    if (rc == MSA_OK) *out = *r;
+    msa_engine_stats_result_free(r);
+    return rc;
+}
 static atomic_bool stop;
 static atomic_long reads_checked, writes_done, empty_reads;
 
@@ -74,11 +85,11 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
         gen[0][i] = g;
         gen[1][i] = 2 * g;
     }
-    msa_layer_kv_t lk[2];
+    msa_engine_layer_kv_t lk[2];
     for (int l = 0; l < 2; l++)
-        lk[l] = (msa_layer_kv_t){.layer = l ? 5 : 3, .k = f32_tensor(zeros, C),
+        lk[l] = (msa_engine_layer_kv_t){.layer = l ? 5 : 3, .k = f32_tensor(zeros, C),
                                  .v = f32_tensor(gen[l], C), .router_k = f32_tensor(gen[l], C)};
-    msa_write_op_t ops[2];
+    msa_engine_write_op_t ops[2];
     memset(ops, 0, sizeof ops);
     for (int i = 0; i < 2; i++) {
         if (del) {
@@ -86,15 +97,15 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
             ops[i].delete_id = i ? DOC_B : DOC_A;
         } else {
             ops[i].kind = MSA_OP_PUT;
-            ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
+            ops[i].put = (msa_engine_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
                                      .tokens = TOKENS, .n_layers = (uint32_t)n_layers,
                                      .layers = lk};
         }
     }
-    msa_write_req_t req = {.collection = coll, .n_ops = 2, .ops = ops};
-    msa_write_result_t res;
-    int rc = msa_srv_write(eng, &req, &res, st);
-    if (rc == MSA_OK) free(res.versions);
+    msa_engine_write_req_t req = {.collection = coll, .n_ops = 2, .ops = ops};
+    msa_engine_write_result_t *res = NULL;
+    int rc = msa_engine_write(eng, &req, &res, st);
+    msa_engine_write_result_free(res);
     return rc;
 }
 
@@ -125,19 +136,19 @@ static void *reader(void *arg)
     (void)arg;
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
-    msa_layer_query_t lq = {.layer = 3};
+    msa_engine_layer_query_t lq = {.layer = 3};
     lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
                                   .nbytes = sizeof q};
     lq.q = lq.routing_q;
     while (!atomic_load(&stop)) {
-        msa_attend_req_t req = {.c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq,
+        msa_engine_attend_req_t req = {.c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq,
                                 .top_k = 4};
-        msa_attend_result_t *r = NULL;
+        msa_engine_attend_result_t *r = NULL;
         msa_status_t st;
-        int rc = msa_srv_attend(eng, &req, &r, &st);
+        int rc = msa_engine_attend(eng, &req, &r, &st);
         CHECK_MSG(rc == MSA_OK, "attend: %s", st.msg);
         if (rc) continue;
-        msa_layer_attention_t *la = &r->layers[0];
+        msa_engine_layer_attention_t *la = &r->layers[0];
         CHECK_MSG(la->n == 0 || la->n == 2, "saw %u of the 2 documents written together", la->n);
         if (la->n == 2) {
             CHECK_MSG(la->scores[0] == la->scores[1], "A and B from different writes: %g vs %g",
@@ -150,7 +161,7 @@ static void *reader(void *arg)
         } else {
             atomic_fetch_add(&empty_reads, 1);
         }
-        msa_srv_attend_result_free(r);
+        msa_engine_attend_result_free(r);
         atomic_fetch_add(&reads_checked, 1);
     }
     return NULL;
@@ -163,10 +174,10 @@ TEST(pinned_snapshot)
     msa_status_t st;
     CHECK_MSG(write_pair(7.0f, false, &st) == MSA_OK, "%s", st.msg);
     uint64_t ids[2] = {DOC_A, DOC_B};
-    msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true,
+    msa_engine_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true,
                         .with_tensors = true};
-    msa_get_result_t *g = NULL;
-    CHECK_MSG(msa_srv_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
+    msa_engine_get_result_t *g = NULL;
+    CHECK_MSG(msa_engine_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
     if (!g) return;
     uint64_t v0 = g->records[0].info.version;
     for (int i = 0; i < 20; i++)
@@ -175,13 +186,13 @@ TEST(pinned_snapshot)
     memcpy(&v0val, g->records[0].layers[0].v.data, sizeof v0val);
     CHECK_MSG(v0val == 7.0f, "pinned snapshot's V changed to %g", v0val);
     CHECK_MSG(g->records[0].info.version == v0, "version changed");
-    msa_srv_get_result_free(g);
-    msa_get_result_t *g2 = NULL;
-    CHECK_MSG(msa_srv_get(eng, &gr, &g2, &st) == MSA_OK, "get: %s", st.msg);
+    msa_engine_get_result_free(g);
+    msa_engine_get_result_t *g2 = NULL;
+    CHECK_MSG(msa_engine_get(eng, &gr, &g2, &st) == MSA_OK, "get: %s", st.msg);
     if (g2) {
         CHECK_MSG(g2->records[0].info.version == v0 + 20, "version %llu, want %llu",
                   (unsigned long long)g2->records[0].info.version, (unsigned long long)(v0 + 20));
-        msa_srv_get_result_free(g2);
+        msa_engine_get_result_free(g2);
     }
 }
 
@@ -199,8 +210,8 @@ TEST(readers_see_whole_writes)
     for (int i = 0; i < READERS; i++) pthread_join(r[i], NULL);
 
     msa_status_t st;
-    msa_srv_stats_t stats;
-    CHECK_MSG(msa_srv_stats(eng, &stats, &st) == MSA_OK, "stats: %s", st.msg);
+    msa_engine_stats_result_t stats = {0};
+    CHECK_MSG(stats_copy(&stats, &st) == MSA_OK, "stats: %s", st.msg);
     printf("mvcc: %ld writes in %llu groups, %ld reads checked (%ld empty)\n",
            atomic_load(&writes_done), (unsigned long long)stats.write_groups,
            atomic_load(&reads_checked), atomic_load(&empty_reads));
@@ -223,34 +234,34 @@ static void *held_reader(void *arg)
     long id = (long)arg;
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
-    msa_layer_query_t lq = {.layer = 3};
+    msa_engine_layer_query_t lq = {.layer = 3};
     lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
                                   .nbytes = sizeof q};
     lq.q = lq.routing_q;
     uint64_t ids[2] = {DOC_A, DOC_B};
     while (!atomic_load(&stop)) {
         msa_status_t st;
-        msa_attend_req_t req = {.c = {.collection = "mvcc", .snapshot_seq = held_seq,
+        msa_engine_attend_req_t req = {.c = {.collection = "mvcc", .snapshot_seq = held_seq,
                                       .hold_ms = id == 0 ? 20000 : 0},
                                 .n_layers = 1, .layers = &lq, .top_k = 4};
-        msa_attend_result_t *r = NULL;
-        int rc = msa_srv_attend(eng, &req, &r, &st);
+        msa_engine_attend_result_t *r = NULL;
+        int rc = msa_engine_attend(eng, &req, &r, &st);
         CHECK_MSG(rc == MSA_OK, "attend at held %llu: %s", (unsigned long long)held_seq, st.msg);
         if (rc) continue;
         CHECK_MSG(r->snapshot_seq == held_seq, "answered from %llu, want held %llu",
                   (unsigned long long)r->snapshot_seq, (unsigned long long)held_seq);
-        msa_layer_attention_t *la = &r->layers[0];
+        msa_engine_layer_attention_t *la = &r->layers[0];
         CHECK_MSG(la->n == 2 && la->scores[0] == 5.0f * D && la->scores[1] == 5.0f * D,
                   "held snapshot moved: %u docs, score %g", la->n, la->n ? la->scores[0] : 0.0f);
         if (la->n == 2)
             for (int j = 0; j < HQ * D; j++)
                 CHECK_MSG(fabsf(((const float *)la->out)[j] - 5.0f) < 1e-5f, "held V %g",
                           ((const float *)la->out)[j]);
-        msa_srv_attend_result_free(r);
-        msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_tensors = true,
+        msa_engine_attend_result_free(r);
+        msa_engine_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_tensors = true,
                             .snapshot_seq = held_seq};
-        msa_get_result_t *g = NULL;
-        rc = msa_srv_get(eng, &gr, &g, &st);
+        msa_engine_get_result_t *g = NULL;
+        rc = msa_engine_get(eng, &gr, &g, &st);
         CHECK_MSG(rc == MSA_OK, "get at held: %s", st.msg);
         if (rc) continue;
         usleep(200); /* others borrow the snapshot while this result reads its pages */
@@ -259,7 +270,7 @@ static void *held_reader(void *arg)
             memcpy(&v, g->records[i].layers[0].v.data, sizeof v);
             CHECK_MSG(v == 5.0f, "held Get V %g", v);
         }
-        msa_srv_get_result_free(g);
+        msa_engine_get_result_free(g);
         atomic_fetch_add(&held_checked, 1);
     }
     return NULL;
@@ -272,22 +283,25 @@ static void *short_lease_taker(void *arg)
     (void)arg;
     for (long i = 0; !atomic_load(&stop); i++) {
         msa_status_t st;
-        msa_list_req_t lr = {.collection = "mvcc", .hold_ms = 30};
-        msa_list_result_t res;
-        int rc = msa_srv_list(eng, &lr, &res, &st);
+        msa_engine_list_req_t lr = {.collection = "mvcc", .hold_ms = 30};
+        msa_engine_list_result_t *res = NULL;
+        int rc = msa_engine_list(eng, &lr, &res, &st);
         CHECK_MSG(rc == MSA_OK || rc == MSA_EFULL, "list hold: %s", st.msg);
         if (rc) continue;
-        uint64_t seq = res.snapshot_seq;
-        msa_srv_list_result_free(&res);
-        msa_list_req_t again = {.collection = "mvcc", .snapshot_seq = seq};
-        rc = msa_srv_list(eng, &again, &res, &st);
+        uint64_t seq = res->snapshot_seq;
+        msa_engine_list_result_free(res);
+        msa_engine_list_req_t again = {.collection = "mvcc", .snapshot_seq = seq};
+        rc = msa_engine_list(eng, &again, &res, &st);
         /* Another thread's lease on the same seq may have been released. */
         CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s",
                   (unsigned long long)seq, st.msg);
-        if (rc == MSA_OK) msa_srv_list_result_free(&res);
-        bool released;
+        if (rc == MSA_OK) msa_engine_list_result_free(res);
         /* A lease on the main held seq shares it: always give that one back. */
-        if (i % 2 || seq == held_seq) msa_srv_release_snapshot(eng, seq, &released, &st);
+        if (i % 2 || seq == held_seq) {
+            msa_engine_release_snapshot_result_t *rel = NULL;
+            msa_engine_release_snapshot(eng, seq, &rel, &st);
+            msa_engine_release_snapshot_result_free(rel);
+        }
         atomic_fetch_add(&short_leases, 1);
         usleep(500);
     }
@@ -298,11 +312,11 @@ TEST(held_snapshot_readers)
 {
     msa_status_t st;
     CHECK_MSG(write_pair(5.0f, false, &st) == MSA_OK, "%s", st.msg);
-    msa_list_req_t lr = {.collection = "mvcc", .hold_ms = 20000};
-    msa_list_result_t res;
-    CHECK_MSG(msa_srv_list(eng, &lr, &res, &st) == MSA_OK, "hold: %s", st.msg);
-    held_seq = res.snapshot_seq;
-    msa_srv_list_result_free(&res);
+    msa_engine_list_req_t lr = {.collection = "mvcc", .hold_ms = 20000};
+    msa_engine_list_result_t *res = NULL;
+    CHECK_MSG(msa_engine_list(eng, &lr, &res, &st) == MSA_OK, "hold: %s", st.msg);
+    held_seq = res->snapshot_seq;
+    msa_engine_list_result_free(res);
     atomic_store(&stop, false);
     enum { WRITERS = 2, READERS = 4, TAKERS = 2 };
     pthread_t w[WRITERS], r[READERS], t[TAKERS];
@@ -317,18 +331,19 @@ TEST(held_snapshot_readers)
     printf("held: %ld reads of held snapshot %llu checked, %ld short leases\n",
            atomic_load(&held_checked), (unsigned long long)held_seq, atomic_load(&short_leases));
     CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld", atomic_load(&held_checked));
-    CHECK_MSG(msa_srv_commit_seq(eng) > held_seq + 20, "writers did not move on");
-    bool released = false;
-    CHECK_OK(msa_srv_release_snapshot(eng, held_seq, &released, &st));
-    CHECK(released);
-    msa_route_req_t rr = {.c = {.collection = "mvcc", .snapshot_seq = held_seq}};
-    msa_route_result_t *rres = NULL;
-    CHECK_RC(msa_srv_route(eng, &rr, &rres, &st), MSA_EPRECOND);
+    CHECK_MSG(msa_engine_commit_seq(eng) > held_seq + 20, "writers did not move on");
+    msa_engine_release_snapshot_result_t *rel = NULL;
+    CHECK_OK(msa_engine_release_snapshot(eng, held_seq, &rel, &st));
+    CHECK(rel->released);
+    msa_engine_release_snapshot_result_free(rel);
+    msa_engine_route_req_t rr = {.c = {.collection = "mvcc", .snapshot_seq = held_seq}};
+    msa_engine_route_result_t *rres = NULL;
+    CHECK_RC(msa_engine_route(eng, &rr, &rres, &st), MSA_EPRECOND);
     CHECK_STR_HAS(st.msg, "snapshot_seq");
     /* The abandoned short leases expire (30 ms) and the reaper closes them. */
-    msa_srv_stats_t s;
+    msa_engine_stats_result_t s = {0};
     for (int i = 0; i < 50; i++) {
-        CHECK_OK(msa_srv_stats(eng, &s, &st));
+        CHECK_OK(stats_copy(&s, &st));
         if (s.snapshots_held == 0) break;
         usleep(50000);
     }
@@ -340,14 +355,12 @@ TEST(held_snapshot_readers)
 TEST(verify_after_churn)
 {
     msa_status_t st;
-    char **problems = NULL;
-    size_t n_problems = 0;
-    uint64_t checked = 0;
-    CHECK_MSG(msa_srv_verify(eng, NULL, &checked, &problems, &n_problems, &st) == MSA_OK,
-              "verify: %s", st.msg);
-    for (size_t i = 0; i < n_problems; i++) fprintf(stderr, "verify: %s\n", problems[i]);
+    msa_engine_verify_result_t *v = NULL;
+    CHECK_MSG(msa_engine_verify(eng, NULL, &v, &st) == MSA_OK, "verify: %s", st.msg);
+    for (size_t i = 0; i < v->n_problems; i++) fprintf(stderr, "verify: %s\n", v->problems[i]);
+    size_t n_problems = v->n_problems;
+    msa_engine_verify_result_free(v);
     CHECK_MSG(n_problems == 0, "%zu verify problems", n_problems);
-    msa_store_problems_free(problems, n_problems);
 }
 
 /* ---- two layers: Route runs the layers side by side on the CUDA backend ---- */
@@ -359,7 +372,7 @@ static void *reader2(void *arg)
     (void)arg;
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
-    msa_layer_query_t lq[2];
+    msa_engine_layer_query_t lq[2];
     memset(lq, 0, sizeof lq);
     for (int l = 0; l < 2; l++) {
         lq[l].layer = l ? 5 : 3;
@@ -367,14 +380,14 @@ static void *reader2(void *arg)
                                          .data = q, .nbytes = sizeof q};
     }
     while (!atomic_load(&stop)) {
-        msa_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
+        msa_engine_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
                                .top_k = 4};
-        msa_route_result_t *r = NULL;
+        msa_engine_route_result_t *r = NULL;
         msa_status_t st;
-        int rc = msa_srv_route(eng, &req, &r, &st);
+        int rc = msa_engine_route(eng, &req, &r, &st);
         CHECK_MSG(rc == MSA_OK, "route: %s", st.msg);
         if (rc) continue;
-        msa_layer_route_t *a = &r->layers[0], *b = &r->layers[1];
+        msa_engine_layer_route_t *a = &r->layers[0], *b = &r->layers[1];
         CHECK_MSG(a->layer == 3 && b->layer == 5, "layers %u, %u", a->layer, b->layer);
         CHECK_MSG(a->n == b->n && (a->n == 0 || a->n == 2),
                   "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)",
@@ -387,7 +400,7 @@ static void *reader2(void *arg)
                       "layer 5 score %g is not twice layer 3's %g: layers from different "
                       "snapshots", b->scores[0], a->scores[0]);
         }
-        msa_srv_route_result_free(r);
+        msa_engine_route_result_free(r);
         atomic_fetch_add(&routes2_checked, 1);
     }
     return NULL;
@@ -400,10 +413,11 @@ TEST(multi_layer_routes)
     msa_schema_t s = test_schema();
     s.n_layers = 2;
     s.layers[1] = 5;
-    msa_coll_info_t info;
+    msa_engine_create_collection_result_t *info = NULL;
     msa_status_t st;
-    CHECK_MSG(msa_srv_create_collection(eng, "mvcc2", &s, &info, &st) == MSA_OK, "create: %s",
+    CHECK_MSG(msa_engine_create_collection(eng, "mvcc2", &s, &info, &st) == MSA_OK, "create: %s",
               st.msg);
+    msa_engine_create_collection_result_free(info);
     atomic_store(&stop, false);
     enum { WRITERS = 2, READERS = 3 };
     pthread_t w[WRITERS], r[READERS];
@@ -424,8 +438,8 @@ static bool on_cuda;
 TEST(device_answered)
 {
     msa_status_t st;
-    msa_srv_stats_t s;
-    CHECK_MSG(msa_srv_stats(eng, &s, &st) == MSA_OK, "stats: %s", st.msg);
+    msa_engine_stats_result_t s = {0};
+    CHECK_MSG(stats_copy(&s, &st) == MSA_OK, "stats: %s", st.msg);
     printf("gpu: %llu device routes (%llu fallbacks) in %llu passes, %llu coalesced, %llu "
            "syncs, %llu attends (%llu fallbacks), cache %llu hits / %llu misses\n",
            (unsigned long long)s.gpu.routes_device, (unsigned long long)s.gpu.routes_fallback,
@@ -459,7 +473,7 @@ int main(int argc, char **argv)
 {
     snprintf(dir, sizeof dir, "/tmp/msa-mvcc-XXXXXX");
     if (!mkdtemp(dir)) return 1;
-    msa_srv_config_t cfg = {.data_dir = dir, .backend = MSA_BACKEND_CPU, .threads = 2};
+    msa_engine_config_t cfg = {.data_dir = dir, .backend = MSA_BACKEND_CPU, .threads = 2};
     const char *be = getenv("MSA_TEST_BACKEND");
     if (be && !strcmp(be, "cuda")) {
         on_cuda = true;
@@ -470,19 +484,20 @@ int main(int argc, char **argv)
     }
     msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
     msa_status_t st;
-    if (msa_srv_open(&cfg, &eng, &st) != MSA_OK) {
+    if (msa_engine_open(&cfg, &eng, &st) != MSA_OK) {
         fprintf(stderr, "open: %s\n", st.msg);
         return 1;
     }
     msa_schema_t s = test_schema();
-    msa_coll_info_t info;
+    msa_engine_create_collection_result_t *info = NULL;
     int rc = 1;
-    if (msa_srv_create_collection(eng, "mvcc", &s, &info, &st) == MSA_OK)
+    if (msa_engine_create_collection(eng, "mvcc", &s, &info, &st) == MSA_OK)
         /* device_answered (last) only means something on the CUDA backend. */
         rc = msa_test_run(tests, sizeof tests / sizeof tests[0] - (on_cuda ? 0 : 1), argc, argv);
     else
         fprintf(stderr, "create: %s\n", st.msg);
-    msa_srv_close(eng);
+    msa_engine_create_collection_result_free(info);
+    msa_engine_close(eng);
 
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

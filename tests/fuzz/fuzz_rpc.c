@@ -113,10 +113,11 @@ static void fixture_collections(void) {
     s[2].default_top_k = 8;
     static const char *const names[3] = {"c", "s", "h"};
     for (int i = 0; i < 3; i++) {
-        msa_coll_info_t ci;
+        msa_engine_create_collection_result_t *ci = NULL;
         msa_status_t st;
-        if (msa_srv_create_collection(eng, names[i], &s[i], &ci, &st))
+        if (msa_engine_create_collection(eng, names[i], &s[i], &ci, &st))
             DIE("create %s: %s", names[i], st.msg);
+        msa_engine_create_collection_result_free(ci);
     }
 }
 
@@ -132,7 +133,7 @@ static void fixture_docs(void) {
         kv_h[i] = (uint16_t)(0x3c00 + 0x100 * i); /* F16 from 1.0 */
     struct {
         const char *coll;
-        msa_layer_kv_t l[2];
+        msa_engine_layer_kv_t l[2];
         uint32_t nl, tokens;
         const char *model;
     } d[3] = {
@@ -157,18 +158,18 @@ static void fixture_docs(void) {
          1, 3, NULL},
     };
     for (int i = 0; i < 3; i++) {
-        msa_write_op_t op;
+        msa_engine_write_op_t op;
         memset(&op, 0, sizeof op);
         op.kind = MSA_OP_PUT;
-        op.put = (msa_doc_t){.id = 1, .text = "seed", .text_len = 4, .metadata = "{}",
+        op.put = (msa_engine_doc_t){.id = 1, .text = "seed", .text_len = 4, .metadata = "{}",
                              .metadata_len = 2, .tokens = d[i].tokens, .n_layers = d[i].nl,
                              .layers = d[i].l};
-        msa_write_req_t req = {.collection = d[i].coll, .model = d[i].model, .n_ops = 1,
+        msa_engine_write_req_t req = {.collection = d[i].coll, .model = d[i].model, .n_ops = 1,
                                .ops = &op};
-        msa_write_result_t res;
+        msa_engine_write_result_t *res = NULL;
         msa_status_t st;
-        if (msa_srv_write(eng, &req, &res, &st)) DIE("seed %s: %s", d[i].coll, st.msg);
-        free(res.versions);
+        if (msa_engine_write(eng, &req, &res, &st)) DIE("seed %s: %s", d[i].coll, st.msg);
+        msa_engine_write_result_free(res);
     }
 }
 
@@ -186,16 +187,16 @@ static void at_exit(void) {
     if (!eng) return;
     /* Whatever the inputs did, the store and the index must still agree. */
     msa_status_t st;
-    uint64_t checked = 0;
-    char **problems = NULL;
-    size_t n = 0;
-    int rc = msa_srv_verify(eng, NULL, &checked, &problems, &n, &st);
+    msa_engine_verify_result_t *v = NULL;
+    int rc = msa_engine_verify(eng, NULL, &v, &st);
     if (rc) DIE("verify at exit: %s", st.msg);
-    for (size_t i = 0; i < n; i++)
-        fprintf(stderr, "fuzz_rpc: verify problem: %s\n", problems[i]);
-    msa_store_problems_free(problems, n);
+    for (size_t i = 0; i < v->n_problems; i++)
+        fprintf(stderr, "fuzz_rpc: verify problem: %s\n", v->problems[i]);
+    size_t n = v->n_problems;
+    unsigned long long checked = v->docs_checked;
+    msa_engine_verify_result_free(v);
     if (n) DIE("verify at exit: %zu problems in %llu documents", n, (unsigned long long)checked);
-    msa_srv_close(eng);
+    msa_engine_close(eng);
     eng = NULL;
     msa_rpc_metrics_free(&mx);
     rm_tree(root);
@@ -213,11 +214,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     snprintf(backup_dir, sizeof backup_dir, "%s/backup", root);
     if (mkdir(backup_dir, 0700)) DIE("mkdir %s failed", backup_dir);
 
-    msa_srv_config_t cfg = {.data_dir = data_dir, .backend = MSA_BACKEND_CPU, .threads = 1,
+    msa_engine_config_t cfg = {.data_dir = data_dir, .backend = MSA_BACKEND_CPU, .threads = 1,
                             .nosync = true, .map_size = 8u << 20, .map_max = 256u << 20,
                             .backup_dir = backup_dir, .min_seq_wait_ms = 1};
     msa_status_t st;
-    if (msa_srv_open(&cfg, &eng, &st)) DIE("engine open: %s", st.msg);
+    if (msa_engine_open(&cfg, &eng, &st)) DIE("engine open: %s", st.msg);
     fixture_collections();
     fixture_docs();
 
