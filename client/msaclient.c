@@ -8,6 +8,7 @@
 #include "msaclient.h"
 
 #include "health.pb-c.h"
+#include "tensor.h"
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
@@ -482,14 +483,11 @@ static float u2f(uint32_t u) {
     return x;
 }
 
-uint16_t msa_cli_f32_to_bf16(float x) {
-    uint32_t u = f2u(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+/* The server's own rounding (storage/tensor.h, inline: this library links no
+ * tensor.c), so client-side conversion matches the stored bits exactly. */
+uint16_t msa_cli_f32_to_bf16(float x) { return msa_f32_to_bf16(x); }
 
-float msa_cli_bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+float msa_cli_bf16_to_f32(uint16_t h) { return msa_bf16_to_f32(h); }
 
 uint16_t msa_cli_f32_to_f16(float x) {
     uint32_t u = f2u(x);

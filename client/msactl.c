@@ -4,6 +4,8 @@
  */
 #include "msactl.h"
 
+#include "msa_clock.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -241,9 +243,7 @@ const char *ctl_bytes(uint64_t b, char *buf, size_t len) {
 }
 
 double ctl_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    return (double)msa_clock_ns() * 1e-9;
 }
 
 /* ======================================================================================

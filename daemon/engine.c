@@ -19,6 +19,7 @@
 #include "index.h"
 #include "kernels.h"
 #include "lease.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <errno.h>
@@ -107,9 +108,7 @@ struct msa_engine {
 
 static int64_t mono_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 static int64_t wall_ms(void)

@@ -16,6 +16,7 @@
  */
 #include "lease.h"
 
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <pthread.h>
@@ -58,9 +59,7 @@ struct msa__lease_table {
 
 static int64_t now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 /* Takes h out of the table (lock held). Returns h when nobody uses it, so

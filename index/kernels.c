@@ -119,7 +119,7 @@ static inline float key_at(msa_dtype_t dt, const void *k, uint32_t l)
     case MSA_DT_F16:
         return msa__f16_f32(((const uint16_t *)k)[l]);
     case MSA_DT_BF16:
-        return msa__bf16_f32(((const uint16_t *)k)[l]);
+        return msa_bf16_to_f32(((const uint16_t *)k)[l]);
     default:
         return (float)((const int8_t *)k)[l];
     }
@@ -231,8 +231,8 @@ static void format_segment(uint8_t f, const float *src, uint32_t L, uint32_t Lp,
             for (uint32_t i = 0; i < 32; i++) {
                 uint32_t l = b + i;
                 float x = l < L ? src[l] : 0.0f;
-                uint16_t hi = msa__bf16_rne(x);
-                uint16_t lo = f == MSA__QF_BF16X2 ? msa__bf16_rne(x - msa__bf16_f32(hi)) : 0;
+                uint16_t hi = msa_f32_to_bf16(x);
+                uint16_t lo = f == MSA__QF_BF16X2 ? msa_f32_to_bf16(x - msa_bf16_to_f32(hi)) : 0;
                 d16[2 * b + i] = hi;
                 d16[2 * b + 32 + i] = lo;
             }

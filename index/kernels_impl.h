@@ -68,26 +68,7 @@ void msa__tile_avx512bf16_x1(const float *q, size_t qs, uint32_t nq, const void 
 /* The table of isa (must be supported). */
 const msa__kern_ops_t *msa__kern_ops(msa_isa_t isa);
 
-/* Rounds to bf16, nearest even (NaN stays NaN). */
-static inline uint16_t msa__bf16_rne(float x)
-{
-    union {
-        float f;
-        uint32_t u;
-    } v = {x};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-static inline float msa__bf16_f32(uint16_t h)
-{
-    union {
-        uint32_t u;
-        float f;
-    } v = {(uint32_t)h << 16};
-    return v.f;
-}
+/* bf16 <-> f32: msa_f32_to_bf16 / msa_bf16_to_f32 (storage/tensor.h). */
 
 /* IEEE half -> float (exact), for the scalar path. */
 static inline float msa__f16_f32(uint16_t h)

@@ -15,6 +15,7 @@
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
 #include "wire.pb-c.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <stdarg.h>
@@ -27,9 +28,7 @@
 /* ==== helpers ================================================================ */
 
 int64_t msa__rpc_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 #define OOM(st) msa_status_set((st), MSA_ENOMEM, "out of memory building the message")

@@ -77,25 +77,7 @@ static inline float bits_f32(uint32_t u)
     return x;
 }
 
-uint16_t msa_f32_to_bf16(float x)
-{
-    uint32_t u = f32_bits(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        /* NaN: keep sign and the top 7 payload bits, force the quiet bit so the
-         * result cannot collapse to Inf. */
-        return (uint16_t)((u >> 16) | 0x0040u);
-    }
-    /* Round to nearest even on bit 16; a carry into the exponent is correct
-     * (it also turns values above bf16's max into Inf). */
-    uint32_t lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;
-    return (uint16_t)(u >> 16);
-}
-
-float msa_bf16_to_f32(uint16_t h)
-{
-    return bits_f32((uint32_t)h << 16);
-}
+/* msa_f32_to_bf16 and msa_bf16_to_f32 are inline in tensor.h. */
 
 uint16_t msa_f32_to_f16(float x)
 {

@@ -131,7 +131,7 @@ int main(int argc, char **argv)
             nn += x[d] * x[d];
         }
         for (uint32_t d = 0; d < D; d++)
-            rows[rh * D + d] = msa__bf16_rne(x[d] / sqrtf(nn));
+            rows[rh * D + d] = msa_f32_to_bf16(x[d] / sqrtf(nn));
     }
     for (size_t i = 0; i < (size_t)T * Hq * D; i++)
         q[i] = frand();
@@ -216,7 +216,7 @@ int main(int argc, char **argv)
             return 1;
         }
         for (size_t i = 0; i < nel; i++)
-            keys[i] = msa__bf16_f32(rows[i]);
+            keys[i] = msa_bf16_to_f32(rows[i]);
         for (uint32_t t = 0; t < T; t++)
             for (uint32_t jj = 0; jj < Hq; jj++) {
                 const float *src = q + ((size_t)t * Hq + jj) * D;
