@@ -11,18 +11,27 @@
  * that return a value, or in threads, defines MSA_TEST_KEEP_GOING before
  * including this: its failed checks are counted and the case carries on.
  * Counters are updated atomically, so checks may run on any thread of a case.
+ *
+ * Temp dirs: msa_test_tmpdir() makes a private directory for a test's files,
+ * msa_test_rmtree() removes one (rm -rf), and msa_test_tmpdir_done() removes it
+ * at the end unless the run failed or MSA_KEEP_TMP is set (then it says where
+ * the files are).
  */
 #ifndef MSA_TEST_HARNESS_H
 #define MSA_TEST_HARNESS_H
 
 #include "msa_err.h"
 
+#include <dirent.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 typedef struct msa_test {
     const char *name;
@@ -204,6 +213,63 @@ static inline int msa_test_run(const msa_test_t *tests, size_t n, int argc, char
     printf("%d passed, %d failed\n", passed, failed);
     fflush(stdout);
     return failed ? 1 : skipped ? 77 : 0;
+}
+
+/* ==== temp dirs ============================================================== */
+
+/* Makes a fresh directory "$TMPDIR/msa-<tag>-XXXXXX" (TMPDIR default /tmp, mode
+ * 0700) and writes its path to buf (cap bytes, PATH_MAX is plenty). Returns buf,
+ * or NULL after printing why. */
+static inline char *msa_test_tmpdir(char *buf, size_t cap, const char *tag)
+{
+    const char *root = getenv("TMPDIR");
+    if (!root || !*root) root = "/tmp";
+    int n = snprintf(buf, cap, "%s/msa-%s-XXXXXX", root, tag);
+    if (n < 0 || (size_t)n >= cap) {
+        fprintf(stderr, "temp dir path too long under %s\n", root);
+        return NULL;
+    }
+    if (!mkdtemp(buf)) {
+        perror(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* rm -rf path (symlinks removed, not followed); a missing path is fine. Plain
+ * readdir recursion: nftw would need a feature macro defined before the first
+ * system header of every including file. */
+static inline void msa_test_rmtree(const char *path)
+{
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return;
+    if (S_ISDIR(sb.st_mode)) {
+        DIR *d = opendir(path);
+        if (d) {
+            struct dirent *e;
+            while ((e = readdir(d))) {
+                if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+                size_t n = strlen(path) + strlen(e->d_name) + 2;
+                char *sub = malloc(n);
+                if (!sub) break;
+                snprintf(sub, n, "%s/%s", path, e->d_name);
+                msa_test_rmtree(sub);
+                free(sub);
+            }
+            closedir(d);
+        }
+    }
+    remove(path);
+}
+
+/* Ends a temp dir with the run's exit status rc: removes it, or keeps it when
+ * rc == 1 (a check failed) or MSA_KEEP_TMP is set, and prints where it is. */
+static inline void msa_test_tmpdir_done(const char *path, int rc)
+{
+    if (rc == 1 || getenv("MSA_KEEP_TMP"))
+        fprintf(stderr, "data left in %s\n", path);
+    else
+        msa_test_rmtree(path);
 }
 
 #endif

@@ -32,7 +32,7 @@
 
 enum { D = 4, H = 1, HQ = 2, P = 2, TOKENS = 3, C = 2, DOC_A = 11, DOC_B = 12 };
 
-static char dir[64];
+static char dir[PATH_MAX];
 static msa_engine_t *eng;
 static atomic_bool stop;
 static atomic_long reads_checked, writes_done, empty_reads;
@@ -457,8 +457,7 @@ static const msa_test_t tests[] = {
 
 int main(int argc, char **argv)
 {
-    snprintf(dir, sizeof dir, "/tmp/msa-mvcc-XXXXXX");
-    if (!mkdtemp(dir)) return 1;
+    if (!msa_test_tmpdir(dir, sizeof dir, "mvcc")) return 1;
     msa_srv_config_t cfg = {.data_dir = dir, .backend = MSA_BACKEND_CPU, .threads = 2};
     const char *be = getenv("MSA_TEST_BACKEND");
     if (be && !strcmp(be, "cuda")) {
@@ -483,8 +482,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "create: %s\n", st.msg);
     msa_srv_close(eng);
 
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", dir);
+    msa_test_tmpdir_done(dir, rc);
     return rc;
 }

@@ -93,8 +93,7 @@ static bool find_msad(void) {
 
 /* Starts msad with extra args; returns false when it did not announce its address. */
 static bool daemon_start(daemon_t *d, const char *const *extra) {
-    snprintf(d->dir, sizeof d->dir, "/tmp/msa-libclient-XXXXXX");
-    if (!mkdtemp(d->dir)) return false;
+    if (!msa_test_tmpdir(d->dir, sizeof d->dir, "libclient")) return false;
     char data[PATH_MAX + 16], backups[PATH_MAX + 16], log[PATH_MAX + 16];
     snprintf(data, sizeof data, "%s/data", d->dir);
     snprintf(backups, sizeof backups, "%s/backups", d->dir);
@@ -142,9 +141,10 @@ static int daemon_stop(daemon_t *d) {
     int status = 0;
     kill(d->pid, SIGTERM);
     waitpid(d->pid, &status, 0);
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d->dir);
-    if (!getenv("MSA_KEEP_TMP") && system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", d->dir);
+    if (getenv("MSA_KEEP_TMP"))
+        fprintf(stderr, "data left in %s\n", d->dir);
+    else
+        msa_test_rmtree(d->dir);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static char g_dir[256];
+static char g_dir[200];
 
 /* ==== numpy-written files (numpy 1.24, np.save / write_array) ===================== */
 
@@ -282,12 +282,8 @@ static const msa_test_t tests[] = {
 
 int main(int argc, char **argv)
 {
-    snprintf(g_dir, sizeof g_dir, "/tmp/test_npy.XXXXXX");
-    if (!mkdtemp(g_dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!msa_test_tmpdir(g_dir, sizeof g_dir, "npy")) return 1;
     int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
-    rmdir(g_dir);
+    msa_test_tmpdir_done(g_dir, rc);
     return rc;
 }

@@ -12,7 +12,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <lmdb.h>
 #include <pthread.h>
 #include <sched.h>
@@ -26,7 +25,7 @@
 
 /* ==== fixtures =============================================================== */
 
-static char g_root[] = "/tmp/test_store_XXXXXX";
+static char g_root[128];
 static int g_dirs;
 
 /* A fresh, not yet existing path under the temp root. */
@@ -36,16 +35,6 @@ static const char *newdir(void)
     char *p = buf[g_dirs % 8];
     snprintf(p, sizeof buf[0], "%s/d%d", g_root, g_dirs++);
     return p;
-}
-
-static int rm_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    return remove(path);
-}
-
-static void rm_rf(const char *path)
-{
-    nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static msa_schema_t schema_of(uint32_t H, uint32_t D, uint32_t P, bool sep)
@@ -1688,14 +1677,8 @@ static const msa_test_t tests[] = {
 
 int main(int argc, char **argv)
 {
-    if (!mkdtemp(g_root)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!msa_test_tmpdir(g_root, sizeof g_root, "store")) return 1;
     int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
-    if (rc == 1)
-        fprintf(stderr, "data left in %s\n", g_root);
-    else
-        rm_rf(g_root);
+    msa_test_tmpdir_done(g_root, rc);
     return rc;
 }
