@@ -19,6 +19,7 @@
 #include "index.h"
 #include "kernels.h"
 #include "lease.h"
+#include "msa_alloc.h"
 #include "msa_clock.h"
 #include "msa_log.h"
 
@@ -227,7 +228,7 @@ static int pooled_f32(const msa_tensor_t *t, bool raw, uint32_t tokens, uint32_t
         msa_tensor_to_f32(t->dtype, t->data, n, out);
         return MSA_OK;
     }
-    float *tmp = malloc(n * sizeof *tmp);
+    float *tmp = msa_malloc(n * sizeof *tmp);
     if (!tmp) return MSA_ENOMEM;
     msa_tensor_to_f32(t->dtype, t->data, n, tmp);
     msa_tensor_pool(tmp, tokens, W, P, out);
@@ -301,11 +302,11 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_doc_t *d, size_t i, pr
     p->chunks = C;
     p->n_blocks = L * (s->separate_router_keys ? 3 : 2);
     p->tensor_bytes = per_layer * L;
-    p->buf = malloc(p->tensor_bytes ? p->tensor_bytes : 1);
-    p->blocks = calloc(p->n_blocks, sizeof *p->blocks);
-    p->router = malloc(L * rows * sizeof(float));
-    p->router_rows = calloc(L, sizeof *p->router_rows);
-    float *tmp = malloc(rows * sizeof(float));
+    p->buf = msa_malloc(p->tensor_bytes ? p->tensor_bytes : 1);
+    p->blocks = msa_calloc(p->n_blocks, sizeof *p->blocks);
+    p->router = msa_malloc(L * rows * sizeof(float));
+    p->router_rows = msa_calloc(L, sizeof *p->router_rows);
+    float *tmp = msa_malloc(rows * sizeof(float));
     if (!p->buf || !p->blocks || !p->router || !p->router_rows || !tmp) {
         free(tmp);
         prep_free(p);
@@ -859,7 +860,7 @@ static int rebuild_doc(void *arg, const msa_doc_rec_t *d)
     const msa_schema_t *s = &r->coll->schema;
     size_t W = (size_t)s->kv_heads * s->head_dim, need = (size_t)s->n_layers * d->chunks * W;
     if (need > r->rows_cap) {
-        float *n = realloc(r->rows, need * sizeof *n);
+        float *n = msa_realloc(r->rows, need * sizeof *n);
         if (!n) return r->rc = MSA_ENOMEM;
         r->rows = n;
         r->rows_cap = need;
@@ -946,14 +947,14 @@ static int rebuild_index(msa_engine_t *e, msa_status_t *st)
     return MSA_OK;
 }
 
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+static char *dup_or_null(const char *s) { return s ? msa_strdup(s) : NULL; }
 
 int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *st)
 {
     msa_status_t local;
     if (!st) st = &local; /* the rebuild reads st back */
     msa_status_clear(st);
-    msa_engine_t *e = calloc(1, sizeof *e);
+    msa_engine_t *e = msa_calloc(1, sizeof *e);
     if (!e) return msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
     e->cfg = *cfg;
     if (!e->cfg.max_query_tokens) e->cfg.max_query_tokens = MAX_QUERY_TOKENS;
@@ -982,6 +983,10 @@ int msa_srv_open(const msa_srv_config_t *cfg, msa_engine_t **out, msa_status_t *
     pthread_cond_init(&e->done_cond, NULL);
     pthread_mutex_init(&e->pause_lock, NULL);
     int rc;
+    if (!e->data_dir || (cfg->backup_dir && !e->backup_dir)) {
+        rc = msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
+        goto fail;
+    }
 
     char why[256] = "";
     const char *sim_env = getenv("MSA_GPU_SIM");
@@ -1179,7 +1184,7 @@ static int collect_coll(void *arg, const msa_coll_rec_t *c)
     coll_list_t *l = arg;
     if (l->n == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 8;
-        msa_coll_info_t *n = realloc(l->v, cap * sizeof *n);
+        msa_coll_info_t *n = msa_realloc(l->v, cap * sizeof *n);
         if (!n) return MSA_ENOMEM;
         l->v = n;
         l->cap = cap;
@@ -1248,8 +1253,8 @@ int msa_srv_write(msa_engine_t *e, const msa_write_req_t *req, msa_write_result_
     snap_close(e, &s);
     if ((rc = check_model(&coll.schema, req->model, st))) goto done;
 
-    prep = calloc(req->n_ops, sizeof *prep);
-    versions = calloc(req->n_ops, sizeof *versions);
+    prep = msa_calloc(req->n_ops, sizeof *prep);
+    versions = msa_calloc(req->n_ops, sizeof *versions);
     if (!prep || !versions) {
         rc = msa_status_set(st, MSA_ENOMEM, "write: out of memory");
         goto done;
@@ -1312,7 +1317,7 @@ static void query_set_free(query_set_t *qs)
 static int tensor_f32(const msa_tensor_t *t, float **out, msa_status_t *st, const char *path)
 {
     size_t n = (size_t)t->shape[0] * t->shape[1] * t->shape[2];
-    *out = malloc(n * sizeof(float));
+    *out = msa_malloc(n * sizeof(float));
     if (!*out) return msa_status_set(st, MSA_ENOMEM, "%s: out of memory", path);
     msa_tensor_to_f32(t->dtype, t->data, n, *out);
     return MSA_OK;
@@ -1417,7 +1422,7 @@ static int rerank_stored(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint
         }
         size_t rows = v.len / (row * msa_dtype_size(dt));
         if (rows > cap) {
-            float *k2 = realloc(keys, rows * row * sizeof *k2), *r2 = realloc(rs, rows * sizeof *r2);
+            float *k2 = msa_realloc(keys, rows * row * sizeof *k2), *r2 = msa_realloc(rs, rows * sizeof *r2);
             if (k2) keys = k2;
             if (r2) rs = r2;
             if (!k2 || !r2) {
@@ -1442,9 +1447,9 @@ static int route_layer(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32
                        const uint64_t *excl, size_t n_excl, uint64_t **ids, float **scores,
                        uint32_t *n, msa_status_t *st)
 {
-    msa_idx_hit_t *hits = malloc(k * sizeof *hits);
-    *ids = malloc(k * sizeof **ids);
-    *scores = malloc(k * sizeof **scores);
+    msa_idx_hit_t *hits = msa_malloc(k * sizeof *hits);
+    *ids = msa_malloc(k * sizeof **ids);
+    *scores = msa_malloc(k * sizeof **scores);
     if (!hits || !*ids || !*scores) {
         free(hits);
         return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
@@ -1456,7 +1461,7 @@ static int route_layer(msa_engine_t *e, snap_t *s, const query_set_t *qs, uint32
     if (i8) {
         want = k * RERANK_FACTOR < k + RERANK_MIN_EXTRA ? k + RERANK_MIN_EXTRA : k * RERANK_FACTOR;
         if (want > MSA_MAX_TOP_K) want = MSA_MAX_TOP_K;
-        msa_idx_hit_t *more = realloc(hits, want * sizeof *hits);
+        msa_idx_hit_t *more = msa_realloc(hits, want * sizeof *hits);
         if (!more) {
             free(hits);
             return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
@@ -1541,8 +1546,8 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     if ((rc = prep_queries(&s.coll.schema, s.coll.name, req->n_layers, req->layers, true, false,
                            e->cfg.max_query_tokens, &qs, st)))
         goto done;
-    r = calloc(1, sizeof *r);
-    if (!r || !(r->layers = calloc(qs.n, sizeof *r->layers))) {
+    r = msa_calloc(1, sizeof *r);
+    if (!r || !(r->layers = msa_calloc(qs.n, sizeof *r->layers))) {
         rc = msa_status_set(st, MSA_ENOMEM, "route: out of memory");
         goto done;
     }
@@ -1551,7 +1556,7 @@ int msa_srv_route(msa_engine_t *e, const msa_route_req_t *req, msa_route_result_
     for (uint32_t i = 0; i < qs.n; i++) r->layers[i].layer = req->layers[i].layer;
     route_layers_ctx_t lc = {.e = e, .s = &s, .qs = &qs, .k = k, .excl = req->exclude_ids,
                              .n_excl = req->n_exclude, .r = r,
-                             .st = calloc(qs.n, sizeof *lc.st), .rc = calloc(qs.n, sizeof(int))};
+                             .st = msa_calloc(qs.n, sizeof *lc.st), .rc = msa_calloc(qs.n, sizeof(int))};
     if (!lc.st || !lc.rc) {
         free(lc.st);
         free(lc.rc);
@@ -1630,7 +1635,7 @@ static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float 
 {
     const msa_schema_t *sc = &s->coll.schema;
     size_t W = (size_t)sc->kv_heads * sc->head_dim, esz = msa_dtype_size(sc->kv_dtype), rows = 0;
-    msa_store_view_t (*views)[2] = calloc(n ? n : 1, sizeof *views);
+    msa_store_view_t (*views)[2] = msa_calloc(n ? n : 1, sizeof *views);
     if (!views) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
@@ -1639,8 +1644,8 @@ static int gather_kv(snap_t *s, int pos, const uint64_t *ids, uint32_t n, float 
         if (rc == MSA_OK) rows += views[i][0].len / (W * esz);
     }
     if (rc == MSA_OK) {
-        *k = malloc((rows ? rows : 1) * W * sizeof(float));
-        *v = malloc((rows ? rows : 1) * W * sizeof(float));
+        *k = msa_malloc((rows ? rows : 1) * W * sizeof(float));
+        *v = msa_malloc((rows ? rows : 1) * W * sizeof(float));
         if (!*k || !*v) rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     }
     if (rc == MSA_OK) {
@@ -1688,7 +1693,7 @@ static int gpu_attend_layer(msa_engine_t *e, snap_t *s, int pos, const uint64_t 
                             msa_status_t *st)
 {
     const msa_schema_t *sc = &s->coll.schema;
-    uint64_t *versions = malloc((n ? n : 1) * sizeof *versions);
+    uint64_t *versions = msa_malloc((n ? n : 1) * sizeof *versions);
     if (!versions) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
@@ -1720,7 +1725,7 @@ static int check_doc_ids(snap_t *s, const uint64_t *ids, size_t n, msa_status_t 
 {
     if (n > MSA_MAX_TOP_K)
         return msa_status_set(st, MSA_EINVAL, "doc_ids: %zu ids, at most %d", n, MSA_MAX_TOP_K);
-    uint64_t *sorted = malloc(n * sizeof *sorted);
+    uint64_t *sorted = msa_malloc(n * sizeof *sorted);
     if (!sorted) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     memcpy(sorted, ids, n * sizeof *sorted);
     qsort(sorted, n, sizeof *sorted, cmp_u64);
@@ -1785,8 +1790,8 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
         goto done;
     if (given && (rc = check_doc_ids(&s, req->doc_ids, req->n_doc_ids, st))) goto done;
     float scale = req->scale > 0 ? req->scale : 1.0f / sqrtf((float)sc->head_dim);
-    r = calloc(1, sizeof *r);
-    if (!r || !(r->layers = calloc(qs.n, sizeof *r->layers))) {
+    r = msa_calloc(1, sizeof *r);
+    if (!r || !(r->layers = msa_calloc(qs.n, sizeof *r->layers))) {
         rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
         goto done;
     }
@@ -1800,7 +1805,7 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
         la->D = sc->head_dim;
         if (given) {
             la->n = (uint32_t)req->n_doc_ids;
-            la->doc_ids = malloc(la->n * sizeof *la->doc_ids);
+            la->doc_ids = msa_malloc(la->n * sizeof *la->doc_ids);
             if (!la->doc_ids) {
                 rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
                 break;
@@ -1812,10 +1817,10 @@ int msa_srv_attend(msa_engine_t *e, const msa_attend_req_t *req, msa_attend_resu
             if (rc) break;
         }
         size_t n_out = (size_t)la->T * la->Hq * la->D;
-        o = malloc(n_out * sizeof *o);
-        la->lse = malloc((size_t)la->T * la->Hq * sizeof *la->lse);
+        o = msa_malloc(n_out * sizeof *o);
+        la->lse = msa_malloc((size_t)la->T * la->Hq * sizeof *la->lse);
         la->out_bytes = n_out * msa_dtype_size(odt);
-        la->out = malloc(la->out_bytes);
+        la->out = msa_malloc(la->out_bytes);
         if (!o || !la->lse || !la->out) {
             rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
             break;
@@ -1892,8 +1897,8 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
         return leave(e, msa_status_set(st, MSA_EINVAL, "ids: %zu ids, at most %u (--max-ids)",
                                        req->n_ids, e->cfg.max_ids));
     /* The snapshot lives in the result: its views point into it. */
-    snap_t *s = calloc(1, sizeof *s);
-    msa_get_result_t *r = calloc(1, sizeof *r);
+    snap_t *s = msa_calloc(1, sizeof *s);
+    msa_get_result_t *r = msa_calloc(1, sizeof *r);
     if (!s || !r) {
         free(s);
         free(r);
@@ -1929,7 +1934,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
             }
         }
     }
-    if (rc == MSA_OK && !(r->records = calloc(req->n_ids ? req->n_ids : 1, sizeof *r->records)))
+    if (rc == MSA_OK && !(r->records = msa_calloc(req->n_ids ? req->n_ids : 1, sizeof *r->records)))
         rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
     uint64_t bytes = 0; /* response bytes so far (req->max_bytes) */
     for (size_t i = 0; i < req->n_ids && rc == MSA_OK; i++) {
@@ -1988,7 +1993,7 @@ int msa_srv_get(msa_engine_t *e, const msa_get_req_t *req, msa_get_result_t **ou
                            rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
                                               : msa_strerror(rc));
         if (rc == MSA_OK && nl) {
-            g->layers = calloc(nl, sizeof *g->layers);
+            g->layers = msa_calloc(nl, sizeof *g->layers);
             if (!g->layers) rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
         }
         for (uint32_t l = 0; l < nl && rc == MSA_OK; l++) {
@@ -2047,7 +2052,7 @@ int msa_srv_list(msa_engine_t *e, const msa_list_req_t *req, msa_list_result_t *
     snap_t s;
     rc = snap_open_at(e, req->collection, 0, 0, req->snapshot_seq, req->hold_ms, &s, st);
     if (rc) return leave(e, rc);
-    out->docs = malloc(limit * sizeof *out->docs);
+    out->docs = msa_malloc(limit * sizeof *out->docs);
     if (!out->docs) rc = msa_status_set(st, MSA_ENOMEM, "list: out of memory");
     else
         rc = fill_status(st,
@@ -2168,7 +2173,7 @@ typedef struct verify_ctx {
 
 static void add_problem(verify_ctx_t *v, char *msg)
 {
-    char **n = realloc(*v->problems, (*v->n_problems + 1) * sizeof *n);
+    char **n = msa_realloc(*v->problems, (*v->n_problems + 1) * sizeof *n);
     if (!n || !msg) {
         free(msg);
         return;

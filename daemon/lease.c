@@ -16,6 +16,7 @@
  */
 #include "lease.h"
 
+#include "msa_alloc.h"
 #include "msa_clock.h"
 #include "msa_log.h"
 
@@ -148,7 +149,7 @@ int msa__lease_table_create(uint32_t max_held, msa__lease_close_fn close_fn, voi
                             msa__lease_table_t **out)
 {
     *out = NULL;
-    msa__lease_table_t *L = calloc(1, sizeof *L);
+    msa__lease_table_t *L = msa_calloc(1, sizeof *L);
     if (!L) return MSA_ENOMEM;
     L->max = max_held;
     L->close_fn = close_fn;
@@ -278,7 +279,7 @@ int msa__lease_adopt(msa__lease_table_t *L, msa_store_txn_t **txn, uint64_t seq,
                             "(--max-held-snapshots); release some (ReleaseSnapshot) or hold "
                             "for less time",
                             L->n);
-    } else if ((h = calloc(1, sizeof *h)) == NULL) {
+    } else if ((h = msa_calloc(1, sizeof *h)) == NULL) {
         rc = msa_status_set(st, MSA_ENOMEM, "hold_snapshot_ms: out of memory");
     } else if (msa_store_txn_detach(*txn) != MSA_OK) {
         /* Only when a grow is pending: as if revoked at once. */

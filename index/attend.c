@@ -13,6 +13,7 @@
  * floats (at most 264 KiB) per task, whatever the number of selected rows.
  */
 #include "kernels_impl.h"
+#include "msa_alloc.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -47,7 +48,7 @@ static void attend_task(void *arg, size_t task, unsigned worker)
     const int ld = (int)(a->H * D);
     const float *kh = a->k + (size_t)h * D, *vh = a->v + (size_t)h * D;
 
-    float *qm = malloc(((size_t)M * D * 2 + (size_t)M * RB + 2 * (size_t)M) * sizeof(float));
+    float *qm = msa_malloc(((size_t)M * D * 2 + (size_t)M * RB + 2 * (size_t)M) * sizeof(float));
     if (!qm) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;

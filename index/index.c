@@ -4,6 +4,7 @@
 #define _GNU_SOURCE /* pthread_rwlockattr_setkind_np */
 #include "index.h"
 
+#include "msa_alloc.h"
 #include "msa_log.h"
 #include "tensor.h"
 
@@ -62,7 +63,7 @@ struct msa_idx {
 
 static void *mem_alloc(const msa_idx_t *x, size_t bytes)
 {
-    return x->mem.alloc ? x->mem.alloc(x->mem.ctx, bytes) : malloc(bytes);
+    return x->mem.alloc ? x->mem.alloc(x->mem.ctx, bytes) : msa_malloc(bytes);
 }
 
 static void mem_free(const msa_idx_t *x, void *p)
@@ -87,7 +88,7 @@ static void *mem_grow(const msa_idx_t *x, void *old, size_t keep, size_t new_byt
 
 int msa_idx_create(unsigned threads, msa_isa_t isa, msa_idx_t **out)
 {
-    msa_idx_t *x = calloc(1, sizeof *x);
+    msa_idx_t *x = msa_calloc(1, sizeof *x);
     if (!x) return MSA_ENOMEM;
     int rc = msa_idx_pool_create(threads, &x->pool);
     if (rc) {
@@ -153,7 +154,7 @@ void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel)
 
 int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
 {
-    msa_idx_coll_t *c = calloc(1, sizeof *c);
+    msa_idx_coll_t *c = msa_calloc(1, sizeof *c);
     if (!c) return MSA_ENOMEM;
     c->owner = x;
     c->id = coll_id;
@@ -163,8 +164,8 @@ int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
     c->width = schema->kv_heads * schema->head_dim;
     c->key_dtype = schema->routing_dtype;
     c->row_bytes = (size_t)c->width * msa_dtype_size(c->key_dtype);
-    c->rows = calloc(schema->n_layers, sizeof *c->rows);
-    if (c->key_dtype == MSA_DT_I8) c->scales = calloc(schema->n_layers, sizeof *c->scales);
+    c->rows = msa_calloc(schema->n_layers, sizeof *c->rows);
+    if (c->key_dtype == MSA_DT_I8) c->scales = msa_calloc(schema->n_layers, sizeof *c->scales);
     if (!c->rows || (c->key_dtype == MSA_DT_I8 && !c->scales)) {
         free(c->rows);
         free(c->scales);
@@ -184,7 +185,7 @@ int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
         if (x->colls[i]->id == coll_id) rc = MSA_EEXIST;
     if (rc == MSA_OK && x->n_colls == x->cap_colls) {
         size_t cap = x->cap_colls ? 2 * x->cap_colls : 8;
-        msa_idx_coll_t **n = realloc(x->colls, cap * sizeof *n);
+        msa_idx_coll_t **n = msa_realloc(x->colls, cap * sizeof *n);
         if (!n) rc = MSA_ENOMEM;
         else {
             x->colls = n;
@@ -278,8 +279,8 @@ static void map_del(msa_idx_coll_t *c, uint64_t doc)
 /* Rehashes into cap slots (a power of two > count). */
 static int map_rebuild(msa_idx_coll_t *c, size_t cap)
 {
-    uint64_t *k = calloc(cap, sizeof *k);
-    uint32_t *v = calloc(cap, sizeof *v);
+    uint64_t *k = msa_calloc(cap, sizeof *k);
+    uint32_t *v = msa_calloc(cap, sizeof *v);
     if (!k || !v) {
         free(k);
         free(v);
@@ -324,7 +325,7 @@ static int reserve(msa_idx_coll_t *c, uint32_t nrows)
     }
     if (c->n_ent + 1 > c->cap_ent) {
         size_t cap = c->cap_ent ? 2 * c->cap_ent : 64;
-        entry_t *e = realloc(c->ent, cap * sizeof *e);
+        entry_t *e = msa_realloc(c->ent, cap * sizeof *e);
         if (!e) return MSA_ENOMEM;
         c->ent = e;
         c->cap_ent = cap;
@@ -352,7 +353,7 @@ static void store_row(msa_idx_coll_t *c, uint32_t l, size_t r, const float *src,
 int msa_idx_doc_put(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq, uint32_t nrows,
                     const float *const *rows)
 {
-    float *tmp = malloc((size_t)c->width * sizeof(float));
+    float *tmp = msa_malloc((size_t)c->width * sizeof(float));
     if (!tmp) return MSA_ENOMEM;
     pthread_rwlock_wrlock(&c->lock);
     int rc = reserve(c, nrows);
@@ -441,7 +442,7 @@ int msa_idx_snap_register(msa_idx_t *x, int (*begin_fn)(void *arg, uint64_t *seq
     pthread_mutex_lock(&x->lock);
     if (x->n_snaps == x->cap_snaps) {
         size_t cap = x->cap_snaps ? 2 * x->cap_snaps : 64;
-        uint64_t *n = realloc(x->snaps, cap * sizeof *n);
+        uint64_t *n = msa_realloc(x->snaps, cap * sizeof *n);
         if (!n) {
             pthread_mutex_unlock(&x->lock);
             return MSA_ENOMEM;
@@ -542,7 +543,7 @@ size_t msa_idx_compact(msa_idx_t *x, bool force)
         }
     }
     size_t n = x->n_colls;
-    msa_idx_coll_t **list = malloc((n ? n : 1) * sizeof *list);
+    msa_idx_coll_t **list = msa_malloc((n ? n : 1) * sizeof *list);
     if (list) {
         for (size_t i = 0; i < n; i++) {
             list[i] = x->colls[i];
@@ -660,7 +661,7 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
                                sc->query_reduce, c->key_dtype, x->isa, &scorer);
     if (rc) return rc;
     if (a->n_exclude) {
-        excl = malloc(a->n_exclude * sizeof *excl);
+        excl = msa_malloc(a->n_exclude * sizeof *excl);
         if (!excl) {
             rc = MSA_ENOMEM;
             goto fail;
@@ -693,10 +694,10 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
     size_t ntasks = want < (size_t)workers * 4 ? want : (size_t)workers * 4;
     if (ntasks > c->n_ent) ntasks = c->n_ent ? c->n_ent : 1;
     j.block_rows = SCAN_BLOCK_ROWS > c->max_entry_rows ? SCAN_BLOCK_ROWS : c->max_entry_rows;
-    j.bounds = malloc(ntasks * sizeof *j.bounds);
-    j.topk = malloc(ntasks * sizeof *j.topk);
-    j.hits = malloc(ntasks * a->top_k * sizeof *j.hits);
-    j.scratch = malloc(ntasks * j.block_rows * sizeof(float));
+    j.bounds = msa_malloc(ntasks * sizeof *j.bounds);
+    j.topk = msa_malloc(ntasks * sizeof *j.topk);
+    j.hits = msa_malloc(ntasks * a->top_k * sizeof *j.hits);
+    j.scratch = msa_malloc(ntasks * j.block_rows * sizeof(float));
     if (!j.bounds || !j.topk || !j.hits || !j.scratch) {
         rc = MSA_ENOMEM;
         goto unlock;

@@ -21,6 +21,7 @@
  * scaled before they are summed.
  */
 #include "kernels_impl.h"
+#include "msa_alloc.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -268,7 +269,7 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
     if ((uint64_t)H * D > (1u << 24))
         return MSA_EINVAL;
 
-    msa_idx_scorer_t *s = calloc(1, sizeof *s);
+    msa_idx_scorer_t *s = msa_calloc(1, sizeof *s);
     if (!s)
         return MSA_ENOMEM;
     const msa__kern_ops_t *ops = msa__kern_ops(isa);
@@ -303,9 +304,9 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
     s->Lp = pad_up(s->L, MSA__QPAD);
     size_t nsegs = s->plan == PLAN_GENERAL ? (size_t)Tu * Hq : (size_t)s->nvec * s->nseg;
     size_t nfl = nsegs * s->Lp;
-    s->qf = calloc(nfl, sizeof(float));
+    s->qf = msa_calloc(nfl, sizeof(float));
     s->qp = aligned_alloc(64, (nfl * sizeof(float) + 63) / 64 * 64);
-    float *tmp = malloc((size_t)D * sizeof(float));
+    float *tmp = msa_malloc((size_t)D * sizeof(float));
     if (!s->qf || !s->qp || !tmp) {
         free(tmp);
         msa_idx_scorer_destroy(s);

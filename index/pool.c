@@ -9,6 +9,7 @@
  * own job). Tasks are claimed one at a time with an atomic counter.
  */
 #include "kernels.h"
+#include "msa_alloc.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -121,10 +122,10 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n > 0 ? (unsigned)n : 1;
     }
-    msa_idx_pool_t *p = calloc(1, sizeof *p);
+    msa_idx_pool_t *p = msa_calloc(1, sizeof *p);
     if (!p)
         return MSA_ENOMEM;
-    p->threads = calloc(nthreads, sizeof *p->threads);
+    p->threads = msa_calloc(nthreads, sizeof *p->threads);
     if (!p->threads) {
         free(p);
         return MSA_ENOMEM;
@@ -133,7 +134,7 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
     pthread_cond_init(&p->work_cv, NULL);
     pthread_cond_init(&p->done_cv, NULL);
     for (unsigned i = 0; i < nthreads; i++) {
-        worker_arg_t *wa = malloc(sizeof *wa);
+        worker_arg_t *wa = msa_malloc(sizeof *wa);
         if (wa) {
             wa->p = p;
             wa->idx = i;

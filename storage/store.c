@@ -242,7 +242,7 @@ int msa__store_doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint6
 char *msa__store_path_join(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
+    char *p = msa_malloc(n);
     if (p) snprintf(p, n, "%s/%s", dir, name);
     return p;
 }
@@ -250,7 +250,7 @@ char *msa__store_path_join(const char *dir, const char *name)
 /* mkdir -p with mode 0700 for the directories it creates. */
 static int mkdir_p(const char *dir)
 {
-    char *tmp = strdup(dir);
+    char *tmp = msa_strdup(dir);
     if (!tmp) return ENOMEM;
     int err = 0;
     for (char *p = tmp + 1; ; p++) {
@@ -405,7 +405,7 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     *out = NULL;
     msa_status_clear(st);
     int rc;
-    msa_store_t *s = calloc(1, sizeof *s);
+    msa_store_t *s = msa_calloc(1, sizeof *s);
     if (!s) return msa_status_set(st, MSA_ENOMEM, "out of memory opening %s", dir);
     s->st_lock_fd = -1;
     s->st_read_only = o.read_only;
@@ -413,7 +413,7 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     s->st_map_soft = soft;
     bool gate_init = false;
 
-    s->st_dir = strdup(dir);
+    s->st_dir = msa_strdup(dir);
     s->st_data_path = msa__store_path_join(dir, "data.mdb");
     if (!s->st_dir || !s->st_data_path) {
         rc = msa_status_set(st, MSA_ENOMEM, "out of memory opening %s", dir);
@@ -629,7 +629,7 @@ static int txn_begin(msa_store_t *s, bool write, msa_store_txn_t **out)
     *out = NULL;
     if (write && s->st_read_only) return MSA_EINVAL;
     if (atomic_load(&s->st_broken)) return MSA_EBROKEN;
-    msa_store_txn_t *t = calloc(1, sizeof *t);
+    msa_store_txn_t *t = msa_calloc(1, sizeof *t);
     if (!t) return MSA_ENOMEM;
     t->tx_store = s;
     t->tx_write = write;

@@ -15,6 +15,8 @@
 
 #include "store.h"
 
+#include "msa_alloc.h"
+
 #include <lmdb.h>
 #include <pthread.h>
 #include <stdatomic.h>

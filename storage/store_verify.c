@@ -131,7 +131,7 @@ static void add_problem(problems_t *p, const char *fmt, ...)
     }
     if (p->n == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 16;
-        char **nv = realloc(p->v, cap * sizeof *nv);
+        char **nv = msa_realloc(p->v, cap * sizeof *nv);
         if (!nv) {
             p->oom = true;
             return;
