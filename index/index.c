@@ -16,8 +16,8 @@
 #include <string.h>
 #include <time.h>
 
-#define LIVE UINT64_MAX        /* deleted seq of a live version */
-#define SCAN_BLOCK_ROWS 1024   /* rows scored per kernel call: fits L2 with the queries */
+#define LIVE UINT64_MAX      /* deleted seq of a live version */
+#define SCAN_BLOCK_ROWS 1024 /* rows scored per kernel call: fits L2 with the queries */
 
 typedef msa_idx_entry_t entry_t;
 
@@ -25,40 +25,40 @@ struct msa_idx_coll {
     msa_idx_t *owner;
     uint32_t id;
     msa_schema_t schema;
-    atomic_int refs;             /* the map's reference + readers' */
-    uint64_t dropped_seq;        /* LIVE until dropped; writer thread only */
-    pthread_rwlock_t lock;       /* guards everything below */
-    uint32_t width;              /* H*D values per row */
-    msa_dtype_t key_dtype;       /* dtype of rows: routing dtype */
-    size_t row_bytes;            /* width * element size */
-    uint8_t **rows;              /* [n_layers] -> [cap_rows][row_bytes] */
-    float **scales;              /* [n_layers] -> [cap_rows][H]; I8 only */
+    atomic_int refs;       /* the map's reference + readers' */
+    uint64_t dropped_seq;  /* LIVE until dropped; writer thread only */
+    pthread_rwlock_t lock; /* guards everything below */
+    uint32_t width;        /* H*D values per row */
+    msa_dtype_t key_dtype; /* dtype of rows: routing dtype */
+    size_t row_bytes;      /* width * element size */
+    uint8_t **rows;        /* [n_layers] -> [cap_rows][row_bytes] */
+    float **scales;        /* [n_layers] -> [cap_rows][H]; I8 only */
     size_t n_rows, cap_rows;
-    entry_t *ent;                /* in row order */
+    entry_t *ent; /* in row order */
     size_t n_ent, cap_ent;
-    uint64_t *h_key;             /* open addressing doc -> live entry; key 0 = empty */
+    uint64_t *h_key; /* open addressing doc -> live entry; key 0 = empty */
     uint32_t *h_val;
     size_t h_cap, h_count;
-    uint64_t dead_rows;          /* rows of deleted versions not yet compacted */
-    uint64_t compact_horizon;    /* horizon of the last pass (writer thread only) */
+    uint64_t dead_rows;       /* rows of deleted versions not yet compacted */
+    uint64_t compact_horizon; /* horizon of the last pass (writer thread only) */
     uint32_t max_entry_rows;
-    uint64_t layout_gen;         /* bumped when compaction moves rows */
-    uint64_t delete_gen;         /* bumped when an entry's deleted seq changes */
+    uint64_t layout_gen; /* bumped when compaction moves rows */
+    uint64_t delete_gen; /* bumped when an entry's deleted seq changes */
 };
 
 struct msa_idx {
     msa_idx_pool_t *pool;
     msa_isa_t isa;
-    pthread_mutex_t lock;        /* collection map and snapshot registry */
+    pthread_mutex_t lock; /* collection map and snapshot registry */
     msa_idx_coll_t **colls;
     size_t n_colls, cap_colls;
-    uint64_t *snaps;             /* open snapshots (a multiset) */
+    uint64_t *snaps; /* open snapshots (a multiset) */
     size_t n_snaps, cap_snaps;
     pthread_mutex_t pub_lock;
-    pthread_cond_t pub_cond;     /* signalled on publish */
-    _Atomic uint64_t applied;    /* last commit seq applied to the index */
-    msa_idx_accel_t accel;       /* route/forget NULL: CPU only */
-    msa_idx_host_alloc_t mem;    /* row arrays' allocator (malloc by default) */
+    pthread_cond_t pub_cond;  /* signalled on publish */
+    _Atomic uint64_t applied; /* last commit seq applied to the index */
+    msa_idx_accel_t accel;    /* route/forget NULL: CPU only */
+    msa_idx_host_alloc_t mem; /* row arrays' allocator (malloc by default) */
 };
 
 static void *mem_alloc(const msa_idx_t *x, size_t bytes)
@@ -69,8 +69,10 @@ static void *mem_alloc(const msa_idx_t *x, size_t bytes)
 static void mem_free(const msa_idx_t *x, void *p)
 {
     if (!p) return;
-    if (x->mem.free) x->mem.free(x->mem.ctx, p);
-    else free(p);
+    if (x->mem.free)
+        x->mem.free(x->mem.ctx, p);
+    else
+        free(p);
 }
 
 /* A row array of new_bytes holding the first keep bytes of old (freed); NULL
@@ -137,8 +139,14 @@ void msa_idx_destroy(msa_idx_t *x)
     free(x);
 }
 
-msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x) { return x->pool; }
-msa_isa_t msa_idx_get_isa(const msa_idx_t *x) { return x->isa; }
+msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x)
+{
+    return x->pool;
+}
+msa_isa_t msa_idx_get_isa(const msa_idx_t *x)
+{
+    return x->isa;
+}
 
 void msa_idx_set_host_alloc(msa_idx_t *x, const msa_idx_host_alloc_t *a)
 {
@@ -186,7 +194,8 @@ int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
     if (rc == MSA_OK && x->n_colls == x->cap_colls) {
         size_t cap = x->cap_colls ? 2 * x->cap_colls : 8;
         msa_idx_coll_t **n = msa_realloc(x->colls, cap * sizeof *n);
-        if (!n) rc = MSA_ENOMEM;
+        if (!n)
+            rc = MSA_ENOMEM;
         else {
             x->colls = n;
             x->cap_colls = cap;
@@ -310,8 +319,8 @@ static int reserve(msa_idx_coll_t *c, uint32_t nrows)
         /* On a failure midway the layers grown so far keep their larger
          * arrays while cap_rows stays the old value: safe, only wasteful. */
         for (uint32_t l = 0; l < L; l++) {
-            uint8_t *r = mem_grow(c->owner, c->rows[l], c->n_rows * c->row_bytes,
-                                  cap * c->row_bytes);
+            uint8_t *r =
+                mem_grow(c->owner, c->rows[l], c->n_rows * c->row_bytes, cap * c->row_bytes);
             if (!r) return MSA_ENOMEM;
             c->rows[l] = r;
             if (c->scales) {
@@ -367,8 +376,8 @@ int msa_idx_doc_put(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq, uint32_t n
         c->dead_rows += c->ent[old].nrows;
         c->delete_gen++;
     }
-    c->ent[c->n_ent] = (entry_t){.doc = doc_id, .created = seq, .deleted = LIVE,
-                                 .row0 = c->n_rows, .nrows = nrows};
+    c->ent[c->n_ent] = (entry_t){
+        .doc = doc_id, .created = seq, .deleted = LIVE, .row0 = c->n_rows, .nrows = nrows};
     map_set(c, doc_id, (uint32_t)c->n_ent);
     c->n_ent++;
     c->n_rows += nrows;
@@ -401,7 +410,10 @@ void msa_idx_publish(msa_idx_t *x, uint64_t seq)
     pthread_mutex_unlock(&x->pub_lock);
 }
 
-uint64_t msa_idx_applied(msa_idx_t *x) { return atomic_load(&x->applied); }
+uint64_t msa_idx_applied(msa_idx_t *x)
+{
+    return atomic_load(&x->applied);
+}
 
 int msa_idx_wait_applied(msa_idx_t *x, uint64_t seq, int64_t deadline_ms)
 {
@@ -578,12 +590,12 @@ typedef struct route_job {
     msa_idx_coll_t *c;
     const msa_idx_route_args_t *a;
     const msa_idx_scorer_t *scorer;
-    const uint64_t *exclude;     /* sorted */
+    const uint64_t *exclude; /* sorted */
     size_t n_exclude;
-    size_t (*bounds)[2];         /* entry range per task */
-    msa_idx_topk_t *topk;        /* per task */
-    msa_idx_hit_t *hits;         /* storage of the per-task heaps */
-    float *scratch;              /* per task: block_rows floats */
+    size_t (*bounds)[2];  /* entry range per task */
+    msa_idx_topk_t *topk; /* per task */
+    msa_idx_hit_t *hits;  /* storage of the per-task heaps */
+    float *scratch;       /* per task: block_rows floats */
     size_t block_rows;
 } route_job_t;
 
@@ -598,8 +610,10 @@ static bool is_excluded(const route_job_t *j, uint64_t doc)
     size_t lo = 0, hi = j->n_exclude;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (j->exclude[mid] < doc) lo = mid + 1;
-        else hi = mid;
+        if (j->exclude[mid] < doc)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo < j->n_exclude && j->exclude[lo] == doc;
 }
@@ -657,8 +671,8 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
     uint64_t *excl = NULL;
     route_job_t j = {.c = c, .a = a};
     rc = msa_idx_scorer_create(a->q, a->T, sc->query_heads, sc->kv_heads, sc->head_dim,
-                               sc->similarity == MSA_SIM_COSINE, sc->head_reduce,
-                               sc->query_reduce, c->key_dtype, x->isa, &scorer);
+                               sc->similarity == MSA_SIM_COSINE, sc->head_reduce, sc->query_reduce,
+                               c->key_dtype, x->isa, &scorer);
     if (rc) return rc;
     if (a->n_exclude) {
         excl = msa_malloc(a->n_exclude * sizeof *excl);
@@ -675,15 +689,20 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
 
     pthread_rwlock_rdlock(&c->lock);
     if (x->accel.route) {
-        msa_idx_layer_view_t v = {
-            .coll_id = c->id, .schema = sc, .layer_pos = a->layer_pos,
-            .key_dtype = c->key_dtype, .row_bytes = c->row_bytes,
-            .rows = c->rows[a->layer_pos],
-            .scales = c->scales ? c->scales[a->layer_pos] : NULL,
-            .n_rows = c->n_rows, .ent = c->ent, .n_ent = c->n_ent,
-            .layout_gen = c->layout_gen, .delete_gen = c->delete_gen};
-        rc = x->accel.route(x->accel.ctx, &v, scorer, a->snapshot, excl, a->n_exclude,
-                            a->top_k, out, n_out);
+        msa_idx_layer_view_t v = {.coll_id = c->id,
+                                  .schema = sc,
+                                  .layer_pos = a->layer_pos,
+                                  .key_dtype = c->key_dtype,
+                                  .row_bytes = c->row_bytes,
+                                  .rows = c->rows[a->layer_pos],
+                                  .scales = c->scales ? c->scales[a->layer_pos] : NULL,
+                                  .n_rows = c->n_rows,
+                                  .ent = c->ent,
+                                  .n_ent = c->n_ent,
+                                  .layout_gen = c->layout_gen,
+                                  .delete_gen = c->delete_gen};
+        rc = x->accel.route(x->accel.ctx, &v, scorer, a->snapshot, excl, a->n_exclude, a->top_k,
+                            out, n_out);
         if (rc != MSA_EUNAVAIL) goto unlock;
         rc = MSA_OK;
     }
@@ -710,8 +729,10 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
         j.bounds[t][1] = e;
         msa_idx_topk_init(&j.topk[t], j.hits + t * a->top_k, a->top_k);
     }
-    if (ntasks == 1) route_task(&j, 0, 0);
-    else msa_idx_pool_run(x->pool, ntasks, route_task, &j);
+    if (ntasks == 1)
+        route_task(&j, 0, 0);
+    else
+        msa_idx_pool_run(x->pool, ntasks, route_task, &j);
     for (size_t t = 1; t < ntasks; t++) msa_idx_topk_merge(&j.topk[0], &j.topk[t]);
     *n_out = msa_idx_topk_finish(&j.topk[0], out);
 unlock:

@@ -141,7 +141,7 @@ int msa__store_level_err(const msa_store_txn_t *t)
 }
 
 int msa__store_meta_get_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_t width,
-                        uint64_t *out)
+                            uint64_t *out)
 {
     MDB_val k = mval(key, strlen(key)), v;
     int rc = mdb_get(txn, s->st_meta, &k, &v);
@@ -152,7 +152,8 @@ int msa__store_meta_get_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_
     return MSA_OK;
 }
 
-int msa__store_meta_put_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_t width, uint64_t val)
+int msa__store_meta_put_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_t width,
+                            uint64_t val)
 {
     uint8_t buf[8];
     if (width == 4)
@@ -169,7 +170,7 @@ int msa__store_meta_put_u64(msa_store_t *s, MDB_txn *txn, const char *key, size_
  * result right even where LMDB's cursor state after a delete at a page edge
  * is not what this loop expects. */
 int msa__store_del_prefix(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const uint8_t *prefix,
-                      size_t plen)
+                          size_t plen)
 {
     MDB_cursor *c = NULL;
     int rc = mdb_cursor_open(txn, dbi, &c);
@@ -222,11 +223,12 @@ int msa__store_coll_put_txn(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *
     uint8_t key[4], buf[COLL_REC_MAX];
     put_be32(key, c->id);
     MDB_val k = mval(key, 4);
-    return msa__store_val_put(s, txn, s->st_colls, TAG_COLL, &k, buf, msa__store_coll_encode(c, buf));
+    return msa__store_val_put(s, txn, s->st_colls, TAG_COLL, &k, buf,
+                              msa__store_coll_encode(c, buf));
 }
 
 int msa__store_doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint64_t doc_id,
-                       msa_doc_rec_t *out)
+                           msa_doc_rec_t *out)
 {
     uint8_t key[DOC_KEY_LEN];
     msa__store_doc_key(key, coll_id, doc_id);
@@ -235,7 +237,6 @@ int msa__store_doc_get_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, uint6
     if (rc) return msa__store_xlate(s, rc);
     return msa__store_doc_decode(&k, &v, out);
 }
-
 
 /* ==== environment ============================================================ */
 
@@ -253,7 +254,7 @@ static int mkdir_p(const char *dir)
     char *tmp = msa_strdup(dir);
     if (!tmp) return ENOMEM;
     int err = 0;
-    for (char *p = tmp + 1; ; p++) {
+    for (char *p = tmp + 1;; p++) {
         if (*p == '/' || *p == '\0') {
             char c = *p;
             *p = '\0';
@@ -292,8 +293,8 @@ static int setup_dbs(msa_store_t *s, msa_status_t *st)
     MDB_txn *txn = NULL;
     int rc = mdb_txn_begin(s->st_env, NULL, s->st_read_only ? MDB_RDONLY : 0, &txn);
     if (rc) {
-        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot begin txn: %s", s->st_data_path,
-                            mdb_strerror(rc));
+        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot begin txn: %s",
+                            s->st_data_path, mdb_strerror(rc));
         goto fail;
     }
     bool fresh = false;
@@ -306,7 +307,8 @@ static int setup_dbs(msa_store_t *s, msa_status_t *st)
         rc = mdb_dbi_open(txn, NULL, 0, &main_db);
         if (rc == 0) rc = mdb_stat(txn, main_db, &ms);
         if (rc) {
-            rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: %s", s->st_data_path, mdb_strerror(rc));
+            rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: %s", s->st_data_path,
+                                mdb_strerror(rc));
             goto fail;
         }
         if (ms.ms_entries != 0) {
@@ -353,8 +355,8 @@ static int setup_dbs(msa_store_t *s, msa_status_t *st)
         goto fail;
     }
     if (format != STORE_FORMAT) {
-        rc = msa_status_set(st, MSA_ECORRUPT, "%s: unsupported store format %llu",
-                            s->st_data_path, (unsigned long long)format);
+        rc = msa_status_set(st, MSA_ECORRUPT, "%s: unsupported store format %llu", s->st_data_path,
+                            (unsigned long long)format);
         goto fail;
     }
     if ((rc = msa__store_meta_get_u64(s, txn, KEY_SEQ, 8, &seq)) ||
@@ -368,8 +370,8 @@ static int setup_dbs(msa_store_t *s, msa_status_t *st)
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc) {
-        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot commit setup: %s", s->st_data_path,
-                            mdb_strerror(rc));
+        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot commit setup: %s",
+                            s->st_data_path, mdb_strerror(rc));
         goto fail;
     }
     return MSA_OK;
@@ -386,7 +388,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     if (opts) o = *opts;
     /* A limit below the default initial size caps the initial size (rather
      * than the limit being raised to the initial size below). */
-    if (!o.map_size) o.map_size = (o.map_max && o.map_max < DEFAULT_MAP_SIZE) ? o.map_max : DEFAULT_MAP_SIZE;
+    if (!o.map_size)
+        o.map_size = (o.map_max && o.map_max < DEFAULT_MAP_SIZE) ? o.map_max : DEFAULT_MAP_SIZE;
     if (!o.map_max) o.map_max = DEFAULT_MAP_MAX;
     if (!o.max_readers) o.max_readers = DEFAULT_MAX_READERS;
     /* Page-size multiples keep LMDB's page arithmetic exact. */
@@ -396,7 +399,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     /* Reserve kept below the hard limit: map_max/16, at least 1 MiB (at most a
      * quarter of a small map), at most 64 MiB; page multiple. */
     uint64_t reserve = o.map_max / 16;
-    if (reserve < (1ull << 20)) reserve = o.map_max / 4 < (1ull << 20) ? o.map_max / 4 : (1ull << 20);
+    if (reserve < (1ull << 20))
+        reserve = o.map_max / 4 < (1ull << 20) ? o.map_max / 4 : (1ull << 20);
     if (reserve > (64ull << 20)) reserve = 64ull << 20;
     reserve &= ~4095ull;
     uint64_t soft = o.map_max - reserve;
@@ -456,8 +460,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
             if (err == EWOULDBLOCK)
                 rc = msa_status_set(st, MSA_EIO, "data dir %s is in use by another msad", dir);
             else
-                rc = msa_status_set(st, MSA_EIO, "cannot lock %s/msad.lock: %s", dir,
-                                    strerror(err));
+                rc =
+                    msa_status_set(st, MSA_EIO, "cannot lock %s/msad.lock: %s", dir, strerror(err));
             goto fail;
         }
     } else {
@@ -472,7 +476,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
      * file last had (it records grown sizes), and we raise it to map_size. */
     if ((rc = mdb_env_create(&s->st_env)) || (rc = mdb_env_set_maxdbs(s->st_env, MAX_DBS)) ||
         (rc = mdb_env_set_maxreaders(s->st_env, o.max_readers))) {
-        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot set up LMDB: %s", dir, mdb_strerror(rc));
+        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: cannot set up LMDB: %s", dir,
+                            mdb_strerror(rc));
         goto fail;
     }
     /* LMDB would turn an empty data.mdb into a new, empty store: a store file
@@ -483,7 +488,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
         if (stat(s->st_data_path, &dsb) == 0 && S_ISREG(dsb.st_mode) && dsb.st_size == 0) {
             rc = msa_status_set(st, MSA_ECORRUPT,
                                 "%s: empty file (0 bytes): truncated? Restore it from a backup, or "
-                                "remove it to start an empty store", s->st_data_path);
+                                "remove it to start an empty store",
+                                s->st_data_path);
             goto fail;
         }
     }
@@ -495,8 +501,7 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
             rc = msa_status_set(st, code, "%s: not an LMDB store or damaged: %s", s->st_data_path,
                                 mdb_strerror(rc));
         else
-            rc = msa_status_set(st, code, "%s: cannot open: %s", s->st_data_path,
-                                mdb_strerror(rc));
+            rc = msa_status_set(st, code, "%s: cannot open: %s", s->st_data_path, mdb_strerror(rc));
         goto fail;
     }
 
@@ -506,7 +511,8 @@ int msa_store_open(const char *dir, const msa_store_opts_t *opts, msa_store_t **
     MDB_stat ms;
     struct stat sb;
     if ((rc = mdb_env_info(s->st_env, &info)) || (rc = mdb_env_stat(s->st_env, &ms))) {
-        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: %s", s->st_data_path, mdb_strerror(rc));
+        rc = msa_status_set(st, msa__store_xlate(s, rc), "%s: %s", s->st_data_path,
+                            mdb_strerror(rc));
         goto fail;
     }
     if (stat(s->st_data_path, &sb) != 0) {

@@ -128,8 +128,8 @@ int msa_store_coll_get_by_id(msa_store_txn_t *t, uint32_t id, msa_coll_rec_t *ou
     return msa__store_coll_get_id_txn(t->tx_store, msa__store_cur(t), id, out);
 }
 
-int msa_store_coll_foreach(msa_store_txn_t *t,
-                           int (*fn)(void *arg, const msa_coll_rec_t *c), void *arg)
+int msa_store_coll_foreach(msa_store_txn_t *t, int (*fn)(void *arg, const msa_coll_rec_t *c),
+                           void *arg)
 {
     msa_store_t *s = t->tx_store;
     MDB_cursor *c = NULL;
@@ -162,8 +162,8 @@ int msa_store_doc_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa
 
 /* Puts bytes under key, or removes the key when there are none, so empty text
  * and metadata cost nothing. */
-static int put_or_del(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag,
-                      const uint8_t *key, const void *data, size_t len)
+static int put_or_del(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag, const uint8_t *key,
+                      const void *data, size_t len)
 {
     MDB_val k = mval(key, DOC_KEY_LEN);
     if (len == 0) {
@@ -210,7 +210,8 @@ int msa_store_doc_put(msa_store_txn_t *w, uint32_t coll_id, const msa_doc_rec_t 
     for (size_t i = 0; i < n_blocks; i++) {
         msa__store_block_key(bkey, coll_id, rec->id, blocks[i].layer_pos, blocks[i].kind);
         MDB_val bk = mval(bkey, BLOCK_KEY_LEN);
-        if ((rc = msa__store_val_put(s, txn, s->st_blocks, TAG_BLOCK, &bk, blocks[i].data, blocks[i].len)))
+        if ((rc = msa__store_val_put(s, txn, s->st_blocks, TAG_BLOCK, &bk, blocks[i].data,
+                                     blocks[i].len)))
             goto fail;
     }
     coll_account(&c, rec, +1);
@@ -240,7 +241,8 @@ int msa_store_doc_delete(msa_store_txn_t *w, uint32_t coll_id, uint64_t doc_id)
     if ((rc = msa__store_del_prefix(s, txn, s->st_blocks, key, DOC_KEY_LEN)) ||
         (rc = put_or_del(s, txn, s->st_text, TAG_TEXT, key, NULL, 0)) ||
         (rc = put_or_del(s, txn, s->st_metadata, TAG_META, key, NULL, 0)) ||
-        (rc = msa__store_xlate(s, mdb_del(txn, s->st_docs, &k, NULL))) || (rc = msa__store_coll_put_txn(s, txn, &c)))
+        (rc = msa__store_xlate(s, mdb_del(txn, s->st_docs, &k, NULL))) ||
+        (rc = msa__store_coll_put_txn(s, txn, &c)))
         goto fail;
     return MSA_OK;
 

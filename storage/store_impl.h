@@ -29,7 +29,7 @@
 #define STORE_FORMAT 2u
 #define COLL_REC_VERSION 1u
 #define DOC_REC_VERSION 1u
-#define DOC_REC_LEN 73u /* version byte + 8 u64/i64 + 2 u32 */
+#define DOC_REC_LEN 73u    /* version byte + 8 u64/i64 + 2 u32 */
 #define COLL_REC_FIXED 46u /* version, id, created_seq, 4 counters, name length */
 #define DEFAULT_MAP_SIZE (1ull << 30)
 #define DEFAULT_MAP_MAX (1ull << 40)
@@ -38,7 +38,7 @@
 #define DOC_KEY_LEN 12u   /* coll_id u32 + doc_id u64 */
 #define BLOCK_KEY_LEN 15u /* + layer_pos u16 + kind u8 */
 #define VERIFY_MAX_PROBLEMS 1000u
-#define VAL_HDR 8u     /* u32 crc32c, u8 VAL_VERSION, u8 tag, u16 zero */
+#define VAL_HDR 8u /* u32 crc32c, u8 VAL_VERSION, u8 tag, u16 zero */
 #define VAL_VERSION 1u
 
 /* What a checksummed value holds; part of the header, so a value found under
@@ -63,30 +63,30 @@ struct msa_store {
      * side also waits until none is open, and refuses new ones meanwhile. */
     pthread_mutex_t st_detach_lock;
     pthread_cond_t st_detach_cond; /* st_detached dropped */
-    uint32_t st_detached;     /* detached read txns open */
-    bool st_closing;          /* the gate is (being) taken exclusively: no new detach */
-    int st_lock_fd;           /* flock'd dir/msad.lock; -1 when read_only */
+    uint32_t st_detached;          /* detached read txns open */
+    bool st_closing;               /* the gate is (being) taken exclusively: no new detach */
+    int st_lock_fd;                /* flock'd dir/msad.lock; -1 when read_only */
     bool st_read_only;
-    uint64_t st_map_size;     /* bytes; changed only under the exclusive gate */
-    uint64_t st_map_max;      /* bytes: the hard limit (configured map_max) */
-    uint64_t st_map_soft;     /* bytes: growth for ordinary writes stops here; the
+    uint64_t st_map_size;         /* bytes; changed only under the exclusive gate */
+    uint64_t st_map_max;          /* bytes: the hard limit (configured map_max) */
+    uint64_t st_map_soft;         /* bytes: growth for ordinary writes stops here; the
                                * rest (map_max - soft) is a reserve that only
                                * msa_store_reserve opens, so deletes can free space */
     _Atomic uint64_t st_last_seq; /* last committed seq, read by any thread */
-    atomic_bool st_broken;    /* MDB_PANIC seen: every later txn gets MSA_EBROKEN */
+    atomic_bool st_broken;        /* MDB_PANIC seen: every later txn gets MSA_EBROKEN */
     char *st_dir;
-    char *st_data_path;       /* dir/data.mdb */
+    char *st_data_path; /* dir/data.mdb */
 };
 
 struct msa_store_txn {
     msa_store_t *tx_store;
     MDB_txn *tx_root;
-    MDB_txn *tx_child;  /* the open savepoint, or NULL */
+    MDB_txn *tx_child; /* the open savepoint, or NULL */
     bool tx_write;
-    int tx_err;         /* first failure that left the root txn half-written */
-    int tx_child_err;   /* the same for the open savepoint */
-    uint64_t tx_seq;    /* snapshot seq (read) or last committed seq at begin (write) */
-    bool tx_detached;   /* read txn whose gate hold belongs to no thread (msa_store_txn_detach) */
+    int tx_err;       /* first failure that left the root txn half-written */
+    int tx_child_err; /* the same for the open savepoint */
+    uint64_t tx_seq;  /* snapshot seq (read) or last committed seq at begin (write) */
+    bool tx_detached; /* read txn whose gate hold belongs to no thread (msa_store_txn_detach) */
 };
 
 /* Bytes of the largest collection record (see msa__store_coll_encode). */
@@ -198,12 +198,11 @@ void msa__store_doc_key(uint8_t k[DOC_KEY_LEN], uint32_t coll_id, uint64_t doc_i
 void msa__store_block_key(uint8_t k[BLOCK_KEY_LEN], uint32_t coll_id, uint64_t doc_id,
                           uint16_t layer_pos, uint8_t kind);
 /* Stores a checksummed value (header + payload) under k in dbi. */
-int msa__store_val_put(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag,
-                       const MDB_val *k, const void *payload, size_t len);
+int msa__store_val_put(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag, const MDB_val *k,
+                       const void *payload, size_t len);
 /* Why the stored value v under k fails its check as a `tag` value, or NULL when
  * it is sound (then *out, if out is not NULL, is its payload). */
-const char *msa__store_val_check(unsigned tag, const MDB_val *k, const MDB_val *v,
-                                 MDB_val *out);
+const char *msa__store_val_check(unsigned tag, const MDB_val *k, const MDB_val *v, MDB_val *out);
 /* msa__store_val_check as a code: MSA_OK or MSA_ECORRUPT. */
 int msa__store_val_open(unsigned tag, const MDB_val *k, const MDB_val *v, MDB_val *out);
 /* Records: encode into buf (COLL_REC_MAX / DOC_REC_LEN bytes; returns the

@@ -19,7 +19,7 @@ void msa__store_doc_key(uint8_t k[DOC_KEY_LEN], uint32_t coll_id, uint64_t doc_i
 }
 
 void msa__store_block_key(uint8_t k[BLOCK_KEY_LEN], uint32_t coll_id, uint64_t doc_id,
-                      uint16_t layer_pos, uint8_t kind)
+                          uint16_t layer_pos, uint8_t kind)
 {
     msa__store_doc_key(k, coll_id, doc_id);
     put_be16(k + 12, layer_pos);
@@ -46,7 +46,7 @@ static uint32_t val_crc(const MDB_val *k, const uint8_t *hdr, const void *payloa
 /* Stores header + payload under k, writing straight into the page LMDB
  * reserves (no staging copy), then checksums what landed there. */
 int msa__store_val_put(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, unsigned tag, const MDB_val *k,
-                   const void *payload, size_t len)
+                       const void *payload, size_t len)
 {
     MDB_val v = {VAL_HDR + len, NULL};
     int rc = mdb_put(txn, dbi, (MDB_val *)k, &v, MDB_RESERVE);

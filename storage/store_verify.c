@@ -35,8 +35,8 @@ static int read_copy_seq(const char *path, uint64_t *seq, msa_status_t *st)
         (rc = mdb_env_open(env, path, MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600)) ||
         (rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) ||
         (rc = mdb_dbi_open(txn, "meta", 0, &dbi))) {
-        rc = msa_status_set(st, msa__store_xlate(NULL, rc), "backup %s: cannot open the copy: %s", path,
-                            mdb_strerror(rc));
+        rc = msa_status_set(st, msa__store_xlate(NULL, rc), "backup %s: cannot open the copy: %s",
+                            path, mdb_strerror(rc));
         goto out;
     }
     MDB_val k = mval(KEY_SEQ, strlen(KEY_SEQ)), v;
@@ -53,8 +53,8 @@ out:
     return rc;
 }
 
-int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq,
-                     uint64_t *bytes, msa_status_t *st)
+int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq, uint64_t *bytes,
+                     msa_status_t *st)
 {
     msa_status_clear(st);
     *seq = 0;
@@ -203,8 +203,9 @@ static int verify_blocks(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c,
             add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c: %s (damaged)",
                         c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), why);
         else if (len != want[kind])
-            add_problem(p, "collection %s: doc %llu: layer %u (pos %u) block %c: %zu bytes, want "
-                           "%llu",
+            add_problem(p,
+                        "collection %s: doc %llu: layer %u (pos %u) block %c: %zu bytes, want "
+                        "%llu",
                         c->name, (ull)d->id, sc->layers[pos], pos, kind_char(kind), len,
                         (ull)want[kind]);
     }
@@ -252,16 +253,16 @@ static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, bo
          rc = mdb_cursor_get(dc, &k, &v, MDB_NEXT)) {
         if (k.mv_size < 4 || memcmp(k.mv_data, prefix, 4) != 0) break;
         if (k.mv_size != DOC_KEY_LEN) {
-            add_problem(p, "collection %s: document key of %zu bytes, want %u", c->name,
-                        k.mv_size, DOC_KEY_LEN);
+            add_problem(p, "collection %s: document key of %zu bytes, want %u", c->name, k.mv_size,
+                        DOC_KEY_LEN);
             continue;
         }
         uint64_t key_id = get_be64((const uint8_t *)k.mv_data + 4);
         msa_doc_rec_t d;
         if (msa__store_doc_decode(&k, &v, &d) != MSA_OK) {
             const char *why = msa__store_val_check(TAG_DOC, &k, &v, NULL);
-            add_problem(p, "collection %s: doc %llu: record %s (%zu bytes)", c->name,
-                        (ull)key_id, why ? why : "undecodable", v.mv_size);
+            add_problem(p, "collection %s: doc %llu: record %s (%zu bytes)", c->name, (ull)key_id,
+                        why ? why : "undecodable", v.mv_size);
             continue;
         }
         (*docs_checked)++;
@@ -305,8 +306,8 @@ static int verify_coll(msa_store_t *s, MDB_txn *txn, const msa_coll_rec_t *c, bo
                {"bytes", c->bytes, bytes}};
     for (size_t i = 0; i < sizeof ctr / sizeof ctr[0]; i++)
         if (ctr[i].have != ctr[i].want)
-            add_problem(p, "collection %s: counter %s is %llu, its documents sum to %llu",
-                        c->name, ctr[i].name, (ull)ctr[i].have, (ull)ctr[i].want);
+            add_problem(p, "collection %s: counter %s is %llu, its documents sum to %llu", c->name,
+                        ctr[i].name, (ull)ctr[i].have, (ull)ctr[i].want);
     return MSA_OK;
 }
 
@@ -329,8 +330,7 @@ static int verify_orphans(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const char 
         if (coll_id && (k.mv_size < 4 || memcmp(k.mv_data, prefix, 4) != 0)) break;
         const uint8_t *kp = k.mv_data;
         if (k.mv_size < DOC_KEY_LEN) {
-            add_problem(p, "%s: key of %zu bytes, want at least %u", what, k.mv_size,
-                        DOC_KEY_LEN);
+            add_problem(p, "%s: key of %zu bytes, want at least %u", what, k.mv_size, DOC_KEY_LEN);
             continue;
         }
         if (!have_last || memcmp(kp, last, DOC_KEY_LEN) != 0) {
@@ -354,8 +354,9 @@ static int verify_orphans(msa_store_t *s, MDB_txn *txn, MDB_dbi dbi, const char 
         else
             snprintf(cname, sizeof cname, "#%u (dropped)", cid);
         if (k.mv_size == BLOCK_KEY_LEN)
-            add_problem(p, "collection %s: doc %llu: orphan %s layer_pos %u kind %c without a "
-                           "document record",
+            add_problem(p,
+                        "collection %s: doc %llu: orphan %s layer_pos %u kind %c without a "
+                        "document record",
                         cname, (ull)did, what, get_be16(kp + 12), kind_char(kp[14]));
         else
             add_problem(p, "collection %s: doc %llu: orphan %s without a document record", cname,
@@ -386,9 +387,8 @@ static int verify_catalog(msa_store_t *s, MDB_txn *txn, problems_t *p)
             last_exists = msa__store_coll_get_id_txn(s, txn, cid, &cr) == MSA_OK;
         }
         if (!last_exists)
-            add_problem(p, "collection #%u: doc %llu: orphan document record (no collection)",
-                        cid, k.mv_size == DOC_KEY_LEN ? (ull)get_be64((uint8_t *)k.mv_data + 4)
-                                                      : 0ull);
+            add_problem(p, "collection #%u: doc %llu: orphan document record (no collection)", cid,
+                        k.mv_size == DOC_KEY_LEN ? (ull)get_be64((uint8_t *)k.mv_data + 4) : 0ull);
     }
     mdb_cursor_close(c);
     if (rc != MDB_NOTFOUND) return msa__store_xlate(s, rc);
@@ -417,8 +417,8 @@ static int verify_catalog(msa_store_t *s, MDB_txn *txn, problems_t *p)
 
 /* The checks of msa_store_verify inside txn; check_crc=false skips the
  * checksums of blocks, text and metadata (msa_store_check has read them). */
-static int verify_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, bool check_crc,
-                      problems_t *p, uint64_t *docs_checked)
+static int verify_txn(msa_store_t *s, MDB_txn *txn, uint32_t coll_id, bool check_crc, problems_t *p,
+                      uint64_t *docs_checked)
 {
     int rc;
     if (coll_id) {
@@ -528,8 +528,8 @@ static void key_label(msa_store_t *s, MDB_txn *txn, const MDB_val *k, char *buf,
 typedef struct walk_db {
     const char *name;
     MDB_dbi dbi;
-    unsigned tag;        /* checksummed values of this kind; 0 = plain values */
-    size_t kmin, kmax;   /* key sizes */
+    unsigned tag;      /* checksummed values of this kind; 0 = plain values */
+    size_t kmin, kmax; /* key sizes */
 } walk_db_t;
 
 typedef struct walk_acc {
@@ -554,8 +554,8 @@ static void walk_free_value(const MDB_val *k, const MDB_val *v, walk_acc_t *a, p
     memcpy(&cnt, d, sizeof cnt);
     n = cnt;
     if ((n + 1) * sizeof(size_t) != v->mv_size) {
-        add_problem(p, "freelist: record of txn %llu: count %llu in %zu bytes", (ull)txnid,
-                    (ull)n, v->mv_size);
+        add_problem(p, "freelist: record of txn %llu: count %llu in %zu bytes", (ull)txnid, (ull)n,
+                    v->mv_size);
         return;
     }
     size_t prev = 0;
@@ -742,8 +742,7 @@ static void __attribute__((noreturn)) check_child(const char *dir, bool full, in
     _exit(CHILD_SOUND);
 }
 
-int msa_store_check_file(const char *dir, msa_store_check_t mode, uint64_t *bytes,
-                         msa_status_t *st)
+int msa_store_check_file(const char *dir, msa_store_check_t mode, uint64_t *bytes, msa_status_t *st)
 {
     msa_status_clear(st);
     *bytes = 0;
@@ -814,8 +813,8 @@ int msa_store_check_file(const char *dir, msa_store_check_t mode, uint64_t *byte
             rc = msa_status_set(st, MSA_ECORRUPT, "%s: integrity walk crashed (SIG%s)%s: %s", data,
                                 sigabbrev_np(sig) ? sigabbrev_np(sig) : "?", first, fix);
     } else if (!WIFEXITED(status)) {
-        rc = msa_status_set(st, MSA_EIO, "%s: integrity walk ended oddly (status %d)", data,
-                            status);
+        rc =
+            msa_status_set(st, MSA_EIO, "%s: integrity walk ended oddly (status %d)", data, status);
     } else {
         switch (WEXITSTATUS(status)) {
         case CHILD_SOUND:

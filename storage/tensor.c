@@ -98,9 +98,9 @@ uint16_t msa_f32_to_f16(float x)
         /* Below the smallest normal 2^-14: a subnormal in units of 2^-24.
          * 2^-25 (0x33000000) is the halfway point to 0 and rounds to even 0. */
         if (a <= 0x33000000u) return sign;
-        uint32_t e = a >> 23;                       /* 102..112 */
+        uint32_t e = a >> 23;                         /* 102..112 */
         uint32_t m = (a & 0x007fffffu) | 0x00800000u; /* value = m * 2^(e-150) */
-        uint32_t shift = 126u - e;                  /* 14..24 */
+        uint32_t shift = 126u - e;                    /* 14..24 */
         uint32_t r = m >> shift;
         uint32_t rem = m & ((1u << shift) - 1u);
         uint32_t half = 1u << (shift - 1u);
@@ -203,25 +203,25 @@ void msa_tensor_from_f32(msa_dtype_t dt, const float *src, size_t n, void *dst)
  * Blocks of 64 are tested with a branch-free OR that the compiler vectorises;
  * only a block with a hit is searched element by element. */
 #define NONFINITE_BLOCK 64
-#define DEFINE_FIND_EXP_ALL_ONES(name, type)                                      \
-    static long name(const uint8_t *p, size_t n, type exp_mask)                   \
-    {                                                                             \
-        size_t i = 0;                                                             \
-        for (; i + NONFINITE_BLOCK <= n; i += NONFINITE_BLOCK) {                  \
-            unsigned hit = 0;                                                     \
-            for (size_t j = 0; j < NONFINITE_BLOCK; j++) {                        \
-                type h;                                                           \
-                memcpy(&h, p + sizeof(type) * (i + j), sizeof(type));             \
-                hit |= (h & exp_mask) == exp_mask;                                \
-            }                                                                     \
-            if (hit) break;                                                       \
-        }                                                                         \
-        for (; i < n; i++) {                                                      \
-            type h;                                                               \
-            memcpy(&h, p + sizeof(type) * i, sizeof(type));                       \
-            if ((h & exp_mask) == exp_mask) return (long)i;                       \
-        }                                                                         \
-        return -1;                                                                \
+#define DEFINE_FIND_EXP_ALL_ONES(name, type)                          \
+    static long name(const uint8_t *p, size_t n, type exp_mask)       \
+    {                                                                 \
+        size_t i = 0;                                                 \
+        for (; i + NONFINITE_BLOCK <= n; i += NONFINITE_BLOCK) {      \
+            unsigned hit = 0;                                         \
+            for (size_t j = 0; j < NONFINITE_BLOCK; j++) {            \
+                type h;                                               \
+                memcpy(&h, p + sizeof(type) * (i + j), sizeof(type)); \
+                hit |= (h & exp_mask) == exp_mask;                    \
+            }                                                         \
+            if (hit) break;                                           \
+        }                                                             \
+        for (; i < n; i++) {                                          \
+            type h;                                                   \
+            memcpy(&h, p + sizeof(type) * i, sizeof(type));           \
+            if ((h & exp_mask) == exp_mask) return (long)i;           \
+        }                                                             \
+        return -1;                                                    \
     }
 DEFINE_FIND_EXP_ALL_ONES(find_exp_all_ones16, uint16_t)
 DEFINE_FIND_EXP_ALL_ONES(find_exp_all_ones32, uint32_t)

@@ -39,7 +39,10 @@ typedef struct msa_test {
 } msa_test_t;
 
 #define TEST(name) static void test_##name(void)
+/* Kept by hand: clang-format would split this initializer over four lines. */
+/* clang-format off */
 #define TEST_ENTRY(name) {#name, test_##name}
+/* clang-format on */
 
 static int msa_test_nfail;             /* checks failed so far, all cases */
 static int msa_test_nchecks;           /* checks evaluated so far, all cases */
@@ -65,7 +68,7 @@ static inline void msa_test_vfail_(const char *file, int line, const char *head,
 
 /* Records a failure: "file:line: [case] <fmt...>". */
 static inline __attribute__((format(printf, 3, 4))) void msa_test_fail_(const char *file, int line,
-                                                                         const char *fmt, ...)
+                                                                        const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -86,91 +89,90 @@ msa_test_failm_(const char *file, int line, const char *head, const char *fmt, .
 #define MSA_TEST_COUNT_() __atomic_add_fetch(&msa_test_nchecks, 1, __ATOMIC_RELAXED)
 
 /* Fails with a printf message (and ends the case). */
-#define FAILF(...)                                                                          \
-    do {                                                                                    \
-        msa_test_fail_(__FILE__, __LINE__, __VA_ARGS__);                                    \
-        MSA_TEST_BAIL_;                                                                     \
+#define FAILF(...)                                       \
+    do {                                                 \
+        msa_test_fail_(__FILE__, __LINE__, __VA_ARGS__); \
+        MSA_TEST_BAIL_;                                  \
     } while (0)
 
-#define CHECK(cond)                                                                         \
-    do {                                                                                    \
-        MSA_TEST_COUNT_();                                                                  \
-        if (!(cond)) FAILF("CHECK(%s) failed", #cond);                                      \
+#define CHECK(cond)                                    \
+    do {                                               \
+        MSA_TEST_COUNT_();                             \
+        if (!(cond)) FAILF("CHECK(%s) failed", #cond); \
     } while (0)
 
 /* CHECK with a printf message that says what the operands were. */
-#define CHECK_MSG(cond, ...)                                                                \
-    do {                                                                                    \
-        MSA_TEST_COUNT_();                                                                  \
-        if (!(cond)) {                                                                      \
-            msa_test_failm_(__FILE__, __LINE__, "CHECK(" #cond ") failed", __VA_ARGS__);    \
-            MSA_TEST_BAIL_;                                                                 \
-        }                                                                                   \
+#define CHECK_MSG(cond, ...)                                                             \
+    do {                                                                                 \
+        MSA_TEST_COUNT_();                                                               \
+        if (!(cond)) {                                                                   \
+            msa_test_failm_(__FILE__, __LINE__, "CHECK(" #cond ") failed", __VA_ARGS__); \
+            MSA_TEST_BAIL_;                                                              \
+        }                                                                                \
     } while (0)
 
-#define CHECK_EQ_U(a, b)                                                                    \
-    do {                                                                                    \
-        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b);      \
-        MSA_TEST_COUNT_();                                                                  \
-        if (a_ != b_)                                                                       \
+#define CHECK_EQ_U(a, b)                                                                      \
+    do {                                                                                      \
+        unsigned long long a_ = (unsigned long long)(a), b_ = (unsigned long long)(b);        \
+        MSA_TEST_COUNT_();                                                                    \
+        if (a_ != b_)                                                                         \
             FAILF("%s == %s failed: %llu (0x%llx) vs %llu (0x%llx)", #a, #b, a_, a_, b_, b_); \
     } while (0)
 
-#define CHECK_EQ_I(a, b)                                                                    \
-    do {                                                                                    \
-        long long a_ = (long long)(a), b_ = (long long)(b);                                 \
-        MSA_TEST_COUNT_();                                                                  \
-        if (a_ != b_) FAILF("%s == %s failed: %lld vs %lld", #a, #b, a_, b_);               \
+#define CHECK_EQ_I(a, b)                                                      \
+    do {                                                                      \
+        long long a_ = (long long)(a), b_ = (long long)(b);                   \
+        MSA_TEST_COUNT_();                                                    \
+        if (a_ != b_) FAILF("%s == %s failed: %lld vs %lld", #a, #b, a_, b_); \
     } while (0)
 
-#define CHECK_STR(a, b)                                                                     \
-    do {                                                                                    \
-        const char *a_ = (a), *b_ = (b);                                                    \
-        MSA_TEST_COUNT_();                                                                  \
-        if (strcmp(a_, b_) != 0)                                                            \
-            FAILF("%s == %s failed:\n  got  \"%s\"\n  want \"%s\"", #a, #b, a_, b_);        \
+#define CHECK_STR(a, b)                                                              \
+    do {                                                                             \
+        const char *a_ = (a), *b_ = (b);                                             \
+        MSA_TEST_COUNT_();                                                           \
+        if (strcmp(a_, b_) != 0)                                                     \
+            FAILF("%s == %s failed:\n  got  \"%s\"\n  want \"%s\"", #a, #b, a_, b_); \
     } while (0)
 
-#define CHECK_STR_HAS(hay, needle)                                                          \
-    do {                                                                                    \
-        const char *h_ = (hay), *n_ = (needle);                                             \
-        MSA_TEST_COUNT_();                                                                  \
-        if (!strstr(h_, n_)) FAILF("\"%s\" does not contain \"%s\"", h_, n_);               \
+#define CHECK_STR_HAS(hay, needle)                                            \
+    do {                                                                      \
+        const char *h_ = (hay), *n_ = (needle);                               \
+        MSA_TEST_COUNT_();                                                    \
+        if (!strstr(h_, n_)) FAILF("\"%s\" does not contain \"%s\"", h_, n_); \
     } while (0)
 
 /* |a - b| <= tol, or a == b (equal infinities); NaN never passes. */
 #define CHECK_NEAR(a, b, tol) CHECK_NEAR_MSG(a, b, tol, "%s", "")
 
-#define CHECK_NEAR_MSG(a, b, tol, ...)                                                      \
-    do {                                                                                    \
-        double a_ = (double)(a), b_ = (double)(b), t_ = (double)(tol);                      \
-        MSA_TEST_COUNT_();                                                                  \
-        if (!(fabs(a_ - b_) <= t_) && !(a_ == b_)) {                                        \
-            char h_[256];                                                                   \
-            snprintf(h_, sizeof h_, "|%s - %s| <= %.3g failed: %.9g vs %.9g", #a, #b, t_,   \
-                     a_, b_);                                                               \
-            msa_test_failm_(__FILE__, __LINE__, h_, __VA_ARGS__);                           \
-            MSA_TEST_BAIL_;                                                                 \
-        }                                                                                   \
+#define CHECK_NEAR_MSG(a, b, tol, ...)                                                             \
+    do {                                                                                           \
+        double a_ = (double)(a), b_ = (double)(b), t_ = (double)(tol);                             \
+        MSA_TEST_COUNT_();                                                                         \
+        if (!(fabs(a_ - b_) <= t_) && !(a_ == b_)) {                                               \
+            char h_[256];                                                                          \
+            snprintf(h_, sizeof h_, "|%s - %s| <= %.3g failed: %.9g vs %.9g", #a, #b, t_, a_, b_); \
+            msa_test_failm_(__FILE__, __LINE__, h_, __VA_ARGS__);                                  \
+            MSA_TEST_BAIL_;                                                                        \
+        }                                                                                          \
     } while (0)
 
 /* MSA_E* codes print by name: "got EFULL (-30005), want OK (0)". */
-#define CHECK_RC(expr, want)                                                                \
-    do {                                                                                    \
-        int r_ = (expr), w_ = (want);                                                       \
-        MSA_TEST_COUNT_();                                                                  \
-        if (r_ != w_)                                                                       \
-            FAILF("%s: got %s (%d), want %s (%d)", #expr, msa_errname(r_), r_,              \
-                  msa_errname(w_), w_);                                                     \
+#define CHECK_RC(expr, want)                                                                    \
+    do {                                                                                        \
+        int r_ = (expr), w_ = (want);                                                           \
+        MSA_TEST_COUNT_();                                                                      \
+        if (r_ != w_)                                                                           \
+            FAILF("%s: got %s (%d), want %s (%d)", #expr, msa_errname(r_), r_, msa_errname(w_), \
+                  w_);                                                                          \
     } while (0)
 
 #define CHECK_OK(expr) CHECK_RC(expr, MSA_OK)
 
 /* Ends the running case as skipped (why: a string that outlives the case). */
-#define TEST_SKIP(why)                                                                      \
-    do {                                                                                    \
-        msa_test_skip_why = (why);                                                          \
-        return;                                                                             \
+#define TEST_SKIP(why)             \
+    do {                           \
+        msa_test_skip_why = (why); \
+        return;                    \
     } while (0)
 
 /* Runs tests[0..n) in order; with arguments, only the cases they name (an unknown

@@ -39,7 +39,7 @@ enum { D = 4, H = 1, HQ = 2, P = 2, TOKENS = 4, C = 2, LAYER = 3 };
 
 static char g_dir[200], g_data[300];
 static msa_engine_t *eng;
-static int g_restarts; /* engine restarts after a fault broke it (writes only) */
+static int g_restarts;           /* engine restarts after a fault broke it (writes only) */
 static uint64_t g_next_id = 100; /* a fresh document id per faulted write */
 
 static msa_schema_t test_schema(void)
@@ -65,8 +65,11 @@ static msa_schema_t test_schema(void)
 
 static msa_srv_config_t test_config(const char *dir)
 {
-    msa_srv_config_t cfg = {.data_dir = dir, .backend = MSA_BACKEND_CPU, .threads = 1,
-                            .nosync = true, .check_on_start = MSA_STORE_CHECK_OFF};
+    msa_srv_config_t cfg = {.data_dir = dir,
+                            .backend = MSA_BACKEND_CPU,
+                            .threads = 1,
+                            .nosync = true,
+                            .check_on_start = MSA_STORE_CHECK_OFF};
     return cfg;
 }
 
@@ -74,20 +77,29 @@ static float g_kv[C * H * D], g_rk[C * H * D], g_q[1 * HQ * D];
 
 static msa_tensor_t f32(const float *data, uint32_t a, uint32_t b)
 {
-    return (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {a, b, D}, .data = data,
+    return (msa_tensor_t){.dtype = MSA_DT_F32,
+                          .ndim = 3,
+                          .shape = {a, b, D},
+                          .data = data,
                           .nbytes = (size_t)a * b * D * sizeof(float)};
 }
 
 /* Puts document id into "af" (text, metadata and one layer). */
 static int write_doc(uint64_t id, msa_status_t *st)
 {
-    msa_layer_kv_t lk = {.layer = LAYER, .k = f32(g_kv, C, H), .v = f32(g_kv, C, H),
-                         .router_k = f32(g_rk, C, H)};
+    msa_layer_kv_t lk = {
+        .layer = LAYER, .k = f32(g_kv, C, H), .v = f32(g_kv, C, H), .router_k = f32(g_rk, C, H)};
     msa_write_op_t op;
     memset(&op, 0, sizeof op);
     op.kind = MSA_OP_PUT;
-    op.put = (msa_doc_t){.id = id, .text = "text", .text_len = 4, .metadata = "{}",
-                         .metadata_len = 2, .tokens = TOKENS, .n_layers = 1, .layers = &lk};
+    op.put = (msa_doc_t){.id = id,
+                         .text = "text",
+                         .text_len = 4,
+                         .metadata = "{}",
+                         .metadata_len = 2,
+                         .tokens = TOKENS,
+                         .n_layers = 1,
+                         .layers = &lk};
     msa_write_req_t req = {.collection = "af", .n_ops = 1, .ops = &op};
     msa_write_result_t res = {0};
     int rc = msa_srv_write(eng, &req, &res, st);
@@ -168,24 +180,24 @@ static bool clean_error(int rc)
 
 /* Runs op with the Nth allocation failing, N = 1.. until op no longer reaches
  * it; op returns an MSA code. Returns the number of faulted runs. */
-#define FAULT_LOOP(what, n, rc, op, after_each)                                             \
-    for (uint64_t n = 1;; n++) {                                                            \
-        if (n > MAX_N) {                                                                    \
-            FAILF("%s: still allocating after %d faulted runs", what, MAX_N);               \
-            break;                                                                          \
-        }                                                                                   \
-        msa_alloc_fail_nth(n);                                                              \
-        int rc = (op);                                                                      \
-        bool fired_ = msa_alloc_fired();                                                    \
-        msa_alloc_fail_nth(0);                                                              \
-        if (!fired_) {                                                                      \
-            CHECK_MSG(rc == MSA_OK, "%s without a fault: %s", what, msa_errname(rc));       \
-            printf("%s: %llu faulted runs\n", what, (unsigned long long)n - 1);            \
-            break;                                                                          \
-        }                                                                                   \
-        CHECK_MSG(clean_error(rc), "%s, N=%llu: %s", what, (unsigned long long)n,          \
-                  msa_errname(rc));                                                         \
-        after_each;                                                                         \
+#define FAULT_LOOP(what, n, rc, op, after_each)                                       \
+    for (uint64_t n = 1;; n++) {                                                      \
+        if (n > MAX_N) {                                                              \
+            FAILF("%s: still allocating after %d faulted runs", what, MAX_N);         \
+            break;                                                                    \
+        }                                                                             \
+        msa_alloc_fail_nth(n);                                                        \
+        int rc = (op);                                                                \
+        bool fired_ = msa_alloc_fired();                                              \
+        msa_alloc_fail_nth(0);                                                        \
+        if (!fired_) {                                                                \
+            CHECK_MSG(rc == MSA_OK, "%s without a fault: %s", what, msa_errname(rc)); \
+            printf("%s: %llu faulted runs\n", what, (unsigned long long)n - 1);       \
+            break;                                                                    \
+        }                                                                             \
+        CHECK_MSG(clean_error(rc), "%s, N=%llu: %s", what, (unsigned long long)n,     \
+                  msa_errname(rc));                                                   \
+        after_each;                                                                   \
     }
 
 /* ==== cases ================================================================== */
@@ -195,8 +207,7 @@ TEST(engine_open)
 {
     char sub[300];
     static int k;
-    FAULT_LOOP("open", n, rc,
-               ({
+    FAULT_LOOP("open", n, rc, ({
                    snprintf(sub, sizeof sub, "%s/open%d", g_dir, k++);
                    msa_srv_config_t cfg = test_config(sub);
                    msa_engine_t *e = NULL;
@@ -226,8 +237,7 @@ static msa_layer_query_t g_lq;
 
 TEST(route)
 {
-    msa_route_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq,
-                           .top_k = 4};
+    msa_route_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
     msa_status_t st;
     FAULT_LOOP("route", n, rc, ({
                    msa_route_result_t *r = NULL;
@@ -243,8 +253,7 @@ TEST(route)
 
 TEST(attend)
 {
-    msa_attend_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq,
-                            .top_k = 4};
+    msa_attend_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
     msa_status_t st;
     FAULT_LOOP("attend", n, rc, ({
                    msa_attend_result_t *r = NULL;
@@ -261,8 +270,12 @@ TEST(attend)
 TEST(get)
 {
     uint64_t ids[2] = {1, 2};
-    msa_get_req_t req = {.collection = "af", .n_ids = 2, .ids = ids, .with_text = true,
-                         .with_metadata = true, .with_tensors = true};
+    msa_get_req_t req = {.collection = "af",
+                         .n_ids = 2,
+                         .ids = ids,
+                         .with_text = true,
+                         .with_metadata = true,
+                         .with_tensors = true};
     msa_status_t st;
     FAULT_LOOP("get", n, rc, ({
                    msa_get_result_t *g = NULL;
@@ -291,8 +304,8 @@ static atomic_int g_stopping;
 /* Runs handler m on the packed request (data, len) in a fresh arena. */
 static int call(const msa_rpc_method_t *m, const uint8_t *data, size_t len)
 {
-    msa_rpc_ctx_t ctx = {.engine = eng, .metrics = &g_mx, .max_send = 64u << 20,
-                         .stopping = &g_stopping};
+    msa_rpc_ctx_t ctx = {
+        .engine = eng, .metrics = &g_mx, .max_send = 64u << 20, .stopping = &g_stopping};
     msa_rpc_arena_t arena;
     msa_rpc_arena_init(&arena);
     msa_rpc_req_t req = {.data = data, .len = len, .arena = &arena};
@@ -303,8 +316,8 @@ static int call(const msa_rpc_method_t *m, const uint8_t *data, size_t len)
     if (rc == MSA_OK)
         CHECK_MSG(rep.data != NULL, "%s: OK without a reply", m->name);
     else
-        CHECK_MSG(rep.data == NULL && st.msg[0], "%s: error %s with a reply or no message",
-                  m->name, msa_errname(rc));
+        CHECK_MSG(rep.data == NULL && st.msg[0], "%s: error %s with a reply or no message", m->name,
+                  msa_errname(rc));
     free(rep.data);
     msa_rpc_arena_reset(&arena);
     return rc;
@@ -394,9 +407,8 @@ TEST(rpc_route)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(engine_open), TEST_ENTRY(engine_write), TEST_ENTRY(route),
-    TEST_ENTRY(attend),      TEST_ENTRY(get),          TEST_ENTRY(rpc_write),
-    TEST_ENTRY(rpc_route),
+    TEST_ENTRY(engine_open), TEST_ENTRY(engine_write), TEST_ENTRY(route),     TEST_ENTRY(attend),
+    TEST_ENTRY(get),         TEST_ENTRY(rpc_write),    TEST_ENTRY(rpc_route),
 };
 
 int main(int argc, char **argv)

@@ -22,7 +22,8 @@
 
 static char tmpdir[PATH_MAX];
 
-static const char *write_file(const char *name, const char *text) {
+static const char *write_file(const char *name, const char *text)
+{
     static char path[PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%s", tmpdir, name);
     FILE *f = fopen(path, "w");
@@ -35,15 +36,17 @@ static const char *write_file(const char *name, const char *text) {
     return path;
 }
 
-static int check(const msa_rpc_auth_t *a, const char *hdr, msa_rpc_scope_t need,
-                 msa_status_t *st) {
+static int check(const msa_rpc_auth_t *a, const char *hdr, msa_rpc_scope_t need, msa_status_t *st)
+{
     return msa_rpc_auth_check(a, hdr, hdr ? strlen(hdr) : 0, need, st);
 }
 
-TEST(scopes) {
+TEST(scopes)
+{
     msa_status_t st;
     msa_rpc_auth_t *a = NULL;
-    const char *p = write_file("tokens", "# comment\nrtok read\n\n  wtok\twrite  \natok admin # x\n");
+    const char *p =
+        write_file("tokens", "# comment\nrtok read\n\n  wtok\twrite  \natok admin # x\n");
     CHECK_MSG(msa_rpc_auth_load(p, &a, &st) == MSA_OK, "load: %s", st.msg);
     if (!a) return;
     CHECK_MSG(msa_rpc_auth_count(a) == 3, "count %zu", msa_rpc_auth_count(a));
@@ -64,20 +67,25 @@ TEST(scopes) {
     CHECK_MSG(check(a, "bearer rtok", MSA_RPC_SCOPE_READ, &st) == MSA_OK, "lower-case: %s", st.msg);
     CHECK_MSG(check(a, "Bearer  rtok ", MSA_RPC_SCOPE_READ, &st) == MSA_OK, "blanks: %s", st.msg);
     /* refusals */
-    const char *bad[] = {NULL,          "",          "Bearer",      "Bearer ",     "Bearer   ",
-                         "Basic rtok",  "rtok",      "Bearer rto",  "Bearer rtokk", "Bearer Rtok",
-                         "Bearer r",    "Bearer x",  "Bearerrtok",  "Bearer atok2", "Bearer wtok atok"};
+    const char *bad[] = {
+        NULL,         "",         "Bearer",     "Bearer ",      "Bearer   ",
+        "Basic rtok", "rtok",     "Bearer rto", "Bearer rtokk", "Bearer Rtok",
+        "Bearer r",   "Bearer x", "Bearerrtok", "Bearer atok2", "Bearer wtok atok"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         int rc = check(a, bad[i], MSA_RPC_SCOPE_READ, &st);
         CHECK_MSG(rc == MSA_EUNAUTH, "'%s': rc %d", bad[i] ? bad[i] : "(null)", rc);
     }
     /* an embedded NUL does not truncate the comparison */
     CHECK_MSG(msa_rpc_auth_check(a, "Bearer rtok\0x", 13, MSA_RPC_SCOPE_READ, &st) == MSA_EUNAUTH,
-          "embedded NUL accepted");
+              "embedded NUL accepted");
     msa_rpc_auth_free(a);
 
     /* bad files */
-    const char *files[] = {"", "# only a comment\n", "tok\n", "tok superuser\n", "tok read extra\n",
+    const char *files[] = {"",
+                           "# only a comment\n",
+                           "tok\n",
+                           "tok superuser\n",
+                           "tok read extra\n",
                            "tok read\ntok admin\n"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         a = NULL;
@@ -89,8 +97,8 @@ TEST(scopes) {
     CHECK_MSG(msa_rpc_auth_load("/nonexistent/tokens", &a, &st) == MSA_EIO, "missing file");
 }
 
-
-static int cmp_i64(const void *x, const void *y) {
+static int cmp_i64(const void *x, const void *y)
+{
     int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
     return a < b ? -1 : a > b;
 }
@@ -99,7 +107,8 @@ static int cmp_i64(const void *x, const void *y) {
 #define TLEN 4096
 #define REPS 801
 
-TEST(constant_time) {
+TEST(constant_time)
+{
     /* 64 tokens of 4096 bytes: 'a' * 4095 + one distinct last byte. */
     size_t cap = (size_t)NTOK * (TLEN + 16) + 1;
     char *text = malloc(cap), *p = text;
@@ -127,8 +136,8 @@ TEST(constant_time) {
     first[hl] = 0;
     memcpy(last, first, hl + 1);
     memcpy(good, first, hl + 1);
-    first[7] = 'z';              /* differs from every token at byte 0 */
-    last[7 + TLEN - 1] = '~';    /* differs from every token at the last byte only */
+    first[7] = 'z';                  /* differs from every token at byte 0 */
+    last[7 + TLEN - 1] = '~';        /* differs from every token at the last byte only */
     const char *shortt = "Bearer a"; /* 1 byte: a prefix of every token */
     CHECK_MSG(check(a, good, MSA_RPC_SCOPE_ADMIN, &st) == MSA_OK, "long token refused: %s", st.msg);
     CHECK_MSG(check(a, first, MSA_RPC_SCOPE_READ, &st) == MSA_EUNAUTH, "first");
@@ -138,8 +147,7 @@ TEST(constant_time) {
     const char *cand[3] = {first, last, shortt};
     const char *names[3] = {"first byte differs", "last byte differs", "1-byte prefix"};
     int64_t *t[3];
-    for (int c = 0; c < 3; c++)
-        t[c] = malloc(REPS * sizeof(int64_t));
+    for (int c = 0; c < 3; c++) t[c] = malloc(REPS * sizeof(int64_t));
     for (int r = 0; r < REPS; r++)
         for (int c = 0; c < 3; c++) {
             int k = (c + r) % 3; /* rotate the order: no candidate always runs first */
@@ -157,11 +165,10 @@ TEST(constant_time) {
         double ratio = (double)med[c] / (double)(med[0] ? med[0] : 1);
         /* An early-exit compare is ~10-800x off; 2x leaves slack for a loaded CI box. */
         CHECK_MSG(ratio > 0.5 && ratio < 2.0,
-              "'%s' takes %.2fx the time of '%s': the comparison is not constant-time", names[c],
-              ratio, names[0]);
+                  "'%s' takes %.2fx the time of '%s': the comparison is not constant-time",
+                  names[c], ratio, names[0]);
     }
-    for (int c = 0; c < 3; c++)
-        free(t[c]);
+    for (int c = 0; c < 3; c++) free(t[c]);
     free(first);
     free(last);
     free(good);
@@ -173,7 +180,8 @@ static const msa_test_t tests[] = {
     TEST_ENTRY(constant_time),
 };
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     if (!msa_test_tmpdir(tmpdir, sizeof tmpdir, "auth")) return 1;
     int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
     msa_test_tmpdir_done(tmpdir, rc);

@@ -17,8 +17,8 @@
 /* Checks also run in the writer and reader threads: a failed one is counted
  * and the case carries on. */
 #define MSA_TEST_KEEP_GOING
-#include "harness.h"
 #include "engine.h"
+#include "harness.h"
 #include "tensor.h"
 
 #include <math.h>
@@ -60,7 +60,10 @@ static msa_schema_t test_schema(void)
 
 static msa_tensor_t f32_tensor(const float *data, uint32_t rows)
 {
-    msa_tensor_t t = {.dtype = MSA_DT_F32, .ndim = 3, .shape = {rows, H, D}, .data = data,
+    msa_tensor_t t = {.dtype = MSA_DT_F32,
+                      .ndim = 3,
+                      .shape = {rows, H, D},
+                      .data = data,
                       .nbytes = (size_t)rows * H * D * sizeof(float)};
     return t;
 }
@@ -76,8 +79,10 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
     }
     msa_layer_kv_t lk[2];
     for (int l = 0; l < 2; l++)
-        lk[l] = (msa_layer_kv_t){.layer = l ? 5 : 3, .k = f32_tensor(zeros, C),
-                                 .v = f32_tensor(gen[l], C), .router_k = f32_tensor(gen[l], C)};
+        lk[l] = (msa_layer_kv_t){.layer = l ? 5 : 3,
+                                 .k = f32_tensor(zeros, C),
+                                 .v = f32_tensor(gen[l], C),
+                                 .router_k = f32_tensor(gen[l], C)};
     msa_write_op_t ops[2];
     memset(ops, 0, sizeof ops);
     for (int i = 0; i < 2; i++) {
@@ -86,8 +91,11 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
             ops[i].delete_id = i ? DOC_B : DOC_A;
         } else {
             ops[i].kind = MSA_OP_PUT;
-            ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
-                                     .tokens = TOKENS, .n_layers = (uint32_t)n_layers,
+            ops[i].put = (msa_doc_t){.id = i ? DOC_B : DOC_A,
+                                     .text = "pair",
+                                     .text_len = 4,
+                                     .tokens = TOKENS,
+                                     .n_layers = (uint32_t)n_layers,
                                      .layers = lk};
         }
     }
@@ -126,12 +134,12 @@ static void *reader(void *arg)
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
     msa_layer_query_t lq = {.layer = 3};
-    lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
-                                  .nbytes = sizeof q};
+    lq.routing_q = (msa_tensor_t){
+        .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     lq.q = lq.routing_q;
     while (!atomic_load(&stop)) {
-        msa_attend_req_t req = {.c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq,
-                                .top_k = 4};
+        msa_attend_req_t req = {
+            .c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq, .top_k = 4};
         msa_attend_result_t *r = NULL;
         msa_status_t st;
         int rc = msa_srv_attend(eng, &req, &r, &st);
@@ -163,8 +171,8 @@ TEST(pinned_snapshot)
     msa_status_t st;
     CHECK_MSG(write_pair(7.0f, false, &st) == MSA_OK, "%s", st.msg);
     uint64_t ids[2] = {DOC_A, DOC_B};
-    msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true,
-                        .with_tensors = true};
+    msa_get_req_t gr = {
+        .collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true, .with_tensors = true};
     msa_get_result_t *g = NULL;
     CHECK_MSG(msa_srv_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
     if (!g) return;
@@ -224,15 +232,17 @@ static void *held_reader(void *arg)
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
     msa_layer_query_t lq = {.layer = 3};
-    lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
-                                  .nbytes = sizeof q};
+    lq.routing_q = (msa_tensor_t){
+        .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     lq.q = lq.routing_q;
     uint64_t ids[2] = {DOC_A, DOC_B};
     while (!atomic_load(&stop)) {
         msa_status_t st;
-        msa_attend_req_t req = {.c = {.collection = "mvcc", .snapshot_seq = held_seq,
-                                      .hold_ms = id == 0 ? 20000 : 0},
-                                .n_layers = 1, .layers = &lq, .top_k = 4};
+        msa_attend_req_t req = {
+            .c = {.collection = "mvcc", .snapshot_seq = held_seq, .hold_ms = id == 0 ? 20000 : 0},
+            .n_layers = 1,
+            .layers = &lq,
+            .top_k = 4};
         msa_attend_result_t *r = NULL;
         int rc = msa_srv_attend(eng, &req, &r, &st);
         CHECK_MSG(rc == MSA_OK, "attend at held %llu: %s", (unsigned long long)held_seq, st.msg);
@@ -247,7 +257,10 @@ static void *held_reader(void *arg)
                 CHECK_MSG(fabsf(((const float *)la->out)[j] - 5.0f) < 1e-5f, "held V %g",
                           ((const float *)la->out)[j]);
         msa_srv_attend_result_free(r);
-        msa_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_tensors = true,
+        msa_get_req_t gr = {.collection = "mvcc",
+                            .n_ids = 2,
+                            .ids = ids,
+                            .with_tensors = true,
                             .snapshot_seq = held_seq};
         msa_get_result_t *g = NULL;
         rc = msa_srv_get(eng, &gr, &g, &st);
@@ -282,8 +295,8 @@ static void *short_lease_taker(void *arg)
         msa_list_req_t again = {.collection = "mvcc", .snapshot_seq = seq};
         rc = msa_srv_list(eng, &again, &res, &st);
         /* Another thread's lease on the same seq may have been released. */
-        CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s",
-                  (unsigned long long)seq, st.msg);
+        CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s", (unsigned long long)seq,
+                  st.msg);
         if (rc == MSA_OK) msa_srv_list_result_free(&res);
         bool released;
         /* A lease on the main held seq shares it: always give that one back. */
@@ -316,7 +329,8 @@ TEST(held_snapshot_readers)
     for (int i = 0; i < TAKERS; i++) pthread_join(t[i], NULL);
     printf("held: %ld reads of held snapshot %llu checked, %ld short leases\n",
            atomic_load(&held_checked), (unsigned long long)held_seq, atomic_load(&short_leases));
-    CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld", atomic_load(&held_checked));
+    CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld",
+              atomic_load(&held_checked));
     CHECK_MSG(msa_srv_commit_seq(eng) > held_seq + 20, "writers did not move on");
     bool released = false;
     CHECK_OK(msa_srv_release_snapshot(eng, held_seq, &released, &st));
@@ -363,12 +377,12 @@ static void *reader2(void *arg)
     memset(lq, 0, sizeof lq);
     for (int l = 0; l < 2; l++) {
         lq[l].layer = l ? 5 : 3;
-        lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D},
-                                         .data = q, .nbytes = sizeof q};
+        lq[l].routing_q = (msa_tensor_t){
+            .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     }
     while (!atomic_load(&stop)) {
-        msa_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
-                               .top_k = 4};
+        msa_route_req_t req = {
+            .c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq, .top_k = 4};
         msa_route_result_t *r = NULL;
         msa_status_t st;
         int rc = msa_srv_route(eng, &req, &r, &st);
@@ -377,15 +391,16 @@ static void *reader2(void *arg)
         msa_layer_route_t *a = &r->layers[0], *b = &r->layers[1];
         CHECK_MSG(a->layer == 3 && b->layer == 5, "layers %u, %u", a->layer, b->layer);
         CHECK_MSG(a->n == b->n && (a->n == 0 || a->n == 2),
-                  "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)",
-                  a->n, b->n);
+                  "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)", a->n,
+                  b->n);
         if (a->n == 2 && b->n == 2) {
             CHECK_MSG(a->scores[0] == a->scores[1] && b->scores[0] == b->scores[1],
                       "A and B from different writes: %g/%g, %g/%g", a->scores[0], a->scores[1],
                       b->scores[0], b->scores[1]);
             CHECK_MSG(b->scores[0] == 2 * a->scores[0],
                       "layer 5 score %g is not twice layer 3's %g: layers from different "
-                      "snapshots", b->scores[0], a->scores[0]);
+                      "snapshots",
+                      b->scores[0], a->scores[0]);
         }
         msa_srv_route_result_free(r);
         atomic_fetch_add(&routes2_checked, 1);
@@ -447,12 +462,9 @@ TEST(device_answered)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(pinned_snapshot),
-    TEST_ENTRY(readers_see_whole_writes),
-    TEST_ENTRY(multi_layer_routes),
-    TEST_ENTRY(held_snapshot_readers),
-    TEST_ENTRY(verify_after_churn),
-    TEST_ENTRY(device_answered),
+    TEST_ENTRY(pinned_snapshot),    TEST_ENTRY(readers_see_whole_writes),
+    TEST_ENTRY(multi_layer_routes), TEST_ENTRY(held_snapshot_readers),
+    TEST_ENTRY(verify_after_churn), TEST_ENTRY(device_answered),
 };
 
 int main(int argc, char **argv)
@@ -463,8 +475,11 @@ int main(int argc, char **argv)
     if (be && !strcmp(be, "cuda")) {
         on_cuda = true;
         cfg.backend = MSA_BACKEND_CUDA;
-        cfg.gpu = (msa_gpu_config_t){.shards_per_gpu = 2, .coalesce_us = 200, .lanes = 3,
-                                     .lane_scratch = 16u << 20, .routing_bytes = 64u << 20,
+        cfg.gpu = (msa_gpu_config_t){.shards_per_gpu = 2,
+                                     .coalesce_us = 200,
+                                     .lanes = 3,
+                                     .lane_scratch = 16u << 20,
+                                     .routing_bytes = 64u << 20,
                                      .cache_bytes = 16u << 20};
     }
     msa_status_t st;
