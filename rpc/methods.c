@@ -109,7 +109,8 @@ static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
     /* wire.proto's messages are msad's private view of the public ones. */
     const char *name = strncmp(d->name, "msa.v1.wire.", 12) == 0 ? d->name + 12 : d->name;
-    if (!*out && req->arena->oom) return OOM(st);
+    if (!*out && req->arena->oom)
+        return msa_status_set(st, MSA_ENOMEM, "request: out of memory unpacking the message");
     if (!*out)
         return msa_status_set(st, MSA_EINVAL, "request: malformed %s%s message (%zu bytes)",
                               name == d->name ? "" : "msa.v1.", name, req->len);
