@@ -1,5 +1,9 @@
 /* msaclient.c — libmsaclient on the gRPC core C API. See msaclient.h for the contract.
  *
+ * Longer than ~900 lines on purpose: the shared library is this one file plus
+ * storage/msa_err.c (client/CMakeLists.txt), one module with one prefix
+ * (msa_cli_), mostly one short wrapper per RPC.
+ *
  * One grpc_channel per msa_cli_t; methods are registered on it once at connect. Each
  * call makes its own pluck completion queue and runs the whole unary exchange as one
  * batch (send metadata + message + close, receive metadata + message + status), so

@@ -1,8 +1,13 @@
-/* test_store.c — unit tests of storage/store.c on a real LMDB in a temp dir.
+/* test_store.c — unit tests of the store (store.h: storage/store*.c) on a real
+ * LMDB in a temp dir.
  *
  * Each TEST is one case in the table at the bottom; main runs them all (or the
  * ones named on the command line) and exits non-zero when any check failed.
  * Checks print both operands and end the failing case.
+ *
+ * Longer than ~900 lines on purpose: one test file per module (STYLE.md rule
+ * 10), and the store's cases share the fixtures above them (schemas, document
+ * builders, the damage helpers of the verify and check cases).
  */
 #define _GNU_SOURCE
 
