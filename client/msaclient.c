@@ -1,5 +1,9 @@
 /* msaclient.c — libmsaclient on the gRPC core C API. See msaclient.h for the contract.
  *
+ * Longer than ~900 lines on purpose: the shared library is this one file plus
+ * storage/msa_err.c (client/CMakeLists.txt), one module with one prefix
+ * (msa_cli_), mostly one short wrapper per RPC.
+ *
  * One grpc_channel per msa_cli_t; methods are registered on it once at connect. Each
  * call makes its own pluck completion queue and runs the whole unary exchange as one
  * batch (send metadata + message + close, receive metadata + message + status), so
@@ -9,6 +13,7 @@
 
 #include "health.pb-c.h"
 #include "rpc_lists.h" /* the methods and status codes, kept once */
+#include "tensor.h"
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
@@ -54,7 +59,8 @@ int msa_cli_err_from_grpc(int g) {
 
 /* Sets *st from a gRPC code and a printf message; returns the MSA code. */
 __attribute__((format(printf, 3, 4))) static int fail(msa_cli_status_t *st, int grpc_code,
-                                                      const char *fmt, ...) {
+                                                      const char *fmt, ...)
+{
     int code = msa_cli_err_from_grpc(grpc_code);
     if (st) {
         st->code = code;
@@ -67,7 +73,8 @@ __attribute__((format(printf, 3, 4))) static int fail(msa_cli_status_t *st, int 
     return code;
 }
 
-static int ok(msa_cli_status_t *st) {
+static int ok(msa_cli_status_t *st)
+{
     if (st) {
         st->code = MSA_OK;
         st->grpc_code = 0;
@@ -76,7 +83,8 @@ static int ok(msa_cli_status_t *st) {
     return MSA_OK;
 }
 
-static int nomem(msa_cli_status_t *st) {
+static int nomem(msa_cli_status_t *st)
+{
     fail(st, GRPC_STATUS_RESOURCE_EXHAUSTED, "client: out of memory");
     if (st) st->code = MSA_ENOMEM;
     return MSA_ENOMEM;
@@ -100,19 +108,23 @@ static const char *const method_names[M_COUNT] = {
 };
 
 struct msa_cli {
-    grpc_channel *ch;          /* thread-safe; owns the connections */
-    void *reg[M_COUNT];        /* registered method handles */
-    char *addr;                /* target, owned */
-    char *auth;                /* "Bearer <token>" or NULL, owned */
-    size_t auth_len;           /* bytes of auth */
+    grpc_channel *ch;           /* thread-safe; owns the connections */
+    void *reg[M_COUNT];         /* registered method handles */
+    char *addr;                 /* target, owned */
+    char *auth;                 /* "Bearer <token>" or NULL, owned */
+    size_t auth_len;            /* bytes of auth */
     _Atomic int64_t timeout_ms; /* default deadline; < 0 = none */
-    size_t max_msg;            /* bytes, both directions */
+    size_t max_msg;             /* bytes, both directions */
 };
 
-void msa_cli_options_init(msa_cli_options_t *opt) { memset(opt, 0, sizeof *opt); }
+void msa_cli_options_init(msa_cli_options_t *opt)
+{
+    memset(opt, 0, sizeof *opt);
+}
 
 /* Reads a whole file into a NUL-terminated buffer. */
-static int read_file(const char *path, char **out, size_t *len, msa_cli_status_t *st) {
+static int read_file(const char *path, char **out, size_t *len, msa_cli_status_t *st)
+{
     FILE *f = fopen(path, "rb");
     if (!f) return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "%s: %s", path, strerror(errno));
     size_t cap = 4096, n = 0;
@@ -148,7 +160,8 @@ static int read_file(const char *path, char **out, size_t *len, msa_cli_status_t
     return MSA_OK;
 }
 
-int msa_cli_connect(const msa_cli_options_t *opt, msa_cli_t **out, msa_cli_status_t *st) {
+int msa_cli_connect(const msa_cli_options_t *opt, msa_cli_t **out, msa_cli_status_t *st)
+{
     msa_cli_options_t defaults;
     if (!opt) {
         msa_cli_options_init(&defaults);
@@ -165,7 +178,8 @@ int msa_cli_connect(const msa_cli_options_t *opt, msa_cli_t **out, msa_cli_statu
         rc = nomem(st);
         goto fail;
     }
-    atomic_store(&c->timeout_ms, opt->timeout_ms == 0 ? MSA_CLI_DEFAULT_TIMEOUT_MS : opt->timeout_ms);
+    atomic_store(&c->timeout_ms,
+                 opt->timeout_ms == 0 ? MSA_CLI_DEFAULT_TIMEOUT_MS : opt->timeout_ms);
     c->max_msg = opt->max_message_bytes ? opt->max_message_bytes : MSA_CLI_DEFAULT_MAX_MESSAGE;
     if (c->max_msg > (size_t)INT32_MAX) c->max_msg = INT32_MAX;
 
@@ -245,7 +259,8 @@ fail:
     return rc;
 }
 
-void msa_cli_close(msa_cli_t *c) {
+void msa_cli_close(msa_cli_t *c)
+{
     if (!c) return;
     grpc_channel_destroy(c->ch);
     grpc_shutdown();
@@ -254,16 +269,25 @@ void msa_cli_close(msa_cli_t *c) {
     free(c);
 }
 
-void msa_cli_set_timeout(msa_cli_t *c, int64_t timeout_ms) {
+void msa_cli_set_timeout(msa_cli_t *c, int64_t timeout_ms)
+{
     atomic_store(&c->timeout_ms, timeout_ms == 0 ? MSA_CLI_DEFAULT_TIMEOUT_MS : timeout_ms);
 }
-int64_t msa_cli_timeout(const msa_cli_t *c) {
+int64_t msa_cli_timeout(const msa_cli_t *c)
+{
     return atomic_load(&((msa_cli_t *)c)->timeout_ms);
 }
-size_t msa_cli_max_message(const msa_cli_t *c) { return c->max_msg; }
-const char *msa_cli_addr(const msa_cli_t *c) { return c->addr; }
+size_t msa_cli_max_message(const msa_cli_t *c)
+{
+    return c->max_msg;
+}
+const char *msa_cli_addr(const msa_cli_t *c)
+{
+    return c->addr;
+}
 
-void msa_cli_free(void *msg) {
+void msa_cli_free(void *msg)
+{
     if (msg) protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
 }
 
@@ -273,14 +297,15 @@ void msa_cli_free(void *msg) {
 
 static int do_call(msa_cli_t *c, void *reg, const char *method, const ProtobufCMessage *req,
                    const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **out,
-                   int64_t timeout_ms, msa_cli_status_t *st) {
+                   int64_t timeout_ms, msa_cli_status_t *st)
+{
     if (!c || !req || !resp_desc || !out)
         return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "client: NULL argument");
     if (timeout_ms == 0) timeout_ms = atomic_load(&c->timeout_ms);
-    gpr_timespec deadline =
-        timeout_ms < 0 ? gpr_inf_future(GPR_CLOCK_REALTIME)
-                       : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                      gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
+    gpr_timespec deadline = timeout_ms < 0
+                                ? gpr_inf_future(GPR_CLOCK_REALTIME)
+                                : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                               gpr_time_from_millis(timeout_ms, GPR_TIMESPAN));
 
     size_t len = protobuf_c_message_get_packed_size(req);
     grpc_slice req_slice = grpc_slice_malloc(len);
@@ -294,9 +319,9 @@ static int do_call(msa_cli_t *c, void *reg, const char *method, const ProtobufCM
         call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, reg,
                                                    deadline, NULL);
     } else {
-        call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-                                        grpc_slice_from_static_string(method), NULL, deadline,
-                                        NULL);
+        call =
+            grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+                                     grpc_slice_from_static_string(method), NULL, deadline, NULL);
     }
 
     grpc_metadata md;
@@ -392,23 +417,25 @@ done:
 
 int msa_cli_call(msa_cli_t *c, const char *method, const ProtobufCMessage *req,
                  const ProtobufCMessageDescriptor *resp_desc, ProtobufCMessage **out,
-                 int64_t timeout_ms, msa_cli_status_t *st) {
+                 int64_t timeout_ms, msa_cli_status_t *st)
+{
     if (!method || method[0] != '/')
-        return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "client: method must be \"/pkg.Service/Method\"");
+        return fail(st, GRPC_STATUS_INVALID_ARGUMENT,
+                    "client: method must be \"/pkg.Service/Method\"");
     void *reg = NULL;
     for (int i = 0; i < M_COUNT && c; i++)
         if (strcmp(method, method_names[i]) == 0) reg = c->reg[i];
     return do_call(c, reg, method, req, resp_desc, out, timeout_ms, st);
 }
 
-#define MSA_CLI_RPC(fn, m, ReqT, RespT, resp_desc)                                           \
-    int fn(msa_cli_t *c, const ReqT *req, RespT **out, int64_t timeout_ms,                  \
-           msa_cli_status_t *st) {                                                           \
-        ProtobufCMessage *r = NULL;                                                          \
-        int rc = do_call(c, c ? c->reg[m] : NULL, method_names[m],                          \
-                         (const ProtobufCMessage *)req, &resp_desc, &r, timeout_ms, st);     \
-        if (rc == MSA_OK) *out = (RespT *)r;                                                 \
-        return rc;                                                                           \
+#define MSA_CLI_RPC(fn, m, ReqT, RespT, resp_desc)                                                \
+    int fn(msa_cli_t *c, const ReqT *req, RespT **out, int64_t timeout_ms, msa_cli_status_t *st)  \
+    {                                                                                             \
+        ProtobufCMessage *r = NULL;                                                               \
+        int rc = do_call(c, c ? c->reg[m] : NULL, method_names[m], (const ProtobufCMessage *)req, \
+                         &resp_desc, &r, timeout_ms, st);                                         \
+        if (rc == MSA_OK) *out = (RespT *)r;                                                      \
+        return rc;                                                                                \
     }
 
 MSA_CLI_RPC(msa_cli_create_collection, M_CREATE, Msa__V1__CreateCollectionRequest,
@@ -439,7 +466,8 @@ MSA_CLI_RPC(msa_cli_release_snapshot, M_RELEASE, Msa__V1__ReleaseSnapshotRequest
             Msa__V1__ReleaseSnapshotResponse, msa__v1__release_snapshot_response__descriptor)
 
 int msa_cli_health(msa_cli_t *c, const char *service, bool *serving, int64_t timeout_ms,
-                   msa_cli_status_t *st) {
+                   msa_cli_status_t *st)
+{
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = (char *)(service ? service : "");
     ProtobufCMessage *r = NULL;
@@ -461,37 +489,43 @@ int msa_cli_health(msa_cli_t *c, const char *service, bool *serving, int64_t tim
  * nothing of the daemon's (LMDB, BLAS); same rounding rules as tensor.h.
  * ==================================================================================== */
 
-static uint32_t f2u(float x) {
+static uint32_t f2u(float x)
+{
     uint32_t u;
     memcpy(&u, &x, 4);
     return u;
 }
-static float u2f(uint32_t u) {
+static float u2f(uint32_t u)
+{
     float x;
     memcpy(&x, &u, 4);
     return x;
 }
 
-uint16_t msa_cli_f32_to_bf16(float x) {
-    uint32_t u = f2u(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+/* The server's own rounding (storage/tensor.h, inline: this library links no
+ * tensor.c), so client-side conversion matches the stored bits exactly. */
+uint16_t msa_cli_f32_to_bf16(float x)
+{
+    return msa_f32_to_bf16(x);
 }
 
-float msa_cli_bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+float msa_cli_bf16_to_f32(uint16_t h)
+{
+    return msa_bf16_to_f32(h);
+}
 
-uint16_t msa_cli_f32_to_f16(float x) {
+uint16_t msa_cli_f32_to_f16(float x)
+{
     uint32_t u = f2u(x);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
     uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;        /* NaN */
-    if (a >= 0x477ff000u) return sign | 0x7c00u;       /* rounds to >= 65536: Inf */
-    if (a < 0x38800000u) {                             /* below 2^-14: subnormal or 0 */
-        if (a < 0x33000000u) return sign;              /* < 2^-25: rounds to 0 */
+    if (a > 0x7f800000u) return sign | 0x7e00u;  /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* rounds to >= 65536: Inf */
+    if (a < 0x38800000u) {                       /* below 2^-14: subnormal or 0 */
+        if (a < 0x33000000u) return sign;        /* < 2^-25: rounds to 0 */
         uint32_t e = a >> 23;
         uint32_t m = (a & 0x7fffffu) | 0x800000u;
-        uint32_t shift = 126 - e;                      /* 14 + (113 - e) - 1 ... */
+        uint32_t shift = 126 - e; /* 14 + (113 - e) - 1 ... */
         /* value = m * 2^(e-150); subnormal unit = 2^-24 -> q = m >> (126 - e) */
         uint32_t q = m >> shift;
         uint32_t rem = m & ((1u << shift) - 1);
@@ -499,12 +533,13 @@ uint16_t msa_cli_f32_to_f16(float x) {
         if (rem > half || (rem == half && (q & 1))) q++;
         return sign | (uint16_t)q;
     }
-    uint32_t r = a + 0xfffu + ((a >> 13) & 1u);        /* round mantissa to 10 bits */
-    r -= 0x38000000u;                                  /* rebias 127 -> 15 */
+    uint32_t r = a + 0xfffu + ((a >> 13) & 1u); /* round mantissa to 10 bits */
+    r -= 0x38000000u;                           /* rebias 127 -> 15 */
     return sign | (uint16_t)(r >> 13);
 }
 
-float msa_cli_f16_to_f32(uint16_t h) {
+float msa_cli_f16_to_f32(uint16_t h)
+{
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t e = (h >> 10) & 0x1fu;
     uint32_t m = h & 0x3ffu;
@@ -516,17 +551,23 @@ float msa_cli_f16_to_f32(uint16_t h) {
     return u2f(sign | ((e + 112) << 23) | (m << 13));
 }
 
-size_t msa_cli_dtype_size(Msa__V1__DType dt) {
+size_t msa_cli_dtype_size(Msa__V1__DType dt)
+{
     switch (dt) {
-    case MSA__V1__DTYPE__F32: return 4;
+    case MSA__V1__DTYPE__F32:
+        return 4;
     case MSA__V1__DTYPE__F16:
-    case MSA__V1__DTYPE__BF16: return 2;
-    case MSA__V1__DTYPE__I8: return 1;
-    default: return 0;
+    case MSA__V1__DTYPE__BF16:
+        return 2;
+    case MSA__V1__DTYPE__I8:
+        return 1;
+    default:
+        return 0;
     }
 }
 
-Msa__V1__DType msa_cli_dtype_parse(const char *s) {
+Msa__V1__DType msa_cli_dtype_parse(const char *s)
+{
     if (!s) return MSA__V1__DTYPE__DTYPE_UNSPECIFIED;
     if (!strcasecmp(s, "f32") || !strcasecmp(s, "float32") || !strcasecmp(s, "float"))
         return MSA__V1__DTYPE__F32;
@@ -537,25 +578,33 @@ Msa__V1__DType msa_cli_dtype_parse(const char *s) {
     return MSA__V1__DTYPE__DTYPE_UNSPECIFIED;
 }
 
-const char *msa_cli_dtype_name(Msa__V1__DType dt) {
+const char *msa_cli_dtype_name(Msa__V1__DType dt)
+{
     switch (dt) {
-    case MSA__V1__DTYPE__F32: return "F32";
-    case MSA__V1__DTYPE__F16: return "F16";
-    case MSA__V1__DTYPE__BF16: return "BF16";
-    case MSA__V1__DTYPE__I8: return "I8";
-    default: return "DTYPE_UNSPECIFIED";
+    case MSA__V1__DTYPE__F32:
+        return "F32";
+    case MSA__V1__DTYPE__F16:
+        return "F16";
+    case MSA__V1__DTYPE__BF16:
+        return "BF16";
+    case MSA__V1__DTYPE__I8:
+        return "I8";
+    default:
+        return "DTYPE_UNSPECIFIED";
     }
 }
 
-size_t msa_cli_tensor_numel(const Msa__V1__Tensor *t) {
+size_t msa_cli_tensor_numel(const Msa__V1__Tensor *t)
+{
     if (!t || t->n_shape == 0) return 0;
     size_t n = 1;
     for (size_t i = 0; i < t->n_shape; i++) n *= t->shape[i];
     return n;
 }
 
-static int tensor_alloc(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *shape,
-                        size_t ndim, size_t *numel, msa_cli_status_t *st) {
+static int tensor_alloc(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *shape, size_t ndim,
+                        size_t *numel, msa_cli_status_t *st)
+{
     size_t es = msa_cli_dtype_size(dt);
     if (es == 0 || dt == MSA__V1__DTYPE__I8)
         return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "tensor: dtype %d: want F32, F16 or BF16",
@@ -582,7 +631,8 @@ static int tensor_alloc(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *s
 }
 
 int msa_cli_tensor_from_f32(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *shape,
-                            size_t ndim, const float *src, msa_cli_status_t *st) {
+                            size_t ndim, const float *src, msa_cli_status_t *st)
+{
     size_t n;
     int rc = tensor_alloc(t, dt, shape, ndim, &n, st);
     if (rc != MSA_OK) return rc;
@@ -599,7 +649,8 @@ int msa_cli_tensor_from_f32(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_
 }
 
 int msa_cli_tensor_from_raw(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *shape,
-                            size_t ndim, const void *data, size_t nbytes, msa_cli_status_t *st) {
+                            size_t ndim, const void *data, size_t nbytes, msa_cli_status_t *st)
+{
     size_t n;
     int rc = tensor_alloc(t, dt, shape, ndim, &n, st);
     if (rc != MSA_OK) return rc;
@@ -612,22 +663,24 @@ int msa_cli_tensor_from_raw(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_
     return ok(st);
 }
 
-void msa_cli_tensor_clear(Msa__V1__Tensor *t) {
+void msa_cli_tensor_clear(Msa__V1__Tensor *t)
+{
     if (!t) return;
     free(t->shape);
     free(t->data.data);
     msa__v1__tensor__init(t);
 }
 
-int msa_cli_tensor_to_f32(const Msa__V1__Tensor *t, float *dst, msa_cli_status_t *st) {
+int msa_cli_tensor_to_f32(const Msa__V1__Tensor *t, float *dst, msa_cli_status_t *st)
+{
     size_t n = msa_cli_tensor_numel(t);
     size_t es = msa_cli_dtype_size(t->dtype);
     if (es == 0 || t->dtype == MSA__V1__DTYPE__I8)
         return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "tensor: dtype %s: want F32, F16 or BF16",
                     msa_cli_dtype_name(t->dtype));
     if (t->data.len != n * es)
-        return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "tensor: %zu bytes, want %zu",
-                    t->data.len, n * es);
+        return fail(st, GRPC_STATUS_INVALID_ARGUMENT, "tensor: %zu bytes, want %zu", t->data.len,
+                    n * es);
     if (t->dtype == MSA__V1__DTYPE__F32) {
         memcpy(dst, t->data.data, n * 4);
     } else {
@@ -635,15 +688,16 @@ int msa_cli_tensor_to_f32(const Msa__V1__Tensor *t, float *dst, msa_cli_status_t
         for (size_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, s + 2 * i, 2);
-            dst[i] = t->dtype == MSA__V1__DTYPE__BF16 ? msa_cli_bf16_to_f32(h)
-                                                      : msa_cli_f16_to_f32(h);
+            dst[i] =
+                t->dtype == MSA__V1__DTYPE__BF16 ? msa_cli_bf16_to_f32(h) : msa_cli_f16_to_f32(h);
         }
     }
     return ok(st);
 }
 
 int msa_cli_tensor_to_f32_alloc(const Msa__V1__Tensor *t, float **out, size_t *n,
-                                msa_cli_status_t *st) {
+                                msa_cli_status_t *st)
+{
     size_t cnt = msa_cli_tensor_numel(t);
     float *buf = malloc(cnt ? cnt * sizeof *buf : 1);
     if (!buf) return nomem(st);
@@ -667,7 +721,8 @@ struct msa_cli_doc {
 };
 
 int msa_cli_doc_new(uint64_t id, uint32_t tokens, bool raw, msa_cli_doc_t **out,
-                    msa_cli_status_t *st) {
+                    msa_cli_status_t *st)
+{
     msa_cli_doc_t *d = calloc(1, sizeof *d);
     if (!d) return nomem(st);
     msa__v1__document__init(&d->msg);
@@ -678,7 +733,8 @@ int msa_cli_doc_new(uint64_t id, uint32_t tokens, bool raw, msa_cli_doc_t **out,
     return ok(st);
 }
 
-static void layer_free(Msa__V1__LayerKV *l) {
+static void layer_free(Msa__V1__LayerKV *l)
+{
     if (!l) return;
     if (l->k) msa_cli_tensor_clear(l->k);
     if (l->v) msa_cli_tensor_clear(l->v);
@@ -689,7 +745,8 @@ static void layer_free(Msa__V1__LayerKV *l) {
     free(l);
 }
 
-void msa_cli_doc_free(msa_cli_doc_t *d) {
+void msa_cli_doc_free(msa_cli_doc_t *d)
+{
     if (!d) return;
     for (size_t i = 0; i < d->msg.n_layers; i++) layer_free(d->msg.layers[i]);
     free(d->msg.layers);
@@ -698,7 +755,8 @@ void msa_cli_doc_free(msa_cli_doc_t *d) {
     free(d);
 }
 
-int msa_cli_doc_set_text(msa_cli_doc_t *d, const char *text, size_t len, msa_cli_status_t *st) {
+int msa_cli_doc_set_text(msa_cli_doc_t *d, const char *text, size_t len, msa_cli_status_t *st)
+{
     if (len == (size_t)-1) len = strlen(text);
     char *s = malloc(len + 1);
     if (!s) return nomem(st);
@@ -709,8 +767,8 @@ int msa_cli_doc_set_text(msa_cli_doc_t *d, const char *text, size_t len, msa_cli
     return ok(st);
 }
 
-int msa_cli_doc_set_metadata(msa_cli_doc_t *d, const void *meta, size_t len,
-                             msa_cli_status_t *st) {
+int msa_cli_doc_set_metadata(msa_cli_doc_t *d, const void *meta, size_t len, msa_cli_status_t *st)
+{
     uint8_t *b = malloc(len ? len : 1);
     if (!b) return nomem(st);
     if (len) memcpy(b, meta, len);
@@ -720,16 +778,17 @@ int msa_cli_doc_set_metadata(msa_cli_doc_t *d, const void *meta, size_t len,
     return ok(st);
 }
 
-int msa_cli_doc_add_layer(msa_cli_doc_t *d, uint32_t layer, Msa__V1__Tensor *k,
-                          Msa__V1__Tensor *v, Msa__V1__Tensor *router_k, msa_cli_status_t *st) {
+int msa_cli_doc_add_layer(msa_cli_doc_t *d, uint32_t layer, Msa__V1__Tensor *k, Msa__V1__Tensor *v,
+                          Msa__V1__Tensor *router_k, msa_cli_status_t *st)
+{
     Msa__V1__LayerKV *l = calloc(1, sizeof *l);
     Msa__V1__Tensor *tk = malloc(sizeof *tk), *tv = malloc(sizeof *tv), *tr = NULL;
     bool has_r = router_k && router_k->n_shape > 0;
     if (has_r) tr = malloc(sizeof *tr);
     if (!l || !tk || !tv || (has_r && !tr) ||
         (d->msg.n_layers == d->cap_layers &&
-         !(d->msg.layers = realloc(d->msg.layers,
-                                   (d->cap_layers = d->cap_layers * 2 + 4) * sizeof(void *))))) {
+         !(d->msg.layers =
+               realloc(d->msg.layers, (d->cap_layers = d->cap_layers * 2 + 4) * sizeof(void *))))) {
         free(l);
         free(tk);
         free(tv);
@@ -758,7 +817,8 @@ int msa_cli_doc_add_layer(msa_cli_doc_t *d, uint32_t layer, Msa__V1__Tensor *k,
 
 int msa_cli_doc_add_layer_f32(msa_cli_doc_t *d, uint32_t layer, Msa__V1__DType dt, uint32_t rows,
                               uint32_t H, uint32_t D, const float *k, const float *v,
-                              const float *router_k, msa_cli_status_t *st) {
+                              const float *router_k, msa_cli_status_t *st)
+{
     uint32_t shape[3] = {rows, H, D};
     Msa__V1__Tensor tk, tv, tr;
     msa__v1__tensor__init(&tr);
@@ -776,13 +836,17 @@ int msa_cli_doc_add_layer_f32(msa_cli_doc_t *d, uint32_t layer, Msa__V1__DType d
     return msa_cli_doc_add_layer(d, layer, &tk, &tv, router_k ? &tr : NULL, st);
 }
 
-Msa__V1__Document *msa_cli_doc_msg(msa_cli_doc_t *d) { return &d->msg; }
+Msa__V1__Document *msa_cli_doc_msg(msa_cli_doc_t *d)
+{
+    return &d->msg;
+}
 
 /* ======================================================================================
  * Convenience calls
  * ==================================================================================== */
 
-void msa_cli_schema_init(Msa__V1__CollectionSchema *s) {
+void msa_cli_schema_init(Msa__V1__CollectionSchema *s)
+{
     msa__v1__collection_schema__init(s);
     s->kv_dtype = MSA__V1__DTYPE__BF16;
     s->routing_dtype = MSA__V1__DTYPE__BF16;
@@ -791,7 +855,8 @@ void msa_cli_schema_init(Msa__V1__CollectionSchema *s) {
 
 int msa_cli_collection_create(msa_cli_t *c, const char *name,
                               const Msa__V1__CollectionSchema *schema,
-                              Msa__V1__CollectionInfo **info, msa_cli_status_t *st) {
+                              Msa__V1__CollectionInfo **info, msa_cli_status_t *st)
+{
     Msa__V1__CreateCollectionRequest req = MSA__V1__CREATE_COLLECTION_REQUEST__INIT;
     req.name = (char *)name;
     req.schema = (Msa__V1__CollectionSchema *)schema;
@@ -806,7 +871,8 @@ int msa_cli_collection_create(msa_cli_t *c, const char *name,
 }
 
 int msa_cli_collection_drop(msa_cli_t *c, const char *name, uint64_t *commit_seq,
-                            msa_cli_status_t *st) {
+                            msa_cli_status_t *st)
+{
     Msa__V1__DropCollectionRequest req = MSA__V1__DROP_COLLECTION_REQUEST__INIT;
     req.name = (char *)name;
     Msa__V1__DropCollectionResponse *r = NULL;
@@ -818,7 +884,8 @@ int msa_cli_collection_drop(msa_cli_t *c, const char *name, uint64_t *commit_seq
 }
 
 int msa_cli_collection_describe(msa_cli_t *c, const char *name, Msa__V1__CollectionInfo **info,
-                                msa_cli_status_t *st) {
+                                msa_cli_status_t *st)
+{
     Msa__V1__DescribeCollectionRequest req = MSA__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
     req.name = (char *)name;
     Msa__V1__CollectionInfo *r = NULL;
@@ -833,7 +900,8 @@ int msa_cli_collection_describe(msa_cli_t *c, const char *name, Msa__V1__Collect
 
 int msa_cli_put(msa_cli_t *c, const char *collection, const msa_cli_doc_t *doc,
                 uint64_t expect_version, bool expect_absent, uint64_t *commit_seq,
-                uint64_t *version, msa_cli_status_t *st) {
+                uint64_t *version, msa_cli_status_t *st)
+{
     Msa__V1__WriteOp op = MSA__V1__WRITE_OP__INIT;
     op.op_case = MSA__V1__WRITE_OP__OP_PUT;
     op.put = (Msa__V1__Document *)&doc->msg;
@@ -854,7 +922,8 @@ int msa_cli_put(msa_cli_t *c, const char *collection, const msa_cli_doc_t *doc,
 }
 
 int msa_cli_delete(msa_cli_t *c, const char *collection, const uint64_t *ids, size_t n,
-                   uint64_t *commit_seq, msa_cli_status_t *st) {
+                   uint64_t *commit_seq, msa_cli_status_t *st)
+{
     Msa__V1__WriteOp *opv = calloc(n ? n : 1, sizeof *opv);
     Msa__V1__WriteOp **ops = calloc(n ? n : 1, sizeof *ops);
     if (!opv || !ops) {
@@ -893,24 +962,25 @@ typedef struct wop {
 
 struct msa_cli_writer {
     msa_cli_t *c;
-    char *collection;       /* owned */
-    char *model;            /* owned */
-    size_t max_bytes;       /* packed request limit */
-    size_t max_ops;         /* 0 = unlimited */
+    char *collection; /* owned */
+    char *model;      /* owned */
+    size_t max_bytes; /* packed request limit */
+    size_t max_ops;   /* 0 = unlimited */
     int64_t timeout_ms;
     msa_cli_commit_cb on_commit;
     void *ud;
-    wop_t **q;              /* queued ops */
+    wop_t **q; /* queued ops */
     size_t nq, capq;
-    size_t q_bytes;         /* packed size of the request holding q */
-    size_t base_bytes;      /* packed size of the request without ops */
-    uint64_t next_op;       /* lifetime index of q[0] */
+    size_t q_bytes;    /* packed size of the request holding q */
+    size_t base_bytes; /* packed size of the request without ops */
+    uint64_t next_op;  /* lifetime index of q[0] */
     uint64_t batches, ops, bytes, last_seq;
-    msa_cli_status_t err;   /* first error; sticky */
+    msa_cli_status_t err; /* first error; sticky */
 };
 
 /* Bytes an embedded message of n bytes adds to a repeated field: tag + varint length. */
-static size_t field_overhead(size_t n) {
+static size_t field_overhead(size_t n)
+{
     size_t v = 1;
     while (n >= 0x80) {
         n >>= 7;
@@ -920,7 +990,8 @@ static size_t field_overhead(size_t n) {
 }
 
 int msa_cli_writer_open(msa_cli_t *c, const char *collection, const msa_cli_writer_options_t *opt,
-                        msa_cli_writer_t **out, msa_cli_status_t *st) {
+                        msa_cli_writer_t **out, msa_cli_status_t *st)
+{
     msa_cli_writer_t *w = calloc(1, sizeof *w);
     if (!w) return nomem(st);
     w->c = c;
@@ -947,7 +1018,8 @@ int msa_cli_writer_open(msa_cli_t *c, const char *collection, const msa_cli_writ
     return ok(st);
 }
 
-static void drop_queue(msa_cli_writer_t *w) {
+static void drop_queue(msa_cli_writer_t *w)
+{
     for (size_t i = 0; i < w->nq; i++) {
         msa_cli_doc_free(w->q[i]->doc);
         free(w->q[i]);
@@ -957,7 +1029,8 @@ static void drop_queue(msa_cli_writer_t *w) {
     w->q_bytes = w->base_bytes;
 }
 
-int msa_cli_writer_flush(msa_cli_writer_t *w, msa_cli_status_t *st) {
+int msa_cli_writer_flush(msa_cli_writer_t *w, msa_cli_status_t *st)
+{
     if (w->err.code != MSA_OK) {
         if (st) *st = w->err;
         return w->err.code;
@@ -977,9 +1050,9 @@ int msa_cli_writer_flush(msa_cli_writer_t *w, msa_cli_status_t *st) {
     if (rc != MSA_OK) {
         /* Prefix the batch position; the message is cut to fit, never overflows. */
         char m[MSA_STATUS_MSG_MAX + 96];
-        snprintf(m, sizeof m, "batch %llu (ops %llu..%llu): %s",
-                 (unsigned long long)w->batches, (unsigned long long)w->next_op,
-                 (unsigned long long)(w->next_op + w->nq - 1), w->err.msg);
+        snprintf(m, sizeof m, "batch %llu (ops %llu..%llu): %s", (unsigned long long)w->batches,
+                 (unsigned long long)w->next_op, (unsigned long long)(w->next_op + w->nq - 1),
+                 w->err.msg);
         memcpy(w->err.msg, m, sizeof w->err.msg - 1);
         w->err.msg[sizeof w->err.msg - 1] = '\0';
         drop_queue(w);
@@ -996,7 +1069,8 @@ int msa_cli_writer_flush(msa_cli_writer_t *w, msa_cli_status_t *st) {
     return ok(st);
 }
 
-static int enqueue(msa_cli_writer_t *w, wop_t *o, msa_cli_status_t *st) {
+static int enqueue(msa_cli_writer_t *w, wop_t *o, msa_cli_status_t *st)
+{
     size_t sz = protobuf_c_message_get_packed_size((ProtobufCMessage *)&o->op);
     size_t add = sz + field_overhead(sz);
     int rc;
@@ -1024,7 +1098,8 @@ static int enqueue(msa_cli_writer_t *w, wop_t *o, msa_cli_status_t *st) {
 }
 
 int msa_cli_writer_put(msa_cli_writer_t *w, msa_cli_doc_t **doc, uint64_t expect_version,
-                       bool expect_absent, msa_cli_status_t *st) {
+                       bool expect_absent, msa_cli_status_t *st)
+{
     msa_cli_doc_t *d = *doc;
     *doc = NULL;
     if (w->err.code != MSA_OK) {
@@ -1047,7 +1122,8 @@ int msa_cli_writer_put(msa_cli_writer_t *w, msa_cli_doc_t **doc, uint64_t expect
 }
 
 int msa_cli_writer_delete(msa_cli_writer_t *w, uint64_t id, uint64_t expect_version,
-                          msa_cli_status_t *st) {
+                          msa_cli_status_t *st)
+{
     if (w->err.code != MSA_OK) {
         if (st) *st = w->err;
         return w->err.code;
@@ -1062,14 +1138,16 @@ int msa_cli_writer_delete(msa_cli_writer_t *w, uint64_t id, uint64_t expect_vers
 }
 
 void msa_cli_writer_counts(const msa_cli_writer_t *w, uint64_t *batches, uint64_t *ops,
-                           uint64_t *bytes, uint64_t *last_commit_seq) {
+                           uint64_t *bytes, uint64_t *last_commit_seq)
+{
     if (batches) *batches = w->batches;
     if (ops) *ops = w->ops;
     if (bytes) *bytes = w->bytes;
     if (last_commit_seq) *last_commit_seq = w->last_seq;
 }
 
-int msa_cli_writer_close(msa_cli_writer_t *w, msa_cli_status_t *st) {
+int msa_cli_writer_close(msa_cli_writer_t *w, msa_cli_status_t *st)
+{
     if (!w) return ok(st);
     int rc = msa_cli_writer_flush(w, st);
     drop_queue(w);

@@ -55,8 +55,8 @@ extern "C" {
  * ==================================================================================== */
 
 typedef struct msa_cli_status {
-    int code;      /* MSA_OK or a negative MSA_E* code (msa_err.h) */
-    int grpc_code; /* gRPC status code: 0 OK ... 16 UNAUTHENTICATED */
+    int code;                     /* MSA_OK or a negative MSA_E* code (msa_err.h) */
+    int grpc_code;                /* gRPC status code: 0 OK ... 16 UNAUTHENTICATED */
     char msg[MSA_STATUS_MSG_MAX]; /* the server's message, or the client's; "" when OK */
 } msa_cli_status_t;
 
@@ -78,8 +78,8 @@ typedef struct msa_cli_options {
     const char *tls_ca_file; /* PEM root certificates; non-NULL turns TLS on */
     bool tls;                /* TLS with the system roots even without tls_ca_file */
     const char *tls_server_name; /* overrides the name checked in the server's certificate */
-    int64_t timeout_ms;      /* default deadline per call; 0 = 30 s; < 0 = none */
-    size_t max_message_bytes; /* largest message sent or received; 0 = 256 MiB */
+    int64_t timeout_ms;          /* default deadline per call; 0 = 30 s; < 0 = none */
+    size_t max_message_bytes;    /* largest message sent or received; 0 = 256 MiB */
 } msa_cli_options_t;
 
 /* Fills *opt with the defaults (all zero / NULL). */
@@ -132,14 +132,14 @@ int msa_cli_list(msa_cli_t *c, const Msa__V1__ListRequest *req, Msa__V1__ListRes
                  int64_t timeout_ms, msa_cli_status_t *st);
 int msa_cli_route(msa_cli_t *c, const Msa__V1__RouteRequest *req, Msa__V1__RouteResponse **out,
                   int64_t timeout_ms, msa_cli_status_t *st);
-int msa_cli_attend(msa_cli_t *c, const Msa__V1__AttendRequest *req,
-                   Msa__V1__AttendResponse **out, int64_t timeout_ms, msa_cli_status_t *st);
+int msa_cli_attend(msa_cli_t *c, const Msa__V1__AttendRequest *req, Msa__V1__AttendResponse **out,
+                   int64_t timeout_ms, msa_cli_status_t *st);
 int msa_cli_stats(msa_cli_t *c, const Msa__V1__StatsRequest *req, Msa__V1__StatsResponse **out,
                   int64_t timeout_ms, msa_cli_status_t *st);
-int msa_cli_backup(msa_cli_t *c, const Msa__V1__BackupRequest *req,
-                   Msa__V1__BackupResponse **out, int64_t timeout_ms, msa_cli_status_t *st);
-int msa_cli_verify(msa_cli_t *c, const Msa__V1__VerifyRequest *req,
-                   Msa__V1__VerifyResponse **out, int64_t timeout_ms, msa_cli_status_t *st);
+int msa_cli_backup(msa_cli_t *c, const Msa__V1__BackupRequest *req, Msa__V1__BackupResponse **out,
+                   int64_t timeout_ms, msa_cli_status_t *st);
+int msa_cli_verify(msa_cli_t *c, const Msa__V1__VerifyRequest *req, Msa__V1__VerifyResponse **out,
+                   int64_t timeout_ms, msa_cli_status_t *st);
 /* Held snapshots: set hold_snapshot_ms on a Route/Attend/Get/List request to keep the
  * snapshot it read (the response's snapshot_seq), snapshot_seq on later ones to read it;
  * this ends the lease early (released = false when none was held). */
@@ -179,8 +179,7 @@ int msa_cli_tensor_from_f32(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_
                             size_t ndim, const float *src, msa_cli_status_t *st);
 /* Same from raw element bytes already in dtype dt (copied as they are). */
 int msa_cli_tensor_from_raw(Msa__V1__Tensor *t, Msa__V1__DType dt, const uint32_t *shape,
-                            size_t ndim, const void *data, size_t nbytes,
-                            msa_cli_status_t *st);
+                            size_t ndim, const void *data, size_t nbytes, msa_cli_status_t *st);
 /* Frees what msa_cli_tensor_from_* allocated and resets *t to an empty tensor. */
 void msa_cli_tensor_clear(Msa__V1__Tensor *t);
 /* prod(shape), 0 for a tensor without shape. */
@@ -212,18 +211,17 @@ int msa_cli_doc_new(uint64_t id, uint32_t tokens, bool raw, msa_cli_doc_t **out,
 void msa_cli_doc_free(msa_cli_doc_t *d);
 /* Copies text (len bytes, or strlen when len == (size_t)-1) / metadata. */
 int msa_cli_doc_set_text(msa_cli_doc_t *d, const char *text, size_t len, msa_cli_status_t *st);
-int msa_cli_doc_set_metadata(msa_cli_doc_t *d, const void *meta, size_t len,
-                             msa_cli_status_t *st);
+int msa_cli_doc_set_metadata(msa_cli_doc_t *d, const void *meta, size_t len, msa_cli_status_t *st);
 /* Adds one layer: k, v (and router_k when not NULL) are float32 [rows, H, D] (rows = C
  * pooled chunks, or N tokens when raw), converted to dt. Errors: MSA_EINVAL, MSA_ENOMEM. */
-int msa_cli_doc_add_layer_f32(msa_cli_doc_t *d, uint32_t layer, Msa__V1__DType dt,
-                              uint32_t rows, uint32_t H, uint32_t D, const float *k,
-                              const float *v, const float *router_k, msa_cli_status_t *st);
+int msa_cli_doc_add_layer_f32(msa_cli_doc_t *d, uint32_t layer, Msa__V1__DType dt, uint32_t rows,
+                              uint32_t H, uint32_t D, const float *k, const float *v,
+                              const float *router_k, msa_cli_status_t *st);
 /* Adds one layer from tensors the builder takes over: *k, *v, *router_k (router_k may be
  * NULL or empty) must come from msa_cli_tensor_from_*; on success and on failure they are
  * owned by the builder / freed, and reset to empty. */
-int msa_cli_doc_add_layer(msa_cli_doc_t *d, uint32_t layer, Msa__V1__Tensor *k,
-                          Msa__V1__Tensor *v, Msa__V1__Tensor *router_k, msa_cli_status_t *st);
+int msa_cli_doc_add_layer(msa_cli_doc_t *d, uint32_t layer, Msa__V1__Tensor *k, Msa__V1__Tensor *v,
+                          Msa__V1__Tensor *router_k, msa_cli_status_t *st);
 /* The protobuf-c view of the document (owned by d; valid until msa_cli_doc_free). */
 Msa__V1__Document *msa_cli_doc_msg(msa_cli_doc_t *d);
 
@@ -265,14 +263,14 @@ typedef struct msa_cli_writer msa_cli_writer_t;
 
 /* Called after every committed batch: ops [first_op, first_op + n_ops) of the writer's
  * lifetime, with the server's response (borrowed for the call). */
-typedef void (*msa_cli_commit_cb)(void *ud, const Msa__V1__WriteResponse *resp,
-                                  uint64_t first_op, size_t n_ops);
+typedef void (*msa_cli_commit_cb)(void *ud, const Msa__V1__WriteResponse *resp, uint64_t first_op,
+                                  size_t n_ops);
 
 typedef struct msa_cli_writer_options {
-    const char *model;       /* WriteRequest.model; NULL = "" */
-    size_t max_batch_bytes;  /* packed request limit; 0 = connection limit - 64 KiB */
-    size_t max_batch_ops;    /* 0 = unlimited */
-    int64_t timeout_ms;      /* per batch; 0 = connection default */
+    const char *model;      /* WriteRequest.model; NULL = "" */
+    size_t max_batch_bytes; /* packed request limit; 0 = connection limit - 64 KiB */
+    size_t max_batch_ops;   /* 0 = unlimited */
+    int64_t timeout_ms;     /* per batch; 0 = connection default */
     msa_cli_commit_cb on_commit;
     void *ud;
 } msa_cli_writer_options_t;

@@ -4,6 +4,8 @@
  */
 #include "msactl.h"
 
+#include "msa_clock.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
@@ -50,7 +52,8 @@ static const char MAIN_HELP[] =
  * Helpers
  * ==================================================================================== */
 
-int ctl_usage(const char *fmt, ...) {
+int ctl_usage(const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
     fputs("msactl: ", stderr);
@@ -60,7 +63,8 @@ int ctl_usage(const char *fmt, ...) {
     return EXIT_USAGE;
 }
 
-int ctl_fail(ctl_t *ctl, const msa_cli_status_t *st) {
+int ctl_fail(ctl_t *ctl, const msa_cli_status_t *st)
+{
     ctl_progress_end(ctl);
     const char *name = msa_cli_grpc_name(st->grpc_code);
     fprintf(stderr, "msactl: %s: %s\n", name, st->msg);
@@ -75,7 +79,8 @@ int ctl_fail(ctl_t *ctl, const msa_cli_status_t *st) {
     return EXIT_SERVER;
 }
 
-msa_cli_t *ctl_conn(ctl_t *ctl) {
+msa_cli_t *ctl_conn(ctl_t *ctl)
+{
     if (ctl->c) return ctl->c;
     msa_cli_status_t st;
     if (msa_cli_connect(&ctl->opt, &ctl->c, &st) != MSA_OK) {
@@ -85,9 +90,13 @@ msa_cli_t *ctl_conn(ctl_t *ctl) {
     return ctl->c;
 }
 
-bool ctl_is_help(const char *a) { return !strcmp(a, "--help") || !strcmp(a, "-h"); }
+bool ctl_is_help(const char *a)
+{
+    return !strcmp(a, "--help") || !strcmp(a, "-h");
+}
 
-bool ctl_arg(int argc, char **argv, int *i, const char *name, const char **val) {
+bool ctl_arg(int argc, char **argv, int *i, const char *name, const char **val)
+{
     const char *a = argv[*i];
     size_t n = strlen(name);
     if (strncmp(a, name, n) != 0) return false;
@@ -101,7 +110,8 @@ bool ctl_arg(int argc, char **argv, int *i, const char *name, const char **val) 
     return true;
 }
 
-bool ctl_common_opt(ctl_t *ctl, int argc, char **argv, int *i) {
+bool ctl_common_opt(ctl_t *ctl, int argc, char **argv, int *i)
+{
     const char *v;
     if (!strcmp(argv[*i], "--json")) {
         ctl->json = true;
@@ -131,7 +141,8 @@ bool ctl_common_opt(ctl_t *ctl, int argc, char **argv, int *i) {
     return true;
 }
 
-uint64_t ctl_u64(const char *name, const char *s) {
+uint64_t ctl_u64(const char *name, const char *s)
+{
     char *end;
     errno = 0;
     if (!s || !*s || *s == '-') exit(ctl_usage("%s: '%s' is not a non-negative integer", name, s));
@@ -140,21 +151,25 @@ uint64_t ctl_u64(const char *name, const char *s) {
     return v;
 }
 
-uint32_t ctl_u32(const char *name, const char *s) {
+uint32_t ctl_u32(const char *name, const char *s)
+{
     uint64_t v = ctl_u64(name, s);
     if (v > UINT32_MAX) exit(ctl_usage("%s: %s is too large", name, s));
     return (uint32_t)v;
 }
 
-double ctl_double(const char *name, const char *s) {
+double ctl_double(const char *name, const char *s)
+{
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || *end || end == s || !isfinite(v)) exit(ctl_usage("%s: '%s' is not a number", name, s));
+    if (errno || *end || end == s || !isfinite(v))
+        exit(ctl_usage("%s: '%s' is not a number", name, s));
     return v;
 }
 
-size_t ctl_u64_list(const char *name, const char *s, uint64_t **out) {
+size_t ctl_u64_list(const char *name, const char *s, uint64_t **out)
+{
     size_t n = 0, cap = 16;
     uint64_t *v = malloc(cap * sizeof *v);
     char *dup = strdup(s), *save = NULL;
@@ -166,7 +181,8 @@ size_t ctl_u64_list(const char *name, const char *s, uint64_t **out) {
             *dash = '\0';
             lo = ctl_u64(name, tok);
             hi = ctl_u64(name, dash + 1);
-            if (hi < lo || hi - lo > 1000000) exit(ctl_usage("%s: bad range %s-%s", name, tok, dash + 1));
+            if (hi < lo || hi - lo > 1000000)
+                exit(ctl_usage("%s: bad range %s-%s", name, tok, dash + 1));
         } else {
             lo = hi = ctl_u64(name, tok);
         }
@@ -185,15 +201,20 @@ size_t ctl_u64_list(const char *name, const char *s, uint64_t **out) {
     return n;
 }
 
-cJSON *ju64(uint64_t v) {
+cJSON *ju64(uint64_t v)
+{
     char b[32];
     snprintf(b, sizeof b, "%" PRIu64, v);
     return cJSON_CreateRaw(b);
 }
 
-void jadd_u64(cJSON *o, const char *key, uint64_t v) { cJSON_AddItemToObject(o, key, ju64(v)); }
+void jadd_u64(cJSON *o, const char *key, uint64_t v)
+{
+    cJSON_AddItemToObject(o, key, ju64(v));
+}
 
-void jprint(cJSON *j) {
+void jprint(cJSON *j)
+{
     char *s = cJSON_Print(j);
     if (s) {
         fputs(s, stdout);
@@ -205,7 +226,8 @@ void jprint(cJSON *j) {
 
 static bool progress_shown;
 
-void ctl_progress(ctl_t *ctl, const char *label, uint64_t done, uint64_t total) {
+void ctl_progress(ctl_t *ctl, const char *label, uint64_t done, uint64_t total)
+{
     if (!ctl->progress || total == 0) return;
     int width = 30, fill = (int)(done * (uint64_t)width / total);
     char bar[64];
@@ -217,7 +239,8 @@ void ctl_progress(ctl_t *ctl, const char *label, uint64_t done, uint64_t total) 
     progress_shown = true;
 }
 
-void ctl_progress_end(ctl_t *ctl) {
+void ctl_progress_end(ctl_t *ctl)
+{
     if (progress_shown) {
         fputs("\r\033[K", stderr);
         fflush(stderr);
@@ -225,7 +248,8 @@ void ctl_progress_end(ctl_t *ctl) {
     }
 }
 
-const char *ctl_bytes(uint64_t b, char *buf, size_t len) {
+const char *ctl_bytes(uint64_t b, char *buf, size_t len)
+{
     static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
     double x = (double)b;
     int u = 0;
@@ -240,10 +264,9 @@ const char *ctl_bytes(uint64_t b, char *buf, size_t len) {
     return buf;
 }
 
-double ctl_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+double ctl_now(void)
+{
+    return (double)msa_clock_ns() * 1e-9;
 }
 
 /* ======================================================================================
@@ -264,18 +287,21 @@ static const enum_name_t QUERYR[] = {
 static const enum_name_t CHUNKR[] = {
     {"CHUNK_MAX", "max", 0}, {"CHUNK_MEAN", "mean", 1}, {NULL, NULL, 0}};
 
-static int enum_parse(const enum_name_t *t, const char *s) {
+static int enum_parse(const enum_name_t *t, const char *s)
+{
     for (; t->name; t++)
         if (!strcasecmp(s, t->name) || !strcasecmp(s, t->alias)) return t->value;
     return -1;
 }
-static const char *enum_str(const enum_name_t *t, int v) {
+static const char *enum_str(const enum_name_t *t, int v)
+{
     for (; t->name; t++)
         if (t->value == v) return t->name;
     return "?";
 }
 
-static void set_layers(Msa__V1__CollectionSchema *s, const char *spec) {
+static void set_layers(Msa__V1__CollectionSchema *s, const char *spec)
+{
     uint64_t *v;
     size_t n = ctl_u64_list("--layers", spec, &v);
     free(s->layers);
@@ -289,20 +315,23 @@ static void set_layers(Msa__V1__CollectionSchema *s, const char *spec) {
     free(v);
 }
 
-static Msa__V1__DType dtype_arg(const char *name, const char *v) {
+static Msa__V1__DType dtype_arg(const char *name, const char *v)
+{
     Msa__V1__DType dt = msa_cli_dtype_parse(v);
     if (dt == MSA__V1__DTYPE__DTYPE_UNSPECIFIED)
         exit(ctl_usage("%s: '%s': want f32, f16, bf16 or i8", name, v));
     return dt;
 }
 
-static int enum_arg(const enum_name_t *t, const char *name, const char *v) {
+static int enum_arg(const enum_name_t *t, const char *name, const char *v)
+{
     int x = enum_parse(t, v);
     if (x < 0) exit(ctl_usage("%s: unknown value '%s'", name, v));
     return x;
 }
 
-bool ctl_schema_opt(Msa__V1__CollectionSchema *s, int argc, char **argv, int *i) {
+bool ctl_schema_opt(Msa__V1__CollectionSchema *s, int argc, char **argv, int *i)
+{
     const char *v;
     if (ctl_arg(argc, argv, i, "--layers", &v)) {
         set_layers(s, v);
@@ -340,10 +369,12 @@ bool ctl_schema_opt(Msa__V1__CollectionSchema *s, int argc, char **argv, int *i)
     return true;
 }
 
-cJSON *ctl_schema_json(const Msa__V1__CollectionSchema *s) {
+cJSON *ctl_schema_json(const Msa__V1__CollectionSchema *s)
+{
     cJSON *j = cJSON_CreateObject();
     cJSON *l = cJSON_AddArrayToObject(j, "layers");
-    for (size_t i = 0; i < s->n_layers; i++) cJSON_AddItemToArray(l, cJSON_CreateNumber(s->layers[i]));
+    for (size_t i = 0; i < s->n_layers; i++)
+        cJSON_AddItemToArray(l, cJSON_CreateNumber(s->layers[i]));
     cJSON_AddNumberToObject(j, "kv_heads", s->kv_heads);
     cJSON_AddNumberToObject(j, "query_heads", s->query_heads);
     cJSON_AddNumberToObject(j, "head_dim", s->head_dim);
@@ -360,7 +391,8 @@ cJSON *ctl_schema_json(const Msa__V1__CollectionSchema *s) {
     return j;
 }
 
-cJSON *ctl_info_json(const Msa__V1__CollectionInfo *ci) {
+cJSON *ctl_info_json(const Msa__V1__CollectionInfo *ci)
+{
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "name", ci->name);
     if (ci->schema) cJSON_AddItemToObject(j, "schema", ctl_schema_json(ci->schema));
@@ -375,7 +407,8 @@ cJSON *ctl_info_json(const Msa__V1__CollectionInfo *ci) {
 /* Reads a JSON schema file: either a schema object or {"schema": {...}} (the output of
  * `collections describe --json`). Returns false with a message on error. */
 static bool schema_from_json(const char *path, Msa__V1__CollectionSchema *s, char *err,
-                             size_t errlen) {
+                             size_t errlen)
+{
     FILE *f = fopen(path, "rb");
     if (!f) {
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
@@ -404,7 +437,8 @@ static bool schema_from_json(const char *path, Msa__V1__CollectionSchema *s, cha
     if (!cJSON_IsObject(j)) j = root;
     bool okay = true;
     cJSON *it;
-    cJSON_ArrayForEach(it, j) {
+    cJSON_ArrayForEach(it, j)
+    {
         const char *k = it->string;
         if (!strcmp(k, "layers")) {
             if (cJSON_IsString(it)) {
@@ -417,8 +451,10 @@ static bool schema_from_json(const char *path, Msa__V1__CollectionSchema *s, cha
             s->layers = malloc((size_t)(n_l ? n_l : 1) * sizeof *s->layers);
             s->n_layers = 0;
             cJSON *e;
-            cJSON_ArrayForEach(e, it) {
-                if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > UINT32_MAX) goto bad;
+            cJSON_ArrayForEach(e, it)
+            {
+                if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > UINT32_MAX)
+                    goto bad;
                 s->layers[s->n_layers++] = (uint32_t)e->valuedouble;
             }
         } else if (!strcmp(k, "kv_heads") || !strcmp(k, "query_heads") || !strcmp(k, "head_dim") ||
@@ -427,37 +463,54 @@ static bool schema_from_json(const char *path, Msa__V1__CollectionSchema *s, cha
                 it->valuedouble != floor(it->valuedouble))
                 goto bad;
             uint32_t v = (uint32_t)it->valuedouble;
-            if (!strcmp(k, "kv_heads")) s->kv_heads = v;
-            else if (!strcmp(k, "query_heads")) s->query_heads = v;
-            else if (!strcmp(k, "head_dim")) s->head_dim = v;
-            else if (!strcmp(k, "chunk_tokens")) s->chunk_tokens = v;
-            else s->default_top_k = v;
+            if (!strcmp(k, "kv_heads"))
+                s->kv_heads = v;
+            else if (!strcmp(k, "query_heads"))
+                s->query_heads = v;
+            else if (!strcmp(k, "head_dim"))
+                s->head_dim = v;
+            else if (!strcmp(k, "chunk_tokens"))
+                s->chunk_tokens = v;
+            else
+                s->default_top_k = v;
         } else if (!strcmp(k, "kv_dtype") || !strcmp(k, "routing_dtype")) {
             Msa__V1__DType dt;
-            if (cJSON_IsString(it)) dt = msa_cli_dtype_parse(it->valuestring);
-            else if (cJSON_IsNumber(it)) dt = (Msa__V1__DType)it->valueint;
-            else goto bad;
+            if (cJSON_IsString(it))
+                dt = msa_cli_dtype_parse(it->valuestring);
+            else if (cJSON_IsNumber(it))
+                dt = (Msa__V1__DType)it->valueint;
+            else
+                goto bad;
             if (dt == MSA__V1__DTYPE__DTYPE_UNSPECIFIED && !cJSON_IsNumber(it)) goto bad;
-            if (!strcmp(k, "kv_dtype")) s->kv_dtype = dt;
-            else s->routing_dtype = dt;
+            if (!strcmp(k, "kv_dtype"))
+                s->kv_dtype = dt;
+            else
+                s->routing_dtype = dt;
         } else if (!strcmp(k, "separate_router_keys")) {
             if (!cJSON_IsBool(it)) goto bad;
             s->separate_router_keys = cJSON_IsTrue(it);
         } else if (!strcmp(k, "similarity") || !strcmp(k, "head_reduce") ||
                    !strcmp(k, "query_reduce") || !strcmp(k, "chunk_reduce")) {
-            const enum_name_t *t = !strcmp(k, "similarity")  ? SIM
-                                   : !strcmp(k, "head_reduce") ? HEADR
+            const enum_name_t *t = !strcmp(k, "similarity")     ? SIM
+                                   : !strcmp(k, "head_reduce")  ? HEADR
                                    : !strcmp(k, "query_reduce") ? QUERYR
                                                                 : CHUNKR;
             int v;
-            if (cJSON_IsString(it)) v = enum_parse(t, it->valuestring);
-            else if (cJSON_IsNumber(it)) v = it->valueint;
-            else goto bad;
+            if (cJSON_IsString(it))
+                v = enum_parse(t, it->valuestring);
+            else if (cJSON_IsNumber(it))
+                v = it->valueint;
+            else
+                goto bad;
             if (v < 0) goto bad;
-            if (t == SIM) s->similarity = v;
-            else if (t == HEADR) s->head_reduce = v;
-            else if (t == QUERYR) s->query_reduce = v;
-            else s->chunk_reduce = v;
+            if (t == SIM)
+                s->similarity = v;
+            else if (t == HEADR)
+                s->head_reduce = v;
+            else if (t == QUERYR)
+                s->query_reduce = v;
+            else
+                s->chunk_reduce = v;
         } else if (!strcmp(k, "model")) {
             if (!cJSON_IsString(it)) goto bad;
             s->model = strdup(it->valuestring); /* lives until exit */
@@ -507,7 +560,8 @@ static const char COLL_HELP[] =
     "the output of `msactl --json collections describe` is accepted as it is. Flags\n"
     "given after it override the file.\n";
 
-static void print_info_human(const Msa__V1__CollectionInfo *ci) {
+static void print_info_human(const Msa__V1__CollectionInfo *ci)
+{
     char b[32];
     printf("name:          %s\n", ci->name);
     printf("documents:     %" PRIu64 "\n", ci->documents);
@@ -531,7 +585,8 @@ static void print_info_human(const Msa__V1__CollectionInfo *ci) {
     printf("default_top_k: %u\nmodel:         %s\n", s->default_top_k, s->model ? s->model : "");
 }
 
-static int cmd_collections(ctl_t *ctl, int argc, char **argv) {
+static int cmd_collections(ctl_t *ctl, int argc, char **argv)
+{
     if (argc < 2 || ctl_is_help(argv[1])) {
         fputs(COLL_HELP, argc < 2 ? stderr : stdout);
         return argc < 2 ? EXIT_USAGE : EXIT_OK;
@@ -559,7 +614,8 @@ static int cmd_collections(ctl_t *ctl, int argc, char **argv) {
                 continue;
             }
         }
-        if (argv[i][0] == '-' && argv[i][1]) return ctl_usage("collections %s: unknown option %s", sub, argv[i]);
+        if (argv[i][0] == '-' && argv[i][1])
+            return ctl_usage("collections %s: unknown option %s", sub, argv[i]);
         if (name) return ctl_usage("collections %s: unexpected argument %s", sub, argv[i]);
         name = argv[i];
     }
@@ -582,11 +638,13 @@ static int cmd_collections(ctl_t *ctl, int argc, char **argv) {
                 const Msa__V1__CollectionInfo *ci = r->collections[i];
                 const Msa__V1__CollectionSchema *s = ci->schema;
                 char b[32];
-                printf("%-24s %10" PRIu64 " %12" PRIu64 " %14" PRIu64 " %10s %6zu %3u %4u %4u %5u %-5s %-5s\n",
+                printf("%-24s %10" PRIu64 " %12" PRIu64 " %14" PRIu64
+                       " %10s %6zu %3u %4u %4u %5u %-5s %-5s\n",
                        ci->name, ci->documents, ci->chunks, ci->tokens,
                        ctl_bytes(ci->bytes, b, sizeof b), s ? s->n_layers : 0, s ? s->kv_heads : 0,
                        s ? s->query_heads : 0, s ? s->head_dim : 0, s ? s->chunk_tokens : 0,
-                       s ? msa_cli_dtype_name(s->kv_dtype) : "", s ? msa_cli_dtype_name(s->routing_dtype) : "");
+                       s ? msa_cli_dtype_name(s->kv_dtype) : "",
+                       s ? msa_cli_dtype_name(s->routing_dtype) : "");
             }
             if (r->n_collections == 0) printf("(no collections)\n");
         }
@@ -635,7 +693,8 @@ static int cmd_collections(ctl_t *ctl, int argc, char **argv) {
                              "(--layers, --kv-heads, --query-heads, --head-dim, ...)");
         }
         Msa__V1__CollectionInfo *ci;
-        if (msa_cli_collection_create(ctl_conn(ctl), name, &schema, &ci, &st)) return ctl_fail(ctl, &st);
+        if (msa_cli_collection_create(ctl_conn(ctl), name, &schema, &ci, &st))
+            return ctl_fail(ctl, &st);
         if (ctl->json) {
             jprint(ctl_info_json(ci));
         } else {
@@ -655,7 +714,8 @@ static const char STATS_HELP[] =
     "usage: msactl stats\n\nServer statistics: version, backend, commit seq, store size,\n"
     "collections, documents, chunks, devices and counters.\n";
 
-static int cmd_stats(ctl_t *ctl, int argc, char **argv) {
+static int cmd_stats(ctl_t *ctl, int argc, char **argv)
+{
     for (int i = 1; i < argc; i++) {
         if (ctl_is_help(argv[i])) {
             fputs(STATS_HELP, stdout);
@@ -688,19 +748,22 @@ static int cmd_stats(ctl_t *ctl, int argc, char **argv) {
             cJSON_AddItemToArray(d, o);
         }
         cJSON *cn = cJSON_AddObjectToObject(j, "counters");
-        for (size_t i = 0; i < r->n_counters; i++) jadd_u64(cn, r->counters[i]->key, r->counters[i]->value);
+        for (size_t i = 0; i < r->n_counters; i++)
+            jadd_u64(cn, r->counters[i]->key, r->counters[i]->value);
         jprint(j);
     } else {
         char b[32];
         printf("%-14s %s\n", "version", r->version);
         printf("%-14s %s\n", "backend", r->backend);
         printf("%-14s %" PRIu64 "\n", "commit_seq", r->commit_seq);
-        printf("%-14s %" PRIu64 " (%s)\n", "store_bytes", r->store_bytes, ctl_bytes(r->store_bytes, b, sizeof b));
+        printf("%-14s %" PRIu64 " (%s)\n", "store_bytes", r->store_bytes,
+               ctl_bytes(r->store_bytes, b, sizeof b));
         printf("%-14s %" PRIu64 "\n", "collections", r->collections);
         printf("%-14s %" PRIu64 "\n", "documents", r->documents);
         printf("%-14s %" PRIu64 "\n", "chunks", r->chunks);
         if (r->n_devices) {
-            printf("\n%-28s %12s %12s %12s %12s\n", "DEVICE", "MEM TOTAL", "MEM USED", "ROUTING", "CACHE");
+            printf("\n%-28s %12s %12s %12s %12s\n", "DEVICE", "MEM TOTAL", "MEM USED", "ROUTING",
+                   "CACHE");
             for (size_t i = 0; i < r->n_devices; i++) {
                 const Msa__V1__DeviceInfo *di = r->devices[i];
                 char b1[32], b2[32], b3[32], b4[32];
@@ -724,7 +787,8 @@ static const char BACKUP_HELP[] =
     "Writes a consistent copy of the store to NAME inside the daemon's backup directory\n"
     "(no '/' or '..'). --compact omits free pages (slower, smaller).\n";
 
-static int cmd_backup(ctl_t *ctl, int argc, char **argv) {
+static int cmd_backup(ctl_t *ctl, int argc, char **argv)
+{
     const char *name = NULL;
     bool compact = false;
     for (int i = 1; i < argc; i++) {
@@ -733,10 +797,14 @@ static int cmd_backup(ctl_t *ctl, int argc, char **argv) {
             return EXIT_OK;
         }
         if (ctl_common_opt(ctl, argc, argv, &i)) continue;
-        if (!strcmp(argv[i], "--compact")) compact = true;
-        else if (argv[i][0] == '-' && argv[i][1]) return ctl_usage("backup: unknown option %s", argv[i]);
-        else if (name) return ctl_usage("backup: unexpected %s", argv[i]);
-        else name = argv[i];
+        if (!strcmp(argv[i], "--compact"))
+            compact = true;
+        else if (argv[i][0] == '-' && argv[i][1])
+            return ctl_usage("backup: unknown option %s", argv[i]);
+        else if (name)
+            return ctl_usage("backup: unexpected %s", argv[i]);
+        else
+            name = argv[i];
     }
     if (!name) return ctl_usage("backup: NAME missing (see msactl backup --help)");
     msa_cli_status_t st;
@@ -753,7 +821,8 @@ static int cmd_backup(ctl_t *ctl, int argc, char **argv) {
         jprint(j);
     } else {
         char b[32];
-        printf("backup %s: %s at commit %" PRIu64 "\n", name, ctl_bytes(r->bytes, b, sizeof b), r->snapshot_seq);
+        printf("backup %s: %s at commit %" PRIu64 "\n", name, ctl_bytes(r->bytes, b, sizeof b),
+               r->snapshot_seq);
     }
     msa_cli_free(r);
     return EXIT_OK;
@@ -764,7 +833,8 @@ static const char VERIFY_HELP[] =
     "Checks the store's consistency (all collections, or COLL). Exit code 3 when the\n"
     "server reports problems; they are listed one per line.\n";
 
-static int cmd_verify(ctl_t *ctl, int argc, char **argv) {
+static int cmd_verify(ctl_t *ctl, int argc, char **argv)
+{
     const char *coll = NULL;
     for (int i = 1; i < argc; i++) {
         if (ctl_is_help(argv[i])) {
@@ -789,7 +859,8 @@ static int cmd_verify(ctl_t *ctl, int argc, char **argv) {
         jadd_u64(j, "documents_checked", r->documents_checked);
         cJSON_AddBoolToObject(j, "ok", r->n_problems == 0);
         cJSON *p = cJSON_AddArrayToObject(j, "problems");
-        for (size_t i = 0; i < r->n_problems; i++) cJSON_AddItemToArray(p, cJSON_CreateString(r->problems[i]));
+        for (size_t i = 0; i < r->n_problems; i++)
+            cJSON_AddItemToArray(p, cJSON_CreateString(r->problems[i]));
         jprint(j);
     } else {
         printf("checked %" PRIu64 " documents: %s\n", r->documents_checked,
@@ -800,7 +871,8 @@ static int cmd_verify(ctl_t *ctl, int argc, char **argv) {
     return rc;
 }
 
-static int cmd_health(ctl_t *ctl, int argc, char **argv) {
+static int cmd_health(ctl_t *ctl, int argc, char **argv)
+{
     const char *svc = "";
     for (int i = 1; i < argc; i++) {
         if (ctl_is_help(argv[i])) {
@@ -828,7 +900,8 @@ static int cmd_health(ctl_t *ctl, int argc, char **argv) {
  * main
  * ==================================================================================== */
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     ctl_t ctl;
     memset(&ctl, 0, sizeof ctl);
     msa_cli_options_init(&ctl.opt);
@@ -848,7 +921,8 @@ int main(int argc, char **argv) {
             return EXIT_OK;
         }
         if (argv[i][0] != '-') break;
-        if (!ctl_common_opt(&ctl, argc, argv, &i)) return ctl_usage("unknown option %s (see msactl --help)", argv[i]);
+        if (!ctl_common_opt(&ctl, argc, argv, &i))
+            return ctl_usage("unknown option %s (see msactl --help)", argv[i]);
     }
     if (i >= argc) {
         fputs(MAIN_HELP, stderr);
@@ -858,20 +932,31 @@ int main(int argc, char **argv) {
     int n = argc - i;
     char **av = argv + i;
     int rc;
-    if (!strcmp(cmd, "collections") || !strcmp(cmd, "coll")) rc = cmd_collections(&ctl, n, av);
-    else if (!strcmp(cmd, "docs")) rc = cmd_docs(&ctl, n, av);
-    else if (!strcmp(cmd, "put")) rc = cmd_put(&ctl, n, av);
-    else if (!strcmp(cmd, "route")) rc = cmd_route(&ctl, n, av);
-    else if (!strcmp(cmd, "attend")) rc = cmd_attend(&ctl, n, av);
-    else if (!strcmp(cmd, "stats")) rc = cmd_stats(&ctl, n, av);
-    else if (!strcmp(cmd, "backup")) rc = cmd_backup(&ctl, n, av);
-    else if (!strcmp(cmd, "verify")) rc = cmd_verify(&ctl, n, av);
-    else if (!strcmp(cmd, "health")) rc = cmd_health(&ctl, n, av);
-    else if (!strcmp(cmd, "bench")) rc = cmd_bench(&ctl, n, av);
+    if (!strcmp(cmd, "collections") || !strcmp(cmd, "coll"))
+        rc = cmd_collections(&ctl, n, av);
+    else if (!strcmp(cmd, "docs"))
+        rc = cmd_docs(&ctl, n, av);
+    else if (!strcmp(cmd, "put"))
+        rc = cmd_put(&ctl, n, av);
+    else if (!strcmp(cmd, "route"))
+        rc = cmd_route(&ctl, n, av);
+    else if (!strcmp(cmd, "attend"))
+        rc = cmd_attend(&ctl, n, av);
+    else if (!strcmp(cmd, "stats"))
+        rc = cmd_stats(&ctl, n, av);
+    else if (!strcmp(cmd, "backup"))
+        rc = cmd_backup(&ctl, n, av);
+    else if (!strcmp(cmd, "verify"))
+        rc = cmd_verify(&ctl, n, av);
+    else if (!strcmp(cmd, "health"))
+        rc = cmd_health(&ctl, n, av);
+    else if (!strcmp(cmd, "bench"))
+        rc = cmd_bench(&ctl, n, av);
     else if (!strcmp(cmd, "help")) {
         fputs(MAIN_HELP, stdout);
         rc = EXIT_OK;
-    } else rc = ctl_usage("unknown command '%s' (see msactl --help)", cmd);
+    } else
+        rc = ctl_usage("unknown command '%s' (see msactl --help)", cmd);
     ctl_progress_end(&ctl);
     msa_cli_close(ctl.c);
     return rc;

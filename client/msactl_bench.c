@@ -51,7 +51,8 @@ static const char BENCH_HELP[] =
  * Random data
  * ==================================================================================== */
 
-static uint64_t rng_next(uint64_t *s) {
+static uint64_t rng_next(uint64_t *s)
+{
     uint64_t x = *s;
     x ^= x >> 12;
     x ^= x << 25;
@@ -61,7 +62,8 @@ static uint64_t rng_next(uint64_t *s) {
 }
 
 /* Uniform in [-1, 1): cheap and enough to spread routing scores. */
-static void fill(float *p, size_t n, uint64_t *s) {
+static void fill(float *p, size_t n, uint64_t *s)
+{
     for (size_t i = 0; i < n; i++)
         p[i] = (float)((double)(rng_next(s) >> 11) * (2.0 / 9007199254740992.0) - 1.0);
 }
@@ -75,7 +77,8 @@ typedef struct lat {
     size_t n, cap;
 } lat_t;
 
-static void lat_add(lat_t *l, double ms) {
+static void lat_add(lat_t *l, double ms)
+{
     if (l->n == l->cap) {
         l->cap = l->cap ? l->cap * 2 : 1024;
         l->v = realloc(l->v, l->cap * sizeof *l->v);
@@ -84,12 +87,14 @@ static void lat_add(lat_t *l, double ms) {
     l->v[l->n++] = ms;
 }
 
-static int cmp_d(const void *a, const void *b) {
+static int cmp_d(const void *a, const void *b)
+{
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
 
-static double pct(const double *sorted, size_t n, double p) {
+static double pct(const double *sorted, size_t n, double p)
+{
     if (n == 0) return 0;
     double r = p * (double)(n - 1);
     size_t i = (size_t)r;
@@ -111,7 +116,8 @@ typedef struct job {
     int rc;
 } job_t;
 
-static int one_call(msa_cli_t *c, op_t op, const void *req, msa_cli_status_t *st) {
+static int one_call(msa_cli_t *c, op_t op, const void *req, msa_cli_status_t *st)
+{
     int rc;
     if (op == OP_STATS) {
         Msa__V1__StatsResponse *r;
@@ -129,7 +135,8 @@ static int one_call(msa_cli_t *c, op_t op, const void *req, msa_cli_status_t *st
     return rc;
 }
 
-static void *worker(void *arg) {
+static void *worker(void *arg)
+{
     job_t *j = arg;
     for (;;) {
         if (ctl_now() >= j->end) break;
@@ -149,14 +156,19 @@ typedef struct level {
 
 /* Runs one level; returns MSA_OK or the first error (in *st). */
 static int run_level(msa_cli_t *c, op_t op, const void *req, unsigned conc, double duration,
-                     uint64_t max_requests, level_t *out, msa_cli_status_t *st) {
+                     uint64_t max_requests, level_t *out, msa_cli_status_t *st)
+{
     job_t *jobs = calloc(conc, sizeof *jobs);
     pthread_t *th = calloc(conc, sizeof *th);
     _Atomic uint64_t issued = 0;
     double t0 = ctl_now();
     for (unsigned i = 0; i < conc; i++) {
-        jobs[i] = (job_t){.c = c, .op = op, .req = req, .end = t0 + duration,
-                          .max_requests = max_requests, .issued = &issued};
+        jobs[i] = (job_t){.c = c,
+                          .op = op,
+                          .req = req,
+                          .end = t0 + duration,
+                          .max_requests = max_requests,
+                          .issued = &issued};
         pthread_create(&th[i], NULL, worker, &jobs[i]);
     }
     lat_t all = {0};
@@ -192,7 +204,8 @@ static int run_level(msa_cli_t *c, op_t op, const void *req, unsigned conc, doub
     return rc;
 }
 
-static cJSON *level_json(const level_t *l) {
+static cJSON *level_json(const level_t *l)
+{
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "concurrency", l->conc);
     jadd_u64(o, "requests", l->requests);
@@ -215,14 +228,16 @@ typedef struct ingest_cb {
     uint64_t tokens_done, tokens_total, doc_tokens, n_docs; /* tokens; documents */
 } ingest_cb_t;
 
-static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t first_op, size_t n_ops) {
+static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t first_op, size_t n_ops)
+{
     ingest_cb_t *cb = ud;
     cb->tokens_done += (uint64_t)n_ops * cb->doc_tokens;
     if (first_op + n_ops == cb->n_docs) cb->tokens_done = cb->tokens_total;
     ctl_progress(cb->ctl, "ingest", cb->tokens_done, cb->tokens_total);
 }
 
-int cmd_bench(ctl_t *ctl, int argc, char **argv) {
+int cmd_bench(ctl_t *ctl, int argc, char **argv)
+{
     const char *coll = "msactl_bench", *v;
     uint64_t tokens = 1048576, seed = 1, max_requests = 0;
     uint32_t doc_tokens = 1024, qt = 64, top_k = 16, warmup = 3, batch_mb = 32;
@@ -233,7 +248,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
     size_t n_conc = 0;
     Msa__V1__CollectionSchema schema;
     msa_cli_schema_init(&schema);
-    static uint32_t default_layers[18] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17};
+    static uint32_t default_layers[18] = {0, 1,  2,  3,  4,  5,  6,  7,  8,
+                                          9, 10, 11, 12, 13, 14, 15, 16, 17};
     schema.n_layers = 18;
     schema.layers = default_layers;
     schema.kv_heads = 8;
@@ -246,31 +262,48 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
             return EXIT_OK;
         }
         if (ctl_common_opt(ctl, argc, argv, &i)) continue;
-        if (!strncmp(argv[i], "--layers", 8) && schema.layers == default_layers) schema.layers = NULL;
+        if (!strncmp(argv[i], "--layers", 8) && schema.layers == default_layers)
+            schema.layers = NULL;
         if (ctl_schema_opt(&schema, argc, argv, &i)) continue;
-        if (ctl_arg(argc, argv, &i, "--collection", &v)) coll = v;
-        else if (ctl_arg(argc, argv, &i, "--tokens", &v)) tokens = ctl_u64("--tokens", v);
-        else if (ctl_arg(argc, argv, &i, "--doc-tokens", &v)) doc_tokens = ctl_u32("--doc-tokens", v);
-        else if (ctl_arg(argc, argv, &i, "--query-tokens", &v)) qt = ctl_u32("--query-tokens", v);
+        if (ctl_arg(argc, argv, &i, "--collection", &v))
+            coll = v;
+        else if (ctl_arg(argc, argv, &i, "--tokens", &v))
+            tokens = ctl_u64("--tokens", v);
+        else if (ctl_arg(argc, argv, &i, "--doc-tokens", &v))
+            doc_tokens = ctl_u32("--doc-tokens", v);
+        else if (ctl_arg(argc, argv, &i, "--query-tokens", &v))
+            qt = ctl_u32("--query-tokens", v);
         else if (ctl_arg(argc, argv, &i, "--query-dtype", &v)) {
             qdt = msa_cli_dtype_parse(v);
             if (qdt == MSA__V1__DTYPE__DTYPE_UNSPECIFIED || qdt == MSA__V1__DTYPE__I8)
                 return ctl_usage("--query-dtype: '%s': want f32, f16 or bf16", v);
-        } else if (ctl_arg(argc, argv, &i, "--top-k", &v)) top_k = ctl_u32("--top-k", v);
-        else if (ctl_arg(argc, argv, &i, "--concurrency", &v)) n_conc = ctl_u64_list("--concurrency", v, &conc);
-        else if (ctl_arg(argc, argv, &i, "--duration", &v)) duration = ctl_double("--duration", v);
-        else if (ctl_arg(argc, argv, &i, "--requests", &v)) max_requests = ctl_u64("--requests", v);
-        else if (ctl_arg(argc, argv, &i, "--warmup", &v)) warmup = ctl_u32("--warmup", v);
-        else if (ctl_arg(argc, argv, &i, "--batch-mb", &v)) batch_mb = ctl_u32("--batch-mb", v);
-        else if (ctl_arg(argc, argv, &i, "--mem-bw-gbps", &v)) bw = ctl_double("--mem-bw-gbps", v);
-        else if (ctl_arg(argc, argv, &i, "--seed", &v)) seed = ctl_u64("--seed", v);
+        } else if (ctl_arg(argc, argv, &i, "--top-k", &v))
+            top_k = ctl_u32("--top-k", v);
+        else if (ctl_arg(argc, argv, &i, "--concurrency", &v))
+            n_conc = ctl_u64_list("--concurrency", v, &conc);
+        else if (ctl_arg(argc, argv, &i, "--duration", &v))
+            duration = ctl_double("--duration", v);
+        else if (ctl_arg(argc, argv, &i, "--requests", &v))
+            max_requests = ctl_u64("--requests", v);
+        else if (ctl_arg(argc, argv, &i, "--warmup", &v))
+            warmup = ctl_u32("--warmup", v);
+        else if (ctl_arg(argc, argv, &i, "--batch-mb", &v))
+            batch_mb = ctl_u32("--batch-mb", v);
+        else if (ctl_arg(argc, argv, &i, "--mem-bw-gbps", &v))
+            bw = ctl_double("--mem-bw-gbps", v);
+        else if (ctl_arg(argc, argv, &i, "--seed", &v))
+            seed = ctl_u64("--seed", v);
         else if (ctl_arg(argc, argv, &i, "--ops", &v)) {
             do_route = strstr(v, "route") != NULL;
             do_attend = strstr(v, "attend") != NULL;
-            if (!do_route && !do_attend) return ctl_usage("--ops: want route, attend or route,attend");
-        } else if (!strcmp(argv[i], "--reuse")) reuse = true;
-        else if (!strcmp(argv[i], "--keep")) keep = true;
-        else return ctl_usage("bench: unknown argument %s (see msactl bench --help)", argv[i]);
+            if (!do_route && !do_attend)
+                return ctl_usage("--ops: want route, attend or route,attend");
+        } else if (!strcmp(argv[i], "--reuse"))
+            reuse = true;
+        else if (!strcmp(argv[i], "--keep"))
+            keep = true;
+        else
+            return ctl_usage("bench: unknown argument %s (see msactl bench --help)", argv[i]);
     }
     static uint64_t default_conc[3] = {1, 4, 16};
     if (!conc) {
@@ -278,9 +311,11 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
         n_conc = 3;
     }
     for (size_t i = 0; i < n_conc; i++)
-        if (conc[i] == 0 || conc[i] > 1024) return ctl_usage("--concurrency: %" PRIu64 " out of 1..1024", conc[i]);
+        if (conc[i] == 0 || conc[i] > 1024)
+            return ctl_usage("--concurrency: %" PRIu64 " out of 1..1024", conc[i]);
     if (doc_tokens == 0 || qt == 0 || tokens == 0) return ctl_usage("bench: sizes must be > 0");
-    if (duration <= 0 && max_requests == 0) return ctl_usage("bench: --duration or --requests must be > 0");
+    if (duration <= 0 && max_requests == 0)
+        return ctl_usage("bench: --duration or --requests must be > 0");
     if (duration <= 0) duration = 1e9;
     if (!schema.layers || !schema.n_layers || !schema.kv_heads || !schema.query_heads ||
         !schema.head_dim || !schema.chunk_tokens)
@@ -302,8 +337,9 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
             const Msa__V1__CollectionSchema *s = ci->schema;
             if (!s || s->kv_heads != H || s->query_heads != Hq || s->head_dim != D ||
                 s->chunk_tokens != P || s->n_layers != L)
-                return ctl_usage("bench --reuse: collection %s has another shape; drop it or use --collection",
-                                 coll);
+                return ctl_usage(
+                    "bench --reuse: collection %s has another shape; drop it or use --collection",
+                    coll);
             schema.kv_dtype = s->kv_dtype;
             schema.routing_dtype = s->routing_dtype;
             schema.separate_router_keys = s->separate_router_keys;
@@ -325,7 +361,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
     uint64_t batches = 0, ops = 0, sent = 0, seq = 0;
     if (add) {
         msa_cli_writer_options_t wo = {0};
-        ingest_cb_t cb = {.ctl = ctl, .tokens_total = add, .doc_tokens = doc_tokens, .n_docs = n_docs};
+        ingest_cb_t cb = {
+            .ctl = ctl, .tokens_total = add, .doc_tokens = doc_tokens, .n_docs = n_docs};
         wo.max_batch_bytes = (size_t)batch_mb << 20;
         if (wo.max_batch_bytes + (64u << 10) > msa_cli_max_message(c))
             wo.max_batch_bytes = msa_cli_max_message(c) - (64u << 10);
@@ -336,7 +373,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
         if (msa_cli_writer_open(c, coll, &wo, &w, &st)) return ctl_fail(ctl, &st);
         uint32_t maxC = (doc_tokens + P - 1) / P;
         size_t per = (size_t)maxC * H * D;
-        float *k = malloc(per * sizeof *k), *vv = malloc(per * sizeof *vv), *r = malloc(per * sizeof *r);
+        float *k = malloc(per * sizeof *k), *vv = malloc(per * sizeof *vv),
+              *r = malloc(per * sizeof *r);
         uint64_t rs = seed * 0x9E3779B97F4A7C15ull;
         Msa__V1__DType dt = schema.kv_dtype ? schema.kv_dtype : MSA__V1__DTYPE__BF16;
         ctl_progress(ctl, "ingest", 0, add);
@@ -368,9 +406,10 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
 
     /* ---- store facts ------------------------------------------------------------------ */
     if (msa_cli_collection_describe(c, coll, &ci, &st)) return ctl_fail(ctl, &st);
-    uint64_t s_tokens = ci->tokens, s_docs = ci->documents, s_chunks = ci->chunks, s_bytes = ci->bytes;
-    Msa__V1__DType rdt = ci->schema && ci->schema->routing_dtype ? ci->schema->routing_dtype
-                                                                 : MSA__V1__DTYPE__BF16;
+    uint64_t s_tokens = ci->tokens, s_docs = ci->documents, s_chunks = ci->chunks,
+             s_bytes = ci->bytes;
+    Msa__V1__DType rdt =
+        ci->schema && ci->schema->routing_dtype ? ci->schema->routing_dtype : MSA__V1__DTYPE__BF16;
     msa_cli_free(ci);
     Msa__V1__StatsRequest sreq = MSA__V1__STATS_REQUEST__INIT;
     Msa__V1__StatsResponse *sr;
@@ -380,7 +419,7 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
     snprintf(version, sizeof version, "%s", sr->version);
     msa_cli_free(sr);
     double row_bytes = rdt == MSA__V1__DTYPE__I8 ? (double)H * D + 4.0 * H
-                                                  : (double)H * D * (double)msa_cli_dtype_size(rdt);
+                                                 : (double)H * D * (double)msa_cli_dtype_size(rdt);
     double scan_bytes = (double)s_chunks * L * row_bytes;
     double bw_floor_ms = scan_bytes / (bw * 1e9) * 1e3;
 
@@ -431,7 +470,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
     if (run_level(c, OP_STATS, &sreq, 1, duration < 1 ? duration : 1, 2000, &floor_l, &st))
         return ctl_fail(ctl, &st);
 
-    level_t *route_l = calloc(n_conc, sizeof *route_l), *attend_l = calloc(n_conc, sizeof *attend_l);
+    level_t *route_l = calloc(n_conc, sizeof *route_l),
+            *attend_l = calloc(n_conc, sizeof *attend_l);
     for (int o = 0; o < 2; o++) {
         bool on = o == 0 ? do_route : do_attend;
         if (!on) continue;
@@ -441,7 +481,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
             if (one_call(c, op, req, &st)) return ctl_fail(ctl, &st);
         for (size_t k = 0; k < n_conc; k++) {
             if (ctl->progress)
-                fprintf(stderr, "\r\033[K%s at concurrency %" PRIu64 "...", o == 0 ? "route" : "attend", conc[k]);
+                fprintf(stderr, "\r\033[K%s at concurrency %" PRIu64 "...",
+                        o == 0 ? "route" : "attend", conc[k]);
             if (run_level(c, op, req, (unsigned)conc[k], duration, max_requests,
                           o == 0 ? &route_l[k] : &attend_l[k], &st)) {
                 if (ctl->progress) fputs("\r\033[K", stderr);
@@ -485,7 +526,8 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
         jadd_u64(in, "bytes_sent", sent);
         jadd_u64(in, "last_commit_seq", seq);
         cJSON_AddNumberToObject(in, "seconds", ingest_s);
-        cJSON_AddNumberToObject(in, "tokens_per_s", ingest_s > 0 && add ? (double)add / ingest_s : 0);
+        cJSON_AddNumberToObject(in, "tokens_per_s",
+                                ingest_s > 0 && add ? (double)add / ingest_s : 0);
         cJSON *fl = cJSON_AddObjectToObject(j, "rpc_floor");
         cJSON_AddStringToObject(fl, "method", "Stats");
         jadd_u64(fl, "requests", floor_l.requests);
@@ -509,13 +551,15 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
     } else {
         char b1[32], b2[32];
         printf("bench %s on %s (backend %s, msad %s)\n", coll, msa_cli_addr(c), backend, version);
-        printf("store: %" PRIu64 " tokens, %" PRIu64 " documents, %" PRIu64 " chunks, %s\n", s_tokens,
-               s_docs, s_chunks, ctl_bytes(s_bytes, b1, sizeof b1));
-        printf("shape: %u layers, H=%u Hq=%u D=%u P=%u, kv %s, routing %s%s; T=%u (%s), top_k=%u\n", L,
-               H, Hq, D, P, msa_cli_dtype_name(schema.kv_dtype), msa_cli_dtype_name(rdt),
-               schema.separate_router_keys ? ", router keys" : "", qt, msa_cli_dtype_name(qdt), top_k);
+        printf("store: %" PRIu64 " tokens, %" PRIu64 " documents, %" PRIu64 " chunks, %s\n",
+               s_tokens, s_docs, s_chunks, ctl_bytes(s_bytes, b1, sizeof b1));
+        printf("shape: %u layers, H=%u Hq=%u D=%u P=%u, kv %s, routing %s%s; T=%u (%s), top_k=%u\n",
+               L, H, Hq, D, P, msa_cli_dtype_name(schema.kv_dtype), msa_cli_dtype_name(rdt),
+               schema.separate_router_keys ? ", router keys" : "", qt, msa_cli_dtype_name(qdt),
+               top_k);
         if (add)
-            printf("ingest: %" PRIu64 " tokens in %.2f s (%.0f tokens/s, %" PRIu64 " batches, %s)\n",
+            printf("ingest: %" PRIu64 " tokens in %.2f s (%.0f tokens/s, %" PRIu64
+                   " batches, %s)\n",
                    add, ingest_s, (double)add / (ingest_s > 0 ? ingest_s : 1), batches,
                    ctl_bytes(sent, b2, sizeof b2));
         printf("rpc floor (Stats): p50 %.3f ms, p99 %.3f ms\n", floor_l.p50, floor_l.p99);
@@ -529,8 +573,9 @@ int cmd_bench(ctl_t *ctl, int argc, char **argv) {
             if (!(o == 0 ? do_route : do_attend)) continue;
             for (size_t k = 0; k < n_conc; k++) {
                 const level_t *l = o == 0 ? &route_l[k] : &attend_l[k];
-                printf("%-7s %5u %9" PRIu64 " %10.3f %10.3f %10.3f %10.1f\n", o == 0 ? "route" : "attend",
-                       l->conc, l->requests, l->p50, l->p99, l->mean, l->rps);
+                printf("%-7s %5u %9" PRIu64 " %10.3f %10.3f %10.3f %10.1f\n",
+                       o == 0 ? "route" : "attend", l->conc, l->requests, l->p50, l->p99, l->mean,
+                       l->rps);
             }
         }
     }

@@ -18,7 +18,8 @@
  * ==================================================================================== */
 
 /* Reads a whole file (text or metadata). Exits EXIT_USAGE on failure. */
-static char *slurp(const char *path, size_t *len) {
+static char *slurp(const char *path, size_t *len)
+{
     FILE *f = fopen(path, "rb");
     if (!f) exit(ctl_usage("%s: %s", path, strerror(errno)));
     size_t cap = 1 << 16, n = 0;
@@ -39,7 +40,8 @@ static char *slurp(const char *path, size_t *len) {
 /* Loads an .npy into a wire tensor. conv = DTYPE_UNSPECIFIED keeps the file's dtype
  * (F32, F16 or BF16), else converts to conv. promote: a 2-D array [a, b] becomes [1, a, b]
  * (one query token). Exits EXIT_USAGE on failure. */
-static void load_tensor(const char *path, Msa__V1__DType conv, bool promote, Msa__V1__Tensor *t) {
+static void load_tensor(const char *path, Msa__V1__DType conv, bool promote, Msa__V1__Tensor *t)
+{
     msa_cli_npy_t a;
     msa_status_t st;
     if (msa_cli_npy_read(path, &a, &st) != MSA_OK) exit(ctl_usage("%s", st.msg));
@@ -56,7 +58,8 @@ static void load_tensor(const char *path, Msa__V1__DType conv, bool promote, Msa
         shape[0] = 1;
         nd = 3;
     }
-    if (nd != 3) exit(ctl_usage("%s: %u dimensions, want 3 ([rows, heads, head_dim])", path, a.ndim));
+    if (nd != 3)
+        exit(ctl_usage("%s: %u dimensions, want 3 ([rows, heads, head_dim])", path, a.ndim));
     msa_cli_status_t cst;
     Msa__V1__Tensor raw;
     if (msa_cli_tensor_from_raw(&raw, dt, shape, nd, a.data, a.nbytes, &cst) != MSA_OK)
@@ -77,7 +80,8 @@ static void load_tensor(const char *path, Msa__V1__DType conv, bool promote, Msa
 
 /* Splits "L:a:b[:c]" into layer and up to max_parts paths (empty parts allowed, NULL
  * when absent). Returns the number of paths given. Exits on a malformed spec. */
-static int layer_spec(const char *spec, uint32_t *layer, char **parts, int max_parts) {
+static int layer_spec(const char *spec, uint32_t *layer, char **parts, int max_parts)
+{
     char *dup = strdup(spec);
     char *colon = strchr(dup, ':');
     if (!colon) exit(ctl_usage("--layer %s: want L:FILE[:FILE...]", spec));
@@ -87,7 +91,8 @@ static int layer_spec(const char *spec, uint32_t *layer, char **parts, int max_p
     char *p = colon + 1;
     for (int i = 0; i < max_parts; i++) parts[i] = NULL;
     while (p) {
-        if (n == max_parts) exit(ctl_usage("--layer %s: too many files (at most %d)", spec, max_parts));
+        if (n == max_parts)
+            exit(ctl_usage("--layer %s: too many files (at most %d)", spec, max_parts));
         char *next = strchr(p, ':');
         if (next) *next++ = '\0';
         parts[n++] = p;
@@ -96,22 +101,27 @@ static int layer_spec(const char *spec, uint32_t *layer, char **parts, int max_p
     return n;
 }
 
-static cJSON *jarr_u64(const uint64_t *v, size_t n) {
+static cJSON *jarr_u64(const uint64_t *v, size_t n)
+{
     cJSON *a = cJSON_CreateArray();
     for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, ju64(v[i]));
     return a;
 }
-static cJSON *jarr_f32(const float *v, size_t n) {
+static cJSON *jarr_f32(const float *v, size_t n)
+{
     cJSON *a = cJSON_CreateArray();
     for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
     return a;
 }
-static cJSON *jshape(const Msa__V1__Tensor *t) {
+static cJSON *jshape(const Msa__V1__Tensor *t)
+{
     cJSON *a = cJSON_CreateArray();
-    for (size_t i = 0; i < t->n_shape; i++) cJSON_AddItemToArray(a, cJSON_CreateNumber(t->shape[i]));
+    for (size_t i = 0; i < t->n_shape; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(t->shape[i]));
     return a;
 }
-static void shape_str(const Msa__V1__Tensor *t, char *b, size_t len) {
+static void shape_str(const Msa__V1__Tensor *t, char *b, size_t len)
+{
     size_t o = 0;
     o += (size_t)snprintf(b + o, len - o, "[");
     for (size_t i = 0; i < t->n_shape && o < len; i++)
@@ -119,12 +129,14 @@ static void shape_str(const Msa__V1__Tensor *t, char *b, size_t len) {
     if (o < len) snprintf(b + o, len - o, "]");
 }
 
-static void mkdir_p(const char *dir) {
+static void mkdir_p(const char *dir)
+{
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) exit(ctl_usage("%s: %s", dir, strerror(errno)));
 }
 
 static int write_npy(const char *dir, const char *name, const Msa__V1__Tensor *t, char *path,
-                     size_t plen) {
+                     size_t plen)
+{
     snprintf(path, plen, "%s/%s", dir, name);
     msa_status_t st;
     if (msa_cli_npy_write(path, (msa_dtype_t)t->dtype, (uint32_t)t->n_shape, t->shape, t->data.data,
@@ -158,7 +170,8 @@ typedef struct tsum {
     uint64_t nonfinite, vectors;
 } tsum_t;
 
-static bool summarize(const Msa__V1__Tensor *t, tsum_t *s) {
+static bool summarize(const Msa__V1__Tensor *t, tsum_t *s)
+{
     memset(s, 0, sizeof *s);
     float *f;
     size_t n;
@@ -191,7 +204,8 @@ static bool summarize(const Msa__V1__Tensor *t, tsum_t *s) {
     return true;
 }
 
-static cJSON *tsum_json(const Msa__V1__Tensor *t, const char *file) {
+static cJSON *tsum_json(const Msa__V1__Tensor *t, const char *file)
+{
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "dtype", msa_cli_dtype_name(t->dtype));
     cJSON_AddItemToObject(o, "shape", jshape(t));
@@ -209,7 +223,8 @@ static cJSON *tsum_json(const Msa__V1__Tensor *t, const char *file) {
     return o;
 }
 
-static void tsum_print(const char *kind, const Msa__V1__Tensor *t) {
+static void tsum_print(const char *kind, const Msa__V1__Tensor *t)
+{
     char sh[64];
     shape_str(t, sh, sizeof sh);
     tsum_t s;
@@ -223,7 +238,8 @@ static void tsum_print(const char *kind, const Msa__V1__Tensor *t) {
            (double)s.vmin, (double)s.vmax, s.nonfinite ? "NaN/Inf!" : "finite");
 }
 
-static cJSON *docinfo_json(const Msa__V1__DocumentInfo *d) {
+static cJSON *docinfo_json(const Msa__V1__DocumentInfo *d)
+{
     cJSON *o = cJSON_CreateObject();
     jadd_u64(o, "id", d->id);
     jadd_u64(o, "version", d->version);
@@ -237,13 +253,16 @@ static cJSON *docinfo_json(const Msa__V1__DocumentInfo *d) {
     return o;
 }
 
-static bool printable(const uint8_t *p, size_t n) {
+static bool printable(const uint8_t *p, size_t n)
+{
     for (size_t i = 0; i < n; i++)
-        if ((p[i] < 0x20 && p[i] != '\n' && p[i] != '\t' && p[i] != '\r') || p[i] == 0x7f) return false;
+        if ((p[i] < 0x20 && p[i] != '\n' && p[i] != '\t' && p[i] != '\r') || p[i] == 0x7f)
+            return false;
     return true;
 }
 
-static char *hex(const uint8_t *p, size_t n) {
+static char *hex(const uint8_t *p, size_t n)
+{
     char *s = malloc(2 * n + 1);
     if (!s) exit(ctl_usage("out of memory"));
     for (size_t i = 0; i < n; i++) sprintf(s + 2 * i, "%02x", p[i]);
@@ -251,7 +270,8 @@ static char *hex(const uint8_t *p, size_t n) {
     return s;
 }
 
-static int docs_list(ctl_t *ctl, const char *coll, uint64_t after, uint32_t limit, bool all) {
+static int docs_list(ctl_t *ctl, const char *coll, uint64_t after, uint32_t limit, bool all)
+{
     msa_cli_status_t st;
     cJSON *j = NULL, *arr = NULL;
     if (ctl->json) {
@@ -277,7 +297,8 @@ static int docs_list(ctl_t *ctl, const char *coll, uint64_t after, uint32_t limi
             if (j)
                 cJSON_AddItemToArray(arr, docinfo_json(d));
             else
-                printf("%20" PRIu64 " %8" PRIu64 " %8u %7u %10" PRIu64 " %10" PRIu64 " %14" PRIu64 "\n",
+                printf("%20" PRIu64 " %8" PRIu64 " %8u %7u %10" PRIu64 " %10" PRIu64 " %14" PRIu64
+                       "\n",
                        d->id, d->version, d->tokens, d->chunks, d->text_bytes, d->metadata_bytes,
                        d->updated_seq);
         }
@@ -303,7 +324,8 @@ static int docs_list(ctl_t *ctl, const char *coll, uint64_t after, uint32_t limi
 
 static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n, bool text,
                     bool meta, bool tensors, const uint64_t *layers, size_t n_layers,
-                    bool full_text, const char *out_dir, uint64_t min_seq) {
+                    bool full_text, const char *out_dir, uint64_t min_seq)
+{
     msa_cli_status_t st;
     Msa__V1__GetRequest req = MSA__V1__GET_REQUEST__INIT;
     req.collection = (char *)coll;
@@ -341,8 +363,9 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
             if (d) cJSON_AddItemToObject(o, "info", docinfo_json(d));
             cJSON_AddItemToArray(arr, o);
         } else if (d) {
-            printf("document %" PRIu64 ": version %" PRIu64 ", %u tokens, %u chunks, created_seq %" PRIu64
-                   ", updated_seq %" PRIu64 ", updated %" PRId64 " ms, text %" PRIu64 " B, metadata %" PRIu64 " B\n",
+            printf("document %" PRIu64 ": version %" PRIu64
+                   ", %u tokens, %u chunks, created_seq %" PRIu64 ", updated_seq %" PRIu64
+                   ", updated %" PRId64 " ms, text %" PRIu64 " B, metadata %" PRIu64 " B\n",
                    d->id, d->version, d->tokens, d->chunks, d->created_seq, d->updated_seq,
                    d->updated_unix_ms, d->text_bytes, d->metadata_bytes);
         }
@@ -353,7 +376,8 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
             } else {
                 size_t tl = doc->text ? strlen(doc->text) : 0;
                 int show = (int)(full_text || tl <= 200 ? tl : 200);
-                printf("  text: %.*s%s\n", show, doc->text ? doc->text : "", (size_t)show < tl ? "..." : "");
+                printf("  text: %.*s%s\n", show, doc->text ? doc->text : "",
+                       (size_t)show < tl ? "..." : "");
             }
         }
         if (meta) {
@@ -370,7 +394,8 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
             } else if (printable(mp, ml)) {
                 printf("  metadata: %.*s\n", (int)ml, (const char *)mp);
             } else {
-                printf("  metadata (hex): %.*s%s\n", (int)(ml > 64 ? 128 : 2 * ml), hx, ml > 64 ? "..." : "");
+                printf("  metadata (hex): %.*s%s\n", (int)(ml > 64 ? 128 : 2 * ml), hx,
+                       ml > 64 ? "..." : "");
             }
             free(hx);
         }
@@ -394,7 +419,8 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
                     const char *file = NULL;
                     if (out_dir) {
                         char fn[128];
-                        snprintf(fn, sizeof fn, "doc%" PRIu64 "_L%u_%s.npy", doc->id, l->layer, names[q]);
+                        snprintf(fn, sizeof fn, "doc%" PRIu64 "_L%u_%s.npy", doc->id, l->layer,
+                                 names[q]);
                         if ((rc = write_npy(out_dir, fn, ts[q], path, sizeof path))) {
                             cJSON_Delete(j);
                             msa_cli_free(r);
@@ -415,7 +441,8 @@ static int docs_get(ctl_t *ctl, const char *coll, const uint64_t *ids, size_t n,
     return EXIT_OK;
 }
 
-int cmd_docs(ctl_t *ctl, int argc, char **argv) {
+int cmd_docs(ctl_t *ctl, int argc, char **argv)
+{
     if (argc < 2 || ctl_is_help(argv[1])) {
         fputs(DOCS_HELP, argc < 2 ? stderr : stdout);
         return argc < 2 ? EXIT_USAGE : EXIT_OK;
@@ -432,19 +459,32 @@ int cmd_docs(ctl_t *ctl, int argc, char **argv) {
             return EXIT_OK;
         }
         if (ctl_common_opt(ctl, argc, argv, &i)) continue;
-        if (ctl_arg(argc, argv, &i, "--after", &v)) after = ctl_u64("--after", v);
-        else if (ctl_arg(argc, argv, &i, "--limit", &v)) limit = ctl_u32("--limit", v);
-        else if (!strcmp(argv[i], "--all")) all = true;
-        else if (!strcmp(argv[i], "--no-text")) text = false;
-        else if (!strcmp(argv[i], "--no-metadata")) meta = false;
-        else if (!strcmp(argv[i], "--no-tensors")) tensors = false;
-        else if (!strcmp(argv[i], "--full-text")) full = true;
-        else if (ctl_arg(argc, argv, &i, "--layers", &v)) n_layers = ctl_u64_list("--layers", v, &layers);
-        else if (ctl_arg(argc, argv, &i, "--out-dir", &v)) out_dir = v;
-        else if (ctl_arg(argc, argv, &i, "--min-seq", &v)) min_seq = ctl_u64("--min-seq", v);
-        else if (ctl_arg(argc, argv, &i, "--expect-version", &v)) expect = ctl_u64("--expect-version", v);
-        else if (argv[i][0] == '-' && argv[i][1]) return ctl_usage("docs %s: unknown option %s", sub, argv[i]);
-        else if (!coll) coll = argv[i];
+        if (ctl_arg(argc, argv, &i, "--after", &v))
+            after = ctl_u64("--after", v);
+        else if (ctl_arg(argc, argv, &i, "--limit", &v))
+            limit = ctl_u32("--limit", v);
+        else if (!strcmp(argv[i], "--all"))
+            all = true;
+        else if (!strcmp(argv[i], "--no-text"))
+            text = false;
+        else if (!strcmp(argv[i], "--no-metadata"))
+            meta = false;
+        else if (!strcmp(argv[i], "--no-tensors"))
+            tensors = false;
+        else if (!strcmp(argv[i], "--full-text"))
+            full = true;
+        else if (ctl_arg(argc, argv, &i, "--layers", &v))
+            n_layers = ctl_u64_list("--layers", v, &layers);
+        else if (ctl_arg(argc, argv, &i, "--out-dir", &v))
+            out_dir = v;
+        else if (ctl_arg(argc, argv, &i, "--min-seq", &v))
+            min_seq = ctl_u64("--min-seq", v);
+        else if (ctl_arg(argc, argv, &i, "--expect-version", &v))
+            expect = ctl_u64("--expect-version", v);
+        else if (argv[i][0] == '-' && argv[i][1])
+            return ctl_usage("docs %s: unknown option %s", sub, argv[i]);
+        else if (!coll)
+            coll = argv[i];
         else {
             uint64_t *more;
             size_t m = ctl_u64_list("ID", argv[i], &more);
@@ -461,7 +501,8 @@ int cmd_docs(ctl_t *ctl, int argc, char **argv) {
     }
     if (n_ids == 0) return ctl_usage("docs %s: ID missing", sub);
     if (!strcmp(sub, "get"))
-        return docs_get(ctl, coll, ids, n_ids, text, meta, tensors, layers, n_layers, full, out_dir, min_seq);
+        return docs_get(ctl, coll, ids, n_ids, text, meta, tensors, layers, n_layers, full, out_dir,
+                        min_seq);
     if (!strcmp(sub, "delete")) {
         msa_cli_status_t st;
         Msa__V1__WriteOp *opv = calloc(n_ids, sizeof *opv);
@@ -488,7 +529,8 @@ int cmd_docs(ctl_t *ctl, int argc, char **argv) {
             jadd_u64(j, "commit_seq", r->commit_seq);
             jprint(j);
         } else {
-            printf("deleted %zu document%s (commit %" PRIu64 ")\n", n_ids, n_ids == 1 ? "" : "s", r->commit_seq);
+            printf("deleted %zu document%s (commit %" PRIu64 ")\n", n_ids, n_ids == 1 ? "" : "s",
+                   r->commit_seq);
         }
         msa_cli_free(r);
         return EXIT_OK;
@@ -516,7 +558,8 @@ static const char PUT_HELP[] =
     "the last chunk is partial). --dtype f32|f16|bf16 converts before sending (default:\n"
     "send each file's dtype as it is; the server rounds to the collection's dtypes).\n";
 
-int cmd_put(ctl_t *ctl, int argc, char **argv) {
+int cmd_put(ctl_t *ctl, int argc, char **argv)
+{
     const char *coll = NULL, *v, *text = NULL, *text_file = NULL, *meta_file = NULL, *model = "";
     uint64_t id = 0, expect = 0;
     uint32_t tokens = 0;
@@ -533,24 +576,36 @@ int cmd_put(ctl_t *ctl, int argc, char **argv) {
         if (ctl_arg(argc, argv, &i, "--id", &v)) {
             id = ctl_u64("--id", v);
             have_id = true;
-        } else if (ctl_arg(argc, argv, &i, "--tokens", &v)) tokens = ctl_u32("--tokens", v);
-        else if (!strcmp(argv[i], "--raw")) raw = true;
-        else if (ctl_arg(argc, argv, &i, "--text", &v)) text = v;
-        else if (ctl_arg(argc, argv, &i, "--text-file", &v)) text_file = v;
-        else if (ctl_arg(argc, argv, &i, "--metadata-file", &v)) meta_file = v;
-        else if (ctl_arg(argc, argv, &i, "--expect-version", &v)) expect = ctl_u64("--expect-version", v);
-        else if (!strcmp(argv[i], "--expect-absent")) absent = true;
-        else if (ctl_arg(argc, argv, &i, "--model", &v)) model = v;
+        } else if (ctl_arg(argc, argv, &i, "--tokens", &v))
+            tokens = ctl_u32("--tokens", v);
+        else if (!strcmp(argv[i], "--raw"))
+            raw = true;
+        else if (ctl_arg(argc, argv, &i, "--text", &v))
+            text = v;
+        else if (ctl_arg(argc, argv, &i, "--text-file", &v))
+            text_file = v;
+        else if (ctl_arg(argc, argv, &i, "--metadata-file", &v))
+            meta_file = v;
+        else if (ctl_arg(argc, argv, &i, "--expect-version", &v))
+            expect = ctl_u64("--expect-version", v);
+        else if (!strcmp(argv[i], "--expect-absent"))
+            absent = true;
+        else if (ctl_arg(argc, argv, &i, "--model", &v))
+            model = v;
         else if (ctl_arg(argc, argv, &i, "--dtype", &v)) {
             if (strcmp(v, "auto") != 0) {
                 conv = msa_cli_dtype_parse(v);
                 if (conv == MSA__V1__DTYPE__DTYPE_UNSPECIFIED || conv == MSA__V1__DTYPE__I8)
                     return ctl_usage("--dtype: '%s': want auto, f32, f16 or bf16", v);
             }
-        } else if (ctl_arg(argc, argv, &i, "--layer", &v)) specs[n_specs++] = (char *)v;
-        else if (argv[i][0] == '-' && argv[i][1]) return ctl_usage("put: unknown option %s", argv[i]);
-        else if (!coll) coll = argv[i];
-        else return ctl_usage("put: unexpected %s", argv[i]);
+        } else if (ctl_arg(argc, argv, &i, "--layer", &v))
+            specs[n_specs++] = (char *)v;
+        else if (argv[i][0] == '-' && argv[i][1])
+            return ctl_usage("put: unknown option %s", argv[i]);
+        else if (!coll)
+            coll = argv[i];
+        else
+            return ctl_usage("put: unexpected %s", argv[i]);
     }
     if (!coll) return ctl_usage("put: COLL missing (see msactl put --help)");
     if (!have_id) return ctl_usage("put: --id missing");
@@ -581,7 +636,8 @@ int cmd_put(ctl_t *ctl, int argc, char **argv) {
             tokens = rows;
         } else {
             Msa__V1__CollectionInfo *ci;
-            if (msa_cli_collection_describe(ctl_conn(ctl), coll, &ci, &st)) return ctl_fail(ctl, &st);
+            if (msa_cli_collection_describe(ctl_conn(ctl), coll, &ci, &st))
+                return ctl_fail(ctl, &st);
             tokens = rows * (ci->schema ? ci->schema->chunk_tokens : 0);
             msa_cli_free(ci);
         }
@@ -626,7 +682,8 @@ int cmd_put(ctl_t *ctl, int argc, char **argv) {
         cJSON_AddNumberToObject(j, "tokens", tokens);
         jprint(j);
     } else {
-        printf("put %" PRIu64 ": version %" PRIu64 " (commit %" PRIu64 ")\n", id, version, r->commit_seq);
+        printf("put %" PRIu64 ": version %" PRIu64 " (commit %" PRIu64 ")\n", id, version,
+               r->commit_seq);
     }
     msa_cli_free(r);
     return EXIT_OK;
@@ -669,7 +726,8 @@ typedef struct qopts {
     size_t n_layers;
 } qopts_t;
 
-static int parse_query(ctl_t *ctl, int argc, char **argv, bool attend, qopts_t *q) {
+static int parse_query(ctl_t *ctl, int argc, char **argv, bool attend, qopts_t *q)
+{
     memset(q, 0, sizeof *q);
     q->model = "";
     q->layers = calloc((size_t)argc, sizeof *q->layers);
@@ -680,16 +738,24 @@ static int parse_query(ctl_t *ctl, int argc, char **argv, bool attend, qopts_t *
             exit(EXIT_OK);
         }
         if (ctl_common_opt(ctl, argc, argv, &i)) continue;
-        if (ctl_arg(argc, argv, &i, "--top-k", &v)) q->top_k = ctl_u32("--top-k", v);
-        else if (ctl_arg(argc, argv, &i, "--min-seq", &v)) q->min_seq = ctl_u64("--min-seq", v);
-        else if (ctl_arg(argc, argv, &i, "--model", &v)) q->model = v;
-        else if (ctl_arg(argc, argv, &i, "--exclude", &v)) q->n_exclude = ctl_u64_list("--exclude", v, &q->exclude);
-        else if (attend && ctl_arg(argc, argv, &i, "--doc-ids", &v)) q->n_doc_ids = ctl_u64_list("--doc-ids", v, &q->doc_ids);
-        else if (attend && ctl_arg(argc, argv, &i, "--scale", &v)) q->scale = (float)ctl_double("--scale", v);
-        else if (attend && ctl_arg(argc, argv, &i, "--out-dir", &v)) q->out_dir = v;
+        if (ctl_arg(argc, argv, &i, "--top-k", &v))
+            q->top_k = ctl_u32("--top-k", v);
+        else if (ctl_arg(argc, argv, &i, "--min-seq", &v))
+            q->min_seq = ctl_u64("--min-seq", v);
+        else if (ctl_arg(argc, argv, &i, "--model", &v))
+            q->model = v;
+        else if (ctl_arg(argc, argv, &i, "--exclude", &v))
+            q->n_exclude = ctl_u64_list("--exclude", v, &q->exclude);
+        else if (attend && ctl_arg(argc, argv, &i, "--doc-ids", &v))
+            q->n_doc_ids = ctl_u64_list("--doc-ids", v, &q->doc_ids);
+        else if (attend && ctl_arg(argc, argv, &i, "--scale", &v))
+            q->scale = (float)ctl_double("--scale", v);
+        else if (attend && ctl_arg(argc, argv, &i, "--out-dir", &v))
+            q->out_dir = v;
         else if (attend && ctl_arg(argc, argv, &i, "--out-dtype", &v)) {
             q->out_dtype = msa_cli_dtype_parse(v);
-            if (q->out_dtype == MSA__V1__DTYPE__DTYPE_UNSPECIFIED || q->out_dtype == MSA__V1__DTYPE__I8)
+            if (q->out_dtype == MSA__V1__DTYPE__DTYPE_UNSPECIFIED ||
+                q->out_dtype == MSA__V1__DTYPE__I8)
                 return ctl_usage("--out-dtype: '%s': want f32, f16 or bf16", v);
         } else if (ctl_arg(argc, argv, &i, "--layer", &v)) {
             uint32_t layer;
@@ -703,7 +769,9 @@ static int parse_query(ctl_t *ctl, int argc, char **argv, bool attend, qopts_t *
                 load_tensor(parts[0], MSA__V1__DTYPE__DTYPE_UNSPECIFIED, true, lq->routing_q);
             }
             if (attend) {
-                if (np < 2 || !parts[1][0]) return ctl_usage("--layer %s: want L:RQ.npy:Q.npy (or L::Q.npy with --doc-ids)", v);
+                if (np < 2 || !parts[1][0])
+                    return ctl_usage("--layer %s: want L:RQ.npy:Q.npy (or L::Q.npy with --doc-ids)",
+                                     v);
                 lq->q = calloc(1, sizeof *lq->q);
                 load_tensor(parts[1], MSA__V1__DTYPE__DTYPE_UNSPECIFIED, true, lq->q);
             } else if (np != 1 || !lq->routing_q) {
@@ -719,11 +787,14 @@ static int parse_query(ctl_t *ctl, int argc, char **argv, bool attend, qopts_t *
         }
     }
     if (!q->coll) return ctl_usage("%s: COLL missing", attend ? "attend" : "route");
-    if (q->n_layers == 0) return ctl_usage("%s: at least one --layer is needed", attend ? "attend" : "route");
+    if (q->n_layers == 0)
+        return ctl_usage("%s: at least one --layer is needed", attend ? "attend" : "route");
     return EXIT_OK;
 }
 
-static void print_ranking(uint32_t layer, const uint64_t *ids, size_t n, const float *scores, size_t ns) {
+static void print_ranking(uint32_t layer, const uint64_t *ids, size_t n, const float *scores,
+                          size_t ns)
+{
     printf("layer %u: %zu document%s\n", layer, n, n == 1 ? "" : "s");
     if (n == 0) return;
     printf("  %4s %20s %14s\n", "RANK", "DOC", "SCORE");
@@ -735,7 +806,8 @@ static void print_ranking(uint32_t layer, const uint64_t *ids, size_t n, const f
     }
 }
 
-int cmd_route(ctl_t *ctl, int argc, char **argv) {
+int cmd_route(ctl_t *ctl, int argc, char **argv)
+{
     qopts_t q;
     int rc = parse_query(ctl, argc, argv, false, &q);
     if (rc) return rc;
@@ -775,14 +847,16 @@ int cmd_route(ctl_t *ctl, int argc, char **argv) {
     return EXIT_OK;
 }
 
-int cmd_attend(ctl_t *ctl, int argc, char **argv) {
+int cmd_attend(ctl_t *ctl, int argc, char **argv)
+{
     qopts_t q;
     int rc = parse_query(ctl, argc, argv, true, &q);
     if (rc) return rc;
     for (size_t i = 0; i < q.n_layers; i++)
         if (!q.layers[i]->routing_q && q.n_doc_ids == 0)
-            return ctl_usage("attend: layer %u has no routing query; give L:RQ.npy:Q.npy or --doc-ids",
-                             q.layers[i]->layer);
+            return ctl_usage(
+                "attend: layer %u has no routing query; give L:RQ.npy:Q.npy or --doc-ids",
+                q.layers[i]->layer);
     msa_cli_status_t st;
     Msa__V1__AttendRequest req = MSA__V1__ATTEND_REQUEST__INIT;
     req.collection = (char *)q.coll;
@@ -869,10 +943,11 @@ int cmd_attend(ctl_t *ctl, int argc, char **argv) {
             }
             if (l->lse) {
                 if (nl > neg_inf)
-                    printf("  lse min %.6g max %.6g, %zu -inf%s%s\n", (double)lmin, (double)lmax, neg_inf,
-                           lse_path[0] ? " -> " : "", lse_path);
+                    printf("  lse min %.6g max %.6g, %zu -inf%s%s\n", (double)lmin, (double)lmax,
+                           neg_inf, lse_path[0] ? " -> " : "", lse_path);
                 else
-                    printf("  lse all -inf (no memory selected)%s%s\n", lse_path[0] ? " -> " : "", lse_path);
+                    printf("  lse all -inf (no memory selected)%s%s\n", lse_path[0] ? " -> " : "",
+                           lse_path);
             }
         }
     }

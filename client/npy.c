@@ -155,11 +155,16 @@ static int dtype_from_descr(const char *d, const char *name, msa_dtype_t *dt, bo
                             msa_status_t *st)
 {
     *signed64 = false;
-    if (!strcmp(d, "<f4")) *dt = MSA_DT_F32;
-    else if (!strcmp(d, "<f2")) *dt = MSA_DT_F16;
-    else if (!strcmp(d, "<u2")) *dt = MSA_DT_BF16;
-    else if (!strcmp(d, "|i1") || !strcmp(d, "i1") || !strcmp(d, "<i1")) *dt = MSA_DT_I8;
-    else if (!strcmp(d, "<u8")) *dt = MSA_CLI_NPY_U64;
+    if (!strcmp(d, "<f4"))
+        *dt = MSA_DT_F32;
+    else if (!strcmp(d, "<f2"))
+        *dt = MSA_DT_F16;
+    else if (!strcmp(d, "<u2"))
+        *dt = MSA_DT_BF16;
+    else if (!strcmp(d, "|i1") || !strcmp(d, "i1") || !strcmp(d, "<i1"))
+        *dt = MSA_DT_I8;
+    else if (!strcmp(d, "<u8"))
+        *dt = MSA_CLI_NPY_U64;
     else if (!strcmp(d, "<i8")) {
         *dt = MSA_CLI_NPY_U64;
         *signed64 = true;
@@ -242,7 +247,9 @@ int msa_cli_npy_parse(const void *buf, size_t len, const char *name, msa_cli_npy
         return msa_status_set(st, MSA_EINVAL, "%s: header: trailing characters", name);
     if (!have_descr || !have_fortran || !have_shape)
         return msa_status_set(st, MSA_EINVAL, "%s: header lacks %s", name,
-                              !have_descr ? "descr" : !have_fortran ? "fortran_order" : "shape");
+                              !have_descr     ? "descr"
+                              : !have_fortran ? "fortran_order"
+                                              : "shape");
     if (fortran)
         return msa_status_set(st, MSA_EINVAL, "%s: fortran_order True, want C order", name);
 
@@ -272,10 +279,9 @@ int msa_cli_npy_parse(const void *buf, size_t len, const char *name, msa_cli_npy
             memcpy(&v, (uint8_t *)data + 8 * i, 8);
             if (v < 0) {
                 free(data);
-                return msa_status_set(st, MSA_EINVAL,
-                                      "%s: element %" PRIu64 " is negative (%" PRId64
-                                      "), want ids >= 0",
-                                      name, i, v);
+                return msa_status_set(
+                    st, MSA_EINVAL,
+                    "%s: element %" PRIu64 " is negative (%" PRId64 "), want ids >= 0", name, i, v);
             }
         }
     }

@@ -34,11 +34,11 @@ extern "C" {
 
 /* An array read from a file; owns data (malloc). */
 typedef struct msa_cli_npy {
-    msa_dtype_t dtype;                    /* F32, F16, BF16, I8 or MSA_CLI_NPY_U64 */
-    uint32_t ndim;                        /* 0..MSA_TENSOR_MAX_DIMS (0 = a scalar) */
+    msa_dtype_t dtype; /* F32, F16, BF16, I8 or MSA_CLI_NPY_U64 */
+    uint32_t ndim;     /* 0..MSA_TENSOR_MAX_DIMS (0 = a scalar) */
     uint32_t shape[MSA_TENSOR_MAX_DIMS];
-    void *data;                           /* nbytes bytes, little-endian; owned */
-    size_t nbytes;                        /* prod(shape) * element size */
+    void *data;    /* nbytes bytes, little-endian; owned */
+    size_t nbytes; /* prod(shape) * element size */
 } msa_cli_npy_t;
 
 /* Element size of a dtype this codec knows (F32, F16, BF16, I8, U64), else 0. */

@@ -19,7 +19,7 @@
 
 void *msa__engine_result_new(size_t size, msa_status_t *st)
 {
-    void *r = calloc(1, size);
+    void *r = msa_calloc(1, size);
     if (!r) msa_status_set(st, MSA_ENOMEM, "out of memory");
     return r;
 }
@@ -102,7 +102,7 @@ static int rebuild_doc(void *arg, const msa_doc_rec_t *d)
     const msa_schema_t *s = &r->coll->schema;
     size_t W = (size_t)s->kv_heads * s->head_dim, need = (size_t)s->n_layers * d->chunks * W;
     if (need > r->rows_cap) {
-        float *n = realloc(r->rows, need * sizeof *n);
+        float *n = msa_realloc(r->rows, need * sizeof *n);
         if (!n) return r->rc = MSA_ENOMEM;
         r->rows = n;
         r->rows_cap = need;
@@ -189,14 +189,14 @@ static int rebuild_index(msa_engine_t *e, msa_status_t *st)
     return MSA_OK;
 }
 
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+static char *dup_or_null(const char *s) { return s ? msa_strdup(s) : NULL; }
 
 int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_status_t *st)
 {
     msa_status_t local;
     if (!st) st = &local; /* the rebuild reads st back */
     msa_status_clear(st);
-    msa_engine_t *e = calloc(1, sizeof *e);
+    msa_engine_t *e = msa_calloc(1, sizeof *e);
     if (!e) return msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
     e->cfg = *cfg;
     if (!e->cfg.max_query_tokens) e->cfg.max_query_tokens = MAX_QUERY_TOKENS;
@@ -225,6 +225,14 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
     pthread_cond_init(&e->done_cond, NULL);
     pthread_mutex_init(&e->pause_lock, NULL);
     int rc;
+    if (!e->data_dir || (cfg->backup_dir && !e->backup_dir)) {
+        rc = msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
+        goto fail;
+    }
+    if (!e->data_dir || (cfg->backup_dir && !e->backup_dir)) {
+        rc = msa_status_set(st, MSA_ENOMEM, "engine: out of memory");
+        goto fail;
+    }
 
     char why[256] = "";
     if (!e->cfg.gpu.shards_per_gpu) e->cfg.gpu.shards_per_gpu = 1;

@@ -110,7 +110,7 @@ typedef struct verify_ctx {
 
 static void add_problem(verify_ctx_t *v, char *msg)
 {
-    char **n = realloc(*v->problems, (*v->n_problems + 1) * sizeof *n);
+    char **n = msa_realloc(*v->problems, (*v->n_problems + 1) * sizeof *n);
     if (!n || !msg) {
         free(msg);
         return;

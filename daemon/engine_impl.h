@@ -24,6 +24,8 @@
 #include "index.h"
 #include "kernels.h"
 #include "lease.h"
+#include "msa_alloc.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <errno.h>
@@ -94,12 +96,7 @@ typedef struct msa__engine_snap {
 
 /* ---- shared helpers (one-liners, inline) ---- */
 
-static inline int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+static inline int64_t mono_ms(void) { return msa_clock_ms(); }
 
 static inline int64_t wall_ms(void)
 {

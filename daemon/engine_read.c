@@ -29,7 +29,7 @@ static void query_set_free(query_set_t *qs)
 static int tensor_f32(const msa_tensor_t *t, float **out, msa_status_t *st, const char *path)
 {
     size_t n = (size_t)t->shape[0] * t->shape[1] * t->shape[2];
-    *out = malloc(n * sizeof(float));
+    *out = msa_malloc(n * sizeof(float));
     if (!*out) return msa_status_set(st, MSA_ENOMEM, "%s: out of memory", path);
     msa_tensor_to_f32(t->dtype, t->data, n, *out);
     return MSA_OK;
@@ -134,7 +134,7 @@ static int rerank_stored(msa_engine_t *e, msa__engine_snap_t *s, const query_set
         }
         size_t rows = v.len / (row * msa_dtype_size(dt));
         if (rows > cap) {
-            float *k2 = realloc(keys, rows * row * sizeof *k2), *r2 = realloc(rs, rows * sizeof *r2);
+            float *k2 = msa_realloc(keys, rows * row * sizeof *k2), *r2 = msa_realloc(rs, rows * sizeof *r2);
             if (k2) keys = k2;
             if (r2) rs = r2;
             if (!k2 || !r2) {
@@ -159,9 +159,9 @@ static int route_layer(msa_engine_t *e, msa__engine_snap_t *s, const query_set_t
                        const uint64_t *excl, size_t n_excl, uint64_t **ids, float **scores,
                        uint32_t *n, msa_status_t *st)
 {
-    msa_idx_hit_t *hits = malloc(k * sizeof *hits);
-    *ids = malloc(k * sizeof **ids);
-    *scores = malloc(k * sizeof **scores);
+    msa_idx_hit_t *hits = msa_malloc(k * sizeof *hits);
+    *ids = msa_malloc(k * sizeof **ids);
+    *scores = msa_malloc(k * sizeof **scores);
     if (!hits || !*ids || !*scores) {
         free(hits);
         return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
@@ -173,7 +173,7 @@ static int route_layer(msa_engine_t *e, msa__engine_snap_t *s, const query_set_t
     if (i8) {
         want = k * RERANK_FACTOR < k + RERANK_MIN_EXTRA ? k + RERANK_MIN_EXTRA : k * RERANK_FACTOR;
         if (want > MSA_MAX_TOP_K) want = MSA_MAX_TOP_K;
-        msa_idx_hit_t *more = realloc(hits, want * sizeof *hits);
+        msa_idx_hit_t *more = msa_realloc(hits, want * sizeof *hits);
         if (!more) {
             free(hits);
             return msa_status_set(st, MSA_ENOMEM, "route: out of memory");
@@ -258,8 +258,8 @@ int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_eng
     if ((rc = prep_queries(&s.coll.schema, s.coll.name, req->n_layers, req->layers, true, false,
                            e->cfg.max_query_tokens, &qs, st)))
         goto done;
-    r = calloc(1, sizeof *r);
-    if (!r || !(r->layers = calloc(qs.n, sizeof *r->layers))) {
+    r = msa_calloc(1, sizeof *r);
+    if (!r || !(r->layers = msa_calloc(qs.n, sizeof *r->layers))) {
         rc = msa_status_set(st, MSA_ENOMEM, "route: out of memory");
         goto done;
     }
@@ -268,7 +268,7 @@ int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_eng
     for (uint32_t i = 0; i < qs.n; i++) r->layers[i].layer = req->layers[i].layer;
     route_layers_ctx_t lc = {.e = e, .s = &s, .qs = &qs, .k = k, .excl = req->exclude_ids,
                              .n_excl = req->n_exclude, .r = r,
-                             .st = calloc(qs.n, sizeof *lc.st), .rc = calloc(qs.n, sizeof(int))};
+                             .st = msa_calloc(qs.n, sizeof *lc.st), .rc = msa_calloc(qs.n, sizeof(int))};
     if (!lc.st || !lc.rc) {
         free(lc.st);
         free(lc.rc);
@@ -347,7 +347,7 @@ static int gather_kv(msa__engine_snap_t *s, int pos, const uint64_t *ids, uint32
 {
     const msa_schema_t *sc = &s->coll.schema;
     size_t W = (size_t)sc->kv_heads * sc->head_dim, esz = msa_dtype_size(sc->kv_dtype), rows = 0;
-    msa_store_view_t (*views)[2] = calloc(n ? n : 1, sizeof *views);
+    msa_store_view_t (*views)[2] = msa_calloc(n ? n : 1, sizeof *views);
     if (!views) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
@@ -356,8 +356,8 @@ static int gather_kv(msa__engine_snap_t *s, int pos, const uint64_t *ids, uint32
         if (rc == MSA_OK) rows += views[i][0].len / (W * esz);
     }
     if (rc == MSA_OK) {
-        *k = malloc((rows ? rows : 1) * W * sizeof(float));
-        *v = malloc((rows ? rows : 1) * W * sizeof(float));
+        *k = msa_malloc((rows ? rows : 1) * W * sizeof(float));
+        *v = msa_malloc((rows ? rows : 1) * W * sizeof(float));
         if (!*k || !*v) rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     }
     if (rc == MSA_OK) {
@@ -405,7 +405,7 @@ static int gpu_attend_layer(msa_engine_t *e, msa__engine_snap_t *s, int pos, con
                             msa_status_t *st)
 {
     const msa_schema_t *sc = &s->coll.schema;
-    uint64_t *versions = malloc((n ? n : 1) * sizeof *versions);
+    uint64_t *versions = msa_malloc((n ? n : 1) * sizeof *versions);
     if (!versions) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
@@ -437,7 +437,7 @@ static int check_doc_ids(msa__engine_snap_t *s, const uint64_t *ids, size_t n, m
 {
     if (n > MSA_MAX_TOP_K)
         return msa_status_set(st, MSA_EINVAL, "doc_ids: %zu ids, at most %d", n, MSA_MAX_TOP_K);
-    uint64_t *sorted = malloc(n * sizeof *sorted);
+    uint64_t *sorted = msa_malloc(n * sizeof *sorted);
     if (!sorted) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     memcpy(sorted, ids, n * sizeof *sorted);
     qsort(sorted, n, sizeof *sorted, cmp_u64);
@@ -502,8 +502,8 @@ int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_e
         goto done;
     if (given && (rc = check_doc_ids(&s, req->doc_ids, req->n_doc_ids, st))) goto done;
     float scale = req->scale > 0 ? req->scale : 1.0f / sqrtf((float)sc->head_dim);
-    r = calloc(1, sizeof *r);
-    if (!r || !(r->layers = calloc(qs.n, sizeof *r->layers))) {
+    r = msa_calloc(1, sizeof *r);
+    if (!r || !(r->layers = msa_calloc(qs.n, sizeof *r->layers))) {
         rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
         goto done;
     }
@@ -517,7 +517,7 @@ int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_e
         la->D = sc->head_dim;
         if (given) {
             la->n = (uint32_t)req->n_doc_ids;
-            la->doc_ids = malloc(la->n * sizeof *la->doc_ids);
+            la->doc_ids = msa_malloc(la->n * sizeof *la->doc_ids);
             if (!la->doc_ids) {
                 rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
                 break;
@@ -529,10 +529,10 @@ int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_e
             if (rc) break;
         }
         size_t n_out = (size_t)la->T * la->Hq * la->D;
-        o = malloc(n_out * sizeof *o);
-        la->lse = malloc((size_t)la->T * la->Hq * sizeof *la->lse);
+        o = msa_malloc(n_out * sizeof *o);
+        la->lse = msa_malloc((size_t)la->T * la->Hq * sizeof *la->lse);
         la->out_bytes = n_out * msa_dtype_size(odt);
-        la->out = malloc(la->out_bytes);
+        la->out = msa_malloc(la->out_bytes);
         if (!o || !la->lse || !la->out) {
             rc = msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
             break;
@@ -609,8 +609,8 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
         return leave(e, msa_status_set(st, MSA_EINVAL, "ids: %zu ids, at most %u (--max-ids)",
                                        req->n_ids, e->cfg.max_ids));
     /* The snapshot lives in the result: its views point into it. */
-    msa__engine_snap_t *s = calloc(1, sizeof *s);
-    msa_engine_get_result_t *r = calloc(1, sizeof *r);
+    msa__engine_snap_t *s = msa_calloc(1, sizeof *s);
+    msa_engine_get_result_t *r = msa_calloc(1, sizeof *r);
     if (!s || !r) {
         free(s);
         free(r);
@@ -646,7 +646,7 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
             }
         }
     }
-    if (rc == MSA_OK && !(r->records = calloc(req->n_ids ? req->n_ids : 1, sizeof *r->records)))
+    if (rc == MSA_OK && !(r->records = msa_calloc(req->n_ids ? req->n_ids : 1, sizeof *r->records)))
         rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
     uint64_t bytes = 0; /* response bytes so far (req->max_bytes) */
     for (size_t i = 0; i < req->n_ids && rc == MSA_OK; i++) {
@@ -705,7 +705,7 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
                            rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
                                               : msa_strerror(rc));
         if (rc == MSA_OK && nl) {
-            g->layers = calloc(nl, sizeof *g->layers);
+            g->layers = msa_calloc(nl, sizeof *g->layers);
             if (!g->layers) rc = msa_status_set(st, MSA_ENOMEM, "get: out of memory");
         }
         for (uint32_t l = 0; l < nl && rc == MSA_OK; l++) {
@@ -764,7 +764,7 @@ static int list_into(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engi
     msa__engine_snap_t s;
     rc = msa__engine_snap_open_at(e, req->collection, 0, 0, req->snapshot_seq, req->hold_ms, &s, st);
     if (rc) return leave(e, rc);
-    out->docs = malloc(limit * sizeof *out->docs);
+    out->docs = msa_malloc(limit * sizeof *out->docs);
     if (!out->docs) rc = msa_status_set(st, MSA_ENOMEM, "list: out of memory");
     else
         rc = fill_status(st,

@@ -64,7 +64,7 @@ static int pooled_f32(const msa_tensor_t *t, bool raw, uint32_t tokens, uint32_t
         msa_tensor_to_f32(t->dtype, t->data, n, out);
         return MSA_OK;
     }
-    float *tmp = malloc(n * sizeof *tmp);
+    float *tmp = msa_malloc(n * sizeof *tmp);
     if (!tmp) return MSA_ENOMEM;
     msa_tensor_to_f32(t->dtype, t->data, n, tmp);
     msa_tensor_pool(tmp, tokens, W, P, out);
@@ -138,11 +138,11 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_
     p->chunks = C;
     p->n_blocks = L * (s->separate_router_keys ? 3 : 2);
     p->tensor_bytes = per_layer * L;
-    p->buf = malloc(p->tensor_bytes ? p->tensor_bytes : 1);
-    p->blocks = calloc(p->n_blocks, sizeof *p->blocks);
-    p->router = malloc(L * rows * sizeof(float));
-    p->router_rows = calloc(L, sizeof *p->router_rows);
-    float *tmp = malloc(rows * sizeof(float));
+    p->buf = msa_malloc(p->tensor_bytes ? p->tensor_bytes : 1);
+    p->blocks = msa_calloc(p->n_blocks, sizeof *p->blocks);
+    p->router = msa_malloc(L * rows * sizeof(float));
+    p->router_rows = msa_calloc(L, sizeof *p->router_rows);
+    float *tmp = msa_malloc(rows * sizeof(float));
     if (!p->buf || !p->blocks || !p->router || !p->router_rows || !tmp) {
         free(tmp);
         prep_free(p);
@@ -570,7 +570,7 @@ static int collect_coll(void *arg, const msa_coll_rec_t *c)
     coll_list_t *l = arg;
     if (l->n == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 8;
-        msa_engine_coll_info_t *n = realloc(l->v, cap * sizeof *n);
+        msa_engine_coll_info_t *n = msa_realloc(l->v, cap * sizeof *n);
         if (!n) return MSA_ENOMEM;
         l->v = n;
         l->cap = cap;
@@ -712,8 +712,8 @@ static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req, msa_en
     msa__engine_snap_close(e, &s);
     if ((rc = msa__engine_check_model(&coll.schema, req->model, st))) goto done;
 
-    prep = calloc(req->n_ops, sizeof *prep);
-    versions = calloc(req->n_ops, sizeof *versions);
+    prep = msa_calloc(req->n_ops, sizeof *prep);
+    versions = msa_calloc(req->n_ops, sizeof *versions);
     if (!prep || !versions) {
         rc = msa_status_set(st, MSA_ENOMEM, "write: out of memory");
         goto done;

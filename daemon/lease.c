@@ -16,6 +16,8 @@
  */
 #include "lease.h"
 
+#include "msa_alloc.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <pthread.h>
@@ -58,9 +60,7 @@ struct msa__engine_lease_table {
 
 static int64_t now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 /* Takes h out of the table (lock held). Returns h when nobody uses it, so
@@ -149,7 +149,7 @@ int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn
                             msa__engine_lease_table_t **out)
 {
     *out = NULL;
-    msa__engine_lease_table_t *L = calloc(1, sizeof *L);
+    msa__engine_lease_table_t *L = msa_calloc(1, sizeof *L);
     if (!L) return MSA_ENOMEM;
     L->max = max_held;
     L->close_fn = close_fn;
@@ -279,7 +279,7 @@ int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn,
                             "(--max-held-snapshots); release some (ReleaseSnapshot) or hold "
                             "for less time",
                             L->n);
-    } else if ((h = calloc(1, sizeof *h)) == NULL) {
+    } else if ((h = msa_calloc(1, sizeof *h)) == NULL) {
         rc = msa_status_set(st, MSA_ENOMEM, "hold_snapshot_ms: out of memory");
     } else if (msa_store_txn_detach(*txn) != MSA_OK) {
         /* Only when a grow is pending: as if revoked at once. */

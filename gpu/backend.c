@@ -16,6 +16,7 @@
 #include "arena.h"
 #include "dev.h"
 #include "kvcache.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 #include "nccl_comm.h"
 #include "tensor.h"
@@ -293,9 +294,7 @@ static void mirror_release_buffers(msa_gpu_t *g, mirror_t *m)
  * that cannot make room. Takes g->lock. */
 static int64_t mono_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 static uint64_t route_alloc(msa_gpu_t *g, unsigned d, uint64_t n, mirror_t *self)
@@ -876,9 +875,7 @@ static int run_streamed(msa_gpu_t *g, const msa_idx_layer_view_t *v, waiter_t *w
 
 static int64_t now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return msa_clock_ns();
 }
 
 static bool compatible(const waiter_t *a, const waiter_t *b)

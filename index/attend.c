@@ -13,6 +13,7 @@
  * floats (at most 264 KiB) per task, whatever the number of selected rows.
  */
 #include "kernels_impl.h"
+#include "msa_alloc.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -20,13 +21,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QB 64   /* query vectors (token, head of the group) per task */
-#define RB 512  /* memory rows per block */
+#define QB 64  /* query vectors (token, head of the group) per task */
+#define RB 512 /* memory rows per block */
 
 /* OpenBLAS must not start its own threads under ours. */
 extern void openblas_set_num_threads(int n);
 static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
-static void blas_single_thread(void) { openblas_set_num_threads(1); }
+static void blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
 
 typedef struct {
     const float *q, *k, *v;
@@ -34,7 +38,7 @@ typedef struct {
     size_t R;
     float scale;
     float *out, *lse;
-    int failed;          /* set (atomically) when a task could not get scratch */
+    int failed; /* set (atomically) when a task could not get scratch */
 } attend_job_t;
 
 static void attend_task(void *arg, size_t task, unsigned worker)
@@ -47,7 +51,7 @@ static void attend_task(void *arg, size_t task, unsigned worker)
     const int ld = (int)(a->H * D);
     const float *kh = a->k + (size_t)h * D, *vh = a->v + (size_t)h * D;
 
-    float *qm = malloc(((size_t)M * D * 2 + (size_t)M * RB + 2 * (size_t)M) * sizeof(float));
+    float *qm = msa_malloc(((size_t)M * D * 2 + (size_t)M * RB + 2 * (size_t)M) * sizeof(float));
     if (!qm) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -105,19 +109,30 @@ static void attend_task(void *arg, size_t task, unsigned worker)
     (void)worker;
 }
 
-int msa_idx_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint32_t D,
-                    const float *k, const float *v, size_t R, float scale, float *out, float *lse,
-                    struct msa_idx_pool *pool)
+int msa_idx_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint32_t D, const float *k,
+                   const float *v, size_t R, float scale, float *out, float *lse,
+                   struct msa_idx_pool *pool)
 {
     msa_assert(H > 0 && Hq % H == 0 && D > 0 && D <= 256);
     pthread_once(&blas_once, blas_single_thread);
     attend_job_t a = {
-        .q = q, .k = k, .v = v, .T = T, .Hq = Hq, .H = H, .D = D, .G = Hq / H,
-        .nqb = (uint32_t)(((size_t)T * (Hq / H) + QB - 1) / QB), .R = R, .scale = scale,
-        .out = out, .lse = lse,
+        .q = q,
+        .k = k,
+        .v = v,
+        .T = T,
+        .Hq = Hq,
+        .H = H,
+        .D = D,
+        .G = Hq / H,
+        .nqb = (uint32_t)(((size_t)T * (Hq / H) + QB - 1) / QB),
+        .R = R,
+        .scale = scale,
+        .out = out,
+        .lse = lse,
     };
     const size_t ntasks = (size_t)H * a.nqb;
-    if (pool) msa_idx_pool_run(pool, ntasks, attend_task, &a);
+    if (pool)
+        msa_idx_pool_run(pool, ntasks, attend_task, &a);
     else
         for (size_t t = 0; t < ntasks; t++) attend_task(&a, t, 0);
     return a.failed ? MSA_ENOMEM : MSA_OK;

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE /* pthread_rwlockattr_setkind_np */
 #include "index.h"
 
+#include "msa_alloc.h"
 #include "msa_log.h"
 #include "tensor.h"
 
@@ -15,8 +16,8 @@
 #include <string.h>
 #include <time.h>
 
-#define LIVE UINT64_MAX        /* deleted seq of a live version */
-#define SCAN_BLOCK_ROWS 1024   /* rows scored per kernel call: fits L2 with the queries */
+#define LIVE UINT64_MAX      /* deleted seq of a live version */
+#define SCAN_BLOCK_ROWS 1024 /* rows scored per kernel call: fits L2 with the queries */
 
 typedef msa_idx_entry_t entry_t;
 
@@ -24,52 +25,54 @@ struct msa_idx_coll {
     msa_idx_t *owner;
     uint32_t id;
     msa_schema_t schema;
-    atomic_int refs;             /* the map's reference + readers' */
-    uint64_t dropped_seq;        /* LIVE until dropped; writer thread only */
-    pthread_rwlock_t lock;       /* guards everything below */
-    uint32_t width;              /* H*D values per row */
-    msa_dtype_t key_dtype;       /* dtype of rows: routing dtype */
-    size_t row_bytes;            /* width * element size */
-    uint8_t **rows;              /* [n_layers] -> [cap_rows][row_bytes] */
-    float **scales;              /* [n_layers] -> [cap_rows][H]; I8 only */
+    atomic_int refs;       /* the map's reference + readers' */
+    uint64_t dropped_seq;  /* LIVE until dropped; writer thread only */
+    pthread_rwlock_t lock; /* guards everything below */
+    uint32_t width;        /* H*D values per row */
+    msa_dtype_t key_dtype; /* dtype of rows: routing dtype */
+    size_t row_bytes;      /* width * element size */
+    uint8_t **rows;        /* [n_layers] -> [cap_rows][row_bytes] */
+    float **scales;        /* [n_layers] -> [cap_rows][H]; I8 only */
     size_t n_rows, cap_rows;
-    entry_t *ent;                /* in row order */
+    entry_t *ent; /* in row order */
     size_t n_ent, cap_ent;
-    uint64_t *h_key;             /* open addressing doc -> live entry; key 0 = empty */
+    uint64_t *h_key; /* open addressing doc -> live entry; key 0 = empty */
     uint32_t *h_val;
     size_t h_cap, h_count;
-    uint64_t dead_rows;          /* rows of deleted versions not yet compacted */
-    uint64_t compact_horizon;    /* horizon of the last pass (writer thread only) */
+    uint64_t dead_rows;       /* rows of deleted versions not yet compacted */
+    uint64_t compact_horizon; /* horizon of the last pass (writer thread only) */
     uint32_t max_entry_rows;
-    uint64_t layout_gen;         /* bumped when compaction moves rows */
-    uint64_t delete_gen;         /* bumped when an entry's deleted seq changes */
+    uint64_t layout_gen; /* bumped when compaction moves rows */
+    uint64_t delete_gen; /* bumped when an entry's deleted seq changes */
 };
 
 struct msa_idx {
     msa_idx_pool_t *pool;
     msa_isa_t isa;
-    pthread_mutex_t lock;        /* collection map and snapshot registry */
+    pthread_mutex_t lock; /* collection map and snapshot registry */
     msa_idx_coll_t **colls;
     size_t n_colls, cap_colls;
-    uint64_t *snaps;             /* open snapshots (a multiset) */
+    uint64_t *snaps; /* open snapshots (a multiset) */
     size_t n_snaps, cap_snaps;
     pthread_mutex_t pub_lock;
-    pthread_cond_t pub_cond;     /* signalled on publish */
-    _Atomic uint64_t applied;    /* last commit seq applied to the index */
-    msa_idx_accel_t accel;       /* route/forget NULL: CPU only */
-    msa_idx_host_alloc_t mem;    /* row arrays' allocator (malloc by default) */
+    pthread_cond_t pub_cond;  /* signalled on publish */
+    _Atomic uint64_t applied; /* last commit seq applied to the index */
+    msa_idx_accel_t accel;    /* route/forget NULL: CPU only */
+    msa_idx_host_alloc_t mem; /* row arrays' allocator (malloc by default) */
 };
 
 static void *mem_alloc(const msa_idx_t *x, size_t bytes)
 {
-    return x->mem.alloc ? x->mem.alloc(x->mem.ctx, bytes) : malloc(bytes);
+    return x->mem.alloc ? x->mem.alloc(x->mem.ctx, bytes) : msa_malloc(bytes);
 }
 
 static void mem_free(const msa_idx_t *x, void *p)
 {
     if (!p) return;
-    if (x->mem.free) x->mem.free(x->mem.ctx, p);
-    else free(p);
+    if (x->mem.free)
+        x->mem.free(x->mem.ctx, p);
+    else
+        free(p);
 }
 
 /* A row array of new_bytes holding the first keep bytes of old (freed); NULL
@@ -87,7 +90,7 @@ static void *mem_grow(const msa_idx_t *x, void *old, size_t keep, size_t new_byt
 
 int msa_idx_create(unsigned threads, msa_isa_t isa, msa_idx_t **out)
 {
-    msa_idx_t *x = calloc(1, sizeof *x);
+    msa_idx_t *x = msa_calloc(1, sizeof *x);
     if (!x) return MSA_ENOMEM;
     int rc = msa_idx_pool_create(threads, &x->pool);
     if (rc) {
@@ -136,8 +139,14 @@ void msa_idx_destroy(msa_idx_t *x)
     free(x);
 }
 
-msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x) { return x->pool; }
-msa_isa_t msa_idx_get_isa(const msa_idx_t *x) { return x->isa; }
+msa_idx_pool_t *msa_idx_get_pool(msa_idx_t *x)
+{
+    return x->pool;
+}
+msa_isa_t msa_idx_get_isa(const msa_idx_t *x)
+{
+    return x->isa;
+}
 
 void msa_idx_set_host_alloc(msa_idx_t *x, const msa_idx_host_alloc_t *a)
 {
@@ -153,7 +162,7 @@ void msa_idx_set_accel(msa_idx_t *x, const msa_idx_accel_t *accel)
 
 int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
 {
-    msa_idx_coll_t *c = calloc(1, sizeof *c);
+    msa_idx_coll_t *c = msa_calloc(1, sizeof *c);
     if (!c) return MSA_ENOMEM;
     c->owner = x;
     c->id = coll_id;
@@ -163,8 +172,8 @@ int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
     c->width = schema->kv_heads * schema->head_dim;
     c->key_dtype = schema->routing_dtype;
     c->row_bytes = (size_t)c->width * msa_dtype_size(c->key_dtype);
-    c->rows = calloc(schema->n_layers, sizeof *c->rows);
-    if (c->key_dtype == MSA_DT_I8) c->scales = calloc(schema->n_layers, sizeof *c->scales);
+    c->rows = msa_calloc(schema->n_layers, sizeof *c->rows);
+    if (c->key_dtype == MSA_DT_I8) c->scales = msa_calloc(schema->n_layers, sizeof *c->scales);
     if (!c->rows || (c->key_dtype == MSA_DT_I8 && !c->scales)) {
         free(c->rows);
         free(c->scales);
@@ -184,8 +193,9 @@ int msa_idx_coll_add(msa_idx_t *x, uint32_t coll_id, const msa_schema_t *schema)
         if (x->colls[i]->id == coll_id) rc = MSA_EEXIST;
     if (rc == MSA_OK && x->n_colls == x->cap_colls) {
         size_t cap = x->cap_colls ? 2 * x->cap_colls : 8;
-        msa_idx_coll_t **n = realloc(x->colls, cap * sizeof *n);
-        if (!n) rc = MSA_ENOMEM;
+        msa_idx_coll_t **n = msa_realloc(x->colls, cap * sizeof *n);
+        if (!n)
+            rc = MSA_ENOMEM;
         else {
             x->colls = n;
             x->cap_colls = cap;
@@ -278,8 +288,8 @@ static void map_del(msa_idx_coll_t *c, uint64_t doc)
 /* Rehashes into cap slots (a power of two > count). */
 static int map_rebuild(msa_idx_coll_t *c, size_t cap)
 {
-    uint64_t *k = calloc(cap, sizeof *k);
-    uint32_t *v = calloc(cap, sizeof *v);
+    uint64_t *k = msa_calloc(cap, sizeof *k);
+    uint32_t *v = msa_calloc(cap, sizeof *v);
     if (!k || !v) {
         free(k);
         free(v);
@@ -309,8 +319,8 @@ static int reserve(msa_idx_coll_t *c, uint32_t nrows)
         /* On a failure midway the layers grown so far keep their larger
          * arrays while cap_rows stays the old value: safe, only wasteful. */
         for (uint32_t l = 0; l < L; l++) {
-            uint8_t *r = mem_grow(c->owner, c->rows[l], c->n_rows * c->row_bytes,
-                                  cap * c->row_bytes);
+            uint8_t *r =
+                mem_grow(c->owner, c->rows[l], c->n_rows * c->row_bytes, cap * c->row_bytes);
             if (!r) return MSA_ENOMEM;
             c->rows[l] = r;
             if (c->scales) {
@@ -324,7 +334,7 @@ static int reserve(msa_idx_coll_t *c, uint32_t nrows)
     }
     if (c->n_ent + 1 > c->cap_ent) {
         size_t cap = c->cap_ent ? 2 * c->cap_ent : 64;
-        entry_t *e = realloc(c->ent, cap * sizeof *e);
+        entry_t *e = msa_realloc(c->ent, cap * sizeof *e);
         if (!e) return MSA_ENOMEM;
         c->ent = e;
         c->cap_ent = cap;
@@ -352,7 +362,7 @@ static void store_row(msa_idx_coll_t *c, uint32_t l, size_t r, const float *src,
 int msa_idx_doc_put(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq, uint32_t nrows,
                     const float *const *rows)
 {
-    float *tmp = malloc((size_t)c->width * sizeof(float));
+    float *tmp = msa_malloc((size_t)c->width * sizeof(float));
     if (!tmp) return MSA_ENOMEM;
     pthread_rwlock_wrlock(&c->lock);
     int rc = reserve(c, nrows);
@@ -366,8 +376,8 @@ int msa_idx_doc_put(msa_idx_coll_t *c, uint64_t doc_id, uint64_t seq, uint32_t n
         c->dead_rows += c->ent[old].nrows;
         c->delete_gen++;
     }
-    c->ent[c->n_ent] = (entry_t){.doc = doc_id, .created = seq, .deleted = LIVE,
-                                 .row0 = c->n_rows, .nrows = nrows};
+    c->ent[c->n_ent] = (entry_t){
+        .doc = doc_id, .created = seq, .deleted = LIVE, .row0 = c->n_rows, .nrows = nrows};
     map_set(c, doc_id, (uint32_t)c->n_ent);
     c->n_ent++;
     c->n_rows += nrows;
@@ -400,7 +410,10 @@ void msa_idx_publish(msa_idx_t *x, uint64_t seq)
     pthread_mutex_unlock(&x->pub_lock);
 }
 
-uint64_t msa_idx_applied(msa_idx_t *x) { return atomic_load(&x->applied); }
+uint64_t msa_idx_applied(msa_idx_t *x)
+{
+    return atomic_load(&x->applied);
+}
 
 int msa_idx_wait_applied(msa_idx_t *x, uint64_t seq, int64_t deadline_ms)
 {
@@ -441,7 +454,7 @@ int msa_idx_snap_register(msa_idx_t *x, int (*begin_fn)(void *arg, uint64_t *seq
     pthread_mutex_lock(&x->lock);
     if (x->n_snaps == x->cap_snaps) {
         size_t cap = x->cap_snaps ? 2 * x->cap_snaps : 64;
-        uint64_t *n = realloc(x->snaps, cap * sizeof *n);
+        uint64_t *n = msa_realloc(x->snaps, cap * sizeof *n);
         if (!n) {
             pthread_mutex_unlock(&x->lock);
             return MSA_ENOMEM;
@@ -542,7 +555,7 @@ size_t msa_idx_compact(msa_idx_t *x, bool force)
         }
     }
     size_t n = x->n_colls;
-    msa_idx_coll_t **list = malloc((n ? n : 1) * sizeof *list);
+    msa_idx_coll_t **list = msa_malloc((n ? n : 1) * sizeof *list);
     if (list) {
         for (size_t i = 0; i < n; i++) {
             list[i] = x->colls[i];
@@ -577,12 +590,12 @@ typedef struct route_job {
     msa_idx_coll_t *c;
     const msa_idx_route_args_t *a;
     const msa_idx_scorer_t *scorer;
-    const uint64_t *exclude;     /* sorted */
+    const uint64_t *exclude; /* sorted */
     size_t n_exclude;
-    size_t (*bounds)[2];         /* entry range per task */
-    msa_idx_topk_t *topk;        /* per task */
-    msa_idx_hit_t *hits;         /* storage of the per-task heaps */
-    float *scratch;              /* per task: block_rows floats */
+    size_t (*bounds)[2];  /* entry range per task */
+    msa_idx_topk_t *topk; /* per task */
+    msa_idx_hit_t *hits;  /* storage of the per-task heaps */
+    float *scratch;       /* per task: block_rows floats */
     size_t block_rows;
 } route_job_t;
 
@@ -597,8 +610,10 @@ static bool is_excluded(const route_job_t *j, uint64_t doc)
     size_t lo = 0, hi = j->n_exclude;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (j->exclude[mid] < doc) lo = mid + 1;
-        else hi = mid;
+        if (j->exclude[mid] < doc)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo < j->n_exclude && j->exclude[lo] == doc;
 }
@@ -656,11 +671,11 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
     uint64_t *excl = NULL;
     route_job_t j = {.c = c, .a = a};
     rc = msa_idx_scorer_create(a->q, a->T, sc->query_heads, sc->kv_heads, sc->head_dim,
-                               sc->similarity == MSA_SIM_COSINE, sc->head_reduce,
-                               sc->query_reduce, c->key_dtype, x->isa, &scorer);
+                               sc->similarity == MSA_SIM_COSINE, sc->head_reduce, sc->query_reduce,
+                               c->key_dtype, x->isa, &scorer);
     if (rc) return rc;
     if (a->n_exclude) {
-        excl = malloc(a->n_exclude * sizeof *excl);
+        excl = msa_malloc(a->n_exclude * sizeof *excl);
         if (!excl) {
             rc = MSA_ENOMEM;
             goto fail;
@@ -674,15 +689,20 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
 
     pthread_rwlock_rdlock(&c->lock);
     if (x->accel.route) {
-        msa_idx_layer_view_t v = {
-            .coll_id = c->id, .schema = sc, .layer_pos = a->layer_pos,
-            .key_dtype = c->key_dtype, .row_bytes = c->row_bytes,
-            .rows = c->rows[a->layer_pos],
-            .scales = c->scales ? c->scales[a->layer_pos] : NULL,
-            .n_rows = c->n_rows, .ent = c->ent, .n_ent = c->n_ent,
-            .layout_gen = c->layout_gen, .delete_gen = c->delete_gen};
-        rc = x->accel.route(x->accel.ctx, &v, scorer, a->snapshot, excl, a->n_exclude,
-                            a->top_k, out, n_out);
+        msa_idx_layer_view_t v = {.coll_id = c->id,
+                                  .schema = sc,
+                                  .layer_pos = a->layer_pos,
+                                  .key_dtype = c->key_dtype,
+                                  .row_bytes = c->row_bytes,
+                                  .rows = c->rows[a->layer_pos],
+                                  .scales = c->scales ? c->scales[a->layer_pos] : NULL,
+                                  .n_rows = c->n_rows,
+                                  .ent = c->ent,
+                                  .n_ent = c->n_ent,
+                                  .layout_gen = c->layout_gen,
+                                  .delete_gen = c->delete_gen};
+        rc = x->accel.route(x->accel.ctx, &v, scorer, a->snapshot, excl, a->n_exclude, a->top_k,
+                            out, n_out);
         if (rc != MSA_EUNAVAIL) goto unlock;
         rc = MSA_OK;
     }
@@ -693,10 +713,10 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
     size_t ntasks = want < (size_t)workers * 4 ? want : (size_t)workers * 4;
     if (ntasks > c->n_ent) ntasks = c->n_ent ? c->n_ent : 1;
     j.block_rows = SCAN_BLOCK_ROWS > c->max_entry_rows ? SCAN_BLOCK_ROWS : c->max_entry_rows;
-    j.bounds = malloc(ntasks * sizeof *j.bounds);
-    j.topk = malloc(ntasks * sizeof *j.topk);
-    j.hits = malloc(ntasks * a->top_k * sizeof *j.hits);
-    j.scratch = malloc(ntasks * j.block_rows * sizeof(float));
+    j.bounds = msa_malloc(ntasks * sizeof *j.bounds);
+    j.topk = msa_malloc(ntasks * sizeof *j.topk);
+    j.hits = msa_malloc(ntasks * a->top_k * sizeof *j.hits);
+    j.scratch = msa_malloc(ntasks * j.block_rows * sizeof(float));
     if (!j.bounds || !j.topk || !j.hits || !j.scratch) {
         rc = MSA_ENOMEM;
         goto unlock;
@@ -709,8 +729,10 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
         j.bounds[t][1] = e;
         msa_idx_topk_init(&j.topk[t], j.hits + t * a->top_k, a->top_k);
     }
-    if (ntasks == 1) route_task(&j, 0, 0);
-    else msa_idx_pool_run(x->pool, ntasks, route_task, &j);
+    if (ntasks == 1)
+        route_task(&j, 0, 0);
+    else
+        msa_idx_pool_run(x->pool, ntasks, route_task, &j);
     for (size_t t = 1; t < ntasks; t++) msa_idx_topk_merge(&j.topk[0], &j.topk[t]);
     *n_out = msa_idx_topk_finish(&j.topk[0], out);
 unlock:

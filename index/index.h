@@ -81,13 +81,13 @@ void msa_idx_snap_unregister(msa_idx_t *x, uint64_t seq);
 /* ---- readers -------------------------------------------------------------------- */
 
 typedef struct msa_idx_route_args {
-    uint32_t layer_pos;        /* index into schema.layers */
-    const float *q;            /* [T][Hq][D] routing queries as sent */
+    uint32_t layer_pos; /* index into schema.layers */
+    const float *q;     /* [T][Hq][D] routing queries as sent */
     uint32_t T;
-    uint64_t snapshot;         /* visible iff created <= snapshot < deleted */
-    const uint64_t *exclude;   /* ids never selected (any order) */
+    uint64_t snapshot;       /* visible iff created <= snapshot < deleted */
+    const uint64_t *exclude; /* ids never selected (any order) */
     size_t n_exclude;
-    uint32_t top_k;            /* 1..MSA_MAX_TOP_K */
+    uint32_t top_k; /* 1..MSA_MAX_TOP_K */
 } msa_idx_route_args_t;
 
 /* Top-k documents of one layer, best first (ties: smaller id). out has room
@@ -96,10 +96,10 @@ int msa_idx_route(msa_idx_t *x, msa_idx_coll_t *c, const msa_idx_route_args_t *a
                   msa_idx_hit_t *out, uint32_t *n_out);
 
 typedef struct msa_idx_coll_stats {
-    uint64_t live_docs;        /* versions not deleted */
-    uint64_t versions;         /* entries incl. deleted, not yet compacted */
-    uint64_t rows;             /* rows per layer incl. dead ones */
-    uint64_t bytes;            /* host memory of rows + scales + tables */
+    uint64_t live_docs; /* versions not deleted */
+    uint64_t versions;  /* entries incl. deleted, not yet compacted */
+    uint64_t rows;      /* rows per layer incl. dead ones */
+    uint64_t bytes;     /* host memory of rows + scales + tables */
 } msa_idx_coll_stats_t;
 
 void msa_idx_coll_stats(msa_idx_coll_t *c, msa_idx_coll_stats_t *out);
@@ -113,8 +113,8 @@ uint64_t msa_idx_bytes(msa_idx_t *x);
 /* One document version: its rows are [row0, row0 + nrows) in every layer. */
 typedef struct msa_idx_entry {
     uint64_t doc;
-    uint64_t created;          /* commit seq that wrote this version */
-    uint64_t deleted;          /* commit seq that replaced/deleted it, UINT64_MAX if none */
+    uint64_t created; /* commit seq that wrote this version */
+    uint64_t deleted; /* commit seq that replaced/deleted it, UINT64_MAX if none */
     uint64_t row0;
     uint32_t nrows;
 } msa_idx_entry_t;
@@ -125,15 +125,15 @@ typedef struct msa_idx_layer_view {
     uint32_t coll_id;
     const msa_schema_t *schema;
     uint32_t layer_pos;
-    msa_dtype_t key_dtype;     /* routing dtype of rows */
-    size_t row_bytes;          /* H*D elements of key_dtype */
-    const uint8_t *rows;       /* [n_rows][row_bytes] */
-    const float *scales;       /* [n_rows][H] for I8, else NULL */
+    msa_dtype_t key_dtype; /* routing dtype of rows */
+    size_t row_bytes;      /* H*D elements of key_dtype */
+    const uint8_t *rows;   /* [n_rows][row_bytes] */
+    const float *scales;   /* [n_rows][H] for I8, else NULL */
     size_t n_rows;
-    const msa_idx_entry_t *ent;/* in row order */
+    const msa_idx_entry_t *ent; /* in row order */
     size_t n_ent;
-    uint64_t layout_gen;       /* changes whenever rows move (compaction) */
-    uint64_t delete_gen;       /* changes whenever an entry's deleted seq changes */
+    uint64_t layout_gen; /* changes whenever rows move (compaction) */
+    uint64_t delete_gen; /* changes whenever an entry's deleted seq changes */
 } msa_idx_layer_view_t;
 
 typedef struct msa_idx_accel {

@@ -21,6 +21,7 @@
  * scaled before they are summed.
  */
 #include "kernels_impl.h"
+#include "msa_alloc.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -33,8 +34,7 @@ static const char *const isa_names[] = {"scalar", "avx2", "avx512", "avx512bf16"
 
 const char *msa_idx_isa_name(msa_isa_t isa)
 {
-    if ((unsigned)isa > MSA_ISA_AVX512BF16)
-        return "?";
+    if ((unsigned)isa > MSA_ISA_AVX512BF16) return "?";
     return isa_names[isa];
 }
 
@@ -49,7 +49,10 @@ static bool has_f16c(void)
     return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 #else
-static bool has_f16c(void) { return __builtin_cpu_supports("f16c"); }
+static bool has_f16c(void)
+{
+    return __builtin_cpu_supports("f16c");
+}
 #endif
 
 /* libgcc's __builtin_cpu_supports checks the OS xsave state (XCR0) before it
@@ -85,8 +88,7 @@ msa_isa_t msa_idx_isa_detect(void)
     const char *env = getenv("MSA_ISA");
     if (env && *env) {
         for (int i = 0; i <= MSA_ISA_AVX512BF16; i++) {
-            if (strcasecmp(env, isa_names[i]) == 0 && i < (int)best)
-                best = (msa_isa_t)i;
+            if (strcasecmp(env, isa_names[i]) == 0 && i < (int)best) best = (msa_isa_t)i;
         }
     }
     return best;
@@ -119,7 +121,7 @@ static inline float key_at(msa_dtype_t dt, const void *k, uint32_t l)
     case MSA_DT_F16:
         return msa__f16_f32(((const uint16_t *)k)[l]);
     case MSA_DT_BF16:
-        return msa__bf16_f32(((const uint16_t *)k)[l]);
+        return msa_bf16_to_f32(((const uint16_t *)k)[l]);
     default:
         return (float)((const int8_t *)k)[l];
     }
@@ -132,8 +134,7 @@ static inline void tile_scalar(msa_dtype_t dt, const float *q, size_t qstride, u
         for (uint32_t j = 0; j < nq; j++) {
             const float *qj = q + j * qstride;
             float s = 0.0f;
-            for (uint32_t l = 0; l < L; l++)
-                s += qj[l] * key_at(dt, k[i], l);
+            for (uint32_t l = 0; l < L; l++) s += qj[l] * key_at(dt, k[i], l);
             acc[i * ldacc + j] = s;
         }
     }
@@ -154,8 +155,8 @@ static void tile_scalar_bf16(const float *q, size_t qs, uint32_t nq, const void 
 {
     tile_scalar(MSA_DT_BF16, q, qs, nq, k, L, acc, ld);
 }
-static void tile_scalar_i8(const float *q, size_t qs, uint32_t nq, const void *const *k,
-                           uint32_t L, float *acc, size_t ld)
+static void tile_scalar_i8(const float *q, size_t qs, uint32_t nq, const void *const *k, uint32_t L,
+                           float *acc, size_t ld)
 {
     tile_scalar(MSA_DT_I8, q, qs, nq, k, L, acc, ld);
 }
@@ -163,15 +164,13 @@ static void tile_scalar_i8(const float *q, size_t qs, uint32_t nq, const void *c
 static float dot_scalar(const float *a, const float *b, uint32_t n)
 {
     float s = 0.0f;
-    for (uint32_t i = 0; i < n; i++)
-        s += a[i] * b[i];
+    for (uint32_t i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
 static void axpy_scalar(float a, const float *x, float *y, uint32_t n)
 {
-    for (uint32_t i = 0; i < n; i++)
-        y[i] += a * x[i];
+    for (uint32_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 const msa__kern_ops_t msa__ops_scalar = {
@@ -194,15 +193,18 @@ struct msa_idx_scorer {
     plan_t plan;
     msa__tile_fn tile;
     uint8_t qfmt;
-    uint32_t nvec;  /* LINEAR/MAXVEC: query vectors; GENERAL: tokens used (T') */
-    uint32_t nseg;  /* segments per vector: 1, or H for I8 (LINEAR/MAXVEC) */
-    uint32_t L;     /* true length of one segment: H*D, or D */
-    uint32_t Lp;    /* padded length (floats) of one segment */
-    float *qf;      /* float32 vectors before formatting (kept for re-formatting) */
-    float *qp;      /* prepared vectors in qfmt */
+    uint32_t nvec; /* LINEAR/MAXVEC: query vectors; GENERAL: tokens used (T') */
+    uint32_t nseg; /* segments per vector: 1, or H for I8 (LINEAR/MAXVEC) */
+    uint32_t L;    /* true length of one segment: H*D, or D */
+    uint32_t Lp;   /* padded length (floats) of one segment */
+    float *qf;     /* float32 vectors before formatting (kept for re-formatting) */
+    float *qp;     /* prepared vectors in qfmt */
 };
 
-static uint32_t pad_up(uint32_t n, uint32_t m) { return (n + m - 1) / m * m; }
+static uint32_t pad_up(uint32_t n, uint32_t m)
+{
+    return (n + m - 1) / m * m;
+}
 
 /* Writes one segment of L floats (src) in format f into dst (Lp floats' worth). */
 static void format_segment(uint8_t f, const float *src, uint32_t L, uint32_t Lp, float *dst)
@@ -231,8 +233,8 @@ static void format_segment(uint8_t f, const float *src, uint32_t L, uint32_t Lp,
             for (uint32_t i = 0; i < 32; i++) {
                 uint32_t l = b + i;
                 float x = l < L ? src[l] : 0.0f;
-                uint16_t hi = msa__bf16_rne(x);
-                uint16_t lo = f == MSA__QF_BF16X2 ? msa__bf16_rne(x - msa__bf16_f32(hi)) : 0;
+                uint16_t hi = msa_f32_to_bf16(x);
+                uint16_t lo = f == MSA__QF_BF16X2 ? msa_f32_to_bf16(x - msa_bf16_to_f32(hi)) : 0;
                 d16[2 * b + i] = hi;
                 d16[2 * b + 32 + i] = lo;
             }
@@ -245,8 +247,7 @@ static void format_segment(uint8_t f, const float *src, uint32_t L, uint32_t Lp,
 static void format_all(msa_idx_scorer_t *s)
 {
     size_t nsegs = (size_t)s->nvec * s->nseg;
-    if (s->plan == PLAN_GENERAL)
-        nsegs = (size_t)s->nvec * s->Hq;
+    if (s->plan == PLAN_GENERAL) nsegs = (size_t)s->nvec * s->Hq;
     for (size_t i = 0; i < nsegs; i++)
         format_segment(s->qfmt, s->qf + i * s->Lp, s->L, s->Lp, s->qp + i * s->Lp);
 }
@@ -265,12 +266,10 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
         !msa_idx_isa_supported(isa))
         return MSA_EINVAL;
     /* Segment sizes are uint32 (H*D <= 64*256 in any valid schema). */
-    if ((uint64_t)H * D > (1u << 24))
-        return MSA_EINVAL;
+    if ((uint64_t)H * D > (1u << 24)) return MSA_EINVAL;
 
-    msa_idx_scorer_t *s = calloc(1, sizeof *s);
-    if (!s)
-        return MSA_ENOMEM;
+    msa_idx_scorer_t *s = msa_calloc(1, sizeof *s);
+    if (!s) return MSA_ENOMEM;
     const msa__kern_ops_t *ops = msa__kern_ops(isa);
     s->T = T;
     s->Hq = Hq;
@@ -303,9 +302,9 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
     s->Lp = pad_up(s->L, MSA__QPAD);
     size_t nsegs = s->plan == PLAN_GENERAL ? (size_t)Tu * Hq : (size_t)s->nvec * s->nseg;
     size_t nfl = nsegs * s->Lp;
-    s->qf = calloc(nfl, sizeof(float));
+    s->qf = msa_calloc(nfl, sizeof(float));
     s->qp = aligned_alloc(64, (nfl * sizeof(float) + 63) / 64 * 64);
-    float *tmp = malloc((size_t)D * sizeof(float));
+    float *tmp = msa_malloc((size_t)D * sizeof(float));
     if (!s->qf || !s->qp || !tmp) {
         free(tmp);
         msa_idx_scorer_destroy(s);
@@ -322,13 +321,10 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
         for (uint32_t j = 0; j < Hq; j++) {
             const float *src = q + ((size_t)t * Hq + j) * D;
             double nn = 0.0;
-            for (uint32_t d = 0; d < D; d++)
-                nn += (double)src[d] * src[d];
+            for (uint32_t d = 0; d < D; d++) nn += (double)src[d] * src[d];
             float f = 1.0f;
-            if (cosine)
-                f = nn > 0.0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
-            for (uint32_t d = 0; d < D; d++)
-                tmp[d] = src[d] * f;
+            if (cosine) f = nn > 0.0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
+            for (uint32_t d = 0; d < D; d++) tmp[d] = src[d] * f;
             uint32_t h = j / G, g = j % G, tu = t - t0;
             if (s->plan == PLAN_GENERAL) {
                 float *dst = s->qf + (((size_t)h * Tu + tu) * G + g) * s->Lp;
@@ -336,15 +332,13 @@ int msa_idx_scorer_create(const float *q, uint32_t T, uint32_t Hq, uint32_t H, u
             } else {
                 size_t v = s->plan == PLAN_MAXVEC ? tu : 0;
                 float *dst = s->qf + v * s->nseg * s->Lp + (i8 ? (size_t)h * s->Lp : (size_t)h * D);
-                for (uint32_t d = 0; d < D; d++)
-                    dst[d] += tmp[d];
+                for (uint32_t d = 0; d < D; d++) dst[d] += tmp[d];
             }
         }
     }
     free(tmp);
     if (s->plan != PLAN_GENERAL) {
-        for (size_t i = 0; i < nfl; i++)
-            s->qf[i] *= inv;
+        for (size_t i = 0; i < nfl; i++) s->qf[i] *= inv;
     }
     format_all(s);
     *out = s;
@@ -387,16 +381,15 @@ void msa_idx_scorer_columns(const msa_idx_scorer_t *s, float *cols)
     const bool i8 = s->key_dtype == MSA_DT_I8;
     for (uint32_t h = 0; h < H; h++)
         for (uint32_t v = 0; v < s->nvec; v++) {
-            const float *src = s->qf + (size_t)v * s->nseg * s->Lp +
-                               (i8 ? (size_t)h * s->Lp : (size_t)h * D);
+            const float *src =
+                s->qf + (size_t)v * s->nseg * s->Lp + (i8 ? (size_t)h * s->Lp : (size_t)h * D);
             memcpy(cols + ((size_t)h * s->nvec + v) * D, src, D * sizeof(float));
         }
 }
 
 void msa_idx_scorer_destroy(msa_idx_scorer_t *s)
 {
-    if (!s)
-        return;
+    if (!s) return;
     free(s->qf);
     free(s->qp);
     free(s);
@@ -405,7 +398,10 @@ void msa_idx_scorer_destroy(msa_idx_scorer_t *s)
 /* ==== scoring ============================================================== */
 
 /* Max that keeps a NaN once it has seen one (so overflow shows as -inf at the end). */
-static inline float max_nan(float m, float x) { return (x > m || x != x) ? x : m; }
+static inline float max_nan(float m, float x)
+{
+    return (x > m || x != x) ? x : m;
+}
 
 void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float *scales,
                         size_t nrows, float *out)
@@ -431,8 +427,7 @@ void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float
         }
 
         if (s->plan != PLAN_GENERAL) {
-            for (uint32_t i = 0; i < MSA__NK; i++)
-                res[i] = -INFINITY;
+            for (uint32_t i = 0; i < MSA__NK; i++) res[i] = -INFINITY;
             for (uint32_t v0 = 0; v0 < s->nvec; v0 += MSA__QB) {
                 const uint32_t nq = s->nvec - v0 < MSA__QB ? s->nvec - v0 : MSA__QB;
                 const size_t vstride = (size_t)s->nseg * Lp;
@@ -450,12 +445,10 @@ void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float
                             const float sc = scales[ri[i] * H + h];
                             float *a = acc + i * MSA__QB;
                             if (h == 0) {
-                                for (uint32_t j = 0; j < nq; j++)
-                                    a[j] *= sc;
+                                for (uint32_t j = 0; j < nq; j++) a[j] *= sc;
                             } else {
                                 const float *p = part + i * MSA__QB;
-                                for (uint32_t j = 0; j < nq; j++)
-                                    a[j] += sc * p[j];
+                                for (uint32_t j = 0; j < nq; j++) a[j] += sc * p[j];
                             }
                         }
                     }
@@ -463,8 +456,7 @@ void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float
                 for (uint32_t i = 0; i < nk; i++) {
                     const float *a = acc + i * MSA__QB;
                     float m = res[i];
-                    for (uint32_t j = 0; j < nq; j++)
-                        m = max_nan(m, a[j]);
+                    for (uint32_t j = 0; j < nq; j++) m = max_nan(m, a[j]);
                     res[i] = m;
                 }
             }
@@ -478,8 +470,7 @@ void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float
                 res[i] = s->query_reduce == MSA_QUERY_MEAN ? 0.0f : -INFINITY;
             for (uint32_t tb = 0; tb < Tu; tb += TB) {
                 const uint32_t nt = Tu - tb < TB ? Tu - tb : TB;
-                for (uint32_t i = 0; i < MSA__NK * nt; i++)
-                    hm[i] = -INFINITY;
+                for (uint32_t i = 0; i < MSA__NK * nt; i++) hm[i] = -INFINITY;
                 for (uint32_t h = 0; h < H; h++) {
                     for (uint32_t i = 0; i < MSA__NK; i++)
                         kh[i] = (const char *)kp[i] + (size_t)h * D * esz;
@@ -503,21 +494,17 @@ void msa_idx_scorer_run(const msa_idx_scorer_t *s, const void *rows, const float
                     const float *m = hm + i * nt;
                     float r = res[i];
                     if (s->query_reduce == MSA_QUERY_MEAN) {
-                        for (uint32_t t = 0; t < nt; t++)
-                            r += m[t];
+                        for (uint32_t t = 0; t < nt; t++) r += m[t];
                     } else {
-                        for (uint32_t t = 0; t < nt; t++)
-                            r = max_nan(r, m[t]);
+                        for (uint32_t t = 0; t < nt; t++) r = max_nan(r, m[t]);
                     }
                     res[i] = r;
                 }
             }
             if (s->query_reduce == MSA_QUERY_MEAN) {
-                for (uint32_t i = 0; i < nk; i++)
-                    res[i] /= (float)Tu;
+                for (uint32_t i = 0; i < nk; i++) res[i] /= (float)Tu;
             }
         }
-        for (uint32_t i = 0; i < nk; i++)
-            out[r0 + i] = res[i] != res[i] ? -INFINITY : res[i];
+        for (uint32_t i = 0; i < nk; i++) out[r0 + i] = res[i] != res[i] ? -INFINITY : res[i];
     }
 }

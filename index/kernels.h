@@ -110,9 +110,9 @@ uint32_t msa_idx_topk_finish(msa_idx_topk_t *t, msa_idx_hit_t *out);
  * Numerically stable (running max). Parallel over (kv head, query block) when
  * pool != NULL. Returns MSA_OK, or MSA_ENOMEM (out/lse then undefined). */
 struct msa_idx_pool;
-int msa_idx_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint32_t D,
-                    const float *k, const float *v, size_t R, float scale, float *out, float *lse,
-                    struct msa_idx_pool *pool);
+int msa_idx_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint32_t D, const float *k,
+                   const float *v, size_t R, float scale, float *out, float *lse,
+                   struct msa_idx_pool *pool);
 
 /* ---- thread pool -------------------------------------------------------------- */
 

@@ -54,19 +54,18 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
                  float *acc, size_t ld)
 {
     __m256 a[4][2];
-    #pragma GCC unroll 16
-    for (int i = 0; i < 4; i++)
-        a[i][0] = a[i][1] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < 4; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
     const size_t esz = esz_of[dt];
     uint32_t l = 0;
     for (; l < L; l += 16) {
         __m256 q0[2], q1[2];
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < NQB; j++) {
             q0[j] = _mm256_loadu_ps(q + j * qs + l);
             q1[j] = _mm256_loadu_ps(q + j * qs + l + 8);
         }
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < 4; i++) {
             __m256 k0, k1;
             const char *p = (const char *)k[i] + l * esz;
@@ -77,7 +76,7 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
                 memcpy(buf, p, (L - l) * esz);
                 load_key(dt, buf, &k0, &k1);
             }
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int j = 0; j < NQB; j++) {
                 a[i][j] = _mm256_fmadd_ps(k0, q0[j], a[i][j]);
                 a[i][j] = _mm256_fmadd_ps(k1, q1[j], a[i][j]);
@@ -85,18 +84,17 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
         }
     }
     __m256 o[8];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < 4; i++) {
         o[2 * i] = a[i][0];
         o[2 * i + 1] = NQB == 2 ? a[i][1] : _mm256_setzero_ps();
     }
     float t[8];
     _mm256_storeu_ps(t, reduce8(o));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < 4; i++) {
         acc[i * ld] = t[2 * i];
-        if (NQB == 2)
-            acc[i * ld + 1] = t[2 * i + 1];
+        if (NQB == 2) acc[i * ld + 1] = t[2 * i + 1];
     }
 }
 
@@ -107,10 +105,8 @@ AI void tile_gen(int dt, const float *q, size_t qs, uint32_t nq, const void *con
         const void *const *kk = k + 4 * half;
         float *aa = acc + 4 * half * ld;
         uint32_t j = 0;
-        for (; j + 2 <= nq; j += 2)
-            tile_blk(dt, 2, q + j * qs, qs, kk, L, aa + j, ld);
-        if (j < nq)
-            tile_blk(dt, 1, q + j * qs, qs, kk, L, aa + j, ld);
+        for (; j + 2 <= nq; j += 2) tile_blk(dt, 2, q + j * qs, qs, kk, L, aa + j, ld);
+        if (j < nq) tile_blk(dt, 1, q + j * qs, qs, kk, L, aa + j, ld);
     }
 }
 
@@ -152,8 +148,7 @@ static float dot_avx2(const float *a, const float *b, uint32_t n)
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     float r = _mm_cvtss_f32(h);
-    for (; i < n; i++)
-        r += a[i] * b[i];
+    for (; i < n; i++) r += a[i] * b[i];
     return r;
 }
 
@@ -164,8 +159,7 @@ static void axpy_avx2(float a, const float *x, float *y, uint32_t n)
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(y + i,
                          _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++)
-        y[i] += a * x[i];
+    for (; i < n; i++) y[i] += a * x[i];
 }
 
 const msa__kern_ops_t msa__ops_avx2 = {

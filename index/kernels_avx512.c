@@ -74,25 +74,24 @@ AI __m512 reduce16(const __m512 *o)
 {
     /* The tree leaves lane 4c+e holding input 4e+c; feed it transposed. */
     __m512 v[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 4; c++)
-        #pragma GCC unroll 16
-        for (int e = 0; e < 4; e++)
-            v[4 * e + c] = o[4 * c + e];
+#pragma GCC unroll 16
+        for (int e = 0; e < 4; e++) v[4 * e + c] = o[4 * c + e];
     __m512 w[8], u[4], z[2];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 8; p++) {
         __m512 a = v[2 * p], b = v[2 * p + 1];
         w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 4; p++) {
         __m512 a = w[2 * p], b = w[2 * p + 1];
         u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 2; p++) {
         __m512 a = u[2 * p], b = u[2 * p + 1];
         z[p] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -106,7 +105,7 @@ AI __m512 reduce16(const __m512 *o)
 AI void store_acc(__m512 a[MSA__NK][2], int NQB, float *acc, size_t ld)
 {
     __m512 o[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < MSA__NK; i++) {
         if (NQB == 2) {
             o[2 * i] = a[i][0];
@@ -118,7 +117,7 @@ AI void store_acc(__m512 a[MSA__NK][2], int NQB, float *acc, size_t ld)
     }
     float t[16];
     _mm512_storeu_ps(t, reduce16(o));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < MSA__NK; i++) {
         if (NQB == 2) {
             acc[i * ld] = t[2 * i];
@@ -133,25 +132,24 @@ AI void tile_blk(int dt, int NQB, const float *q, size_t qs, const void *const *
                  float *acc, size_t ld)
 {
     __m512 a[MSA__NK][2];
-    #pragma GCC unroll 16
-    for (int i = 0; i < MSA__NK; i++)
-        a[i][0] = a[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MSA__NK; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
     for (uint32_t l = 0; l < L; l += 32) {
         const uint32_t n = L - l;
         __m512 q0[2], q1[2];
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < NQB; j++) {
             q0[j] = _mm512_loadu_ps(q + j * qs + l);
             q1[j] = _mm512_loadu_ps(q + j * qs + l + 16);
         }
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < MSA__NK; i++) {
             __m512 k0, k1;
             if (n >= 32)
                 load_key(dt, k[i], l, 32, &k0, &k1);
             else
                 load_key(dt, k[i], l, n, &k0, &k1);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int j = 0; j < NQB; j++) {
                 a[i][j] = _mm512_fmadd_ps(k0, q0[j], a[i][j]);
                 a[i][j] = _mm512_fmadd_ps(k1, q1[j], a[i][j]);
@@ -165,24 +163,22 @@ AI void tile_gen(int dt, const float *q, size_t qs, uint32_t nq, const void *con
                  float *acc, size_t ld)
 {
     uint32_t j = 0;
-    for (; j + 2 <= nq; j += 2)
-        tile_blk(dt, 2, q + j * qs, qs, k, L, acc + j, ld);
-    if (j < nq)
-        tile_blk(dt, 1, q + j * qs, qs, k, L, acc + j, ld);
+    for (; j + 2 <= nq; j += 2) tile_blk(dt, 2, q + j * qs, qs, k, L, acc + j, ld);
+    if (j < nq) tile_blk(dt, 1, q + j * qs, qs, k, L, acc + j, ld);
 }
 
-void msa__tile_avx512_f32(const float *q, size_t qs, uint32_t nq, const void *const *k,
-                          uint32_t L, float *acc, size_t ld)
+void msa__tile_avx512_f32(const float *q, size_t qs, uint32_t nq, const void *const *k, uint32_t L,
+                          float *acc, size_t ld)
 {
     tile_gen(K_F32, q, qs, nq, k, L, acc, ld);
 }
-void msa__tile_avx512_f16(const float *q, size_t qs, uint32_t nq, const void *const *k,
-                          uint32_t L, float *acc, size_t ld)
+void msa__tile_avx512_f16(const float *q, size_t qs, uint32_t nq, const void *const *k, uint32_t L,
+                          float *acc, size_t ld)
 {
     tile_gen(K_F16, q, qs, nq, k, L, acc, ld);
 }
-void msa__tile_avx512_i8(const float *q, size_t qs, uint32_t nq, const void *const *k,
-                         uint32_t L, float *acc, size_t ld)
+void msa__tile_avx512_i8(const float *q, size_t qs, uint32_t nq, const void *const *k, uint32_t L,
+                         float *acc, size_t ld)
 {
     tile_gen(K_I8, q, qs, nq, k, L, acc, ld);
 }

@@ -29,25 +29,24 @@
 AI __m512 reduce16(const __m512 *o)
 {
     __m512 v[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int c = 0; c < 4; c++)
-        #pragma GCC unroll 16
-        for (int e = 0; e < 4; e++)
-            v[4 * e + c] = o[4 * c + e];
+#pragma GCC unroll 16
+        for (int e = 0; e < 4; e++) v[4 * e + c] = o[4 * c + e];
     __m512 w[8], u[4], z[2];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 8; p++) {
         __m512 a = v[2 * p], b = v[2 * p + 1];
         w[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 4; p++) {
         __m512 a = w[2 * p], b = w[2 * p + 1];
         u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int p = 0; p < 2; p++) {
         __m512 a = u[2 * p], b = u[2 * p + 1];
         z[p] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
@@ -62,34 +61,31 @@ AI void tile_blk(int NQB, int TERMS, const float *q, size_t qs, const void *cons
                  float *acc, size_t ld)
 {
     __m512 a[MSA__NK][2];
-    #pragma GCC unroll 16
-    for (int i = 0; i < MSA__NK; i++)
-        a[i][0] = a[i][1] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MSA__NK; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
     for (uint32_t l = 0; l < L; l += 32) {
         const uint32_t n = L - l;
         __m512bh qh[2], ql[2];
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int j = 0; j < NQB; j++) {
             qh[j] = (__m512bh)_mm512_loadu_si512(q + j * qs + l);
-            if (TERMS == 2)
-                ql[j] = (__m512bh)_mm512_loadu_si512(q + j * qs + l + 16);
+            if (TERMS == 2) ql[j] = (__m512bh)_mm512_loadu_si512(q + j * qs + l + 16);
         }
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int i = 0; i < MSA__NK; i++) {
             const uint16_t *p = (const uint16_t *)k[i] + l;
-            __m512bh kv = (__m512bh)(n >= 32 ? _mm512_loadu_si512(p)
-                                             : _mm512_maskz_loadu_epi16(
-                                                   (__mmask32)((1u << n) - 1), p));
-            #pragma GCC unroll 16
+            __m512bh kv =
+                (__m512bh)(n >= 32 ? _mm512_loadu_si512(p)
+                                   : _mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p));
+#pragma GCC unroll 16
             for (int j = 0; j < NQB; j++) {
                 a[i][j] = _mm512_dpbf16_ps(a[i][j], kv, qh[j]);
-                if (TERMS == 2)
-                    a[i][j] = _mm512_dpbf16_ps(a[i][j], kv, ql[j]);
+                if (TERMS == 2) a[i][j] = _mm512_dpbf16_ps(a[i][j], kv, ql[j]);
             }
         }
     }
     __m512 o[16];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < MSA__NK; i++) {
         if (NQB == 2) {
             o[2 * i] = a[i][0];
@@ -101,7 +97,7 @@ AI void tile_blk(int NQB, int TERMS, const float *q, size_t qs, const void *cons
     }
     float t[16];
     _mm512_storeu_ps(t, reduce16(o));
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int i = 0; i < MSA__NK; i++) {
         if (NQB == 2) {
             acc[i * ld] = t[2 * i];
@@ -116,10 +112,8 @@ AI void tile_gen(int TERMS, const float *q, size_t qs, uint32_t nq, const void *
                  uint32_t L, float *acc, size_t ld)
 {
     uint32_t j = 0;
-    for (; j + 2 <= nq; j += 2)
-        tile_blk(2, TERMS, q + j * qs, qs, k, L, acc + j, ld);
-    if (j < nq)
-        tile_blk(1, TERMS, q + j * qs, qs, k, L, acc + j, ld);
+    for (; j + 2 <= nq; j += 2) tile_blk(2, TERMS, q + j * qs, qs, k, L, acc + j, ld);
+    if (j < nq) tile_blk(1, TERMS, q + j * qs, qs, k, L, acc + j, ld);
 }
 
 static void tile_bf16x2(const float *q, size_t qs, uint32_t nq, const void *const *k, uint32_t L,

@@ -25,11 +25,11 @@
 /* How a prepared query segment of Lp floats' worth of bytes is laid out.
  * Every format takes exactly Lp * 4 bytes, so strides count in floats. */
 typedef enum {
-    MSA__QF_F32 = 0,    /* plain float32, zero padded */
-    MSA__QF_F32_EO32,   /* float32, each 32-block as [16 even elems][16 odd elems] */
-    MSA__QF_F32_EO16,   /* float32, each 16-block as [8 even][8 odd] */
-    MSA__QF_BF16X2,     /* per 32-block: [32 bf16 hi][32 bf16 lo], q ~= hi + lo */
-    MSA__QF_BF16X1,     /* as BF16X2 with lo = 0 (query rounded to bf16: fast, lossy) */
+    MSA__QF_F32 = 0,  /* plain float32, zero padded */
+    MSA__QF_F32_EO32, /* float32, each 32-block as [16 even elems][16 odd elems] */
+    MSA__QF_F32_EO16, /* float32, each 16-block as [8 even][8 odd] */
+    MSA__QF_BF16X2,   /* per 32-block: [32 bf16 hi][32 bf16 lo], q ~= hi + lo */
+    MSA__QF_BF16X1,   /* as BF16X2 with lo = 0 (query rounded to bf16: fast, lossy) */
 } msa__qfmt_t;
 
 /* acc[i * ldacc + j] = sum_{l < L} q_j[l] * key_i[l] for i < MSA__NK, j < nq.
@@ -40,8 +40,8 @@ typedef void (*msa__tile_fn)(const float *q, size_t qstride, uint32_t nq, const 
                              uint32_t L, float *acc, size_t ldacc);
 
 typedef struct msa__kern_ops {
-    msa__tile_fn tile[5];  /* indexed by msa_dtype_t: F32, F16, BF16, I8 */
-    uint8_t qfmt[5];       /* msa__qfmt_t per dtype */
+    msa__tile_fn tile[5]; /* indexed by msa_dtype_t: F32, F16, BF16, I8 */
+    uint8_t qfmt[5];      /* msa__qfmt_t per dtype */
     /* Attention helpers over float32: dot product, and y += a * x. */
     float (*dot)(const float *a, const float *b, uint32_t n);
     void (*axpy)(float a, const float *x, float *y, uint32_t n);
@@ -68,26 +68,7 @@ void msa__tile_avx512bf16_x1(const float *q, size_t qs, uint32_t nq, const void 
 /* The table of isa (must be supported). */
 const msa__kern_ops_t *msa__kern_ops(msa_isa_t isa);
 
-/* Rounds to bf16, nearest even (NaN stays NaN). */
-static inline uint16_t msa__bf16_rne(float x)
-{
-    union {
-        float f;
-        uint32_t u;
-    } v = {x};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((v.u >> 16) | 0x40);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-static inline float msa__bf16_f32(uint16_t h)
-{
-    union {
-        uint32_t u;
-        float f;
-    } v = {(uint32_t)h << 16};
-    return v.f;
-}
+/* bf16 <-> f32: msa_f32_to_bf16 / msa_bf16_to_f32 (storage/tensor.h). */
 
 /* IEEE half -> float (exact), for the scalar path. */
 static inline float msa__f16_f32(uint16_t h)

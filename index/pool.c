@@ -9,6 +9,7 @@
  * own job). Tasks are claimed one at a time with an atomic counter.
  */
 #include "kernels.h"
+#include "msa_alloc.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -19,9 +20,9 @@ typedef struct job {
     void (*fn)(void *arg, size_t task, unsigned worker);
     void *arg;
     size_t ntasks;
-    atomic_size_t next;   /* next task to claim */
-    atomic_size_t done;   /* tasks finished */
-    struct job *qnext;    /* queue link (under the pool lock) */
+    atomic_size_t next; /* next task to claim */
+    atomic_size_t done; /* tasks finished */
+    struct job *qnext;  /* queue link (under the pool lock) */
     bool queued;
 } job_t;
 
@@ -43,8 +44,7 @@ typedef struct {
 /* Unlinks j from the queue (lock held). */
 static void dequeue(msa_idx_pool_t *p, job_t *j)
 {
-    if (!j->queued)
-        return;
+    if (!j->queued) return;
     job_t **pp = &p->head, *prev = NULL;
     while (*pp && *pp != j) {
         prev = *pp;
@@ -52,8 +52,7 @@ static void dequeue(msa_idx_pool_t *p, job_t *j)
     }
     if (*pp) {
         *pp = j->qnext;
-        if (p->tail == j)
-            p->tail = prev;
+        if (p->tail == j) p->tail = prev;
     }
     j->queued = false;
 }
@@ -64,8 +63,7 @@ static size_t drain(job_t *j, unsigned worker)
     size_t ran = 0;
     for (;;) {
         size_t t = atomic_fetch_add(&j->next, 1);
-        if (t >= j->ntasks)
-            break;
+        if (t >= j->ntasks) break;
         j->fn(j->arg, t, worker);
         ran++;
     }
@@ -92,18 +90,14 @@ static void *worker_main(void *a)
     free(wa);
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->stop && !p->head)
-            pthread_cond_wait(&p->work_cv, &p->mu);
-        if (p->stop)
-            break;
+        while (!p->stop && !p->head) pthread_cond_wait(&p->work_cv, &p->mu);
+        if (p->stop) break;
         job_t *j = p->head;
         /* Claim one task under the lock so the job cannot finish (and leave
          * its caller's stack) before we hold a claim on it. */
         size_t t = atomic_fetch_add(&j->next, 1);
-        if (t + 1 >= j->ntasks)
-            dequeue(p, j);
-        if (t >= j->ntasks)
-            continue;
+        if (t + 1 >= j->ntasks) dequeue(p, j);
+        if (t >= j->ntasks) continue;
         pthread_mutex_unlock(&p->mu);
         j->fn(j->arg, t, idx);
         size_t ran = 1 + drain(j, idx);
@@ -121,10 +115,9 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         nthreads = n > 0 ? (unsigned)n : 1;
     }
-    msa_idx_pool_t *p = calloc(1, sizeof *p);
-    if (!p)
-        return MSA_ENOMEM;
-    p->threads = calloc(nthreads, sizeof *p->threads);
+    msa_idx_pool_t *p = msa_calloc(1, sizeof *p);
+    if (!p) return MSA_ENOMEM;
+    p->threads = msa_calloc(nthreads, sizeof *p->threads);
     if (!p->threads) {
         free(p);
         return MSA_ENOMEM;
@@ -133,7 +126,7 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
     pthread_cond_init(&p->work_cv, NULL);
     pthread_cond_init(&p->done_cv, NULL);
     for (unsigned i = 0; i < nthreads; i++) {
-        worker_arg_t *wa = malloc(sizeof *wa);
+        worker_arg_t *wa = msa_malloc(sizeof *wa);
         if (wa) {
             wa->p = p;
             wa->idx = i;
@@ -151,14 +144,12 @@ int msa_idx_pool_create(unsigned nthreads, msa_idx_pool_t **out)
 
 void msa_idx_pool_destroy(msa_idx_pool_t *p)
 {
-    if (!p)
-        return;
+    if (!p) return;
     pthread_mutex_lock(&p->mu);
     p->stop = true;
     pthread_cond_broadcast(&p->work_cv);
     pthread_mutex_unlock(&p->mu);
-    for (unsigned i = 0; i < p->n; i++)
-        pthread_join(p->threads[i], NULL);
+    for (unsigned i = 0; i < p->n; i++) pthread_join(p->threads[i], NULL);
     pthread_cond_destroy(&p->work_cv);
     pthread_cond_destroy(&p->done_cv);
     pthread_mutex_destroy(&p->mu);
@@ -166,17 +157,18 @@ void msa_idx_pool_destroy(msa_idx_pool_t *p)
     free(p);
 }
 
-unsigned msa_idx_pool_size(const msa_idx_pool_t *p) { return p ? p->n : 0; }
+unsigned msa_idx_pool_size(const msa_idx_pool_t *p)
+{
+    return p ? p->n : 0;
+}
 
 void msa_idx_pool_run(msa_idx_pool_t *p, size_t ntasks,
                       void (*fn)(void *arg, size_t task, unsigned worker), void *arg)
 {
-    if (ntasks == 0)
-        return;
+    if (ntasks == 0) return;
     if (!p || p->n == 0 || ntasks == 1) {
         const unsigned w = msa_idx_pool_size(p);
-        for (size_t t = 0; t < ntasks; t++)
-            fn(arg, t, w);
+        for (size_t t = 0; t < ntasks; t++) fn(arg, t, w);
         return;
     }
     job_t j = {.fn = fn, .arg = arg, .ntasks = ntasks, .qnext = NULL, .queued = true};

@@ -20,12 +20,9 @@ static void sift_down(msa_idx_hit_t *h, uint32_t n, uint32_t i)
     msa_idx_hit_t x = h[i];
     for (;;) {
         uint32_t c = 2 * i + 1;
-        if (c >= n)
-            break;
-        if (c + 1 < n && worse(&h[c + 1], &h[c]))
-            c++;
-        if (!worse(&h[c], &x))
-            break;
+        if (c >= n) break;
+        if (c + 1 < n && worse(&h[c + 1], &h[c])) c++;
+        if (!worse(&h[c], &x)) break;
         h[i] = h[c];
         i = c;
     }
@@ -46,8 +43,7 @@ void msa_idx_topk_push(msa_idx_topk_t *t, float score, uint64_t id)
         uint32_t i = t->n++;
         while (i > 0) {
             uint32_t p = (i - 1) / 2;
-            if (!worse(&x, &t->heap[p]))
-                break;
+            if (!worse(&x, &t->heap[p])) break;
             t->heap[i] = t->heap[p];
             i = p;
         }

@@ -1,6 +1,8 @@
 /* arena.c — per-call bump allocator (see arena.h). */
 #include "arena.h"
 
+#include "msa_alloc.h"
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,11 +36,12 @@ void msa_rpc_arena_reset(msa_rpc_arena_t *a) {
     }
     a->head = NULL;
     a->used = a->cap = a->total = 0;
+    a->oom = false;
 }
 
 static msa_rpc_arena_block_t *block_new(size_t cap) {
     if (cap > SIZE_MAX - sizeof(msa_rpc_arena_block_t)) return NULL;
-    msa_rpc_arena_block_t *b = malloc(sizeof(*b) + cap);
+    msa_rpc_arena_block_t *b = msa_malloc(sizeof(*b) + cap);
     if (b) b->cap = cap;
     return b;
 }
@@ -56,7 +59,10 @@ void *msa_rpc_arena_alloc(msa_rpc_arena_t *a, size_t n) {
         /* Large: a block of its own, linked behind the current head so that
          * the head keeps serving small allocations. */
         msa_rpc_arena_block_t *b = block_new(need);
-        if (!b) return NULL;
+        if (!b) {
+            a->oom = true;
+            return NULL;
+        }
         a->total += need;
         if (a->head) {
             b->next = a->head->next;
@@ -69,7 +75,10 @@ void *msa_rpc_arena_alloc(msa_rpc_arena_t *a, size_t n) {
         return b->data;
     }
     msa_rpc_arena_block_t *b = block_new(ARENA_BLOCK);
-    if (!b) return NULL;
+    if (!b) {
+        a->oom = true;
+        return NULL;
+    }
     a->total += ARENA_BLOCK;
     b->next = a->head;
     a->head = b;

@@ -11,6 +11,7 @@
 
 #include <protobuf-c/protobuf-c.h>
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #ifdef __cplusplus
@@ -25,6 +26,7 @@ typedef struct msa_rpc_arena {
     size_t cap;                  /* bytes in head */
     size_t total;                /* bytes allocated over all blocks */
     ProtobufCAllocator pb;       /* protobuf-c allocator backed by this arena */
+    bool oom;                    /* an allocation failed since init or reset */
 } msa_rpc_arena_t;
 
 /* Prepares an empty arena (no allocation yet). */

@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "connlimit.h"
 
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <dlfcn.h>
@@ -117,10 +118,9 @@ static void refuse(int fd, const char *why) {
         (void)w;
     }
     real_close()(fd);
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int_fast64_t now_s = msa_clock_ms() / 1000;
     int_fast64_t last = atomic_load(&g.last_log_s);
-    if (ts.tv_sec > last && atomic_compare_exchange_strong(&g.last_log_s, &last, ts.tv_sec))
+    if (now_s > last && atomic_compare_exchange_strong(&g.last_log_s, &last, now_s))
         msa_log(MSA_LOG_WARN, "connection refused: %s (%llu refused so far)", why,
                 (unsigned long long)atomic_load(&g.refused));
 }
@@ -142,10 +142,9 @@ static int shed(int lfd) {
     }
     atomic_store(&g.reserve, open("/dev/null", O_RDONLY | O_CLOEXEC));
     if (shed_one) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int_fast64_t now_s = msa_clock_ms() / 1000;
         int_fast64_t last = atomic_load(&g.last_log_s);
-        if (ts.tv_sec > last && atomic_compare_exchange_strong(&g.last_log_s, &last, ts.tv_sec))
+        if (now_s > last && atomic_compare_exchange_strong(&g.last_log_s, &last, now_s))
             msa_log(MSA_LOG_WARN,
                     "connection refused: out of file descriptors (%llu connections open; "
                     "raise `ulimit -n` or lower --max-connections)",

@@ -16,6 +16,8 @@
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
 #include "wire.pb-c.h"
+#include "msa_alloc.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <stdarg.h>
@@ -28,9 +30,7 @@
 /* ==== helpers ================================================================ */
 
 int64_t msa__rpc_now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return msa_clock_ms();
 }
 
 #define OOM(st) msa_status_set((st), MSA_ENOMEM, "out of memory building the message")
@@ -104,12 +104,14 @@ static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_
 
 /* Unpacks req into the call's arena. Malformed bytes -> INVALID_ARGUMENT;
  * so is a NUL inside any string field (a name cut short would act on another
- * object). */
+ * object). Out of memory while unpacking is MSA_ENOMEM, not the client's fault. */
 static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
                   ProtobufCMessage **out, msa_status_t *st) {
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
     /* wire.proto's messages are msad's private view of the public ones. */
     const char *name = strncmp(d->name, "msa.v1.wire.", 12) == 0 ? d->name + 12 : d->name;
+    if (!*out && req->arena->oom)
+        return msa_status_set(st, MSA_ENOMEM, "request: out of memory unpacking the message");
     if (!*out)
         return msa_status_set(st, MSA_EINVAL, "request: malformed %s%s message (%zu bytes)",
                               name == d->name ? "" : "msa.v1.", name, req->len);
@@ -127,7 +129,7 @@ static int pack(const msa_rpc_ctx_t *ctx, const ProtobufCMessage *m, msa_rpc_rep
                               "response: %zu bytes exceeds the message limit of %zu bytes "
                               "(--max-message-mb); ask for less per call",
                               n, ctx->max_send);
-    uint8_t *buf = malloc(n ? n : 1);
+    uint8_t *buf = msa_malloc(n ? n : 1);
     if (!buf) return OOM(st);
     size_t w = protobuf_c_message_pack(m, buf);
     msa_assert(w == n);

@@ -19,6 +19,7 @@
 #include "arena.h"
 #include "connlimit.h"
 #include "methods.h"
+#include "msa_clock.h"
 #include "msa_log.h"
 
 #include <grpc/byte_buffer.h>
@@ -147,9 +148,7 @@ struct msa_rpc_server {
 };
 
 static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return msa_clock_ns();
 }
 
 /* grpc's deadline -> the engine's CLOCK_MONOTONIC milliseconds (0 = none).

@@ -21,9 +21,9 @@
 #define LONG_BLK 8192u
 #define SHORT_BLK 256u
 
-static uint32_t sw_table[8][256];     /* slicing-by-8 */
-static uint32_t long_shift[4][256];   /* CRC shifted over LONG_BLK zero bytes */
-static uint32_t short_shift[4][256];  /* ... over SHORT_BLK zero bytes */
+static uint32_t sw_table[8][256];    /* slicing-by-8 */
+static uint32_t long_shift[4][256];  /* CRC shifted over LONG_BLK zero bytes */
+static uint32_t short_shift[4][256]; /* ... over SHORT_BLK zero bytes */
 static bool use_hw;
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
@@ -123,10 +123,8 @@ static uint32_t crc_sw(uint32_t crc, const unsigned char *p, size_t len)
 
 #ifdef HAVE_X86
 /* Three streams over the next 3 * blk bytes, joined by shifting over zeros. */
-__attribute__((target("sse4.2"))) static inline uint64_t three_way(uint64_t c0,
-                                                                    const unsigned char *p,
-                                                                    size_t blk,
-                                                                    uint32_t tab[4][256])
+__attribute__((target("sse4.2"))) static inline uint64_t
+three_way(uint64_t c0, const unsigned char *p, size_t blk, uint32_t tab[4][256])
 {
     uint64_t c1 = 0, c2 = 0;
     for (const unsigned char *end = p + blk; p < end; p += 8) {

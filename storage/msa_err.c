@@ -7,8 +7,8 @@
 const char *msa_strerror(int code)
 {
     switch (code) {
-#define MSA__ERR_MSG(name, value, msg)                                            \
-    case value:                                                                   \
+#define MSA__ERR_MSG(name, value, msg) \
+    case value:                        \
         return msg;
         MSA_ERRNO_MAP(MSA__ERR_MSG)
 #undef MSA__ERR_MSG
@@ -19,8 +19,8 @@ const char *msa_strerror(int code)
 const char *msa_errname(int code)
 {
     switch (code) {
-#define MSA__ERR_NAME(name, value, msg)                                           \
-    case value:                                                                   \
+#define MSA__ERR_NAME(name, value, msg) \
+    case value:                         \
         return #name;
         MSA_ERRNO_MAP(MSA__ERR_NAME)
 #undef MSA__ERR_NAME

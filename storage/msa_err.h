@@ -14,21 +14,21 @@ extern "C" {
 #endif
 
 /* X(name, value, message). Values stay stable: they may appear in logs. */
-#define MSA_ERRNO_MAP(X)                                                          \
-    X(OK, 0, "ok")                                                                \
-    X(EINVAL, -30001, "invalid argument")                                         \
-    X(ENOTFOUND, -30002, "not found")                                             \
-    X(EEXIST, -30003, "already exists")                                           \
-    X(EPRECOND, -30004, "failed precondition")                                    \
-    X(EFULL, -30005, "resource exhausted")                                        \
-    X(EUNAUTH, -30006, "unauthenticated")                                         \
-    X(EPERM, -30007, "permission denied")                                         \
-    X(EUNAVAIL, -30008, "unavailable")                                            \
-    X(ETIMEOUT, -30009, "deadline exceeded")                                      \
-    X(EINTERNAL, -30010, "internal error")                                        \
-    X(EBROKEN, -30011, "engine broken; restart required")                         \
-    X(ENOMEM, -30012, "out of memory")                                            \
-    X(EIO, -30013, "i/o error")                                                   \
+#define MSA_ERRNO_MAP(X)                                  \
+    X(OK, 0, "ok")                                        \
+    X(EINVAL, -30001, "invalid argument")                 \
+    X(ENOTFOUND, -30002, "not found")                     \
+    X(EEXIST, -30003, "already exists")                   \
+    X(EPRECOND, -30004, "failed precondition")            \
+    X(EFULL, -30005, "resource exhausted")                \
+    X(EUNAUTH, -30006, "unauthenticated")                 \
+    X(EPERM, -30007, "permission denied")                 \
+    X(EUNAVAIL, -30008, "unavailable")                    \
+    X(ETIMEOUT, -30009, "deadline exceeded")              \
+    X(EINTERNAL, -30010, "internal error")                \
+    X(EBROKEN, -30011, "engine broken; restart required") \
+    X(ENOMEM, -30012, "out of memory")                    \
+    X(EIO, -30013, "i/o error")                           \
     X(ECORRUPT, -30014, "store corrupt")
 
 typedef enum {
@@ -58,8 +58,7 @@ int msa_status_set(msa_status_t *st, int code, const char *fmt, ...)
 void msa_status_clear(msa_status_t *st);
 
 /* Bugs only: stays on in release builds, reports expression, file and line. */
-#define msa_assert(e)                                                             \
-    ((e) ? (void)0 : msa__assert_fail(#e, __FILE__, __LINE__))
+#define msa_assert(e) ((e) ? (void)0 : msa__assert_fail(#e, __FILE__, __LINE__))
 void msa__assert_fail(const char *expr, const char *file, int line) __attribute__((noreturn));
 
 #ifdef __cplusplus

@@ -11,7 +11,13 @@
 extern "C" {
 #endif
 
-typedef enum { MSA_LOG_DEBUG = 0, MSA_LOG_INFO, MSA_LOG_WARN, MSA_LOG_ERROR, MSA_LOG_OFF } msa_log_level_t;
+typedef enum {
+    MSA_LOG_DEBUG = 0,
+    MSA_LOG_INFO,
+    MSA_LOG_WARN,
+    MSA_LOG_ERROR,
+    MSA_LOG_OFF
+} msa_log_level_t;
 
 extern int msa__log_level; /* read-mostly; set by msa_log_setup */
 
@@ -21,8 +27,8 @@ int msa_log_setup(const char *level, int json);
 void msa__log(int level, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-#define msa_log(level, ...)                                                       \
-    do {                                                                          \
+#define msa_log(level, ...)                                                                \
+    do {                                                                                   \
         if ((level) >= msa__log_level) msa__log((level), __FILE__, __LINE__, __VA_ARGS__); \
     } while (0)
 

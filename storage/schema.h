@@ -18,9 +18,9 @@
 extern "C" {
 #endif
 
-#define MSA_MAX_LAYERS 256       /* memory layers per collection */
-#define MSA_MAX_MODEL_LEN 255    /* bytes of the encoder identity */
-#define MSA_MAX_NAME_LEN 64      /* collection name: [A-Za-z0-9_.-]{1,64} */
+#define MSA_MAX_LAYERS 256    /* memory layers per collection */
+#define MSA_MAX_MODEL_LEN 255 /* bytes of the encoder identity */
+#define MSA_MAX_NAME_LEN 64   /* collection name: [A-Za-z0-9_.-]{1,64} */
 #define MSA_MAX_TOP_K 1024
 
 /* Values match memory.proto's enums. */
@@ -43,7 +43,7 @@ typedef struct msa_schema {
     msa_head_reduce_t head_reduce;
     msa_query_reduce_t query_reduce;
     msa_chunk_reduce_t chunk_reduce;
-    uint32_t default_top_k;          /* 1..1024 after defaults */
+    uint32_t default_top_k; /* 1..1024 after defaults */
     char model[MSA_MAX_MODEL_LEN + 1];
 } msa_schema_t;
 

@@ -37,38 +37,38 @@ typedef struct msa_store msa_store_t;
 typedef struct msa_store_txn msa_store_txn_t;
 
 typedef struct msa_store_opts {
-    uint64_t map_size;     /* initial LMDB map size in bytes (0 = 1 GiB, or map_max if smaller) */
-    uint64_t map_max;      /* growth stops here; then writes get MSA_EFULL (0 = 1 TiB) */
-    unsigned max_readers;  /* LMDB reader slots (0 = 1024) */
-    bool nosync;           /* MDB_NOSYNC: commits are not fsync'd (explicit opt-in only) */
-    bool read_only;        /* open without taking the writer lock (tools, verify of a backup) */
+    uint64_t map_size;    /* initial LMDB map size in bytes (0 = 1 GiB, or map_max if smaller) */
+    uint64_t map_max;     /* growth stops here; then writes get MSA_EFULL (0 = 1 TiB) */
+    unsigned max_readers; /* LMDB reader slots (0 = 1024) */
+    bool nosync;          /* MDB_NOSYNC: commits are not fsync'd (explicit opt-in only) */
+    bool read_only;       /* open without taking the writer lock (tools, verify of a backup) */
 } msa_store_opts_t;
 
 /* Block kinds of one (document, layer). */
 typedef enum { MSA_BLOCK_K = 0, MSA_BLOCK_V = 1, MSA_BLOCK_R = 2 } msa_block_kind_t;
 
 typedef struct msa_coll_rec {
-    uint32_t id;                         /* never reused */
+    uint32_t id; /* never reused */
     char name[MSA_MAX_NAME_LEN + 1];
     uint64_t created_seq;
     msa_schema_t schema;
-    uint64_t documents;                  /* live documents */
-    uint64_t chunks;                     /* sum of their chunks (index rows per layer) */
-    uint64_t tokens;                     /* sum of their tokens */
-    uint64_t bytes;                      /* tensor + text + metadata bytes */
+    uint64_t documents; /* live documents */
+    uint64_t chunks;    /* sum of their chunks (index rows per layer) */
+    uint64_t tokens;    /* sum of their tokens */
+    uint64_t bytes;     /* tensor + text + metadata bytes */
 } msa_coll_rec_t;
 
 typedef struct msa_doc_rec {
     uint64_t id;
-    uint64_t version;                    /* 1 on insert, +1 per replace */
+    uint64_t version; /* 1 on insert, +1 per replace */
     uint32_t tokens;
-    uint32_t chunks;                     /* ceil(tokens / P) */
-    uint64_t created_seq;                /* commit that inserted the id */
-    uint64_t updated_seq;                /* commit that wrote this version */
+    uint32_t chunks;      /* ceil(tokens / P) */
+    uint64_t created_seq; /* commit that inserted the id */
+    uint64_t updated_seq; /* commit that wrote this version */
     int64_t updated_unix_ms;
     uint64_t text_bytes;
     uint64_t metadata_bytes;
-    uint64_t tensor_bytes;               /* all blocks of this version */
+    uint64_t tensor_bytes; /* all blocks of this version */
 } msa_doc_rec_t;
 
 /* A borrowed, zero-copy view into the map; valid until its txn ends. */
@@ -79,8 +79,8 @@ typedef struct msa_store_view {
 
 /* One block to write: pooled tensor bytes of (layer_pos, kind). */
 typedef struct msa_store_block {
-    uint16_t layer_pos;                  /* index into schema.layers */
-    uint8_t kind;                        /* msa_block_kind_t */
+    uint16_t layer_pos; /* index into schema.layers */
+    uint8_t kind;       /* msa_block_kind_t */
     const void *data;
     size_t len;
 } msa_store_block_t;
@@ -166,8 +166,8 @@ int msa_store_coll_get(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out
 int msa_store_coll_get_by_id(msa_store_txn_t *t, uint32_t id, msa_coll_rec_t *out);
 /* Calls fn for each collection in id order; stops at fn's first non-zero return
  * and returns it. fn may read through t but must not write. */
-int msa_store_coll_foreach(msa_store_txn_t *t,
-                           int (*fn)(void *arg, const msa_coll_rec_t *c), void *arg);
+int msa_store_coll_foreach(msa_store_txn_t *t, int (*fn)(void *arg, const msa_coll_rec_t *c),
+                           void *arg);
 
 /* ---- documents ------------------------------------------------------------- */
 
@@ -199,8 +199,10 @@ int msa_store_doc_foreach(msa_store_txn_t *t, uint32_t coll_id,
  * A document without text/metadata gives an empty view; MSA_ENOTFOUND means no
  * such document (or, for blocks, no such block). The stored checksum is checked
  * first (a CRC-32C pass over the bytes): MSA_ECORRUPT when it does not match. */
-int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
-int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, msa_store_view_t *out);
+int msa_store_text_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id,
+                       msa_store_view_t *out);
+int msa_store_meta_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id,
+                       msa_store_view_t *out);
 int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, uint16_t layer_pos,
                         msa_block_kind_t kind, msa_store_view_t *out);
 
@@ -212,8 +214,8 @@ int msa_store_block_get(msa_store_txn_t *t, uint32_t coll_id, uint64_t doc_id, u
  * its data.mdb. MSA_EEXIST (path exists), MSA_EIO; a failed copy is removed.
  * A non-compacting copy waits for the write txn to end, so the thread that
  * holds the write txn must not call it. */
-int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq,
-                     uint64_t *bytes, msa_status_t *st);
+int msa_store_backup(msa_store_t *s, const char *path, bool compact, uint64_t *seq, uint64_t *bytes,
+                     msa_status_t *st);
 
 /* Checks records against blocks (presence and byte sizes per schema), text and
  * metadata sizes and checksums (each value read once), orphan blocks, and

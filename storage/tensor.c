@@ -77,25 +77,7 @@ static inline float bits_f32(uint32_t u)
     return x;
 }
 
-uint16_t msa_f32_to_bf16(float x)
-{
-    uint32_t u = f32_bits(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        /* NaN: keep sign and the top 7 payload bits, force the quiet bit so the
-         * result cannot collapse to Inf. */
-        return (uint16_t)((u >> 16) | 0x0040u);
-    }
-    /* Round to nearest even on bit 16; a carry into the exponent is correct
-     * (it also turns values above bf16's max into Inf). */
-    uint32_t lsb = (u >> 16) & 1u;
-    u += 0x7fffu + lsb;
-    return (uint16_t)(u >> 16);
-}
-
-float msa_bf16_to_f32(uint16_t h)
-{
-    return bits_f32((uint32_t)h << 16);
-}
+/* msa_f32_to_bf16 and msa_bf16_to_f32 are inline in tensor.h. */
 
 uint16_t msa_f32_to_f16(float x)
 {
@@ -116,9 +98,9 @@ uint16_t msa_f32_to_f16(float x)
         /* Below the smallest normal 2^-14: a subnormal in units of 2^-24.
          * 2^-25 (0x33000000) is the halfway point to 0 and rounds to even 0. */
         if (a <= 0x33000000u) return sign;
-        uint32_t e = a >> 23;                       /* 102..112 */
+        uint32_t e = a >> 23;                         /* 102..112 */
         uint32_t m = (a & 0x007fffffu) | 0x00800000u; /* value = m * 2^(e-150) */
-        uint32_t shift = 126u - e;                  /* 14..24 */
+        uint32_t shift = 126u - e;                    /* 14..24 */
         uint32_t r = m >> shift;
         uint32_t rem = m & ((1u << shift) - 1u);
         uint32_t half = 1u << (shift - 1u);
@@ -221,25 +203,25 @@ void msa_tensor_from_f32(msa_dtype_t dt, const float *src, size_t n, void *dst)
  * Blocks of 64 are tested with a branch-free OR that the compiler vectorises;
  * only a block with a hit is searched element by element. */
 #define NONFINITE_BLOCK 64
-#define DEFINE_FIND_EXP_ALL_ONES(name, type)                                      \
-    static long name(const uint8_t *p, size_t n, type exp_mask)                   \
-    {                                                                             \
-        size_t i = 0;                                                             \
-        for (; i + NONFINITE_BLOCK <= n; i += NONFINITE_BLOCK) {                  \
-            unsigned hit = 0;                                                     \
-            for (size_t j = 0; j < NONFINITE_BLOCK; j++) {                        \
-                type h;                                                           \
-                memcpy(&h, p + sizeof(type) * (i + j), sizeof(type));             \
-                hit |= (h & exp_mask) == exp_mask;                                \
-            }                                                                     \
-            if (hit) break;                                                       \
-        }                                                                         \
-        for (; i < n; i++) {                                                      \
-            type h;                                                               \
-            memcpy(&h, p + sizeof(type) * i, sizeof(type));                       \
-            if ((h & exp_mask) == exp_mask) return (long)i;                       \
-        }                                                                         \
-        return -1;                                                                \
+#define DEFINE_FIND_EXP_ALL_ONES(name, type)                          \
+    static long name(const uint8_t *p, size_t n, type exp_mask)       \
+    {                                                                 \
+        size_t i = 0;                                                 \
+        for (; i + NONFINITE_BLOCK <= n; i += NONFINITE_BLOCK) {      \
+            unsigned hit = 0;                                         \
+            for (size_t j = 0; j < NONFINITE_BLOCK; j++) {            \
+                type h;                                               \
+                memcpy(&h, p + sizeof(type) * (i + j), sizeof(type)); \
+                hit |= (h & exp_mask) == exp_mask;                    \
+            }                                                         \
+            if (hit) break;                                           \
+        }                                                             \
+        for (; i < n; i++) {                                          \
+            type h;                                                   \
+            memcpy(&h, p + sizeof(type) * i, sizeof(type));           \
+            if ((h & exp_mask) == exp_mask) return (long)i;           \
+        }                                                             \
+        return -1;                                                    \
     }
 DEFINE_FIND_EXP_ALL_ONES(find_exp_all_ones16, uint16_t)
 DEFINE_FIND_EXP_ALL_ONES(find_exp_all_ones32, uint32_t)

@@ -13,6 +13,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -43,8 +44,35 @@ size_t msa_dtype_size(msa_dtype_t dt);
 /* "F32", "F16", "BF16", "I8", "DTYPE_UNSPECIFIED" or "?". */
 const char *msa_dtype_name(msa_dtype_t dt);
 
-uint16_t msa_f32_to_bf16(float x);
-float msa_bf16_to_f32(uint16_t h);
+/* float32 -> bfloat16, round to nearest even; a NaN stays a (quiet) NaN and a
+ * value above bf16's max becomes Inf. The one bf16 rounding of the project:
+ * inline so the CPU kernels (index/), the GPU host code and the client library
+ * (which links no tensor.c) all call it. */
+static inline uint16_t msa_f32_to_bf16(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        /* NaN: keep sign and the top 7 payload bits, force the quiet bit so the
+         * result cannot collapse to Inf. */
+        return (uint16_t)((u >> 16) | 0x0040u);
+    }
+    /* Round to nearest even on bit 16; a carry into the exponent is correct
+     * (it also turns values above bf16's max into Inf). */
+    uint32_t lsb = (u >> 16) & 1u;
+    u += 0x7fffu + lsb;
+    return (uint16_t)(u >> 16);
+}
+
+/* bfloat16 -> float32 (exact). */
+static inline float msa_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
 uint16_t msa_f32_to_f16(float x);
 float msa_f16_to_f32(uint16_t h);
 

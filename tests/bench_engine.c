@@ -55,8 +55,8 @@ enum { DOCS_PER_REQ = 4 };
 typedef struct ingest {
     msa_engine_t *e;
     const msa_schema_t *s;
-    const uint16_t *pool;      /* random BF16 rows reused at different offsets */
-    size_t blk;                /* elements of one full document's layer block */
+    const uint16_t *pool; /* random BF16 rows reused at different offsets */
+    size_t blk;           /* elements of one full document's layer block */
     long ndocs, tokens, doc_tokens;
     int nthreads;
     pthread_mutex_t lock;
@@ -78,7 +78,8 @@ static void *ingest_thread(void *arg)
     msa_engine_layer_kv_t lk[DOCS_PER_REQ * LAYERS];
     msa_engine_write_op_t ops[DOCS_PER_REQ];
     double bytes = 0;
-    for (long d0 = (long)*slot * DOCS_PER_REQ; d0 < g->ndocs; d0 += (long)g->nthreads * DOCS_PER_REQ) {
+    for (long d0 = (long)*slot * DOCS_PER_REQ; d0 < g->ndocs;
+         d0 += (long)g->nthreads * DOCS_PER_REQ) {
         int n = (int)(g->ndocs - d0 < DOCS_PER_REQ ? g->ndocs - d0 : DOCS_PER_REQ);
         for (int j = 0; j < n; j++) {
             long id = d0 + j + 1;
@@ -87,7 +88,9 @@ static void *ingest_thread(void *arg)
             for (int l = 0; l < LAYERS; l++) {
                 msa_engine_layer_kv_t *x = &lk[j * LAYERS + l];
                 const uint16_t *base = g->pool + ((size_t)(id * 7 + l * 3) % 61) * g->blk;
-                msa_tensor_t t = {.dtype = MSA_DT_BF16, .ndim = 3, .shape = {c, H, D},
+                msa_tensor_t t = {.dtype = MSA_DT_BF16,
+                                  .ndim = 3,
+                                  .shape = {c, H, D},
                                   .nbytes = (size_t)c * H * D * 2};
                 x->layer = g->s->layers[l];
                 x->k = t, x->v = t, x->router_k = t;
@@ -158,7 +161,8 @@ static void write_npy(const char *path, const float *data, const uint32_t *shape
         strcat(dims, d);
         n *= shape[i];
     }
-    int len = snprintf(hdr, sizeof hdr, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }", dims);
+    int len = snprintf(hdr, sizeof hdr, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }",
+                       dims);
     int total = 10 + len + 1;
     int pad = (64 - total % 64) % 64;
     fwrite("\x93NUMPY\x01\x00", 1, 8, f);
@@ -178,17 +182,26 @@ int main(int argc, char **argv)
     int reps = 15, threads = 0, ingest_threads = 2;
     const char *backend = "cpu";
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--dir") && i + 1 < argc) dir = argv[++i];
-        else if (!strcmp(argv[i], "--dump") && i + 1 < argc) dump = argv[++i];
-        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc) tokens = atol(argv[++i]);
-        else if (!strcmp(argv[i], "--doc-tokens") && i + 1 < argc) doc_tokens = atol(argv[++i]);
-        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--ingest-threads") && i + 1 < argc) ingest_threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--backend") && i + 1 < argc) backend = argv[++i];
+        if (!strcmp(argv[i], "--dir") && i + 1 < argc)
+            dir = argv[++i];
+        else if (!strcmp(argv[i], "--dump") && i + 1 < argc)
+            dump = argv[++i];
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc)
+            tokens = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--doc-tokens") && i + 1 < argc)
+            doc_tokens = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
+            reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--ingest-threads") && i + 1 < argc)
+            ingest_threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--backend") && i + 1 < argc)
+            backend = argv[++i];
         else {
-            fprintf(stderr, "usage: bench_engine [--dir D] [--tokens N] [--doc-tokens N] [--reps R] "
-                            "[--threads N] [--ingest-threads N] [--backend cpu|cuda] [--dump DIR]\n");
+            fprintf(stderr,
+                    "usage: bench_engine [--dir D] [--tokens N] [--doc-tokens N] [--reps R] "
+                    "[--threads N] [--ingest-threads N] [--backend cpu|cuda] [--dump DIR]\n");
             return 2;
         }
     }
@@ -211,8 +224,8 @@ int main(int argc, char **argv)
     double peak_bf16 = msa_idx_isa_supported(MSA_ISA_AVX512BF16) ? measure_peak(fpool, 1) / 1e9 : 0;
     msa_idx_pool_destroy(fpool);
     printf("floors: disk %.0f MB/s (fsync'd sequential), memory read %.1f GB/s (%d threads), "
-           "fp32 FMA peak %.0f GMAC/s, vdpbf16ps peak %.0f GMAC/s\n", disk, bw, ncpu, peak,
-           peak_bf16);
+           "fp32 FMA peak %.0f GMAC/s, vdpbf16ps peak %.0f GMAC/s\n",
+           disk, bw, ncpu, peak, peak_bf16);
 
     /* ---- ingest ---- */
     char data_dir[4200];
@@ -244,8 +257,14 @@ int main(int argc, char **argv)
     size_t pool_n = blk * 64;
     uint16_t *pool = malloc(pool_n * sizeof *pool);
     for (size_t i = 0; i < pool_n; i++) pool[i] = msa_f32_to_bf16(frand());
-    ingest_t ing = {.e = e, .s = &s, .pool = pool, .blk = blk, .ndocs = ndocs, .tokens = tokens,
-                    .doc_tokens = doc_tokens, .nthreads = ingest_threads,
+    ingest_t ing = {.e = e,
+                    .s = &s,
+                    .pool = pool,
+                    .blk = blk,
+                    .ndocs = ndocs,
+                    .tokens = tokens,
+                    .doc_tokens = doc_tokens,
+                    .nthreads = ingest_threads,
                     .lock = PTHREAD_MUTEX_INITIALIZER};
     pthread_t th[16];
     ingest_arg_t args[16];
@@ -299,7 +318,8 @@ int main(int argc, char **argv)
     double floor_bw = key_bytes / (bw * 1e9) * 1e3, floor_fma = macs / (peak * 1e9) * 1e3;
     double floor_ms = floor_bw > floor_fma ? floor_bw : floor_fma;
     printf("route: T=%d, %d layers, %.0f rows/layer: median %.2f ms (p10 %.2f, p90 %.2f); "
-           "floor %.2f ms (bandwidth %.2f ms for %.0f MB, compute %.2f ms for %.1f GMAC) = %.2fx floor\n",
+           "floor %.2f ms (bandwidth %.2f ms for %.0f MB, compute %.2f ms for %.1f GMAC) = %.2fx "
+           "floor\n",
            T, LAYERS, rows, ms[reps / 2], ms[reps / 10], ms[reps * 9 / 10], floor_ms, floor_bw,
            key_bytes / 1e6, floor_fma, macs / 1e9, ms[reps / 2] / floor_ms);
     /* Attend over the routed documents (q = routing_q): routing plus the K/V
@@ -335,15 +355,17 @@ int main(int argc, char **argv)
     /* A bf16 dot product does twice the MACs per instruction but rounds the
      * query to bf16; the contract's float32 scores keep fp32 FMA as the floor. */
     double floor_bf16 = peak_bf16 > 0 ? macs / (peak_bf16 * 1e9) * 1e3 : 0;
-    printf("route: lossy-bf16 bound (vdpbf16ps peak, query rounded to bf16): %.2f ms\n", floor_bf16);
+    printf("route: lossy-bf16 bound (vdpbf16ps peak, query rounded to bf16): %.2f ms\n",
+           floor_bf16);
     printf("bench: {\"tokens\": %ld, \"docs\": %ld, \"ingest_mb_s\": %.1f, \"disk_mb_s\": %.1f, "
-           "\"route_ms_median\": %.3f, \"attend_ms_median\": %.3f, \"route_floor_ms\": %.3f, \"floor_bw_ms\": %.3f, "
+           "\"route_ms_median\": %.3f, \"attend_ms_median\": %.3f, \"route_floor_ms\": %.3f, "
+           "\"floor_bw_ms\": %.3f, "
            "\"floor_compute_ms\": %.3f, \"floor_bf16_dot_ms\": %.3f, \"mem_gb_s\": %.2f, "
            "\"fma_gmac_s\": %.1f, \"bf16_gmac_s\": %.1f, \"isa\": \"%s\", \"backend\": \"%s\", "
            "\"attend_cold_ms\": %.3f, \"route_first_ms\": %.3f}\n",
-           tokens, ndocs, ingest_mbps, disk, ms[reps / 2], ams[reps / 2], floor_ms, floor_bw, floor_fma, floor_bf16,
-           bw, peak, peak_bf16, msa_idx_isa_name(msa_idx_isa_detect()), backend, cold_ms,
-           first_route_ms);
+           tokens, ndocs, ingest_mbps, disk, ms[reps / 2], ams[reps / 2], floor_ms, floor_bw,
+           floor_fma, floor_bf16, bw, peak, peak_bf16, msa_idx_isa_name(msa_idx_isa_detect()),
+           backend, cold_ms, first_route_ms);
 
     /* ---- the FAISS peer's input: the stored keys (normalised, as float32) and
      * the group-summed normalised queries (COSINE + HEAD_MEAN). ---- */

@@ -8,6 +8,7 @@
 #define MSA_BENCH_FLOOR_H
 
 #include "kernels.h"
+#include "msa_clock.h"
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -16,9 +17,7 @@
 
 static inline double now_s(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
+    return (double)msa_clock_ns() * 1e-9;
 }
 
 static uint64_t g_rng __attribute__((unused)) = 88172645463325252ull;
@@ -39,7 +38,8 @@ typedef struct {
     double sink[64];
 } stream_t;
 
-__attribute__((target("avx512f"))) static inline void stream_task(void *arg, size_t task, unsigned w)
+__attribute__((target("avx512f"))) static inline void stream_task(void *arg, size_t task,
+                                                                  unsigned w)
 {
     stream_t *s = arg;
     size_t per = s->bytes / s->ntasks / 256 * 256;
@@ -79,15 +79,17 @@ typedef struct {
 
 /* 16 independent accumulators, written out so that no compiler setting can
  * turn the loop into a memory-bound one; the asm barrier keeps them live. */
-#define REP16(X)                                                                           \
+#define REP16(X) \
     X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 #define DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
 #define SUM(i) s = _mm512_add_ps(s, a##i);
-#define BARRIER                                                                            \
-    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5),      \
-                     "+v"(a6), "+v"(a7));                                                  \
-    __asm__ volatile("" : "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13),  \
-                     "+v"(a14), "+v"(a15))
+#define BARRIER                                                                                   \
+    __asm__ volatile(""                                                                           \
+                     : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),      \
+                       "+v"(a7));                                                                 \
+    __asm__ volatile(""                                                                           \
+                     : "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13), "+v"(a14), \
+                       "+v"(a15))
 
 __attribute__((target("avx512f,fma"))) static inline float fma_loop(long iters)
 {

@@ -27,6 +27,7 @@
  *     16 columns) and = 1 (GEMM).
  */
 #include "dev.h"
+#include "msa_clock.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,18 +57,16 @@ static double g_bw; /* GB/s */
 
 static double now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+    return (double)msa_clock_ns() * 1e-6;
 }
 
-#define TRY(expr)                                                                          \
-    do {                                                                                   \
-        int rc_ = (expr);                                                                  \
-        if (rc_ != MSA_OK) {                                                               \
+#define TRY(expr)                                                                            \
+    do {                                                                                     \
+        int rc_ = (expr);                                                                    \
+        if (rc_ != MSA_OK) {                                                                 \
             fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, msa_errname(rc_)); \
-            exit(1);                                                                       \
-        }                                                                                  \
+            exit(1);                                                                         \
+        }                                                                                    \
     } while (0)
 
 static void *dmalloc(msa_dev_t *d, size_t n)
@@ -99,8 +98,11 @@ static msa_dev_entry_t *make_entries(msa_dev_t *d, msa_dev_lane_t *l, uint32_t r
     msa_dev_entry_t *h = malloc((size_t)n * sizeof *h), *dv = dmalloc(d, (size_t)n * sizeof *h);
     for (uint32_t e = 0; e < n; e++) {
         uint32_t r0 = e * ds;
-        h[e] = (msa_dev_entry_t){.doc = 1000 + e, .created = 0, .deleted = UINT64_MAX,
-                                 .row0 = r0, .nrows = rows - r0 < ds ? rows - r0 : ds};
+        h[e] = (msa_dev_entry_t){.doc = 1000 + e,
+                                 .created = 0,
+                                 .deleted = UINT64_MAX,
+                                 .row0 = r0,
+                                 .nrows = rows - r0 < ds ? rows - r0 : ds};
     }
     TRY(msa_dev_h2d(l, dv, h, (size_t)n * sizeof *h));
     TRY(msa_dev_lane_sync(l));
@@ -113,7 +115,7 @@ static msa_dev_entry_t *make_entries(msa_dev_t *d, msa_dev_lane_t *l, uint32_t r
  * per query. keys[L] (L < LAYERS) may repeat one buffer. */
 typedef struct {
     msa_dev_t *dev;
-    msa_dev_lane_t *lane;           /* NULL: acquire one */
+    msa_dev_lane_t *lane; /* NULL: acquire one */
     const void *const *keys;
     const float *const *scales;
     msa_dtype_t dt;
@@ -123,7 +125,7 @@ typedef struct {
     const float *cols;
     const msa_dev_entry_t *ent;
     uint32_t n_ent;
-    float *scores;                  /* [nq][rows] */
+    float *scores; /* [nq][rows] */
     void *sel_work;
     size_t sel_bytes;
     msa_idx_hit_t hits[LAYERS][TOPK]; /* query 0's hits per layer */
@@ -137,20 +139,35 @@ static void run_query(query_t *q)
     void *work = msa_dev_lane_scratch(l, &wb);
     double t0 = now_ms();
     for (int L = 0; L < LAYERS; L++) {
-        msa_dev_score_args_t a = {.keys = q->keys[L], .scales = q->scales ? q->scales[L] : NULL,
-                                  .key_dtype = q->dt, .nrows = q->rows, .H = NH, .D = HD,
-                                  .plan = q->plan, .ncol = q->ncol, .G = 1,
-                                  .query_reduce = MSA_QUERY_MAX, .cols = q->cols, .nq = q->nq,
-                                  .scores = q->scores, .ld = q->rows, .work = work,
+        msa_dev_score_args_t a = {.keys = q->keys[L],
+                                  .scales = q->scales ? q->scales[L] : NULL,
+                                  .key_dtype = q->dt,
+                                  .nrows = q->rows,
+                                  .H = NH,
+                                  .D = HD,
+                                  .plan = q->plan,
+                                  .ncol = q->ncol,
+                                  .G = 1,
+                                  .query_reduce = MSA_QUERY_MAX,
+                                  .cols = q->cols,
+                                  .nq = q->nq,
+                                  .scores = q->scores,
+                                  .ld = q->rows,
+                                  .work = work,
                                   .work_bytes = wb};
         TRY(msa_dev_score(l, &a));
         for (uint32_t i = 0; i < q->nq; i++) {
             msa_idx_hit_t hits[TOPK];
             uint32_t n = 0;
-            msa_dev_select_args_t s = {.scores = q->scores + (size_t)i * q->rows, .ent = q->ent,
-                                       .n_ent = q->n_ent, .snapshot = 1, .top_k = TOPK,
-                                       .work = q->sel_work, .work_bytes = q->sel_bytes,
-                                       .out = hits, .n_out = &n};
+            msa_dev_select_args_t s = {.scores = q->scores + (size_t)i * q->rows,
+                                       .ent = q->ent,
+                                       .n_ent = q->n_ent,
+                                       .snapshot = 1,
+                                       .top_k = TOPK,
+                                       .work = q->sel_work,
+                                       .work_bytes = q->sel_bytes,
+                                       .out = hits,
+                                       .n_out = &n};
             TRY(msa_dev_select(l, &s));
             if (i == 0) memcpy(q->hits[L], hits, sizeof hits);
         }
@@ -227,7 +244,8 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
             if (small) {
                 /* F32 first (kept for the I8 / recall part), BF16 from it. */
                 f32[L] = dmalloc(dev, (size_t)rows * RW * 4);
-                TRY(msa__cuda_fill_uniform(l, f32[L], (size_t)rows * RW, MSA_DT_F32, 77 + L, -1, 1));
+                TRY(msa__cuda_fill_uniform(l, f32[L], (size_t)rows * RW, MSA_DT_F32, 77 + L, -1,
+                                           1));
                 TRY(msa__cuda_convert(l, f32[L], bufs[L], (size_t)rows * RW, MSA_DT_BF16));
             } else {
                 TRY(msa__cuda_fill_uniform(l, bufs[L], (size_t)rows * RW, MSA_DT_BF16, 77, -1, 1));
@@ -253,11 +271,20 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
     for (int di = 0; di < 2; di++) ents[di] = make_entries(dev, l, rows, dss[di], &n_ents[di]);
     for (int di = 0; di < 2; di++) {
         for (int p = 0; p < 2; p++) {
-            *q = (query_t){.dev = dev, .lane = l, .keys = keys, .dt = MSA_DT_BF16, .rows = rows,
+            *q = (query_t){.dev = dev,
+                           .lane = l,
+                           .keys = keys,
+                           .dt = MSA_DT_BF16,
+                           .rows = rows,
                            .plan = p ? MSA_DEV_PLAN_MAXVEC : MSA_DEV_PLAN_LINEAR,
-                           .ncol = p ? TQ : 1, .nq = 1, .cols = p ? cols_max : cols_lin,
-                           .ent = ents[di], .n_ent = n_ents[di], .scores = scores,
-                           .sel_work = selw, .sel_bytes = selb};
+                           .ncol = p ? TQ : 1,
+                           .nq = 1,
+                           .cols = p ? cols_max : cols_lin,
+                           .ent = ents[di],
+                           .n_ent = n_ents[di],
+                           .scores = scores,
+                           .sel_work = selw,
+                           .sel_bytes = selb};
             time_query(q, 3);
             report("score+select", tname, p ? "MAXVEC" : "LINEAR", "BF16", dss[di], 1, q->ms,
                    bytes_all);
@@ -272,10 +299,19 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
         for (int t = 0; t < NTHREADS; t++) {
             sc8[t] = dmalloc(dev, (size_t)rows * sizeof(float));
             sw8[t] = dmalloc(dev, selb);
-            qs[t] = (query_t){.dev = dev, .lane = NULL, .keys = keys, .dt = MSA_DT_BF16,
-                              .rows = rows, .plan = MSA_DEV_PLAN_LINEAR, .ncol = 1, .nq = 1,
-                              .cols = cols_lin + (size_t)t * RW, .ent = ents[0],
-                              .n_ent = n_ents[0], .scores = sc8[t], .sel_work = sw8[t],
+            qs[t] = (query_t){.dev = dev,
+                              .lane = NULL,
+                              .keys = keys,
+                              .dt = MSA_DT_BF16,
+                              .rows = rows,
+                              .plan = MSA_DEV_PLAN_LINEAR,
+                              .ncol = 1,
+                              .nq = 1,
+                              .cols = cols_lin + (size_t)t * RW,
+                              .ent = ents[0],
+                              .n_ent = n_ents[0],
+                              .scores = sc8[t],
+                              .sel_work = sw8[t],
                               .sel_bytes = selb};
         }
         msa_dev_lane_release(l); /* the threads take lanes of their own */
@@ -294,9 +330,19 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
         }
         report("8 threads x 8 lanes", tname, "LINEAR", "BF16", 1, 8, best, bytes_all * NTHREADS);
         l = msa_dev_lane_acquire(dev);
-        *q = (query_t){.dev = dev, .lane = l, .keys = keys, .dt = MSA_DT_BF16, .rows = rows,
-                       .plan = MSA_DEV_PLAN_LINEAR, .ncol = 1, .nq = NTHREADS, .cols = cols_lin,
-                       .ent = ents[0], .n_ent = n_ents[0], .scores = scores, .sel_work = selw,
+        *q = (query_t){.dev = dev,
+                       .lane = l,
+                       .keys = keys,
+                       .dt = MSA_DT_BF16,
+                       .rows = rows,
+                       .plan = MSA_DEV_PLAN_LINEAR,
+                       .ncol = 1,
+                       .nq = NTHREADS,
+                       .cols = cols_lin,
+                       .ent = ents[0],
+                       .n_ent = n_ents[0],
+                       .scores = scores,
+                       .sel_work = selw,
                        .sel_bytes = selb};
         time_query(q, 3);
         report("nq=8 batched, one pass", tname, "LINEAR", "BF16", 1, 8, q->ms, bytes_all);
@@ -320,12 +366,23 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
         const char *dn[3] = {"F32", "BF16", "I8"};
         const double esz[3] = {4, 2, 1 + 4.0 / HD};
         for (int t = 0; t < 3; t++) {
-            *q = (query_t){.dev = dev, .lane = l,
-                           .keys = t == 0 ? (const void *const *)f32 : t == 1 ? keys : (const void *const *)i8,
-                           .scales = t == 2 ? (const float *const *)scl : NULL, .dt = dts[t],
-                           .rows = rows, .plan = MSA_DEV_PLAN_LINEAR, .ncol = 1, .nq = 1,
-                           .cols = cols_lin, .ent = ents[0], .n_ent = n_ents[0],
-                           .scores = scores, .sel_work = selw, .sel_bytes = selb};
+            *q = (query_t){.dev = dev,
+                           .lane = l,
+                           .keys = t == 0   ? (const void *const *)f32
+                                   : t == 1 ? keys
+                                            : (const void *const *)i8,
+                           .scales = t == 2 ? (const float *const *)scl : NULL,
+                           .dt = dts[t],
+                           .rows = rows,
+                           .plan = MSA_DEV_PLAN_LINEAR,
+                           .ncol = 1,
+                           .nq = 1,
+                           .cols = cols_lin,
+                           .ent = ents[0],
+                           .n_ent = n_ents[0],
+                           .scores = scores,
+                           .sel_work = selw,
+                           .sel_bytes = selb};
             time_query(q, 3);
             report("key dtype", tname, "LINEAR", dn[t], 1, 1, q->ms,
                    (double)rows * RW * esz[t] * LAYERS);
@@ -351,11 +408,20 @@ static void run_scale(msa_dev_t *dev, msa_dev_t *dev_fused, msa_dev_t *dev_gemm,
                 msa_dev_lane_t *l2 = msa_dev_lane_acquire(ds2[p]);
                 size_t wb;
                 void *work = msa_dev_lane_scratch(l2, &wb);
-                msa_dev_score_args_t a = {.keys = keys[0], .key_dtype = MSA_DT_BF16,
-                                          .nrows = rows, .H = NH, .D = HD,
-                                          .plan = MSA_DEV_PLAN_MAXVEC, .ncol = ncs[c], .G = 1,
-                                          .query_reduce = MSA_QUERY_MAX, .cols = cols_max,
-                                          .nq = 1, .scores = scores, .ld = rows, .work = work,
+                msa_dev_score_args_t a = {.keys = keys[0],
+                                          .key_dtype = MSA_DT_BF16,
+                                          .nrows = rows,
+                                          .H = NH,
+                                          .D = HD,
+                                          .plan = MSA_DEV_PLAN_MAXVEC,
+                                          .ncol = ncs[c],
+                                          .G = 1,
+                                          .query_reduce = MSA_QUERY_MAX,
+                                          .cols = cols_max,
+                                          .nq = 1,
+                                          .scores = scores,
+                                          .ld = rows,
+                                          .work = work,
                                           .work_bytes = wb};
                 double bst = 1e30;
                 for (int rep = 0; rep < 6; rep++) {

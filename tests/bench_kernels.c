@@ -74,13 +74,11 @@ static double faiss_proxy(const float *keys, size_t nrows, const float *q, int n
                         keys + r0 * HD, HD, q, HD, 0.0f, ip, nq);
             for (size_t i = 0; i < n; i++) {
                 float m = -INFINITY;
-                for (int j = 0; j < nq; j++)
-                    m = ip[i * nq + j] > m ? ip[i * nq + j] : m;
+                for (int j = 0; j < nq; j++) m = ip[i * nq + j] > m ? ip[i * nq + j] : m;
                 out[r0 + i] = m;
             }
         }
-        if (rep > 0)
-            t[rep - 1] = now_s() - t0;
+        if (rep > 0) t[rep - 1] = now_s() - t0;
     }
     free(ip);
     return median_ms(t, reps);
@@ -100,18 +98,14 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
             ++i;
             for (int k = 0; k <= MSA_ISA_AVX512BF16; k++)
-                if (!strcmp(argv[i], msa_idx_isa_name((msa_isa_t)k)))
-                    only_isa = k;
+                if (!strcmp(argv[i], msa_idx_isa_name((msa_isa_t)k))) only_isa = k;
         } else {
-            fprintf(stderr, "usage: %s [--rows N] [--reps R] [--isa NAME] [--no-faiss]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--rows N] [--reps R] [--isa NAME] [--no-faiss]\n", argv[0]);
             return 2;
         }
     }
-    if (reps < 1)
-        reps = 1;
-    if (reps > 15)
-        reps = 15;
+    if (reps < 1) reps = 1;
+    if (reps > 15) reps = 15;
     const uint32_t H = 8, Hq = 32, D = 128, T = 64, HD = H * D;
     const size_t nel = nrows * HD;
     const size_t key_bytes = nel * 2;
@@ -130,15 +124,12 @@ int main(int argc, char **argv)
             x[d] = frand();
             nn += x[d] * x[d];
         }
-        for (uint32_t d = 0; d < D; d++)
-            rows[rh * D + d] = msa__bf16_rne(x[d] / sqrtf(nn));
+        for (uint32_t d = 0; d < D; d++) rows[rh * D + d] = msa_f32_to_bf16(x[d] / sqrtf(nn));
     }
-    for (size_t i = 0; i < (size_t)T * Hq * D; i++)
-        q[i] = frand();
+    for (size_t i = 0; i < (size_t)T * Hq * D; i++) q[i] = frand();
 
     msa_idx_pool_t *pool2;
-    if (msa_idx_pool_create(1, &pool2) != MSA_OK)
-        return 1;
+    if (msa_idx_pool_create(1, &pool2) != MSA_OK) return 1;
     msa_idx_pool_t *pools[2] = {NULL, pool2}; /* 1 thread, 2 threads (1 worker + caller) */
 
     printf("bench_kernels: rows=%zu H=%u Hq=%u D=%u T=%u BF16 keys, COSINE+HEAD_MEAN; "
@@ -170,13 +161,12 @@ int main(int argc, char **argv)
                 if (msa_idx_scorer_create(q, T, Hq, H, D, true, MSA_HEAD_MEAN, cases[c].qr,
                                           MSA_DT_BF16, (msa_isa_t)isa, &s) != MSA_OK)
                     return 1;
-                if (variant == 1)
-                    msa__scorer_set_bf16_terms(s, 1);
+                if (variant == 1) msa__scorer_set_bf16_terms(s, 1);
                 const double nvec = cases[c].qr == MSA_QUERY_MAX ? T : 1;
                 const double macs = (double)nrows * HD * nvec;
                 for (int p = 0; p < 2; p++) {
-                    score_job_t j = {.s = s, .rows = rows, .nrows = nrows, .rowlen = HD,
-                                     .out = out};
+                    score_job_t j = {
+                        .s = s, .rows = rows, .nrows = nrows, .rowlen = HD, .out = out};
                     const size_t ntasks = (nrows + CHUNK - 1) / CHUNK;
                     /* The scalar path is slow on the GEMM case: fewer reps. */
                     int r = isa == MSA_ISA_SCALAR && nvec > 1 ? 1 : reps;
@@ -184,8 +174,7 @@ int main(int argc, char **argv)
                     for (int rep = 0; rep <= r; rep++) {
                         double t0 = now_s();
                         msa_idx_pool_run(pools[p], ntasks, score_task, &j);
-                        if (rep > 0)
-                            t[rep - 1] = now_s() - t0;
+                        if (rep > 0) t[rep - 1] = now_s() - t0;
                     }
                     double ms = median_ms(t, r);
                     double pk = variant == 1 ? peak_bf[p] : peak[p];
@@ -197,8 +186,7 @@ int main(int argc, char **argv)
                     printf("%-16s %-13s %d %9.2f %8.2f %8.2f %9.2f %9.2f %9.2f %7.2f\n",
                            cases[c].name, nm, p + 1, ms, key_bytes / (ms * 1e-3) / 1e9,
                            macs / (ms * 1e-3) / 1e9, bwf, cf, fl, ms / fl);
-                    if (c == 0 && variant == 0 && ms < best_qmax_ms[p])
-                        best_qmax_ms[p] = ms;
+                    if (c == 0 && variant == 0 && ms < best_qmax_ms[p]) best_qmax_ms[p] = ms;
                     fflush(stdout);
                 }
                 msa_idx_scorer_destroy(s);
@@ -215,14 +203,12 @@ int main(int argc, char **argv)
             fprintf(stderr, "faiss proxy: out of memory\n");
             return 1;
         }
-        for (size_t i = 0; i < nel; i++)
-            keys[i] = msa__bf16_f32(rows[i]);
+        for (size_t i = 0; i < nel; i++) keys[i] = msa_bf16_to_f32(rows[i]);
         for (uint32_t t = 0; t < T; t++)
             for (uint32_t jj = 0; jj < Hq; jj++) {
                 const float *src = q + ((size_t)t * Hq + jj) * D;
                 float nn = 0;
-                for (uint32_t d = 0; d < D; d++)
-                    nn += src[d] * src[d];
+                for (uint32_t d = 0; d < D; d++) nn += src[d] * src[d];
                 for (uint32_t d = 0; d < D; d++)
                     qg[(size_t)t * HD + (jj / (Hq / H)) * D + d] += src[d] / sqrtf(nn) / Hq;
             }

@@ -76,15 +76,9 @@ def free_port():
 
 # ---- tensors -----------------------------------------------------------------
 
-def f32_to_bf16_bits(a):
-    """Round-to-nearest-even float32 -> bfloat16 bit patterns (uint16)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return u.astype(np.uint16)
-
-
-def bf16_bits_to_f32(b):
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+# bf16 codecs: the Python tests' one copy is the independent reference's
+# (oracle.py), never the code under test.
+from oracle import bf16_bits_to_f32, f32_to_bf16_bits  # noqa: E402,F401
 
 
 def tensor(a, dtype="F32"):

@@ -84,8 +84,8 @@ static uint64_t ju64(const cJSON *v, uint64_t dflt)
 {
     if (!v) return dflt;
     if (cJSON_IsString(v)) return strtoull(v->valuestring, NULL, 10);
-    if (cJSON_IsNumber(v)) return v->valuedouble < 0 ? (uint64_t)(int64_t)v->valuedouble
-                                                      : (uint64_t)v->valuedouble;
+    if (cJSON_IsNumber(v))
+        return v->valuedouble < 0 ? (uint64_t)(int64_t)v->valuedouble : (uint64_t)v->valuedouble;
     if (cJSON_IsBool(v)) return cJSON_IsTrue(v) ? 1 : 0;
     return dflt;
 }
@@ -133,7 +133,10 @@ static cJSON *jid(uint64_t v)
     return cJSON_CreateRaw(buf);
 }
 
-static void jadd_u64(cJSON *o, const char *k, uint64_t v) { cJSON_AddItemToObject(o, k, jid(v)); }
+static void jadd_u64(cJSON *o, const char *k, uint64_t v)
+{
+    cJSON_AddItemToObject(o, k, jid(v));
+}
 
 static cJSON *jstr_n(const void *p, size_t n)
 {
@@ -443,8 +446,7 @@ static int op_route(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
     return rc;
 }
 
-static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a,
-                     msa_status_t *st)
+static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, msa_status_t *st)
 {
     msa_engine_attend_req_t req;
     memset(&req, 0, sizeof req);
@@ -474,11 +476,12 @@ static int op_attend(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *
             char name[128];
             uint32_t sh[3] = {l->T, l->Hq, l->D};
             snprintf(name, sizeof name, "r%d_l%u_out", idx, l->layer);
-            cJSON_AddItemToObject(o, "out", save_tensor(name, out->out_dtype, 3, sh, l->out,
-                                                        l->out_bytes));
+            cJSON_AddItemToObject(o, "out",
+                                  save_tensor(name, out->out_dtype, 3, sh, l->out, l->out_bytes));
             snprintf(name, sizeof name, "r%d_l%u_lse", idx, l->layer);
-            cJSON_AddItemToObject(o, "lse", save_tensor(name, MSA_DT_F32, 2, sh, l->lse,
-                                                        (size_t)l->T * l->Hq * sizeof(float)));
+            cJSON_AddItemToObject(
+                o, "lse",
+                save_tensor(name, MSA_DT_F32, 2, sh, l->lse, (size_t)l->T * l->Hq * sizeof(float)));
             cJSON_AddItemToArray(ls, o);
         }
     }
@@ -529,8 +532,8 @@ static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
                     char name[128];
                     snprintf(name, sizeof name, "r%d_d%zu_l%u_%s", idx, i, g->layer, names[k]);
                     cJSON_AddItemToObject(lo, names[k],
-                                          save_tensor(name, ts[k]->dtype, ts[k]->ndim,
-                                                      ts[k]->shape, ts[k]->data, ts[k]->nbytes));
+                                          save_tensor(name, ts[k]->dtype, ts[k]->ndim, ts[k]->shape,
+                                                      ts[k]->data, ts[k]->nbytes));
                 }
                 cJSON_AddItemToArray(ls, lo);
             }

@@ -21,8 +21,13 @@ static inline uint64_t rnd(void)
 }
 
 /* Uniform in [-1, 1). */
-static inline double urand(void) { return (double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0; }
+static inline double urand(void)
+{
+    return (double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+}
 
+/* Deliberately NOT msa_f32_to_bf16: the tests compare the production code
+ * against this second copy, so it must not call what it checks. */
 static inline uint16_t to_bf16(float x)
 {
     uint32_t u;

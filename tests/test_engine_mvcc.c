@@ -17,8 +17,8 @@
 /* Checks also run in the writer and reader threads: a failed one is counted
  * and the case carries on. */
 #define MSA_TEST_KEEP_GOING
-#include "harness.h"
 #include "engine.h"
+#include "harness.h"
 #include "tensor.h"
 
 #include <math.h>
@@ -32,7 +32,7 @@
 
 enum { D = 4, H = 1, HQ = 2, P = 2, TOKENS = 3, C = 2, DOC_A = 11, DOC_B = 12 };
 
-static char dir[64];
+static char dir[PATH_MAX];
 static msa_engine_t *eng;
 
 /* The engine's stats by value: the tests read many fields. */
@@ -71,7 +71,10 @@ static msa_schema_t test_schema(void)
 
 static msa_tensor_t f32_tensor(const float *data, uint32_t rows)
 {
-    msa_tensor_t t = {.dtype = MSA_DT_F32, .ndim = 3, .shape = {rows, H, D}, .data = data,
+    msa_tensor_t t = {.dtype = MSA_DT_F32,
+                      .ndim = 3,
+                      .shape = {rows, H, D},
+                      .data = data,
                       .nbytes = (size_t)rows * H * D * sizeof(float)};
     return t;
 }
@@ -376,8 +379,8 @@ static void *reader2(void *arg)
     memset(lq, 0, sizeof lq);
     for (int l = 0; l < 2; l++) {
         lq[l].layer = l ? 5 : 3;
-        lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D},
-                                         .data = q, .nbytes = sizeof q};
+        lq[l].routing_q = (msa_tensor_t){
+            .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     }
     while (!atomic_load(&stop)) {
         msa_engine_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
@@ -390,15 +393,16 @@ static void *reader2(void *arg)
         msa_engine_layer_route_t *a = &r->layers[0], *b = &r->layers[1];
         CHECK_MSG(a->layer == 3 && b->layer == 5, "layers %u, %u", a->layer, b->layer);
         CHECK_MSG(a->n == b->n && (a->n == 0 || a->n == 2),
-                  "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)",
-                  a->n, b->n);
+                  "layers of one Route saw %u and %u documents (one snapshot: equal, 0 or 2)", a->n,
+                  b->n);
         if (a->n == 2 && b->n == 2) {
             CHECK_MSG(a->scores[0] == a->scores[1] && b->scores[0] == b->scores[1],
                       "A and B from different writes: %g/%g, %g/%g", a->scores[0], a->scores[1],
                       b->scores[0], b->scores[1]);
             CHECK_MSG(b->scores[0] == 2 * a->scores[0],
                       "layer 5 score %g is not twice layer 3's %g: layers from different "
-                      "snapshots", b->scores[0], a->scores[0]);
+                      "snapshots",
+                      b->scores[0], a->scores[0]);
         }
         msa_engine_route_result_free(r);
         atomic_fetch_add(&routes2_checked, 1);
@@ -461,25 +465,24 @@ TEST(device_answered)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(pinned_snapshot),
-    TEST_ENTRY(readers_see_whole_writes),
-    TEST_ENTRY(multi_layer_routes),
-    TEST_ENTRY(held_snapshot_readers),
-    TEST_ENTRY(verify_after_churn),
-    TEST_ENTRY(device_answered),
+    TEST_ENTRY(pinned_snapshot),    TEST_ENTRY(readers_see_whole_writes),
+    TEST_ENTRY(multi_layer_routes), TEST_ENTRY(held_snapshot_readers),
+    TEST_ENTRY(verify_after_churn), TEST_ENTRY(device_answered),
 };
 
 int main(int argc, char **argv)
 {
-    snprintf(dir, sizeof dir, "/tmp/msa-mvcc-XXXXXX");
-    if (!mkdtemp(dir)) return 1;
+    if (!msa_test_tmpdir(dir, sizeof dir, "mvcc")) return 1;
     msa_engine_config_t cfg = {.data_dir = dir, .backend = MSA_BACKEND_CPU, .threads = 2};
     const char *be = getenv("MSA_TEST_BACKEND");
     if (be && !strcmp(be, "cuda")) {
         on_cuda = true;
         cfg.backend = MSA_BACKEND_CUDA;
-        cfg.gpu = (msa_gpu_config_t){.shards_per_gpu = 2, .coalesce_us = 200, .lanes = 3,
-                                     .lane_scratch = 16u << 20, .routing_bytes = 64u << 20,
+        cfg.gpu = (msa_gpu_config_t){.shards_per_gpu = 2,
+                                     .coalesce_us = 200,
+                                     .lanes = 3,
+                                     .lane_scratch = 16u << 20,
+                                     .routing_bytes = 64u << 20,
                                      .cache_bytes = 16u << 20};
     }
     msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
@@ -499,8 +502,6 @@ int main(int argc, char **argv)
     msa_engine_create_collection_result_free(info);
     msa_engine_close(eng);
 
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-    if (system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", dir);
+    msa_test_tmpdir_done(dir, rc);
     return rc;
 }

@@ -41,11 +41,11 @@
 #include <string.h>
 
 #define MAX_BLOCKS 8
-#define GUARD 64                      /* floats after out and lse that must stay untouched */
+#define GUARD 64 /* floats after out and lse that must stay untouched */
 #define SENTINEL 7777.0f
 #define LANE_SCRATCH ((size_t)64 << 20) /* work space of the lane */
 
-static bool g_sim;                    /* testing the simulated device */
+static bool g_sim; /* testing the simulated device */
 static msa_dev_t *g_dev;
 
 typedef enum { WORK_FULL = 0, WORK_NONE, WORK_SMALL } work_mode_t;
@@ -53,11 +53,11 @@ typedef enum { WORK_FULL = 0, WORK_NONE, WORK_SMALL } work_mode_t;
 typedef struct attend_case {
     uint32_t T, Hq, H, D;
     msa_dtype_t dt;
-    int nb;                           /* blocks (may be 0) */
+    int nb; /* blocks (may be 0) */
     uint32_t rows[MAX_BLOCKS];
-    float amp;                        /* |q|, |k| up to amp (1 unless testing big logits) */
-    bool all_negative;                /* q >= 0, k <= 0: every logit is very negative */
-    float scale;                      /* 0: 1/sqrt(D) */
+    float amp;         /* |q|, |k| up to amp (1 unless testing big logits) */
+    bool all_negative; /* q >= 0, k <= 0: every logit is very negative */
+    float scale;       /* 0: 1/sqrt(D) */
     work_mode_t work;
 } attend_case_t;
 
@@ -208,9 +208,19 @@ static void run_case(const attend_case_t *c, const char *name)
     size_t scratch_bytes = 0;
     void *scratch = msa_dev_lane_scratch(l, &scratch_bytes);
     msa_dev_attend_args_t a = {
-        .q = q_d, .T = T, .Hq = Hq, .H = H, .D = D, .scale = scale, .kv_dtype = c->dt,
-        .blocks = c->nb ? blk_d : NULL, .n_blocks = (uint32_t)c->nb, .out = out_d,
-        .lse = lse_d, .work = scratch, .work_bytes = scratch_bytes,
+        .q = q_d,
+        .T = T,
+        .Hq = Hq,
+        .H = H,
+        .D = D,
+        .scale = scale,
+        .kv_dtype = c->dt,
+        .blocks = c->nb ? blk_d : NULL,
+        .n_blocks = (uint32_t)c->nb,
+        .out = out_d,
+        .lse = lse_d,
+        .work = scratch,
+        .work_bytes = scratch_bytes,
     };
     if (c->work == WORK_NONE) {
         a.work = NULL;
@@ -298,7 +308,9 @@ static void run_cases(const attend_case_t *cs, size_t n)
         const attend_case_t *c = &cs[i];
         snprintf(name, sizeof name, "case %zu (T=%u Hq=%u H=%u D=%u %s, %d blocks%s)", i, c->T,
                  c->Hq, c->H, c->D, msa_dtype_name(c->dt), c->nb,
-                 c->work == WORK_NONE ? ", no work" : c->work == WORK_SMALL ? ", small work" : "");
+                 c->work == WORK_NONE    ? ", no work"
+                 : c->work == WORK_SMALL ? ", small work"
+                                         : "");
         int before = __atomic_load_n(&msa_test_nfail, __ATOMIC_SEQ_CST);
         run_case(c, name);
         if (__atomic_load_n(&msa_test_nfail, __ATOMIC_SEQ_CST) != before) return;
@@ -398,8 +410,17 @@ TEST(bad_shapes)
         return;
     }
     msa_dev_attend_args_t a = {
-        .q = buf, .T = 1, .Hq = 2, .H = 1, .D = 257, .scale = 1.0f, .kv_dtype = MSA_DT_F32,
-        .blocks = NULL, .n_blocks = 0, .out = buf + 1024, .lse = buf + 4096,
+        .q = buf,
+        .T = 1,
+        .Hq = 2,
+        .H = 1,
+        .D = 257,
+        .scale = 1.0f,
+        .kv_dtype = MSA_DT_F32,
+        .blocks = NULL,
+        .n_blocks = 0,
+        .out = buf + 1024,
+        .lse = buf + 4096,
     };
     CHECK_RC(msa_dev_attend(l, &a), MSA_EINVAL); /* D > 256 */
     a.D = 0;
@@ -423,12 +444,8 @@ TEST(bad_shapes)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(shapes_f32),
-    TEST_ENTRY(shapes_f16),
-    TEST_ENTRY(shapes_bf16),
-    TEST_ENTRY(many_rows_and_splits),
-    TEST_ENTRY(no_rows),
-    TEST_ENTRY(large_logits),
+    TEST_ENTRY(shapes_f32),           TEST_ENTRY(shapes_f16), TEST_ENTRY(shapes_bf16),
+    TEST_ENTRY(many_rows_and_splits), TEST_ENTRY(no_rows),    TEST_ENTRY(large_logits),
     TEST_ENTRY(bad_shapes),
 };
 

@@ -27,6 +27,7 @@
 
 #include "backend.h"
 #include "index.h"
+#include "msa_clock.h"
 #include "tensor.h"
 
 #include <math.h>
@@ -106,8 +107,7 @@ static void do_put(model_t *m, msa_idx_t *x, msa_idx_coll_t *c, uint64_t doc, ui
         .doc = doc, .created = seq, .deleted = LIVE, .nrows = 1 + (uint32_t)(rnd_r(rs) % MAXROWS)};
     for (int l = 0; l < L; l++) {
         nv.rows[l] = malloc(nv.nrows * W * sizeof(float));
-        for (uint32_t i = 0; i < nv.nrows * W; i++)
-            nv.rows[l][i] = frand_r(rs);
+        for (uint32_t i = 0; i < nv.nrows * W; i++) nv.rows[l][i] = frand_r(rs);
     }
     const float *rows[L] = {nv.rows[0], nv.rows[1]};
     CHECK_OK(msa_idx_doc_put(c, doc, seq, nv.nrows, rows));
@@ -118,8 +118,7 @@ static void do_put(model_t *m, msa_idx_t *x, msa_idx_coll_t *c, uint64_t doc, ui
                 float sc[H];
                 float *row = nv.rows[l] + (size_t)r * W;
                 msa_tensor_quantize_i8(row, H, D, qk, sc);
-                for (int i = 0; i < W; i++)
-                    row[i] = qk[i] * sc[i / D];
+                for (int i = 0; i < W; i++) row[i] = qk[i] * sc[i / D];
             }
     pthread_mutex_lock(&m->mu);
     for (size_t i = 0; i < m->n; i++)
@@ -139,8 +138,7 @@ static bool do_delete(model_t *m, msa_idx_t *x, msa_idx_coll_t *c, uint64_t doc)
     uint64_t seq = m->seq + 1;
     bool live = false;
     pthread_mutex_lock(&m->mu);
-    for (size_t i = 0; i < m->n; i++)
-        live |= m->v[i].doc == doc && m->v[i].deleted == LIVE;
+    for (size_t i = 0; i < m->n; i++) live |= m->v[i].doc == doc && m->v[i].deleted == LIVE;
     pthread_mutex_unlock(&m->mu);
     if (!live) return false;
     CHECK_OK(msa_idx_doc_delete(c, doc, seq));
@@ -156,8 +154,7 @@ static bool do_delete(model_t *m, msa_idx_t *x, msa_idx_coll_t *c, uint64_t doc)
 static void model_free(model_t *m)
 {
     for (size_t i = 0; i < m->n; i++)
-        for (int l = 0; l < L; l++)
-            free(m->v[i].rows[l]);
+        for (int l = 0; l < L; l++) free(m->v[i].rows[l]);
     free(m->v);
     pthread_mutex_destroy(&m->mu);
 }
@@ -251,8 +248,7 @@ static int begin_applied(void *arg, uint64_t *seq)
 
 static void random_query(float *q, uint64_t *rs)
 {
-    for (int i = 0; i < T * HQ * D; i++)
-        q[i] = frand_r(rs);
+    for (int i = 0; i < T * HQ * D; i++) q[i] = frand_r(rs);
 }
 
 /* One route at snap with random excludes and top_k, checked. */
@@ -263,8 +259,7 @@ static int route_and_check(model_t *m, msa_idx_t *x, msa_idx_coll_t *c, uint64_t
     random_query(q, rs);
     uint64_t excl[3];
     size_t n_excl = rnd_r(rs) % 4;
-    for (size_t i = 0; i < n_excl; i++)
-        excl[i] = 1 + rnd_r(rs) % max_doc;
+    for (size_t i = 0; i < n_excl; i++) excl[i] = 1 + rnd_r(rs) % max_doc;
     uint32_t k = 1 + (uint32_t)(rnd_r(rs) % 12);
     int l = (int)(rnd_r(rs) % L);
     msa_idx_hit_t hits[16];
@@ -376,8 +371,7 @@ static void churn(unsigned devices, const msa_gpu_config_t *cfg, int steps, cons
         for (int i = 0; i < nsnap; i++)
             bad += route_and_check(&f.m, f.x, f.c, snaps[i], &rs, MAXDOC, what);
     }
-    for (int i = 0; i < nsnap; i++)
-        msa_idx_snap_unregister(f.x, snaps[i]);
+    for (int i = 0; i < nsnap; i++) msa_idx_snap_unregister(f.x, snaps[i]);
     msa_gpu_stats_t st;
     msa_gpu_get_stats(f.g, &st);
     CHECK_EQ_U(st.routes_fallback, 0);
@@ -470,12 +464,10 @@ static void concurrent(unsigned devices, const msa_gpu_config_t *cfg, int writes
     if (fixture_open(&f, devices, cfg)) return;
     conc_t cc = {.f = &f, .seed = 99};
     uint64_t rs = 4242;
-    for (int i = 0; i < 20; i++)
-        do_put(&f.m, f.x, f.c, 1 + rnd_r(&rs) % 40, &rs);
+    for (int i = 0; i < 20; i++) do_put(&f.m, f.x, f.c, 1 + rnd_r(&rs) % 40, &rs);
     enum { NR = 4 };
     pthread_t th[NR];
-    for (int i = 0; i < NR; i++)
-        pthread_create(&th[i], NULL, reader_main, &cc);
+    for (int i = 0; i < NR; i++) pthread_create(&th[i], NULL, reader_main, &cc);
     for (int i = 0; i < writes && atomic_load(&cc.bad) < 5; i++) {
         uint64_t op = rnd_r(&rs) % 10, doc = 1 + rnd_r(&rs) % 40;
         if (op < 6)
@@ -488,8 +480,7 @@ static void concurrent(unsigned devices, const msa_gpu_config_t *cfg, int writes
         nanosleep(&ts, NULL);
     }
     atomic_store(&cc.stop, true);
-    for (int i = 0; i < NR; i++)
-        pthread_join(th[i], NULL);
+    for (int i = 0; i < NR; i++) pthread_join(th[i], NULL);
     msa_gpu_stats_t st;
     msa_gpu_get_stats(f.g, &st);
     CHECK_EQ_I(atomic_load(&cc.bad), 0);
@@ -544,8 +535,7 @@ TEST(coalesced_batch_larger_than_scratch)
     fixture_t f;
     if (fixture_open(&f, 1, &cfg)) return;
     uint64_t rs = 5;
-    for (uint64_t d = 1; d <= 600; d++)
-        do_put(&f.m, f.x, f.c, d, &rs);
+    for (uint64_t d = 1; d <= 600; d++) do_put(&f.m, f.x, f.c, d, &rs);
     enum { NB = 8 };
     pthread_barrier_t go;
     pthread_barrier_init(&go, NULL, NB);
@@ -556,8 +546,7 @@ TEST(coalesced_batch_larger_than_scratch)
         b[i] = (burst_t){.f = &f, .go = &go, .bad = &bad, .seed = 77 + (uint64_t)i};
         pthread_create(&th[i], NULL, burst_main, &b[i]);
     }
-    for (int i = 0; i < NB; i++)
-        pthread_join(th[i], NULL);
+    for (int i = 0; i < NB; i++) pthread_join(th[i], NULL);
     pthread_barrier_destroy(&go);
     msa_gpu_stats_t st;
     msa_gpu_get_stats(f.g, &st);
@@ -589,11 +578,9 @@ static void *lone_main(void *arg)
         uint32_t n = 0;
         msa_idx_route_args_t ra = {
             .layer_pos = (uint32_t)a->layer, .q = q, .T = T, .snapshot = a->f->m.seq, .top_k = 8};
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        int64_t t0 = msa_clock_ns();
         int rc = msa_idx_route(a->f->x, a->f->c, &ra, hits, &n);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        double secs = (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+        double secs = (double)(msa_clock_ns() - t0) * 1e-9;
         /* Half the coalescing wait: a route that waited it out for company is
          * unmistakable, while a plain route stays far below even under TSan on
          * two loaded cores (where 50 ms was not enough). */
@@ -613,8 +600,7 @@ TEST(coalesce_no_wait_across_layers)
     if (fixture_open(&f, 1, &cfg)) return;
     uint64_t rs = 9;
     /* Enough rows that the two threads' routes overlap after the barrier. */
-    for (uint64_t d = 1; d <= 3000; d++)
-        do_put(&f.m, f.x, f.c, d, &rs);
+    for (uint64_t d = 1; d <= 3000; d++) do_put(&f.m, f.x, f.c, d, &rs);
     pthread_barrier_t go;
     pthread_barrier_init(&go, NULL, 2);
     atomic_int bad = 0, slow = 0;
@@ -624,8 +610,7 @@ TEST(coalesce_no_wait_across_layers)
         a[i] = (lone_t){.f = &f, .layer = i, .go = &go, .bad = &bad, .slow = &slow};
         pthread_create(&th[i], NULL, lone_main, &a[i]);
     }
-    for (int i = 0; i < 2; i++)
-        pthread_join(th[i], NULL);
+    for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
     pthread_barrier_destroy(&go);
     msa_gpu_stats_t st;
     msa_gpu_get_stats(f.g, &st);
@@ -711,12 +696,10 @@ static void ref_attend(const at_data_t *d, const uint64_t *ids, uint32_t n, cons
                         s += (double)q[(t * HQ + j) * D + x] * d->k[ids[b]][(r * H + h) * D + x];
                     double w = exp(s * scale - mx);
                     sum += w;
-                    for (int x = 0; x < D; x++)
-                        acc[x] += w * d->v[ids[b]][(r * H + h) * D + x];
+                    for (int x = 0; x < D; x++) acc[x] += w * d->v[ids[b]][(r * H + h) * D + x];
                 }
             lse[t * HQ + j] = n ? mx + log(sum) : -INFINITY;
-            for (int x = 0; x < D; x++)
-                out[(t * HQ + j) * D + x] = n ? acc[x] / sum : 0;
+            for (int x = 0; x < D; x++) out[(t * HQ + j) * D + x] = n ? acc[x] / sum : 0;
         }
 }
 
@@ -732,10 +715,22 @@ static msa_gpu_attend_args_t attend_args(uint32_t layer, const uint64_t *ids, co
                                          uint32_t n, msa_gpu_kv_loader_t load, void *load_arg,
                                          const float *q, float scale, float *out, float *lse)
 {
-    return (msa_gpu_attend_args_t){.coll_id = COLL, .layer = layer, .docs = ids,
-                                   .versions = vers, .n = n, .load = load, .load_arg = load_arg,
-                                   .q = q, .T = AT_T, .Hq = HQ, .H = H, .D = D, .scale = scale,
-                                   .kv_dtype = MSA_DT_F32, .out = out, .lse = lse};
+    return (msa_gpu_attend_args_t){.coll_id = COLL,
+                                   .layer = layer,
+                                   .docs = ids,
+                                   .versions = vers,
+                                   .n = n,
+                                   .load = load,
+                                   .load_arg = load_arg,
+                                   .q = q,
+                                   .T = AT_T,
+                                   .Hq = HQ,
+                                   .H = H,
+                                   .D = D,
+                                   .scale = scale,
+                                   .kv_dtype = MSA_DT_F32,
+                                   .out = out,
+                                   .lse = lse};
 }
 
 static void *attend_main(void *arg)
@@ -752,12 +747,10 @@ static void *attend_main(void *arg)
             vers[i] = 100 + ids[i];
         }
         float q[AT_T * HQ * D];
-        for (int i = 0; i < AT_T * HQ * D; i++)
-            q[i] = frand_r(&rs);
+        for (int i = 0; i < AT_T * HQ * D; i++) q[i] = frand_r(&rs);
         float out[AT_T * HQ * D], lse[AT_T * HQ];
         void *la[2] = {a->d, ids};
-        msa_gpu_attend_args_t at =
-            attend_args(1, ids, vers, n, at_load, la, q, 0.3f, out, lse);
+        msa_gpu_attend_args_t at = attend_args(1, ids, vers, n, at_load, la, q, 0.3f, out, lse);
         int rc = msa_gpu_attend(a->g, &at);
         if (rc != MSA_OK) {
             FAILF("attend rc %s", msa_strerror(rc));
@@ -823,8 +816,7 @@ static void attend_case(unsigned devices, uint64_t cache_bytes)
         ta[i] = (at_thread_t){.g = g, .d = &d, .bad = &bad, .seed = 1000 + 17 * (uint64_t)i};
         pthread_create(&th[i], NULL, attend_main, &ta[i]);
     }
-    for (int i = 0; i < NT; i++)
-        pthread_join(th[i], NULL);
+    for (int i = 0; i < NT; i++) pthread_join(th[i], NULL);
     msa_gpu_stats_t st;
     msa_gpu_get_stats(g, &st);
     CHECK_EQ_I(atomic_load(&bad), 0);
@@ -860,14 +852,11 @@ TEST(attend_loader_error)
     msa_gpu_t *g = attend_setup(2, base_cfg().cache_bytes, &rs, &d);
     if (!g) return;
     uint64_t ids[6] = {1, 2, 3, 4, 5, 6}, vers[6];
-    for (int i = 0; i < 6; i++)
-        vers[i] = 500 + ids[i];
+    for (int i = 0; i < 6; i++) vers[i] = 500 + ids[i];
     float q[AT_T * HQ * D], out[AT_T * HQ * D], lse[AT_T * HQ];
-    for (int i = 0; i < AT_T * HQ * D; i++)
-        q[i] = frand_r(&rs);
+    for (int i = 0; i < AT_T * HQ * D; i++) q[i] = frand_r(&rs);
     void *la[2] = {&d, ids};
-    msa_gpu_attend_args_t at =
-        attend_args(0, ids, vers, 6, at_load_failing, la, q, 0.5f, out, lse);
+    msa_gpu_attend_args_t at = attend_args(0, ids, vers, 6, at_load_failing, la, q, 0.5f, out, lse);
     fail_doc = 4;
     CHECK_RC(msa_gpu_attend(g, &at), MSA_ECORRUPT);
     fail_doc = -1;
@@ -875,10 +864,8 @@ TEST(attend_loader_error)
         CHECK_OK(msa_gpu_attend(g, &at));
         double ro[AT_T * HQ * D], rl[AT_T * HQ];
         ref_attend(&d, ids, 6, q, 0.5f, ro, rl);
-        for (int i = 0; i < AT_T * HQ; i++)
-            CHECK_NEAR(lse[i], rl[i], 1e-4);
-        for (int i = 0; i < AT_T * HQ * D; i++)
-            CHECK_NEAR(out[i], ro[i], 1e-4);
+        for (int i = 0; i < AT_T * HQ; i++) CHECK_NEAR(lse[i], rl[i], 1e-4);
+        for (int i = 0; i < AT_T * HQ * D; i++) CHECK_NEAR(out[i], ro[i], 1e-4);
     }
     msa_gpu_stats_t st;
     msa_gpu_get_stats(g, &st);
@@ -891,8 +878,14 @@ TEST(attend_loader_error)
     }
 }
 
-TEST(attend_concurrent_two_gpus) { attend_case(2, 1u << 20); }
-TEST(attend_tiny_cache) { attend_case(2, 4096); }
+TEST(attend_concurrent_two_gpus)
+{
+    attend_case(2, 1u << 20);
+}
+TEST(attend_tiny_cache)
+{
+    attend_case(2, 4096);
+}
 
 int main(int argc, char **argv)
 {

@@ -29,14 +29,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-static bool g_cuda;                 /* device under test */
-static msa_dev_t *g_dev[2];         /* [0] GEMM-forced, [1] GEMM-never (same for sim) */
+static bool g_cuda;         /* device under test */
+static msa_dev_t *g_dev[2]; /* [0] GEMM-forced, [1] GEMM-never (same for sim) */
 static const char *const g_path_name[2] = {"gemm", "fused"};
-
 
 /* Independent dtype codecs: ref_util.h. */
 
-static size_t dt_size(msa_dtype_t dt) { return dt == MSA_DT_F32 ? 4 : dt == MSA_DT_I8 ? 1 : 2; }
+static size_t dt_size(msa_dtype_t dt)
+{
+    return dt == MSA_DT_F32 ? 4 : dt == MSA_DT_I8 ? 1 : 2;
+}
 
 /* ==== device helpers ======================================================== */
 
@@ -72,8 +74,8 @@ typedef struct {
     msa_query_reduce_t qr;
     uint32_t H, D, G, Tp, ncol, nq, nrows;
     size_t ld;
-    double qmag;      /* query values are uniform in [-qmag, qmag] */
-    int work_mode;    /* 0 whole lane scratch, 1 a few tiles' worth, 2 NULL */
+    double qmag;   /* query values are uniform in [-qmag, qmag] */
+    int work_mode; /* 0 whole lane scratch, 1 a few tiles' worth, 2 NULL */
 } score_case_t;
 
 /* fp64 reference of one (query, row) and its magnitude M. */
@@ -171,17 +173,17 @@ static void run_score_case(const score_case_t *c)
     for (size_t x = 0; x < ncols_f; x++) cols[x] = (float)(urand() * c->qmag);
 
     char what[256];
-    snprintf(what, sizeof what,
-             "dt=%d plan=%d qr=%d H=%u D=%u G=%u T'=%u ncol=%u nq=%u nrows=%u ld=%zu qmag=%g work=%d",
-             (int)c->dt, (int)c->plan, (int)c->qr, H, D, c->G, c->Tp, c->ncol, c->nq, c->nrows,
-             c->ld, c->qmag, c->work_mode);
+    snprintf(
+        what, sizeof what,
+        "dt=%d plan=%d qr=%d H=%u D=%u G=%u T'=%u ncol=%u nq=%u nrows=%u ld=%zu qmag=%g work=%d",
+        (int)c->dt, (int)c->plan, (int)c->qr, H, D, c->G, c->Tp, c->ncol, c->nq, c->nrows, c->ld,
+        c->qmag, c->work_mode);
 
     for (int path = 0; path < 2; path++) {
         msa_dev_t *d = g_dev[path];
         void *keys_d = dev_upload(d, keys, nk * dt_size(c->dt));
-        float *scales_d = c->dt == MSA_DT_I8
-                              ? dev_upload(d, scales, (size_t)c->nrows * H * sizeof(float))
-                              : NULL;
+        float *scales_d =
+            c->dt == MSA_DT_I8 ? dev_upload(d, scales, (size_t)c->nrows * H * sizeof(float)) : NULL;
         float *cols_d = dev_upload(d, cols, ncols_f * sizeof(float));
         float *scores_d = NULL;
         int rc = msa_dev_malloc(d, (size_t)c->nq * c->ld * sizeof(float), (void **)&scores_d);
@@ -192,18 +194,29 @@ static void run_score_case(const score_case_t *c)
         if (c->work_mode == 1) {
             /* Enough for the GEMM's fixed part and ~40 rows: several tiles. */
             size_t n2 = (size_t)c->nq * c->ncol * 2;
-            size_t want = W * n2 * 4 + (size_t)H * n2 * 4 + 4096 +
-                          40 * ((size_t)H * n2 * 4 + W * 2);
+            size_t want =
+                W * n2 * 4 + (size_t)H * n2 * 4 + 4096 + 40 * ((size_t)H * n2 * 4 + W * 2);
             wb = want < wb ? want : wb;
         } else if (c->work_mode == 2) {
             work = NULL;
             wb = 0;
         }
-        msa_dev_score_args_t a = {.keys = keys_d, .scales = scales_d, .key_dtype = c->dt,
-                                  .nrows = c->nrows, .H = H, .D = D, .plan = c->plan,
-                                  .ncol = c->ncol, .G = c->G, .query_reduce = c->qr,
-                                  .cols = cols_d, .nq = c->nq, .scores = scores_d, .ld = c->ld,
-                                  .work = work, .work_bytes = wb};
+        msa_dev_score_args_t a = {.keys = keys_d,
+                                  .scales = scales_d,
+                                  .key_dtype = c->dt,
+                                  .nrows = c->nrows,
+                                  .H = H,
+                                  .D = D,
+                                  .plan = c->plan,
+                                  .ncol = c->ncol,
+                                  .G = c->G,
+                                  .query_reduce = c->qr,
+                                  .cols = cols_d,
+                                  .nq = c->nq,
+                                  .scores = scores_d,
+                                  .ld = c->ld,
+                                  .work = work,
+                                  .work_bytes = wb};
         rc = msa_dev_score(l, &a);
         if (rc == MSA_OK) rc = msa_dev_lane_sync(l);
         msa_dev_lane_release(l);
@@ -260,7 +273,8 @@ static score_case_t random_case(msa_dtype_t dt, msa_dev_plan_t plan, int idx)
         c.ncol = c.Tp * c.G;
     }
     c.nrows = kRows[rnd() % 5];
-    while (c.nrows > 1 && (double)c.nrows * c.H * c.D * c.ncol * c.nq > 4e6) c.nrows = c.nrows / 2 + 1;
+    while (c.nrows > 1 && (double)c.nrows * c.H * c.D * c.ncol * c.nq > 4e6)
+        c.nrows = c.nrows / 2 + 1;
     c.ld = c.nq > 1 ? c.nrows + (uint32_t)(rnd() % 5) : c.nrows;
     c.work_mode = idx % 3;
     return c;
@@ -269,7 +283,8 @@ static score_case_t random_case(msa_dtype_t dt, msa_dev_plan_t plan, int idx)
 TEST(score_all_dtypes_plans)
 {
     const msa_dtype_t dts[4] = {MSA_DT_F32, MSA_DT_F16, MSA_DT_BF16, MSA_DT_I8};
-    const msa_dev_plan_t plans[3] = {MSA_DEV_PLAN_LINEAR, MSA_DEV_PLAN_MAXVEC, MSA_DEV_PLAN_GENERAL};
+    const msa_dev_plan_t plans[3] = {MSA_DEV_PLAN_LINEAR, MSA_DEV_PLAN_MAXVEC,
+                                     MSA_DEV_PLAN_GENERAL};
     int idx = 0;
     for (int t = 0; t < 4; t++)
         for (int p = 0; p < 3; p++)
@@ -318,8 +333,15 @@ TEST(score_edges)
     msa_dev_lane_t *l = msa_dev_lane_acquire(d);
     float dummy = 0;
     /* nrows = 0 and nq = 0 queue nothing (NULL buffers are fine then). */
-    msa_dev_score_args_t a = {.key_dtype = MSA_DT_F32, .H = 1, .D = 4, .plan = MSA_DEV_PLAN_LINEAR,
-                              .ncol = 1, .G = 1, .nq = 1, .ld = 0, .scores = &dummy};
+    msa_dev_score_args_t a = {.key_dtype = MSA_DT_F32,
+                              .H = 1,
+                              .D = 4,
+                              .plan = MSA_DEV_PLAN_LINEAR,
+                              .ncol = 1,
+                              .G = 1,
+                              .nq = 1,
+                              .ld = 0,
+                              .scores = &dummy};
     CHECK_OK(msa_dev_score(l, &a));
     /* GENERAL with ncol not a multiple of G, or G = 0; I8 without scales. */
     a.nrows = 0;
@@ -346,8 +368,8 @@ TEST(score_edges)
 typedef struct {
     uint32_t n_ent, top_k;
     bool chunk_mean;
-    int score_kind;    /* 0 few distinct values (ties), 1 continuous, 2 all equal */
-    int doc_kind;      /* 0 random 64-bit, 1 shared high bytes (ties settle in low bytes) */
+    int score_kind; /* 0 few distinct values (ties), 1 continuous, 2 all equal */
+    int doc_kind;   /* 0 random 64-bit, 1 shared high bytes (ties settle in low bytes) */
     uint32_t row_base;
 } select_case_t;
 
@@ -373,7 +395,7 @@ static void run_select_case(const select_case_t *c)
         ent[e].doc = c->doc_kind ? 0xabcd000000000000ull + (uint64_t)(e * 7919u % (n + 13)) * 3 +
                                        ((uint64_t)e << 40)
                                  : rnd();
-        ent[e].created = rnd() % 8;              /* 6, 7: not yet created at 5 */
+        ent[e].created = rnd() % 8; /* 6, 7: not yet created at 5 */
         ent[e].deleted = rnd() % 4 ? UINT64_MAX : ent[e].created + 1 + rnd() % 6;
         ent[e].nrows = rnd() % 10 == 0 ? 0 : 1 + (uint32_t)(rnd() % 4);
         ent[e].row0 = c->row_base + nrows_total;
@@ -381,9 +403,12 @@ static void run_select_case(const select_case_t *c)
     }
     float *scores = malloc(((size_t)nrows_total + 1) * sizeof *scores);
     for (uint32_t r = 0; r < nrows_total; r++) {
-        if (c->score_kind == 0) scores[r] = (float)((int)(rnd() % 9) - 4) * 0.5f;
-        else if (c->score_kind == 1) scores[r] = (float)urand() * 100.0f;
-        else scores[r] = 1.25f;
+        if (c->score_kind == 0)
+            scores[r] = (float)((int)(rnd() % 9) - 4) * 0.5f;
+        else if (c->score_kind == 1)
+            scores[r] = (float)urand() * 100.0f;
+        else
+            scores[r] = 1.25f;
     }
     /* A few single-row docs with NaN or -inf (both read as -inf). */
     for (uint32_t e = 0; e < n; e += 37) {
@@ -434,10 +459,19 @@ static void run_select_case(const select_case_t *c)
     msa_idx_hit_t *out = malloc(((size_t)c->top_k + 1) * sizeof *out);
     uint32_t n_out = 12345;
     msa_dev_lane_t *l = msa_dev_lane_acquire(d);
-    msa_dev_select_args_t a = {.scores = scores_d, .row_base = c->row_base, .ent = ent_d,
-                               .n_ent = n, .snapshot = snapshot, .exclude = ex_d,
-                               .n_exclude = n_ex, .chunk_mean = c->chunk_mean, .top_k = c->top_k,
-                               .work = work, .work_bytes = wb, .out = out, .n_out = &n_out};
+    msa_dev_select_args_t a = {.scores = scores_d,
+                               .row_base = c->row_base,
+                               .ent = ent_d,
+                               .n_ent = n,
+                               .snapshot = snapshot,
+                               .exclude = ex_d,
+                               .n_exclude = n_ex,
+                               .chunk_mean = c->chunk_mean,
+                               .top_k = c->top_k,
+                               .work = work,
+                               .work_bytes = wb,
+                               .out = out,
+                               .n_out = &n_out};
     int rc = msa_dev_select(l, &a);
     msa_dev_lane_release(l);
     CHECK_MSG(rc == MSA_OK, "select rc %s: %s", msa_errname(rc), what);
@@ -465,8 +499,12 @@ TEST(select_exact_topk)
     for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
         for (size_t j = 0; j < 3; j++) {
             for (int kind = 0; kind < 3; kind++) {
-                select_case_t c = {ns[i], ks[j], (i + j + kind) % 2 == 1, kind,
-                                   (int)((i + kind) % 2), (uint32_t)(i * 3)};
+                select_case_t c = {ns[i],
+                                   ks[j],
+                                   (i + j + kind) % 2 == 1,
+                                   kind,
+                                   (int)((i + kind) % 2),
+                                   (uint32_t)(i * 3)};
                 int before = msa_test_nfail;
                 run_select_case(&c);
                 if (msa_test_nfail != before) return;
@@ -485,8 +523,8 @@ TEST(select_edges)
     msa_idx_hit_t out[16];
     uint32_t n_out = 99;
     /* n_ent = 0: no hits. */
-    msa_dev_select_args_t a = {.n_ent = 0, .top_k = 16, .work = work, .work_bytes = wb,
-                               .out = out, .n_out = &n_out};
+    msa_dev_select_args_t a = {
+        .n_ent = 0, .top_k = 16, .work = work, .work_bytes = wb, .out = out, .n_out = &n_out};
     CHECK_OK(msa_dev_select(l, &a));
     CHECK_EQ_U(n_out, 0);
     /* top_k 0 or above MSA_MAX_TOP_K, work too small: refused. */
@@ -495,16 +533,24 @@ TEST(select_edges)
     a.top_k = MSA_MAX_TOP_K + 1;
     CHECK_RC(msa_dev_select(l, &a), MSA_EINVAL);
     /* All entries excluded: 0 hits. */
-    msa_dev_entry_t ent[3] = {{10, 0, UINT64_MAX, 0, 1}, {11, 0, UINT64_MAX, 1, 1},
-                              {12, 0, UINT64_MAX, 2, 1}};
+    msa_dev_entry_t ent[3] = {
+        {10, 0, UINT64_MAX, 0, 1}, {11, 0, UINT64_MAX, 1, 1}, {12, 0, UINT64_MAX, 2, 1}};
     uint64_t ex[3] = {10, 11, 12};
     float sc[3] = {1, 2, 3};
     msa_dev_entry_t *ent_d = dev_upload(d, ent, sizeof ent);
     uint64_t *ex_d = dev_upload(d, ex, sizeof ex);
     float *sc_d = dev_upload(d, sc, sizeof sc);
-    a = (msa_dev_select_args_t){.scores = sc_d, .ent = ent_d, .n_ent = 3, .snapshot = 1,
-                                .exclude = ex_d, .n_exclude = 3, .top_k = 16, .work = work,
-                                .work_bytes = wb, .out = out, .n_out = &n_out};
+    a = (msa_dev_select_args_t){.scores = sc_d,
+                                .ent = ent_d,
+                                .n_ent = 3,
+                                .snapshot = 1,
+                                .exclude = ex_d,
+                                .n_exclude = 3,
+                                .top_k = 16,
+                                .work = work,
+                                .work_bytes = wb,
+                                .out = out,
+                                .n_out = &n_out};
     CHECK_OK(msa_dev_select(l, &a));
     CHECK_EQ_U(n_out, 0);
     /* Without excludes: all three, best first. */

@@ -35,8 +35,7 @@ static void put(msa_idx_coll_t *c, uint64_t id, uint64_t seq, float x, float y)
 {
     float row[2] = {x, y};
     const float *rows[1] = {row};
-    CHECK_MSG(msa_idx_doc_put(c, id, seq, 1, rows) == MSA_OK, "put %llu",
-              (unsigned long long)id);
+    CHECK_MSG(msa_idx_doc_put(c, id, seq, 1, rows) == MSA_OK, "put %llu", (unsigned long long)id);
 }
 
 /* Routes with q = (1, 0) at snapshot; returns hits written to out. */
@@ -44,8 +43,13 @@ static uint32_t route(msa_idx_t *x, msa_idx_coll_t *c, uint64_t snap, const uint
                       size_t nex, uint32_t k, msa_idx_hit_t *out)
 {
     float q[2] = {1.0f, 0.0f};
-    msa_idx_route_args_t a = {.layer_pos = 0, .q = q, .T = 1, .snapshot = snap, .exclude = ex,
-                              .n_exclude = nex, .top_k = k};
+    msa_idx_route_args_t a = {.layer_pos = 0,
+                              .q = q,
+                              .T = 1,
+                              .snapshot = snap,
+                              .exclude = ex,
+                              .n_exclude = nex,
+                              .top_k = k};
     uint32_t n = 0;
     CHECK_RC(msa_idx_route(x, c, &a, out, &n), MSA_OK);
     return n;
@@ -169,7 +173,7 @@ TEST(cosine_normalises_at_insert)
         uint32_t n = route(x, c, 1, NULL, 0, 4, h);
         double tol = dts[d] == MSA_DT_F32 ? 1e-6 : 1e-2;
         CHECK_MSG(n == 3 && h[0].id == 1 && fabs(h[0].score - 0.6) < tol && h[1].id == 2 &&
-                  h[1].score == 0.0f && h[2].id == 3 && fabs(h[2].score + 1.0) < tol,
+                      h[1].score == 0.0f && h[2].id == 3 && fabs(h[2].score + 1.0) < tol,
                   "dtype %s: %llu:%g %llu:%g %llu:%g", msa_dtype_name(dts[d]),
                   (unsigned long long)h[0].id, h[0].score, (unsigned long long)h[1].id, h[1].score,
                   (unsigned long long)h[2].id, h[2].score);

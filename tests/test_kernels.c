@@ -5,8 +5,8 @@
  * double softmax, and the thread pool under concurrent callers.
  */
 #include "harness.h"
-#include "ref_util.h"
 #include "kernels.h"
+#include "ref_util.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -15,7 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint32_t pick(const uint32_t *v, size_t n) { return v[rnd() % n]; }
+static uint32_t pick(const uint32_t *v, size_t n)
+{
+    return v[rnd() % n];
+}
 
 /* Independent dtype codecs: ref_util.h. */
 
@@ -54,7 +57,10 @@ typedef struct {
     double *kd;    /* stored keys as double [n][H][D] (scales applied) */
 } case_t;
 
-static size_t esz(msa_dtype_t dt) { return dt == MSA_DT_F32 ? 4 : dt == MSA_DT_I8 ? 1 : 2; }
+static size_t esz(msa_dtype_t dt)
+{
+    return dt == MSA_DT_F32 ? 4 : dt == MSA_DT_I8 ? 1 : 2;
+}
 
 static void make_case(case_t *c)
 {
@@ -63,8 +69,7 @@ static void make_case(case_t *c)
     c->rows = malloc(c->n * HD * esz(c->dt) + 64);
     c->scales = malloc(c->n * c->H * sizeof(float));
     c->kd = malloc(c->n * HD * sizeof(double));
-    for (size_t i = 0; i < (size_t)c->T * c->Hq * c->D; i++)
-        c->q[i] = (float)(urand() * 2.0);
+    for (size_t i = 0; i < (size_t)c->T * c->Hq * c->D; i++) c->q[i] = (float)(urand() * 2.0);
     /* Now and then a zero query vector (cosine must keep it zero). */
     if (c->T * c->Hq > 2 && rnd() % 3 == 0)
         memset(c->q + (rnd() % (c->T * c->Hq)) * c->D, 0, c->D * sizeof(float));
@@ -74,20 +79,17 @@ static void make_case(case_t *c)
             double nn = 0;
             for (uint32_t d = 0; d < c->D; d++) {
                 double v = urand();
-                if (fabs(v) < 0.01)
-                    v = v < 0 ? -0.01 : 0.01; /* stay in f16's normal range */
+                if (fabs(v) < 0.01) v = v < 0 ? -0.01 : 0.01; /* stay in f16's normal range */
                 x[d] = v;
                 nn += v * v;
             }
             if (c->cosine)
-                for (uint32_t d = 0; d < c->D; d++)
-                    x[d] /= sqrt(nn);
+                for (uint32_t d = 0; d < c->D; d++) x[d] /= sqrt(nn);
             size_t o = (r * c->H + h) * c->D;
             double *kd = c->kd + o;
             if (c->dt == MSA_DT_I8) {
                 double mx = 0;
-                for (uint32_t d = 0; d < c->D; d++)
-                    mx = fmax(mx, fabs(x[d]));
+                for (uint32_t d = 0; d < c->D; d++) mx = fmax(mx, fabs(x[d]));
                 float sc = (float)(mx / 127.0);
                 c->scales[r * c->H + h] = sc;
                 for (uint32_t d = 0; d < c->D; d++) {
@@ -133,11 +135,9 @@ static void ref_scores(const case_t *c, double *out, double *bound)
     double *qn = malloc((size_t)T * Hq * D * sizeof(double));
     for (size_t i = 0; i < (size_t)T * Hq; i++) {
         double nn = 0;
-        for (uint32_t d = 0; d < D; d++)
-            nn += (double)c->q[i * D + d] * c->q[i * D + d];
+        for (uint32_t d = 0; d < D; d++) nn += (double)c->q[i * D + d] * c->q[i * D + d];
         double f = !c->cosine ? 1.0 : nn > 0 ? 1.0 / sqrt(nn) : 0.0;
-        for (uint32_t d = 0; d < D; d++)
-            qn[i * D + d] = c->q[i * D + d] * f;
+        for (uint32_t d = 0; d < D; d++) qn[i * D + d] = c->q[i * D + d] * f;
     }
     for (size_t r = 0; r < c->n; r++) {
         double qacc = c->qr == MSA_QUERY_MAX ? -INFINITY : 0.0, b = 0;
@@ -186,8 +186,7 @@ static void check_case(const case_t *c, msa_isa_t isa, const double *ref, const 
     for (size_t r = 0; r < c->n; r++) {
         double err = fabs(out[r] - ref[r]);
         double e = bound[r] > 0 ? err / bound[r] : err;
-        if (e > g_worst[isa][c->dt])
-            g_worst[isa][c->dt] = e;
+        if (e > g_worst[isa][c->dt]) g_worst[isa][c->dt] = e;
         CHECK_NEAR_MSG(out[r], ref[r], rel * bound[r] + 1e-30,
                        "isa=%s dt=%d hr=%d qr=%d cos=%d T=%u Hq=%u H=%u D=%u n=%zu r=%zu",
                        msa_idx_isa_name(isa), c->dt, c->hr, c->qr, c->cosine, c->T, c->Hq, c->H,
@@ -243,19 +242,16 @@ TEST(scores)
                         double *bound = malloc(c.n * sizeof(double));
                         ref_scores(&c, ref, bound);
                         for (int isa = 0; isa <= MSA_ISA_AVX512BF16; isa++) {
-                            if (!msa_idx_isa_supported((msa_isa_t)isa))
-                                continue;
+                            if (!msa_idx_isa_supported((msa_isa_t)isa)) continue;
                             int before = msa_test_nfail;
                             check_case(&c, (msa_isa_t)isa, ref, bound);
                             ncases++;
-                            if (msa_test_nfail != before)
-                                break;
+                            if (msa_test_nfail != before) break;
                         }
                         free(ref);
                         free(bound);
                         free_case(&c);
-                        if (msa_test_nfail)
-                            return;
+                        if (msa_test_nfail) return;
                     }
     printf("  %d scorer cases; worst |err|/sum|q||k| per isa (F32 F16 BF16 I8):\n", ncases);
     for (int isa = 0; isa <= MSA_ISA_AVX512BF16; isa++)
@@ -270,22 +266,19 @@ TEST(zero_query)
     const uint32_t T = 3, Hq = 8, H = 2, D = 40;
     float q[3 * 8 * 40] = {0};
     uint16_t rows[5 * 2 * 40];
-    for (size_t i = 0; i < 5 * 2 * 40; i++)
-        rows[i] = to_bf16((float)urand());
+    for (size_t i = 0; i < 5 * 2 * 40; i++) rows[i] = to_bf16((float)urand());
     for (int isa = 0; isa <= MSA_ISA_AVX512BF16; isa++) {
-        if (!msa_idx_isa_supported((msa_isa_t)isa))
-            continue;
+        if (!msa_idx_isa_supported((msa_isa_t)isa)) continue;
         for (int hr = 0; hr < 2; hr++)
             for (int qr = 0; qr < 3; qr++) {
                 msa_idx_scorer_t *s;
                 CHECK_EQ_I(msa_idx_scorer_create(q, T, Hq, H, D, true, (msa_head_reduce_t)hr,
-                                                   (msa_query_reduce_t)qr, MSA_DT_BF16,
-                                                   (msa_isa_t)isa, &s),
-                             MSA_OK);
+                                                 (msa_query_reduce_t)qr, MSA_DT_BF16,
+                                                 (msa_isa_t)isa, &s),
+                           MSA_OK);
                 float out[5];
                 msa_idx_scorer_run(s, rows, NULL, 5, out);
-                for (int r = 0; r < 5; r++)
-                    CHECK_NEAR_MSG(out[r], 0.0, 0.0, "isa %d r %d", isa, r);
+                for (int r = 0; r < 5; r++) CHECK_NEAR_MSG(out[r], 0.0, 0.0, "isa %d r %d", isa, r);
                 msa_idx_scorer_destroy(s);
             }
     }
@@ -297,13 +290,12 @@ TEST(nan)
     const float q[2] = {3e38f, 3e38f};
     const float rows[4] = {3e38f, -3e38f, 1.0f, 1.0f};
     for (int isa = 0; isa <= MSA_ISA_AVX512BF16; isa++) {
-        if (!msa_idx_isa_supported((msa_isa_t)isa))
-            continue;
+        if (!msa_idx_isa_supported((msa_isa_t)isa)) continue;
         for (int hr = 0; hr < 2; hr++) {
             msa_idx_scorer_t *s;
             CHECK_EQ_I(msa_idx_scorer_create(q, 1, 1, 1, 2, false, (msa_head_reduce_t)hr,
-                                               MSA_QUERY_MAX, MSA_DT_F32, (msa_isa_t)isa, &s),
-                         MSA_OK);
+                                             MSA_QUERY_MAX, MSA_DT_F32, (msa_isa_t)isa, &s),
+                       MSA_OK);
             float out[2];
             msa_idx_scorer_run(s, rows, NULL, 2, out);
             CHECK(out[0] == -INFINITY);
@@ -317,22 +309,22 @@ TEST(scorer_einval)
 {
     float q[16] = {0};
     msa_idx_scorer_t *s = (msa_idx_scorer_t *)1;
-    CHECK_EQ_I(msa_idx_scorer_create(q, 0, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
-                                       MSA_DT_F32, MSA_ISA_SCALAR, &s),
-                 MSA_EINVAL);
+    CHECK_EQ_I(msa_idx_scorer_create(q, 0, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX, MSA_DT_F32,
+                                     MSA_ISA_SCALAR, &s),
+               MSA_EINVAL);
     CHECK(s == NULL);
-    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 3, 2, 4, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
-                                       MSA_DT_F32, MSA_ISA_SCALAR, &s),
-                 MSA_EINVAL);
+    CHECK_EQ_I(msa_idx_scorer_create(q, 1, 3, 2, 4, true, MSA_HEAD_MEAN, MSA_QUERY_MAX, MSA_DT_F32,
+                                     MSA_ISA_SCALAR, &s),
+               MSA_EINVAL);
     CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, MSA_QUERY_MAX,
-                                       MSA_DT_UNSPECIFIED, MSA_ISA_SCALAR, &s),
-                 MSA_EINVAL);
+                                     MSA_DT_UNSPECIFIED, MSA_ISA_SCALAR, &s),
+               MSA_EINVAL);
     CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, (msa_head_reduce_t)7, MSA_QUERY_MAX,
-                                       MSA_DT_F32, MSA_ISA_SCALAR, &s),
-                 MSA_EINVAL);
+                                     MSA_DT_F32, MSA_ISA_SCALAR, &s),
+               MSA_EINVAL);
     CHECK_EQ_I(msa_idx_scorer_create(q, 1, 2, 1, 8, true, MSA_HEAD_MEAN, (msa_query_reduce_t)9,
-                                       MSA_DT_F32, MSA_ISA_SCALAR, &s),
-                 MSA_EINVAL);
+                                     MSA_DT_F32, MSA_ISA_SCALAR, &s),
+               MSA_EINVAL);
     msa_idx_scorer_destroy(NULL);
 }
 
@@ -341,8 +333,7 @@ TEST(scorer_einval)
 static int hit_cmp(const void *a, const void *b)
 {
     const msa_idx_hit_t *x = a, *y = b;
-    if (x->score != y->score)
-        return x->score > y->score ? -1 : 1;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
@@ -356,7 +347,7 @@ TEST(topk)
             msa_idx_hit_t *all = malloc((n + 1) * sizeof *all);
             for (uint32_t i = 0; i < n; i++) {
                 all[i].score = (float)(rnd() % 7) - 3.0f; /* many ties */
-                all[i].id = (rnd() % 1000000) * 3000 + i;  /* unique, random order */
+                all[i].id = (rnd() % 1000000) * 3000 + i; /* unique, random order */
             }
             msa_idx_hit_t *sorted = malloc((n + 1) * sizeof *sorted);
             memcpy(sorted, all, n * sizeof *all);
@@ -383,13 +374,10 @@ TEST(topk)
             }
             msa_idx_topk_t m;
             msa_idx_topk_init(&m, st, k);
-            for (int p = 0; p < 3; p++)
-                msa_idx_topk_merge(&m, &parts[p]);
+            for (int p = 0; p < 3; p++) msa_idx_topk_merge(&m, &parts[p]);
             CHECK_EQ_I(msa_idx_topk_finish(&m, out), want);
-            for (uint32_t i = 0; i < want; i++)
-                CHECK_EQ_I(out[i].id, sorted[i].id);
-            for (int p = 0; p < 3; p++)
-                free(st2[p]);
+            for (uint32_t i = 0; i < want; i++) CHECK_EQ_I(out[i].id, sorted[i].id);
+            for (int p = 0; p < 3; p++) free(st2[p]);
             free(st);
             free(out);
             free(all);
@@ -423,21 +411,17 @@ static void ref_attend(const float *q, uint32_t T, uint32_t Hq, uint32_t H, uint
             for (size_t r = 0; r < R; r++) {
                 const float *kk = k + (r * H + j / G) * D;
                 double s = 0;
-                for (uint32_t d = 0; d < D; d++)
-                    s += (double)qq[d] * kk[d];
+                for (uint32_t d = 0; d < D; d++) s += (double)qq[d] * kk[d];
                 lg[r] = scale * s;
                 mx = fmax(mx, lg[r]);
             }
             double sum = 0;
-            for (size_t r = 0; r < R; r++)
-                sum += exp(lg[r] - mx);
-            for (uint32_t d = 0; d < D; d++)
-                o[d] = 0;
+            for (size_t r = 0; r < R; r++) sum += exp(lg[r] - mx);
+            for (uint32_t d = 0; d < D; d++) o[d] = 0;
             for (size_t r = 0; r < R; r++) {
                 double w = exp(lg[r] - mx) / sum;
                 const float *vv = v + (r * H + j / G) * D;
-                for (uint32_t d = 0; d < D; d++)
-                    o[d] += w * vv[d];
+                for (uint32_t d = 0; d < D; d++) o[d] += w * vv[d];
             }
             lse[(size_t)t * Hq + j] = R ? mx + log(sum) : -INFINITY;
         }
@@ -460,8 +444,7 @@ TEST(attend)
         float *q = malloc((size_t)T * Hq * D * sizeof(float));
         float *k = malloc((R * H * D + 1) * sizeof(float));
         float *v = malloc((R * H * D + 1) * sizeof(float));
-        for (size_t i = 0; i < (size_t)T * Hq * D; i++)
-            q[i] = (float)urand();
+        for (size_t i = 0; i < (size_t)T * Hq * D; i++) q[i] = (float)urand();
         for (size_t i = 0; i < R * H * D; i++) {
             k[i] = (float)urand() / sqrtf((float)D);
             v[i] = (float)urand();
@@ -511,8 +494,7 @@ static void pool_fn(void *arg, size_t task, unsigned worker)
 {
     pool_arg_t *a = arg;
     atomic_fetch_add(&a->hits[task], 1);
-    if (worker > a->maxw)
-        atomic_fetch_add(&a->bad, 1);
+    if (worker > a->maxw) atomic_fetch_add(&a->bad, 1);
     if (a->nested && task % 97 == 0) {
         /* A task that runs a job of its own on the same pool. */
         atomic_int h2[13] = {0};
@@ -520,8 +502,7 @@ static void pool_fn(void *arg, size_t task, unsigned worker)
         atomic_init(&b.bad, 0);
         msa_idx_pool_run(a->pool, 13, pool_fn, &b);
         for (int i = 0; i < 13; i++)
-            if (atomic_load(&h2[i]) != 1)
-                atomic_fetch_add(&a->bad, 1);
+            if (atomic_load(&h2[i]) != 1) atomic_fetch_add(&a->bad, 1);
         atomic_fetch_add(&a->bad, atomic_load(&b.bad));
     }
 }
@@ -539,13 +520,14 @@ static void *caller_main(void *arg)
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
         size_t n = 1 + (seed >> 33) % 500;
         atomic_int *hits = calloc(n, sizeof *hits);
-        pool_arg_t a = {.hits = hits, .maxw = msa_idx_pool_size(c->pool), .pool = c->pool,
+        pool_arg_t a = {.hits = hits,
+                        .maxw = msa_idx_pool_size(c->pool),
+                        .pool = c->pool,
                         .nested = rep % 10 == 0};
         atomic_init(&a.bad, 0);
         msa_idx_pool_run(c->pool, n, pool_fn, &a);
         for (size_t i = 0; i < n; i++)
-            if (atomic_load(&hits[i]) != 1)
-                c->errors++;
+            if (atomic_load(&hits[i]) != 1) c->errors++;
         c->errors += atomic_load(&a.bad);
         free(hits);
     }
@@ -563,8 +545,7 @@ TEST(pool)
     pool_arg_t a = {.hits = hits, .maxw = 3, .pool = pool};
     atomic_init(&a.bad, 0);
     msa_idx_pool_run(pool, n, pool_fn, &a);
-    for (size_t i = 0; i < n; i++)
-        CHECK_EQ_I(atomic_load(&hits[i]), 1);
+    for (size_t i = 0; i < n; i++) CHECK_EQ_I(atomic_load(&hits[i]), 1);
     CHECK_EQ_I(atomic_load(&a.bad), 0);
     free(hits);
     /* Four concurrent callers, some with nested jobs. */
@@ -584,8 +565,7 @@ TEST(pool)
     pool_arg_t b = {.hits = h1, .maxw = 0};
     atomic_init(&b.bad, 0);
     msa_idx_pool_run(NULL, 5, pool_fn, &b);
-    for (int i = 0; i < 5; i++)
-        CHECK_EQ_I(atomic_load(&h1[i]), 1);
+    for (int i = 0; i < 5; i++) CHECK_EQ_I(atomic_load(&h1[i]), 1);
     CHECK_EQ_I(atomic_load(&b.bad), 0);
     msa_idx_pool_destroy(NULL);
 }
@@ -593,14 +573,8 @@ TEST(pool)
 /* ==== main ================================================================= */
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(isa),
-    TEST_ENTRY(scorer_einval),
-    TEST_ENTRY(zero_query),
-    TEST_ENTRY(nan),
-    TEST_ENTRY(scores),
-    TEST_ENTRY(topk),
-    TEST_ENTRY(attend),
-    TEST_ENTRY(pool),
+    TEST_ENTRY(isa),    TEST_ENTRY(scorer_einval), TEST_ENTRY(zero_query), TEST_ENTRY(nan),
+    TEST_ENTRY(scores), TEST_ENTRY(topk),          TEST_ENTRY(attend),     TEST_ENTRY(pool),
 };
 
 int main(int argc, char **argv)

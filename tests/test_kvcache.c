@@ -42,8 +42,7 @@ static void put(msa_gpu_kvcache_t *c, msa_gpu_kvkey_t k, uint64_t side)
 {
     msa_gpu_kvblock_t *b = NULL;
     int rc = msa_gpu_kvcache_insert(c, &k, 1, side, &b);
-    CHECK_MSG(rc == MSA_OK && b, "insert doc %llu: %s", (unsigned long long)k.doc,
-              msa_errname(rc));
+    CHECK_MSG(rc == MSA_OK && b, "insert doc %llu: %s", (unsigned long long)k.doc, msa_errname(rc));
     if (!b) return;
     CHECK(msa_gpu_kvcache_ready(c, b));
     msa_gpu_kvcache_release(c, b);
@@ -125,7 +124,7 @@ TEST(lru_order_and_eviction)
     /* Next victims in order: 2, 3, ... (0 and 100 were used since). */
     put(c, key(1, 101, 1, 0), SLOT);
     CHECK(!has(c, key(1, 2, 1, 0)));
-    CHECK(has(c, key(1, 3, 1, 0)));   /* 3 is now recent; 4 is next */
+    CHECK(has(c, key(1, 3, 1, 0))); /* 3 is now recent; 4 is next */
     put(c, key(1, 102, 1, 0), SLOT);
     CHECK(!has(c, key(1, 4, 1, 0)));
     CHECK(has(c, key(1, 3, 1, 0)));
@@ -250,7 +249,7 @@ TEST(invalidate_collection)
     }
     msa_gpu_kvkey_t k3 = key(1, 3, 1, 0), k50 = key(1, 50, 1, 0);
     msa_gpu_kvblock_t *held = NULL, *filling = NULL;
-    CHECK_OK(msa_gpu_kvcache_lookup(c, &k3, &held));        /* pinned and published */
+    CHECK_OK(msa_gpu_kvcache_lookup(c, &k3, &held));              /* pinned and published */
     CHECK_OK(msa_gpu_kvcache_insert(c, &k50, 1, SLOT, &filling)); /* pinned, being filled */
 
     CHECK_EQ_U(msa_gpu_kvcache_invalidate_coll(c, 1), 11);
@@ -280,8 +279,7 @@ TEST(many_keys)
     const unsigned n = 20000;
     msa_gpu_kvcache_t *c;
     CHECK_OK(msa_gpu_kvcache_create((void *)FAKE_BASE, (uint64_t)n * 2 * SLOT, &c));
-    for (unsigned i = 0; i < n; i++)
-        put(c, key(i % 4, i / 16, (i / 4) % 2, (i / 8) % 2), SLOT);
+    for (unsigned i = 0; i < n; i++) put(c, key(i % 4, i / 16, (i / 4) % 2, (i / 8) % 2), SLOT);
     msa_gpu_kvcache_stats_t s = stats(c);
     CHECK_EQ_U(s.blocks, n);
     CHECK_EQ_U(s.evictions, 0);
@@ -380,7 +378,10 @@ static struct {
     uint64_t lookups;
 } ham = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-static uint64_t side_of(uint64_t doc) { return 100 + (doc * 131) % 3000; }
+static uint64_t side_of(uint64_t doc)
+{
+    return 100 + (doc * 131) % 3000;
+}
 
 static uint8_t pattern(const msa_gpu_kvkey_t *k, size_t i, int v)
 {
@@ -513,14 +514,10 @@ TEST(multithreaded_hammer)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(hit_miss_and_addresses),
-    TEST_ENTRY(lru_order_and_eviction),
-    TEST_ENTRY(pinned_blocks_are_never_evicted),
-    TEST_ENTRY(abandon_and_racing_fills),
-    TEST_ENTRY(invalidate_collection),
-    TEST_ENTRY(many_keys),
-    TEST_ENTRY(fragmentation_and_reuse),
-    TEST_ENTRY(multithreaded_hammer),
+    TEST_ENTRY(hit_miss_and_addresses),          TEST_ENTRY(lru_order_and_eviction),
+    TEST_ENTRY(pinned_blocks_are_never_evicted), TEST_ENTRY(abandon_and_racing_fills),
+    TEST_ENTRY(invalidate_collection),           TEST_ENTRY(many_keys),
+    TEST_ENTRY(fragmentation_and_reuse),         TEST_ENTRY(multithreaded_hammer),
 };
 
 int main(int argc, char **argv)

@@ -36,30 +36,29 @@
 /* True once main has started msad and connected cli; the cases that talk to it
  * skip themselves otherwise. */
 static bool have_msad;
-#define NEED_DAEMON()                                                                       \
-    do {                                                                                    \
-        if (!have_msad) TEST_SKIP("msad not built");                                        \
+#define NEED_DAEMON()                                \
+    do {                                             \
+        if (!have_msad) TEST_SKIP("msad not built"); \
     } while (0)
 
 /* A call that must succeed; on failure prints the status and skips the rest of the case. */
-#define OK(call)                                                                            \
-    do {                                                                                    \
-        int rc_ = (call);                                                                   \
-        if (rc_ != MSA_OK) {                                                                \
-            FAILF("%s failed: %d %s: %s", #call, rc_, msa_cli_grpc_name(st.grpc_code),      \
-                  st.msg);                                                                  \
-            return; /* even with MSA_TEST_KEEP_GOING */                                     \
-        }                                                                                   \
+#define OK(call)                                                                                \
+    do {                                                                                        \
+        int rc_ = (call);                                                                       \
+        if (rc_ != MSA_OK) {                                                                    \
+            FAILF("%s failed: %d %s: %s", #call, rc_, msa_cli_grpc_name(st.grpc_code), st.msg); \
+            return; /* even with MSA_TEST_KEEP_GOING */                                         \
+        }                                                                                       \
     } while (0)
 /* A call that must fail with a given gRPC status. */
-#define EXPECT_STATUS(call, grpc)                                                           \
-    do {                                                                                    \
-        int rc_ = (call);                                                                   \
-        if (rc_ == MSA_OK || st.grpc_code != (grpc) || rc_ != msa_cli_err_from_grpc(grpc) ||  \
-            st.code != rc_) {                                                               \
+#define EXPECT_STATUS(call, grpc)                                                            \
+    do {                                                                                     \
+        int rc_ = (call);                                                                    \
+        if (rc_ == MSA_OK || st.grpc_code != (grpc) || rc_ != msa_cli_err_from_grpc(grpc) || \
+            st.code != rc_) {                                                                \
             FAILF("%s: want %s, got rc %d %s: %s", #call, msa_cli_grpc_name(grpc), rc_,      \
-                  msa_cli_grpc_name(st.grpc_code), st.msg);                                 \
-        }                                                                                   \
+                  msa_cli_grpc_name(st.grpc_code), st.msg);                                  \
+        }                                                                                    \
     } while (0)
 
 /* ======================================================================================
@@ -74,7 +73,8 @@ typedef struct daemon {
 
 static char msad_path[PATH_MAX + 16];
 
-static bool find_msad(void) {
+static bool find_msad(void)
+{
     const char *bin = getenv("MSA_BIN");
     if (bin) {
         snprintf(msad_path, sizeof msad_path, "%s/msad", bin);
@@ -92,9 +92,9 @@ static bool find_msad(void) {
 }
 
 /* Starts msad with extra args; returns false when it did not announce its address. */
-static bool daemon_start(daemon_t *d, const char *const *extra) {
-    snprintf(d->dir, sizeof d->dir, "/tmp/msa-libclient-XXXXXX");
-    if (!mkdtemp(d->dir)) return false;
+static bool daemon_start(daemon_t *d, const char *const *extra)
+{
+    if (!msa_test_tmpdir(d->dir, sizeof d->dir, "libclient")) return false;
     char data[PATH_MAX + 16], backups[PATH_MAX + 16], log[PATH_MAX + 16];
     snprintf(data, sizeof data, "%s/data", d->dir);
     snprintf(backups, sizeof backups, "%s/backups", d->dir);
@@ -102,9 +102,10 @@ static bool daemon_start(daemon_t *d, const char *const *extra) {
     mkdir(backups, 0755);
     int p[2];
     if (pipe(p)) return false;
-    const char *argv[32] = {msad_path, "--data", data, "--listen", "127.0.0.1:0",
-                            "--max-message-mb", "1", "--backup-dir", backups,
-                            "--backend", "cpu", "--threads", "2"};
+    const char *argv[32] = {
+        msad_path, "--data",       data,    "--listen",  "127.0.0.1:0", "--max-message-mb",
+        "1",       "--backup-dir", backups, "--backend", "cpu",         "--threads",
+        "2"};
     int n = 13;
     for (int i = 0; extra && extra[i]; i++) argv[n++] = extra[i];
     argv[n] = NULL;
@@ -138,13 +139,15 @@ static bool daemon_start(daemon_t *d, const char *const *extra) {
     return ok;
 }
 
-static int daemon_stop(daemon_t *d) {
+static int daemon_stop(daemon_t *d)
+{
     int status = 0;
     kill(d->pid, SIGTERM);
     waitpid(d->pid, &status, 0);
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", d->dir);
-    if (!getenv("MSA_KEEP_TMP") && system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", d->dir);
+    if (getenv("MSA_KEEP_TMP"))
+        fprintf(stderr, "data left in %s\n", d->dir);
+    else
+        msa_test_rmtree(d->dir);
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
@@ -160,13 +163,15 @@ static const uint32_t LAYERS[NL] = {0, 3};
 static const char *COLL = "libclient";
 
 static uint64_t rng = 88172645463325252ull;
-static float frand(void) {
+static float frand(void)
+{
     rng ^= rng << 13;
     rng ^= rng >> 7;
     rng ^= rng << 17;
     return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
 }
-static void fill(float *p, size_t n) {
+static void fill(float *p, size_t n)
+{
     for (size_t i = 0; i < n; i++) p[i] = frand();
 }
 
@@ -176,7 +181,8 @@ static const uint32_t DOC_TOKENS[NDOC] = {4, 7, 8, 13, 1, 16};
 static float *doc_k[NDOC][NL], *doc_v[NDOC][NL];
 static uint32_t doc_c[NDOC];
 
-static void schema_small(Msa__V1__CollectionSchema *s, uint32_t *layers) {
+static void schema_small(Msa__V1__CollectionSchema *s, uint32_t *layers)
+{
     msa_cli_schema_init(s);
     memcpy(layers, LAYERS, sizeof LAYERS);
     s->n_layers = NL;
@@ -189,7 +195,8 @@ static void schema_small(Msa__V1__CollectionSchema *s, uint32_t *layers) {
     s->routing_dtype = MSA__V1__DTYPE__F32;
 }
 
-static msa_cli_doc_t *make_doc(uint64_t id, uint32_t tokens, float **ks, float **vs, uint32_t *C) {
+static msa_cli_doc_t *make_doc(uint64_t id, uint32_t tokens, float **ks, float **vs, uint32_t *C)
+{
     msa_cli_status_t st;
     msa_cli_doc_t *d;
     uint32_t c = (tokens + P - 1) / P;
@@ -213,7 +220,8 @@ static msa_cli_doc_t *make_doc(uint64_t id, uint32_t tokens, float **ks, float *
 }
 
 /* fp64 routing score of one document (COSINE, HEAD_MEAN, QUERY_MAX, CHUNK_MAX). */
-static double ref_score(const float *q, uint32_t T, const float *k, uint32_t C) {
+static double ref_score(const float *q, uint32_t T, const float *k, uint32_t C)
+{
     double best = -INFINITY;
     for (uint32_t r = 0; r < C; r++) {
         double qmax = -INFINITY;
@@ -242,11 +250,12 @@ static double ref_score(const float *q, uint32_t T, const float *k, uint32_t C) 
  * Cases
  * ==================================================================================== */
 
-TEST(tensor_conversions) {
+TEST(tensor_conversions)
+{
     /* Our rounding must equal storage/tensor.h's (the server's) bit for bit. */
-    float special[] = {0.0f, -0.0f, 1.0f, -1.5f, 65504.0f, 65520.0f, 65519.0f, 1e-8f, 6.0e-8f,
-                       5.96e-8f, 2.98e-8f, 3.0e-5f, 6.1e-5f, 1e30f, -1e-30f, 3.14159265f,
-                       1.00390625f, 1.0078125f, INFINITY, -INFINITY};
+    float special[] = {0.0f,    -0.0f,       1.0f,        -1.5f,      65504.0f, 65520.0f, 65519.0f,
+                       1e-8f,   6.0e-8f,     5.96e-8f,    2.98e-8f,   3.0e-5f,  6.1e-5f,  1e30f,
+                       -1e-30f, 3.14159265f, 1.00390625f, 1.0078125f, INFINITY, -INFINITY};
     for (size_t i = 0; i < sizeof special / sizeof *special; i++) {
         CHECK_EQ_U(msa_cli_f32_to_bf16(special[i]), msa_f32_to_bf16(special[i]));
         CHECK_EQ_U(msa_cli_f32_to_f16(special[i]), msa_f32_to_f16(special[i]));
@@ -298,7 +307,8 @@ TEST(tensor_conversions) {
     CHECK(!strcmp(msa_cli_grpc_name(99), "UNKNOWN"));
 }
 
-TEST(unreachable) {
+TEST(unreachable)
+{
     msa_cli_status_t st;
     msa_cli_options_t o;
     msa_cli_options_init(&o);
@@ -315,7 +325,8 @@ TEST(unreachable) {
     EXPECT_STATUS(msa_cli_connect(&o, &c, &st), 3);
 }
 
-TEST(collections) {
+TEST(collections)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__CollectionSchema s;
@@ -347,7 +358,8 @@ TEST(collections) {
     OK(msa_cli_list_collections(cli, &lr, &l, 0, &st));
     int seen = 0;
     for (size_t i = 0; i < l->n_collections; i++)
-        seen += !strcmp(l->collections[i]->name, COLL) + !strcmp(l->collections[i]->name, "to_drop");
+        seen +=
+            !strcmp(l->collections[i]->name, COLL) + !strcmp(l->collections[i]->name, "to_drop");
     CHECK_EQ_U(seen, 2);
     msa_cli_free(l);
     Msa__V1__DescribeCollectionRequest dr = MSA__V1__DESCRIBE_COLLECTION_REQUEST__INIT;
@@ -362,7 +374,8 @@ TEST(collections) {
     EXPECT_STATUS(msa_cli_collection_drop(cli, "to_drop", NULL, &st), 5);
 }
 
-TEST(write_get_list) {
+TEST(write_get_list)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     uint64_t seq = 0, ver = 0, prev_seq = 0;
@@ -403,7 +416,8 @@ TEST(write_get_list) {
         float z[3 * H * D];
         fill(z, 3 * H * D);
         for (int l = 0; l < NL; l++)
-            OK(msa_cli_doc_add_layer_f32(d, LAYERS[l], MSA__V1__DTYPE__F32, 3, H, D, z, z, NULL, &st));
+            OK(msa_cli_doc_add_layer_f32(d, LAYERS[l], MSA__V1__DTYPE__F32, 3, H, D, z, z, NULL,
+                                         &st));
         EXPECT_STATUS(msa_cli_put(cli, COLL, d, 0, false, NULL, NULL, &st), 3);
         CHECK(strstr(st.msg, "layers") != NULL);
         EXPECT_STATUS(msa_cli_put(cli, "nope", d, 0, false, NULL, NULL, &st), 5);
@@ -435,7 +449,8 @@ TEST(write_get_list) {
         char want[64];
         snprintf(want, sizeof want, "document %d", di + 1);
         CHECK(!strcmp(r->document->text, want));
-        CHECK(r->document->metadata.len == 6 && !memcmp(r->document->metadata.data, "\x01\x02meta", 6));
+        CHECK(r->document->metadata.len == 6 &&
+              !memcmp(r->document->metadata.data, "\x01\x02meta", 6));
         CHECK_EQ_U(r->document->n_layers, NL);
         for (size_t l = 0; l < r->document->n_layers; l++) {
             const Msa__V1__LayerKV *lk = r->document->layers[l];
@@ -475,7 +490,8 @@ TEST(write_get_list) {
     msa_cli_free(l);
 }
 
-TEST(route_attend) {
+TEST(route_attend)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     enum { T = 3 };
@@ -633,7 +649,8 @@ TEST(route_attend) {
     }
 }
 
-TEST(delete) {
+TEST(delete)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     uint64_t ids[2] = {5, 999};
@@ -656,7 +673,8 @@ TEST(delete) {
 }
 
 /* A held snapshot: a List holds it, a later Put is invisible to a Get naming it. */
-TEST(held_snapshot) {
+TEST(held_snapshot)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__ListRequest lr = MSA__V1__LIST_REQUEST__INIT;
@@ -703,7 +721,8 @@ typedef struct commit_log {
     bool order_ok;
 } commit_log_t;
 
-static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t first_op, size_t n_ops) {
+static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t first_op, size_t n_ops)
+{
     commit_log_t *c = ud;
     if (first_op != c->expect_first || resp->n_versions != n_ops) c->order_ok = false;
     c->expect_first = first_op + n_ops;
@@ -711,7 +730,8 @@ static void on_commit(void *ud, const Msa__V1__WriteResponse *resp, uint64_t fir
     c->ops += n_ops;
 }
 
-TEST(batch_writer) {
+TEST(batch_writer)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__CollectionSchema s;
@@ -722,7 +742,8 @@ TEST(batch_writer) {
      * packed; 600 documents ~ 2.5 MiB, over the daemon's 1 MiB limit. */
     enum { N = 600 };
     commit_log_t log = {.order_ok = true};
-    msa_cli_writer_options_t wo = {.max_batch_bytes = 900 << 10, .on_commit = on_commit, .ud = &log};
+    msa_cli_writer_options_t wo = {
+        .max_batch_bytes = 900 << 10, .on_commit = on_commit, .ud = &log};
     msa_cli_writer_t *w;
     OK(msa_cli_writer_open(cli, "batch", &wo, &w, &st));
     for (int i = 0; i < N; i++) {
@@ -780,7 +801,8 @@ TEST(batch_writer) {
     msa_cli_free(ci);
 }
 
-TEST(admin) {
+TEST(admin)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     Msa__V1__StatsRequest sr = MSA__V1__STATS_REQUEST__INIT;
@@ -826,7 +848,8 @@ typedef struct par {
     int ok, n;
 } par_t;
 
-static void *par_worker(void *arg) {
+static void *par_worker(void *arg)
+{
     par_t *p = arg;
     for (int i = 0; i < p->n; i++) {
         msa_cli_status_t st;
@@ -841,7 +864,8 @@ static void *par_worker(void *arg) {
     return NULL;
 }
 
-TEST(concurrent) {
+TEST(concurrent)
+{
     NEED_DAEMON();
     enum { NT = 8, NC = 40 };
     pthread_t th[NT];
@@ -858,7 +882,8 @@ TEST(concurrent) {
     CHECK_EQ_U(total, NT * NC);
 }
 
-TEST(auth) {
+TEST(auth)
+{
     NEED_DAEMON();
     msa_cli_status_t st;
     char tf[] = "/tmp/msa-tokens-XXXXXX";
@@ -912,7 +937,8 @@ TEST(auth) {
  * ==================================================================================== */
 
 /* Last: msad shuts down cleanly on SIGTERM after all the above. */
-TEST(daemon_exits_cleanly) {
+TEST(daemon_exits_cleanly)
+{
     NEED_DAEMON();
     msa_cli_close(cli);
     cli = NULL;
@@ -921,21 +947,14 @@ TEST(daemon_exits_cleanly) {
 }
 
 static const msa_test_t TESTS[] = {
-    TEST_ENTRY(tensor_conversions),
-    TEST_ENTRY(unreachable),
-    TEST_ENTRY(collections),
-    TEST_ENTRY(write_get_list),
-    TEST_ENTRY(route_attend),
-    TEST_ENTRY(delete),
-    TEST_ENTRY(held_snapshot),
-    TEST_ENTRY(batch_writer),
-    TEST_ENTRY(admin),
-    TEST_ENTRY(concurrent),
-    TEST_ENTRY(auth),
-    TEST_ENTRY(daemon_exits_cleanly),
+    TEST_ENTRY(tensor_conversions), TEST_ENTRY(unreachable),  TEST_ENTRY(collections),
+    TEST_ENTRY(write_get_list),     TEST_ENTRY(route_attend), TEST_ENTRY(delete),
+    TEST_ENTRY(held_snapshot),      TEST_ENTRY(batch_writer), TEST_ENTRY(admin),
+    TEST_ENTRY(concurrent),         TEST_ENTRY(auth),         TEST_ENTRY(daemon_exits_cleanly),
 };
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     signal(SIGPIPE, SIG_IGN);
     if (find_msad()) {
         if (!daemon_start(&dmn, NULL)) return 1;

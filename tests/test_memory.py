@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from daemon_util import Daemon, msad_path  # noqa: E402
 import eval_memory as EV  # noqa: E402
+import oracle  # noqa: E402
 
 if not os.access(msad_path(), os.X_OK) or not os.path.exists(
         os.path.join(EV.PYDIR, "msa_client", "memory_pb2.py")):
@@ -53,9 +54,8 @@ def _unit(x):
 
 
 def bf16_round(x):
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.astype(np.uint32).view(np.float32)
+    """x rounded to bf16 (the reference's rounding, oracle.py)."""
+    return oracle.round_to(oracle.BF16, x)
 
 
 def ref_layer_scores(keys, rq):

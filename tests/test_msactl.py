@@ -32,13 +32,9 @@ LAYERS = [1, 4]
 H, HQ, D, P = 2, 4, 8, 4
 
 
-def bf16_bits(a):
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16(b):
-    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+# The reference bf16 codecs (oracle.py: independent of msactl and the server).
+from oracle import bf16_bits_to_f32 as from_bf16  # noqa: E402
+from oracle import f32_to_bf16_bits as bf16_bits  # noqa: E402
 
 
 def ref_scores(q, docs, layer):

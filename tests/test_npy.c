@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static char g_dir[256];
+static char g_dir[200];
 
 /* ==== numpy-written files (numpy 1.24, np.save / write_array) ===================== */
 
@@ -141,19 +141,18 @@ static size_t make_file(uint8_t *out, const char *hdr, size_t ndata)
     return 10 + h + ndata;
 }
 
-#define BAD_HDR(hdr, ndata, want_substr)                                                    \
-    do {                                                                                    \
-        uint8_t f_[1024];                                                                   \
-        size_t n_ = make_file(f_, hdr, ndata);                                              \
-        msa_cli_npy_t a_;                                                                   \
-        msa_status_t st_;                                                                   \
-        int rc_ = msa_cli_npy_parse(f_, n_, "k.npy", &a_, &st_);                            \
-        if (rc_ != MSA_EINVAL || strstr(st_.msg, want_substr) == NULL ||                    \
-            strncmp(st_.msg, "k.npy: ", 7) != 0) {                                          \
-            FAILF("header %s: rc %d msg \"%s\", want \"%s\"", hdr, rc_, st_.msg,         \
-                  want_substr);                                                             \
-        }                                                                                   \
-        CHECK(a_.data == NULL);                                                             \
+#define BAD_HDR(hdr, ndata, want_substr)                                                       \
+    do {                                                                                       \
+        uint8_t f_[1024];                                                                      \
+        size_t n_ = make_file(f_, hdr, ndata);                                                 \
+        msa_cli_npy_t a_;                                                                      \
+        msa_status_t st_;                                                                      \
+        int rc_ = msa_cli_npy_parse(f_, n_, "k.npy", &a_, &st_);                               \
+        if (rc_ != MSA_EINVAL || strstr(st_.msg, want_substr) == NULL ||                       \
+            strncmp(st_.msg, "k.npy: ", 7) != 0) {                                             \
+            FAILF("header %s: rc %d msg \"%s\", want \"%s\"", hdr, rc_, st_.msg, want_substr); \
+        }                                                                                      \
+        CHECK(a_.data == NULL);                                                                \
     } while (0)
 
 TEST(bad_headers)
@@ -177,8 +176,7 @@ TEST(bad_headers)
     BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (2,)}", 8,
             "shape twice");
     BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }", 8, "non-integer");
-    BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999,), }", 8,
-            "too large");
+    BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999,), }", 8, "too large");
     BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': (65536, 65536, 65536, 65536)}", 8,
             "too large");
     BAD_HDR("{'descr': '<f4', 'fortran_order': False, 'shape': 2}", 8, "not a tuple");
@@ -255,7 +253,7 @@ TEST(fuzz_no_crash)
             r ^= r << 13, r ^= r >> 7, r ^= r << 17;
             size_t pos = (size_t)(r % n);
             r ^= r << 13, r ^= r >> 7, r ^= r << 17;
-            b[pos] = (it & 1) ? (uint8_t)r : (uint8_t)" (),:'0123456789TF{}"[r % 20];
+            b[pos] = (it & 1) ? (uint8_t)r : (uint8_t) " (),:'0123456789TF{}"[r % 20];
         }
         r ^= r << 13, r ^= r >> 7, r ^= r << 17;
         size_t len = (r % 8 == 0) ? (size_t)(r >> 8) % n : n;
@@ -273,21 +271,14 @@ TEST(fuzz_no_crash)
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(numpy_files),
-    TEST_ENTRY(round_trip_files),
-    TEST_ENTRY(write_errors),
-    TEST_ENTRY(bad_headers),
-    TEST_ENTRY(fuzz_no_crash),
+    TEST_ENTRY(numpy_files), TEST_ENTRY(round_trip_files), TEST_ENTRY(write_errors),
+    TEST_ENTRY(bad_headers), TEST_ENTRY(fuzz_no_crash),
 };
 
 int main(int argc, char **argv)
 {
-    snprintf(g_dir, sizeof g_dir, "/tmp/test_npy.XXXXXX");
-    if (!mkdtemp(g_dir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    if (!msa_test_tmpdir(g_dir, sizeof g_dir, "npy")) return 1;
     int rc = msa_test_run(tests, sizeof tests / sizeof tests[0], argc, argv);
-    rmdir(g_dir);
+    msa_test_tmpdir_done(g_dir, rc);
     return rc;
 }

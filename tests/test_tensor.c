@@ -38,9 +38,12 @@ static double ref_f16_value(uint16_t h)
 {
     int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
     double v;
-    if (e == 31) v = m ? NAN : INFINITY;
-    else if (e == 0) v = ldexp((double)m, -24);
-    else v = ldexp((double)(m + 1024), e - 25);
+    if (e == 31)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp((double)m, -24);
+    else
+        v = ldexp((double)(m + 1024), e - 25);
     return s ? -v : v;
 }
 
@@ -49,9 +52,12 @@ static double ref_bf16_value(uint16_t h)
 {
     int s = h >> 15, e = (h >> 7) & 255, m = h & 127;
     double v;
-    if (e == 255) v = m ? NAN : INFINITY;
-    else if (e == 0) v = ldexp((double)m, -133);
-    else v = ldexp((double)(m + 128), e - 134);
+    if (e == 255)
+        v = m ? NAN : INFINITY;
+    else if (e == 0)
+        v = ldexp((double)m, -133);
+    else
+        v = ldexp((double)(m + 128), e - 134);
     return s ? -v : v;
 }
 
@@ -70,8 +76,10 @@ static uint16_t ref_round(double x, double (*value)(uint16_t), uint16_t maxcode,
     } else {
         while (lo < hi) {
             int mid = (lo + hi + 1) / 2;
-            if (value((uint16_t)mid) <= a) lo = mid;
-            else hi = mid - 1;
+            if (value((uint16_t)mid) <= a)
+                lo = mid;
+            else
+                hi = mid - 1;
         }
     }
     double below = value((uint16_t)lo);
@@ -87,8 +95,14 @@ static uint16_t ref_round(double x, double (*value)(uint16_t), uint16_t maxcode,
     return (uint16_t)(sign | ((lo & 1) ? up : lo));
 }
 
-static uint16_t ref_f32_to_f16(float x) { return ref_round(x, ref_f16_value, 0x7bff, 0x7c00); }
-static uint16_t ref_f32_to_bf16(float x) { return ref_round(x, ref_bf16_value, 0x7f7f, 0x7f80); }
+static uint16_t ref_f32_to_f16(float x)
+{
+    return ref_round(x, ref_f16_value, 0x7bff, 0x7c00);
+}
+static uint16_t ref_f32_to_bf16(float x)
+{
+    return ref_round(x, ref_bf16_value, 0x7f7f, 0x7f80);
+}
 
 /* ==== conversions ============================================================= */
 
@@ -99,7 +113,7 @@ TEST(f16_to_f32_exhaustive)
         double want = ref_f16_value((uint16_t)h);
         if (isnan(want)) {
             CHECK(isnan(got));
-            CHECK_EQ_U(fbits(got) >> 31, h >> 15); /* sign kept */
+            CHECK_EQ_U(fbits(got) >> 31, h >> 15);             /* sign kept */
             CHECK_EQ_U((fbits(got) >> 13) & 0x3ff, h & 0x3ff); /* payload kept */
         } else {
             if ((double)got != want) fprintf(stderr, "h=0x%04x\n", h);
@@ -198,13 +212,13 @@ TEST(conversion_edge_cases)
     CHECK_EQ_U(msa_f32_to_f16(-1e10f), 0xfc00);
     CHECK_EQ_U(msa_f32_to_f16(INFINITY), 0x7c00);
     CHECK_EQ_U(msa_f32_to_f16(-INFINITY), 0xfc00);
-    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -24)), 0x0001);  /* smallest subnormal */
-    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -25)), 0x0000);  /* halfway to 0 -> even 0 */
+    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -24)), 0x0001); /* smallest subnormal */
+    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -25)), 0x0000); /* halfway to 0 -> even 0 */
     CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.5f, -25)), 0x0001);
-    CHECK_EQ_U(msa_f32_to_f16(ldexpf(3.0f, -25)), 0x0002);  /* 1.5 ulp -> even 2 */
-    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -14)), 0x0400);  /* smallest normal */
-    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1023.5f, -24)), 0x0400); /* rounds up into normal */
-    CHECK_EQ_U(msa_f32_to_f16(1.0f + ldexpf(1.0f, -11)), 0x3c00); /* tie to even (down) */
+    CHECK_EQ_U(msa_f32_to_f16(ldexpf(3.0f, -25)), 0x0002);            /* 1.5 ulp -> even 2 */
+    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -14)), 0x0400);            /* smallest normal */
+    CHECK_EQ_U(msa_f32_to_f16(ldexpf(1023.5f, -24)), 0x0400);         /* rounds up into normal */
+    CHECK_EQ_U(msa_f32_to_f16(1.0f + ldexpf(1.0f, -11)), 0x3c00);     /* tie to even (down) */
     CHECK_EQ_U(msa_f32_to_f16(1.0f + 3 * ldexpf(1.0f, -11)), 0x3c02); /* tie to even (up) */
     CHECK_EQ_U(msa_f32_to_f16(ldexpf(1.0f, -30)), 0x0000);
     uint16_t hn = msa_f32_to_f16(NAN);
@@ -285,8 +299,7 @@ TEST(find_nonfinite)
     for (uint32_t c = 0; c < 65536; c++) {
         uint16_t v = (uint16_t)c;
         CHECK((msa_tensor_find_nonfinite(MSA_DT_F16, &v, 1) == 0) == !isfinite(ref_f16_value(v)));
-        CHECK((msa_tensor_find_nonfinite(MSA_DT_BF16, &v, 1) == 0) ==
-              !isfinite(ref_bf16_value(v)));
+        CHECK((msa_tensor_find_nonfinite(MSA_DT_BF16, &v, 1) == 0) == !isfinite(ref_bf16_value(v)));
     }
 }
 
@@ -379,8 +392,8 @@ TEST(validate_messages)
     msa_status_t st;
     uint16_t data[12 * 8 * 64];
     memset(data, 0, sizeof data);
-    msa_tensor_t t = {.dtype = MSA_DT_F16, .ndim = 3, .shape = {12, 8, 64}, .data = data,
-                      .nbytes = sizeof data};
+    msa_tensor_t t = {
+        .dtype = MSA_DT_F16, .ndim = 3, .shape = {12, 8, 64}, .data = data, .nbytes = sizeof data};
     uint32_t want[3] = {12, 8, 128};
     const char *p = "ops[3].put.layers[2].k";
 
@@ -450,8 +463,10 @@ TEST(validate_messages)
     CHECK_STR(st.msg, "q: 0 bytes, want 1024 for shape [1,8,64] F16");
 
     /* products that overflow 64 bits */
-    msa_tensor_t huge = {.dtype = MSA_DT_F32, .ndim = 4,
-                         .shape = {4294967295u, 4294967295u, 4294967295u, 2}, .data = data,
+    msa_tensor_t huge = {.dtype = MSA_DT_F32,
+                         .ndim = 4,
+                         .shape = {4294967295u, 4294967295u, 4294967295u, 2},
+                         .data = data,
                          .nbytes = 8};
     CHECK(msa_tensor_validate(&huge, MSA_DT_F32, 4, NULL, "x", &st) == MSA_EINVAL);
     CHECK_STR(st.msg, "x: shape [4294967295,4294967295,4294967295,2] is too large");
@@ -493,14 +508,14 @@ static msa_schema_t good_schema(void)
     return s;
 }
 
-#define SCHEMA_BAD(mutate, want_msg)                                                        \
-    do {                                                                                    \
-        msa_schema_t s_ = good_schema();                                                    \
-        mutate;                                                                             \
-        msa_status_t st_;                                                                   \
-        int rc_ = msa_schema_validate(&s_, "schema", &st_);                                 \
-        CHECK_EQ_I(rc_, MSA_EINVAL);                                              \
-        CHECK_STR(st_.msg, want_msg);                                                       \
+#define SCHEMA_BAD(mutate, want_msg)                        \
+    do {                                                    \
+        msa_schema_t s_ = good_schema();                    \
+        mutate;                                             \
+        msa_status_t st_;                                   \
+        int rc_ = msa_schema_validate(&s_, "schema", &st_); \
+        CHECK_EQ_I(rc_, MSA_EINVAL);                        \
+        CHECK_STR(st_.msg, want_msg);                       \
     } while (0)
 
 TEST(schema_defaults)
@@ -688,22 +703,22 @@ TEST(schema_encoding)
     CHECK(msa_schema_decode(bad, n + 1, &d) == MSA_ECORRUPT); /* trailing byte */
     memcpy(bad, buf, n);
     bad[0] = 2;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* unknown version */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* unknown version */
     memcpy(bad, buf, n);
     bad[3] = 0x81;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* unknown flag */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* unknown flag */
     memcpy(bad, buf, n);
     bad[1] = MSA_DT_I8;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* invalid schema */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* invalid schema */
     memcpy(bad, buf, n);
     bad[36] = 1;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* layers not ascending */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* layers not ascending */
     memcpy(bad, buf, n);
     bad[28] = 0xff, bad[29] = 0xff, bad[30] = 0xff, bad[31] = 0xff;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* huge layer count */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* huge layer count */
     memcpy(bad, buf, n);
     bad[45] = 0;
-    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT);     /* NUL inside model */
+    CHECK(msa_schema_decode(bad, n, &d) == MSA_ECORRUPT); /* NUL inside model */
     /* random bytes never crash */
     uint64_t r = 12345;
     for (int i = 0; i < 20000; i++) {

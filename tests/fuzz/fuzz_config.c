@@ -17,26 +17,27 @@
 #include <string.h>
 #include <unistd.h>
 
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "fuzz_config: %s:%d: CHECK(%s) failed: ", __FILE__, __LINE__,  \
-                    #cond);                                                                \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fputc('\n', stderr);                                                           \
-            abort();                                                                       \
-        }                                                                                  \
+#define CHECK(cond, ...)                                                                          \
+    do {                                                                                          \
+        if (!(cond)) {                                                                            \
+            fprintf(stderr, "fuzz_config: %s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                                         \
+            fputc('\n', stderr);                                                                  \
+            abort();                                                                              \
+        }                                                                                         \
     } while (0)
 
 #define MAX_ARGS 64
 
 static char cfg_path[256];
 
-static void at_exit(void) {
+static void at_exit(void)
+{
     if (cfg_path[0]) unlink(cfg_path);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
     (void)argc, (void)argv;
     const char *tmp = getenv("TMPDIR");
     if (!tmp) tmp = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
@@ -51,7 +52,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
     /* One NUL-terminated copy; segments point into it. */
     char *buf = malloc(size + 1);
     memcpy(buf, data, size);
@@ -101,8 +103,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(o.backend <= MSA_BACKEND_CUDA, "backend %d", (int)o.backend);
     }
     msa_rpc_opts_free(&o);
-    for (int i = 0; i < n_owned; i++)
-        free(owned[i]);
+    for (int i = 0; i < n_owned; i++) free(owned[i]);
     free(buf);
     return 0;
 }

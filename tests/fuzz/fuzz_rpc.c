@@ -37,8 +37,19 @@
 #include <unistd.h>
 
 static const char *const sel_names[] = {
-    "Write", "Route", "Attend", "CreateCollection", "Get", "List", "DescribeCollection",
-    "ListCollections", "DropCollection", "Stats", "Backup", "Verify", "HealthCheck",
+    "Write",
+    "Route",
+    "Attend",
+    "CreateCollection",
+    "Get",
+    "List",
+    "DescribeCollection",
+    "ListCollections",
+    "DropCollection",
+    "Stats",
+    "Backup",
+    "Verify",
+    "HealthCheck",
 };
 #define N_SEL (sizeof(sel_names) / sizeof(sel_names[0]))
 
@@ -50,11 +61,11 @@ static msa_rpc_ctx_t ctx;
 static char root[256], data_dir[300], backup_dir[300];
 static bool verbose; /* MSA_FUZZ_VERBOSE=1: one line per input (checking seeds) */
 
-#define DIE(...)                                                                           \
-    do {                                                                                   \
-        fprintf(stderr, "fuzz_rpc: " __VA_ARGS__);                                         \
-        fputc('\n', stderr);                                                               \
-        abort();                                                                           \
+#define DIE(...)                                   \
+    do {                                           \
+        fprintf(stderr, "fuzz_rpc: " __VA_ARGS__); \
+        fputc('\n', stderr);                       \
+        abort();                                   \
     } while (0)
 
 /* ==== malloc-backed protobuf-c allocator ======================================== */
@@ -65,7 +76,8 @@ typedef struct blk {
     size_t pad; /* keeps the payload 16-byte aligned */
 } blk_t;
 
-static void *pb_alloc(void *arg, size_t n) {
+static void *pb_alloc(void *arg, size_t n)
+{
     blk_t **head = arg;
     blk_t *b = malloc(sizeof(blk_t) + (n ? n : 1));
     if (!b) return NULL;
@@ -73,9 +85,13 @@ static void *pb_alloc(void *arg, size_t n) {
     *head = b;
     return b + 1;
 }
-static void pb_free(void *arg, void *p) { (void)arg, (void)p; }
+static void pb_free(void *arg, void *p)
+{
+    (void)arg, (void)p;
+}
 
-static void blocks_free(blk_t *b) {
+static void blocks_free(blk_t *b)
+{
     while (b) {
         blk_t *next = b->next;
         free(b);
@@ -86,7 +102,8 @@ static void blocks_free(blk_t *b) {
 /* ==== fixture ==================================================================== */
 
 /* The fixed collections. make_corpus.py mirrors these numbers. */
-static void fixture_collections(void) {
+static void fixture_collections(void)
+{
     msa_schema_t s[3];
     memset(s, 0, sizeof s);
     /* "c": BF16, two layers, COSINE, HEAD_MEAN, QUERY_MAX, CHUNK_MAX, model "m". */
@@ -122,15 +139,13 @@ static void fixture_collections(void) {
 }
 
 /* One document per fixture collection, so Route/Attend/Get have rows to work on. */
-static void fixture_docs(void) {
+static void fixture_docs(void)
+{
     static float kv_s[2 * 1 * 4], rk_s[2 * 1 * 4];
     static uint16_t kv_c[1 * 2 * 8], kv_h[3 * 1 * 2];
-    for (int i = 0; i < 8; i++)
-        kv_s[i] = (float)(i % 5) - 2.0f, rk_s[i] = 0.25f * (float)i;
-    for (int i = 0; i < 16; i++)
-        kv_c[i] = (uint16_t)(0x3f80 + 0x10 * i); /* BF16 around 1.0 */
-    for (int i = 0; i < 6; i++)
-        kv_h[i] = (uint16_t)(0x3c00 + 0x100 * i); /* F16 from 1.0 */
+    for (int i = 0; i < 8; i++) kv_s[i] = (float)(i % 5) - 2.0f, rk_s[i] = 0.25f * (float)i;
+    for (int i = 0; i < 16; i++) kv_c[i] = (uint16_t)(0x3f80 + 0x10 * i); /* BF16 around 1.0 */
+    for (int i = 0; i < 6; i++) kv_h[i] = (uint16_t)(0x3c00 + 0x100 * i); /* F16 from 1.0 */
     struct {
         const char *coll;
         msa_engine_layer_kv_t l[2];
@@ -144,18 +159,24 @@ static void fixture_docs(void) {
           {.layer = 3,
            .k = {MSA_DT_BF16, 3, {1, 2, 8}, kv_c, sizeof kv_c},
            .v = {MSA_DT_BF16, 3, {1, 2, 8}, kv_c, sizeof kv_c}}},
-         2, 3, "m"},
+         2,
+         3,
+         "m"},
         {"s",
          {{.layer = 1,
            .k = {MSA_DT_F32, 3, {2, 1, 4}, kv_s, sizeof kv_s},
            .v = {MSA_DT_F32, 3, {2, 1, 4}, kv_s, sizeof kv_s},
            .router_k = {MSA_DT_F32, 3, {2, 1, 4}, rk_s, sizeof rk_s}}},
-         1, 4, NULL},
+         1,
+         4,
+         NULL},
         {"h",
          {{.layer = 0,
            .k = {MSA_DT_F16, 3, {3, 1, 2}, kv_h, sizeof kv_h},
            .v = {MSA_DT_F16, 3, {3, 1, 2}, kv_h, sizeof kv_h}}},
-         1, 3, NULL},
+         1,
+         3,
+         NULL},
     };
     for (int i = 0; i < 3; i++) {
         msa_engine_write_op_t op;
@@ -173,7 +194,8 @@ static void fixture_docs(void) {
     }
 }
 
-static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
+static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
     (void)sb, (void)flag;
     (void)ftw;
     remove(p);
@@ -181,9 +203,13 @@ static int rm_one(const char *p, const struct stat *sb, int flag, struct FTW *ft
 }
 
 /* Removes dir and everything below it. */
-static void rm_tree(const char *dir) { nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS); }
+static void rm_tree(const char *dir)
+{
+    nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
 
-static void at_exit(void) {
+static void at_exit(void)
+{
     if (!eng) return;
     /* Whatever the inputs did, the store and the index must still agree. */
     msa_status_t st;
@@ -202,7 +228,8 @@ static void at_exit(void) {
     rm_tree(root);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv) {
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
     (void)argc, (void)argv;
     msa_log_setup(getenv("MSA_FUZZ_LOG") ? getenv("MSA_FUZZ_LOG") : "off", 0);
     const char *tmp = getenv("TMPDIR");
@@ -229,8 +256,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     }
     if (msa_rpc_metrics_init(&mx, msa__rpc_n_methods, msa__rpc_method_names))
         DIE("metrics init failed");
-    ctx = (msa_rpc_ctx_t){.engine = eng, .metrics = &mx, .max_send = 4u << 20,
-                          .stopping = &stopping};
+    ctx =
+        (msa_rpc_ctx_t){.engine = eng, .metrics = &mx, .max_send = 4u << 20, .stopping = &stopping};
     verbose = getenv("MSA_FUZZ_VERBOSE") != NULL;
     atexit(at_exit);
     return 0;
@@ -238,16 +265,18 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 
 /* DropCollection of a fixture collection would leave the other methods with
  * nothing to work on: such inputs are skipped (any other name is dropped). */
-static bool drops_fixture(const uint8_t *data, size_t len) {
+static bool drops_fixture(const uint8_t *data, size_t len)
+{
     Msa__V1__DropCollectionRequest *r = msa__v1__drop_collection_request__unpack(NULL, len, data);
     if (!r) return false;
-    bool fixture = r->name && (!strcmp(r->name, "c") || !strcmp(r->name, "s") ||
-                               !strcmp(r->name, "h"));
+    bool fixture =
+        r->name && (!strcmp(r->name, "c") || !strcmp(r->name, "s") || !strcmp(r->name, "h"));
     msa__v1__drop_collection_request__free_unpacked(r, NULL);
     return fixture;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
     if (size < 1) return 0;
     size_t which = data[0] % N_SEL;
     const msa_rpc_method_t *m = sel[which];
@@ -265,14 +294,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
      * where libFuzzer's buffer would hide it. */
     uint8_t *copy = malloc(len ? len : 1);
     if (len) memcpy(copy, msg, len);
-    msa_rpc_req_t req = {.data = copy, .len = len, .deadline_ms = msa__rpc_now_ms() + 2000,
-                         .arena = &arena};
+    msa_rpc_req_t req = {
+        .data = copy, .len = len, .deadline_ms = msa__rpc_now_ms() + 2000, .arena = &arena};
     msa_rpc_reply_t rep = {0};
     msa_status_t st;
     msa_status_clear(&st);
     int rc = m->fn(&ctx, &req, &rep, &st);
-    if (verbose)
-        fprintf(stderr, "fuzz_rpc: %s -> %s %s\n", m->name, msa_errname(rc), st.msg);
+    if (verbose) fprintf(stderr, "fuzz_rpc: %s -> %s %s\n", m->name, msa_errname(rc), st.msg);
     if (rc == MSA_OK) {
         if (!rep.data) DIE("%s: MSA_OK without a reply", m->name);
         free(rep.data);

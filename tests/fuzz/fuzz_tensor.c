@@ -26,15 +26,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(cond, ...)                                                                   \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "fuzz_tensor: %s:%d: CHECK(%s) failed: ", __FILE__, __LINE__,  \
-                    #cond);                                                                \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fputc('\n', stderr);                                                           \
-            abort();                                                                       \
-        }                                                                                  \
+#define CHECK(cond, ...)                                                                          \
+    do {                                                                                          \
+        if (!(cond)) {                                                                            \
+            fprintf(stderr, "fuzz_tensor: %s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                                         \
+            fputc('\n', stderr);                                                                  \
+            abort();                                                                              \
+        }                                                                                         \
     } while (0)
 
 /* A little reader over the input: missing bytes read as zero. */
@@ -43,20 +42,22 @@ typedef struct rd {
     size_t n;
 } rd_t;
 
-static uint8_t u8(rd_t *r) {
+static uint8_t u8(rd_t *r)
+{
     if (!r->n) return 0;
     r->n--;
     return *r->p++;
 }
-static uint32_t u32(rd_t *r) {
+static uint32_t u32(rd_t *r)
+{
     uint32_t v = 0;
-    for (int i = 0; i < 4; i++)
-        v |= (uint32_t)u8(r) << (8 * i);
+    for (int i = 0; i < 4; i++) v |= (uint32_t)u8(r) << (8 * i);
     return v;
 }
 
 /* n floats from the rest of the input (zero-padded), malloc'd. */
-static float *floats(rd_t *r, size_t n, bool finite_only) {
+static float *floats(rd_t *r, size_t n, bool finite_only)
+{
     float *x = calloc(n ? n : 1, sizeof(float));
     for (size_t i = 0; i < n && r->n; i++) {
         uint32_t u = u32(r);
@@ -66,7 +67,8 @@ static float *floats(rd_t *r, size_t n, bool finite_only) {
     return x;
 }
 
-static void case_schema(const uint8_t *d, size_t n) {
+static void case_schema(const uint8_t *d, size_t n)
+{
     msa_schema_t s;
     if (msa_schema_decode(d, n, &s) != MSA_OK) return;
     msa_status_t st;
@@ -82,7 +84,8 @@ static void case_schema(const uint8_t *d, size_t n) {
     (void)msa_schema_router_store_dtype(&s);
 }
 
-static void case_validate(rd_t *r) {
+static void case_validate(rd_t *r)
+{
     msa_tensor_t t;
     memset(&t, 0, sizeof t);
     uint8_t b = u8(r);
@@ -90,7 +93,7 @@ static void case_validate(rd_t *r) {
     /* The wanted dtype comes from a schema: always one msad knows. */
     msa_dtype_t want = (msa_dtype_t)(((b >> 3) & 7) % 5);
     uint8_t dims = u8(r);
-    t.ndim = dims & 7;              /* may exceed the wanted rank */
+    t.ndim = dims & 7; /* may exceed the wanted rank */
     uint32_t ndim = 1 + ((dims >> 3) & 3);
     bool big = dims & 0x80;
     uint32_t want_shape[MSA_TENSOR_MAX_DIMS];
@@ -108,20 +111,17 @@ static void case_validate(rd_t *r) {
         return;
     }
     size_t count = 1;
-    for (uint32_t i = 0; i < ndim; i++)
-        count *= t.shape[i];
+    for (uint32_t i = 0; i < ndim; i++) count *= t.shape[i];
     size_t es = msa_dtype_size(t.dtype);
     CHECK(count * es == t.nbytes, "accepted %zu bytes for %zu elements of %zu", t.nbytes, count,
           es);
     CHECK(msa_tensor_find_nonfinite(t.dtype, t.data, count) < 0, "accepted a non-finite value");
     float *f = malloc(count * sizeof(float));
     msa_tensor_to_f32(t.dtype, t.data, count, f);
-    for (size_t i = 0; i < count; i++)
-        CHECK(isfinite(f[i]), "element %zu converts to %g", i, f[i]);
+    for (size_t i = 0; i < count; i++) CHECK(isfinite(f[i]), "element %zu converts to %g", i, f[i]);
     void *back = malloc(t.nbytes ? t.nbytes : 1);
     if (t.dtype == MSA_DT_I8) /* I8 converts to plain integer values, with no way back */
-        for (size_t i = 0; i < count; i++)
-            ((int8_t *)back)[i] = (int8_t)f[i];
+        for (size_t i = 0; i < count; i++) ((int8_t *)back)[i] = (int8_t)f[i];
     else
         msa_tensor_from_f32(t.dtype, f, count, back);
     CHECK(!memcmp(back, t.data, t.nbytes), "%s -> F32 -> %s changed the bytes",
@@ -130,7 +130,8 @@ static void case_validate(rd_t *r) {
     free(f);
 }
 
-static void case_convert(rd_t *r) {
+static void case_convert(rd_t *r)
+{
     while (r->n >= 4) {
         uint32_t u = u32(r);
         uint16_t h = (uint16_t)u;
@@ -156,7 +157,8 @@ static void case_convert(rd_t *r) {
     }
 }
 
-static void case_pool(rd_t *r) {
+static void case_pool(rd_t *r)
+{
     uint32_t N = 1 + u8(r) % 64, W = 1 + u8(r) % 32, P = 1 + u8(r) % 16;
     uint32_t C = (N + P - 1) / P;
     float *raw = floats(r, (size_t)N * W, false);
@@ -166,7 +168,8 @@ static void case_pool(rd_t *r) {
     free(raw);
 }
 
-static void case_l2(rd_t *r) {
+static void case_l2(rd_t *r)
+{
     uint32_t n = 1 + u8(r) % 8, d = 1 + u8(r) % 64;
     float *x = floats(r, (size_t)n * d, true);
     float *orig = malloc((size_t)n * d * sizeof(float));
@@ -189,7 +192,8 @@ static void case_l2(rd_t *r) {
     free(x);
 }
 
-static void case_quantize(rd_t *r) {
+static void case_quantize(rd_t *r)
+{
     uint8_t hb = u8(r);
     uint32_t H = 1 + hb % 8, D = 1 + u8(r) % 64;
     bool finite = !(hb & 0x80); /* else Inf and NaN too: no UB, q still in range */
@@ -199,15 +203,15 @@ static void case_quantize(rd_t *r) {
     msa_tensor_quantize_i8(x, H, D, q, scale);
     for (uint32_t h = 0; h < H; h++) {
         if (finite) CHECK(scale[h] >= 0.0f && isfinite(scale[h]), "scale %g", scale[h]);
-        for (uint32_t i = 0; i < D; i++)
-            CHECK(q[h * D + i] >= -127, "q %d", q[h * D + i]);
+        for (uint32_t i = 0; i < D; i++) CHECK(q[h * D + i] >= -127, "q %d", q[h * D + i]);
     }
     free(scale);
     free(q);
     free(x);
 }
 
-static void case_npy(const uint8_t *d, size_t n) {
+static void case_npy(const uint8_t *d, size_t n)
+{
     msa_cli_npy_t a;
     msa_status_t st;
     if (msa_cli_npy_parse(d, n, "f.npy", &a, &st) != MSA_OK) {
@@ -219,8 +223,7 @@ static void case_npy(const uint8_t *d, size_t n) {
           a.nbytes);
     void *buf = NULL;
     size_t len = 0;
-    CHECK(msa_cli_npy_encode(a.dtype, a.ndim, a.shape, a.data, a.nbytes, &buf, &len, &st) ==
-              MSA_OK,
+    CHECK(msa_cli_npy_encode(a.dtype, a.ndim, a.shape, a.data, a.nbytes, &buf, &len, &st) == MSA_OK,
           "re-encode: %s", st.msg);
     msa_cli_npy_t b;
     CHECK(msa_cli_npy_parse(buf, len, "g.npy", &b, &st) == MSA_OK, "re-parse: %s", st.msg);
@@ -234,11 +237,11 @@ static void case_npy(const uint8_t *d, size_t n) {
     msa_cli_npy_free(&a);
 }
 
-static void case_shape_str(rd_t *r) {
+static void case_shape_str(rd_t *r)
+{
     uint32_t shape[MSA_TENSOR_MAX_DIMS];
     uint32_t ndim = u8(r) % (MSA_TENSOR_MAX_DIMS + 1);
-    for (int i = 0; i < MSA_TENSOR_MAX_DIMS; i++)
-        shape[i] = u32(r);
+    for (int i = 0; i < MSA_TENSOR_MAX_DIMS; i++) shape[i] = u32(r);
     for (size_t len = 1; len <= 48; len++) {
         char *buf = malloc(len);
         msa_tensor_shape_str(shape, ndim, buf, len);
@@ -247,18 +250,35 @@ static void case_shape_str(rd_t *r) {
     }
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
     if (size < 1) return 0;
     rd_t r = {data + 1, size - 1};
     switch (data[0] % 8) {
-    case 0: case_schema(data + 1, size - 1); break;
-    case 1: case_validate(&r); break;
-    case 2: case_convert(&r); break;
-    case 3: case_pool(&r); break;
-    case 4: case_l2(&r); break;
-    case 5: case_quantize(&r); break;
-    case 6: case_npy(data + 1, size - 1); break;
-    case 7: case_shape_str(&r); break;
+    case 0:
+        case_schema(data + 1, size - 1);
+        break;
+    case 1:
+        case_validate(&r);
+        break;
+    case 2:
+        case_convert(&r);
+        break;
+    case 3:
+        case_pool(&r);
+        break;
+    case 4:
+        case_l2(&r);
+        break;
+    case 5:
+        case_quantize(&r);
+        break;
+    case 6:
+        case_npy(data + 1, size - 1);
+        break;
+    case 7:
+        case_shape_str(&r);
+        break;
     }
     return 0;
 }
