@@ -47,12 +47,14 @@ static const int grpc_errs[] = {
 };
 #define N_GRPC_CODES (sizeof grpc_names / sizeof grpc_names[0])
 
-const char *msa_cli_grpc_name(int grpc_code) {
+const char *msa_cli_grpc_name(int grpc_code)
+{
     if (grpc_code < 0 || (size_t)grpc_code >= N_GRPC_CODES) return "UNKNOWN";
     return grpc_names[grpc_code];
 }
 
-int msa_cli_err_from_grpc(int g) {
+int msa_cli_err_from_grpc(int g)
+{
     if (g < 0 || (size_t)g >= N_GRPC_CODES) return MSA_EINTERNAL;
     return grpc_errs[g];
 }
@@ -99,7 +101,7 @@ enum {
 #define X(id, path, name, scope, poller, fn) M_##id,
     MSA_RPC_METHODS(X)
 #undef X
-    M_COUNT
+        M_COUNT
 };
 static const char *const method_names[M_COUNT] = {
 #define X(id, path, name, scope, poller, fn) path,

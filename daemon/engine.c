@@ -24,7 +24,6 @@ void *msa__engine_result_new(size_t size, msa_status_t *st)
     return r;
 }
 
-
 /* ==== validation helpers ====================================================== */
 
 bool msa__engine_valid_utf8(const unsigned char *s, size_t n, size_t *bad)
@@ -70,7 +69,8 @@ int msa__engine_check_id(uint64_t id, const char *path, msa_status_t *st)
 }
 
 /* Finds the collection by name in txn t; NOT_FOUND names it. */
-int msa__engine_find_coll(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out, msa_status_t *st)
+int msa__engine_find_coll(msa_store_txn_t *t, const char *name, msa_coll_rec_t *out,
+                          msa_status_t *st)
 {
     if (!name || !name[0]) return msa_status_set(st, MSA_EINVAL, "collection: empty name");
     int rc = msa_schema_validate_name(name, "collection", st);
@@ -88,12 +88,12 @@ typedef struct rebuild_ctx {
     msa_store_txn_t *txn;
     const msa_coll_rec_t *coll;
     msa_idx_coll_t *ic;
-    float *rows;                  /* [L][max chunks][W] scratch */
-    size_t rows_cap;              /* floats */
+    float *rows;     /* [L][max chunks][W] scratch */
+    size_t rows_cap; /* floats */
     uint64_t done, total;
     int64_t last_log;
     int rc;
-    msa_status_t *st;             /* names the document at fault */
+    msa_status_t *st; /* names the document at fault */
 } rebuild_ctx_t;
 
 static int rebuild_doc(void *arg, const msa_doc_rec_t *d)
@@ -189,7 +189,10 @@ static int rebuild_index(msa_engine_t *e, msa_status_t *st)
     return MSA_OK;
 }
 
-static char *dup_or_null(const char *s) { return s ? msa_strdup(s) : NULL; }
+static char *dup_or_null(const char *s)
+{
+    return s ? msa_strdup(s) : NULL;
+}
 
 int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_status_t *st)
 {
@@ -210,8 +213,9 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
         /* Each held snapshot takes an LMDB reader slot: leave half to calls. */
         uint32_t slots = cfg->max_readers ? cfg->max_readers : 1024;
         if (e->cfg.max_held_snapshots > slots / 2) {
-            msa_log(MSA_LOG_WARN, "--max-held-snapshots %u lowered to %u: half the %u LMDB reader "
-                                  "slots (--max-readers) stay for calls",
+            msa_log(MSA_LOG_WARN,
+                    "--max-held-snapshots %u lowered to %u: half the %u LMDB reader "
+                    "slots (--max-readers) stay for calls",
                     e->cfg.max_held_snapshots, slots / 2, slots);
             e->cfg.max_held_snapshots = slots / 2;
         }
@@ -242,8 +246,8 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
         char gwhy[256] = "";
         rc = gpus > 0 ? msa_gpu_open(&e->cfg.gpu, &e->gpu, gwhy, sizeof gwhy) : MSA_EUNAVAIL;
         if (rc && cfg->backend == MSA_BACKEND_CUDA) {
-            rc = msa_status_set(st, rc == MSA_ENOMEM ? MSA_EFULL : MSA_EUNAVAIL,
-                                "backend cuda: %s", gpus > 0 ? gwhy : why);
+            rc = msa_status_set(st, rc == MSA_ENOMEM ? MSA_EFULL : MSA_EUNAVAIL, "backend cuda: %s",
+                                gpus > 0 ? gwhy : why);
             goto fail;
         }
         if (rc)
@@ -255,8 +259,8 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
         msa_log(MSA_LOG_WARN, "backend: cuda on the SIMULATED device (MSA_GPU_SIM=1): a test "
                               "device that computes on the host; never use it to serve");
     msa_log(MSA_LOG_INFO, "backend: %s (%s; %d CUDA device%s%s%s)", e->backend,
-            msa_idx_isa_name(msa_idx_isa_detect()), gpus, gpus == 1 ? "" : "s",
-            gpus ? "" : ": ", gpus ? "" : why);
+            msa_idx_isa_name(msa_idx_isa_detect()), gpus, gpus == 1 ? "" : "s", gpus ? "" : ": ",
+            gpus ? "" : why);
 
     /* The walk runs in a child process before this one maps the file, so a
      * page that would crash LMDB crashes the child, and msad refuses to start. */
@@ -270,8 +274,10 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
                     cfg->check_on_start == MSA_STORE_CHECK_QUICK ? "quick" : "full", e->data_dir,
                     (double)bytes / (1 << 20), (long long)(mono_ms() - t0));
     }
-    msa_store_opts_t so = {.map_size = cfg->map_size, .map_max = cfg->map_max,
-                           .max_readers = cfg->max_readers, .nosync = cfg->nosync};
+    msa_store_opts_t so = {.map_size = cfg->map_size,
+                           .map_max = cfg->map_max,
+                           .max_readers = cfg->max_readers,
+                           .nosync = cfg->nosync};
     rc = msa_store_open(e->data_dir, &so, &e->store, st);
     if (rc) goto fail;
     rc = msa_idx_create(cfg->threads, msa_idx_isa_detect(), &e->idx);
@@ -287,7 +293,8 @@ int msa_engine_open(const msa_engine_config_t *cfg, msa_engine_t **out, msa_stat
     }
     rc = rebuild_index(e, st);
     if (rc) goto fail;
-    rc = msa__engine_lease_table_create(e->cfg.max_held_snapshots, msa__engine_lease_close, e, &e->leases);
+    rc = msa__engine_lease_table_create(e->cfg.max_held_snapshots, msa__engine_lease_close, e,
+                                        &e->leases);
     if (rc) {
         msa_status_set(st, rc, "held snapshots: %s", msa_strerror(rc));
         goto fail;
@@ -349,7 +356,12 @@ void msa_engine_close(msa_engine_t *e)
     free(e);
 }
 
-const char *msa_engine_backend_name(const msa_engine_t *e) { return e->backend; }
+const char *msa_engine_backend_name(const msa_engine_t *e)
+{
+    return e->backend;
+}
 
-uint64_t msa_engine_commit_seq(const msa_engine_t *e) { return msa_idx_applied(e->idx); }
-
+uint64_t msa_engine_commit_seq(const msa_engine_t *e)
+{
+    return msa_idx_applied(e->idx);
+}

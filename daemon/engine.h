@@ -63,24 +63,24 @@ typedef enum {
 } msa_engine_backend_t;
 
 typedef struct msa_engine_config {
-    const char *data_dir;          /* LMDB directory (created when missing) */
-    msa_engine_backend_t backend;  /* auto: CUDA when a usable GPU exists, else CPU */
-    unsigned threads;              /* compute threads (0 = online CPUs) */
-    bool nosync;                   /* --sync nosync: commits not fsync'd */
-    uint64_t map_size;             /* initial LMDB map bytes (0 = default) */
-    uint64_t map_max;              /* LMDB map limit bytes (0 = default) */
-    unsigned max_readers;          /* concurrent read snapshots (0 = 1024) */
-    const char *backup_dir;        /* Backup writes only here (NULL: backups refused) */
-    unsigned group_commit_max;     /* requests per LMDB txn at most (0 = 256) */
-    uint32_t min_seq_wait_ms;      /* min_seq wait limit (0 = 5000) */
-    uint32_t max_min_seq_waiters;  /* calls waiting for min_seq at once (0 = 8); more:
+    const char *data_dir;         /* LMDB directory (created when missing) */
+    msa_engine_backend_t backend; /* auto: CUDA when a usable GPU exists, else CPU */
+    unsigned threads;             /* compute threads (0 = online CPUs) */
+    bool nosync;                  /* --sync nosync: commits not fsync'd */
+    uint64_t map_size;            /* initial LMDB map bytes (0 = default) */
+    uint64_t map_max;             /* LMDB map limit bytes (0 = default) */
+    unsigned max_readers;         /* concurrent read snapshots (0 = 1024) */
+    const char *backup_dir;       /* Backup writes only here (NULL: backups refused) */
+    unsigned group_commit_max;    /* requests per LMDB txn at most (0 = 256) */
+    uint32_t min_seq_wait_ms;     /* min_seq wait limit (0 = 5000) */
+    uint32_t max_min_seq_waiters; /* calls waiting for min_seq at once (0 = 8); more:
                                       MSA_EFULL, so waits cannot take every handler */
     /* Request limits (INVALID_ARGUMENT naming the field when exceeded). */
-    uint32_t max_query_tokens;     /* T per layer of Route/Attend (0 = 65536) */
-    uint32_t max_write_ops;        /* ops per WriteRequest (0 = 4096) */
-    uint32_t max_text_bytes;       /* Document.text per document (0 = 16 MiB) */
-    uint32_t max_metadata_bytes;   /* Document.metadata per document (0 = 1 MiB) */
-    uint32_t max_ids;              /* GetRequest.ids, exclude_ids per request (0 = 100000) */
+    uint32_t max_query_tokens;   /* T per layer of Route/Attend (0 = 65536) */
+    uint32_t max_write_ops;      /* ops per WriteRequest (0 = 4096) */
+    uint32_t max_text_bytes;     /* Document.text per document (0 = 16 MiB) */
+    uint32_t max_metadata_bytes; /* Document.metadata per document (0 = 1 MiB) */
+    uint32_t max_ids;            /* GetRequest.ids, exclude_ids per request (0 = 100000) */
     /* Held snapshots (snapshot leases). */
     uint32_t max_held_snapshots;   /* held at once (0 = 256; at most half of max_readers) */
     uint32_t max_snapshot_hold_ms; /* hold_snapshot_ms limit (0 = 60000) */
@@ -149,8 +149,7 @@ typedef struct msa_engine_describe_collection_result {
 
 /* Errors: MSA_EINVAL (name), MSA_ENOTFOUND. */
 int msa_engine_describe_collection(msa_engine_t *e, const char *name,
-                                   msa_engine_describe_collection_result_t **out,
-                                   msa_status_t *st);
+                                   msa_engine_describe_collection_result_t **out, msa_status_t *st);
 void msa_engine_describe_collection_result_free(msa_engine_describe_collection_result_t *r);
 
 typedef struct msa_engine_list_collections_result {
@@ -371,8 +370,8 @@ typedef struct msa_engine_get_result {
  * MSA_ENOTFOUND (collection, or an id not visible at the snapshot: the
  * message names ids[i]), MSA_EFULL (max_bytes), as Route for min_seq and held
  * snapshots, MSA_ECORRUPT. */
-int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req,
-                   msa_engine_get_result_t **out, msa_status_t *st);
+int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_get_result_t **out,
+                   msa_status_t *st);
 void msa_engine_get_result_free(msa_engine_get_result_t *r);
 
 /* ---- List ---- */

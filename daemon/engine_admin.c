@@ -58,20 +58,21 @@ static int stats_into(msa_engine_t *e, msa_engine_stats_result_t *out, msa_statu
 }
 
 static int release_snapshot_into(msa_engine_t *e, uint64_t snapshot_seq, bool *released,
-                             msa_status_t *st)
+                                 msa_status_t *st)
 {
     *released = false;
     int rc = enter(e, st);
     if (rc) return rc;
     if (!snapshot_seq)
-        return leave(e, msa_status_set(st, MSA_EINVAL, "snapshot_seq: 0, want the seq of a held "
-                                                       "snapshot"));
+        return leave(e, msa_status_set(st, MSA_EINVAL,
+                                       "snapshot_seq: 0, want the seq of a held "
+                                       "snapshot"));
     *released = msa__engine_lease_release(e->leases, snapshot_seq);
     return leave(e, MSA_OK);
 }
 
 static int backup_into(msa_engine_t *e, const char *name, bool compact, uint64_t *seq,
-                   uint64_t *bytes, msa_status_t *st)
+                       uint64_t *bytes, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -83,8 +84,8 @@ static int backup_into(msa_engine_t *e, const char *name, bool compact, uint64_t
                                        "name: \"%s\" must be a plain file name (no '/', no '..')",
                                        name ? name : ""));
     if (strlen(name) > 255)
-        return leave(e, msa_status_set(st, MSA_EINVAL, "name: %zu bytes, at most 255",
-                                       strlen(name)));
+        return leave(e,
+                     msa_status_set(st, MSA_EINVAL, "name: %zu bytes, at most 255", strlen(name)));
     mkdir(e->backup_dir, 0700);
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", e->backup_dir, name);
@@ -125,7 +126,8 @@ static int verify_doc(void *arg, const msa_doc_rec_t *d)
     long rows = msa_idx_doc_rows(v->ic, d->id);
     if (rows != (long)d->chunks) {
         char *msg = NULL;
-        if (asprintf(&msg, "collection \"%s\" document %llu: index has %ld rows, store has %u chunks",
+        if (asprintf(&msg,
+                     "collection \"%s\" document %llu: index has %ld rows, store has %u chunks",
                      v->coll->name, (unsigned long long)d->id, rows, d->chunks) < 0)
             msg = NULL;
         add_problem(v, msg);
@@ -150,7 +152,8 @@ static int verify_coll(void *arg, const msa_coll_rec_t *c)
     if (is.live_docs != c->documents) {
         char *msg = NULL;
         if (asprintf(&msg, "collection \"%s\": index has %llu live documents, store has %llu",
-                     c->name, (unsigned long long)is.live_docs, (unsigned long long)c->documents) < 0)
+                     c->name, (unsigned long long)is.live_docs,
+                     (unsigned long long)c->documents) < 0)
             msg = NULL;
         add_problem(v, msg);
     }
@@ -160,7 +163,7 @@ static int verify_coll(void *arg, const msa_coll_rec_t *c)
 }
 
 static int verify_into(msa_engine_t *e, const char *collection, uint64_t *docs_checked,
-                   char ***problems, size_t *n_problems, msa_status_t *st)
+                       char ***problems, size_t *n_problems, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -183,8 +186,8 @@ static int verify_into(msa_engine_t *e, const char *collection, uint64_t *docs_c
         fill_status(st, rc, "verify");
     }
     if (rc == MSA_OK) {
-        verify_ctx_t v = {.e = e, .txn = t, .problems = problems, .n_problems = n_problems,
-                          .only = only};
+        verify_ctx_t v = {
+            .e = e, .txn = t, .problems = problems, .n_problems = n_problems, .only = only};
         rc = fill_status(st, msa_store_coll_foreach(t, verify_coll, &v), "verify index");
     }
     msa_store_abort(t);
@@ -197,15 +200,16 @@ static int verify_into(msa_engine_t *e, const char *collection, uint64_t *docs_c
     return leave(e, fill_status(st, rc, "verify"));
 }
 
-int msa_engine_stats(msa_engine_t *e, msa_engine_stats_result_t **out,
-                     msa_status_t *st)
+int msa_engine_stats(msa_engine_t *e, msa_engine_stats_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_stats_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = stats_into(e, r, st);
-    if (rc) msa_engine_stats_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_stats_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -215,15 +219,17 @@ void msa_engine_stats_result_free(msa_engine_stats_result_t *r)
     free(r);
 }
 
-int msa_engine_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq, msa_engine_release_snapshot_result_t **out,
-                                msa_status_t *st)
+int msa_engine_release_snapshot(msa_engine_t *e, uint64_t snapshot_seq,
+                                msa_engine_release_snapshot_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_release_snapshot_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = release_snapshot_into(e, snapshot_seq, &r->released, st);
-    if (rc) msa_engine_release_snapshot_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_release_snapshot_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -233,15 +239,17 @@ void msa_engine_release_snapshot_result_free(msa_engine_release_snapshot_result_
     free(r);
 }
 
-int msa_engine_backup(msa_engine_t *e, const char *name, bool compact, msa_engine_backup_result_t **out,
-                      msa_status_t *st)
+int msa_engine_backup(msa_engine_t *e, const char *name, bool compact,
+                      msa_engine_backup_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_backup_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = backup_into(e, name, compact, &r->seq, &r->bytes, st);
-    if (rc) msa_engine_backup_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_backup_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -258,8 +266,10 @@ int msa_engine_verify(msa_engine_t *e, const char *collection, msa_engine_verify
     msa_engine_verify_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = verify_into(e, collection, &r->docs_checked, &r->problems, &r->n_problems, st);
-    if (rc) msa_engine_verify_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_verify_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 

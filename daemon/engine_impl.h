@@ -38,7 +38,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define MAX_QUERY_TOKENS 65536  /* T per layer; larger queries are INVALID_ARGUMENT */
+#define MAX_QUERY_TOKENS 65536 /* T per layer; larger queries are INVALID_ARGUMENT */
 #define MAX_LIST_LIMIT 100000
 /* Defaults of the request limits in msa_engine_config_t (0 there = these). */
 #define DEF_MAX_WRITE_OPS 4096
@@ -56,47 +56,49 @@
 struct msa__engine_wq_item;
 
 struct msa_engine {
-    msa_engine_config_t cfg;         /* copy; strings below are owned copies */
+    msa_engine_config_t cfg; /* copy; strings below are owned copies */
     char *data_dir;
     char *backup_dir;
     msa_store_t *store;
     msa_idx_t *idx;
-    char backend[16];             /* "cpu" or "cuda" */
-    msa_gpu_t *gpu;               /* CUDA backend, NULL on the CPU backend */
+    char backend[16]; /* "cpu" or "cuda" */
+    msa_gpu_t *gpu;   /* CUDA backend, NULL on the CPU backend */
     /* writer */
     pthread_t writer;
     pthread_mutex_t q_lock;
-    pthread_cond_t q_cond;        /* work queued, or stop */
-    pthread_cond_t done_cond;     /* some request finished */
+    pthread_cond_t q_cond;    /* work queued, or stop */
+    pthread_cond_t done_cond; /* some request finished */
     struct msa__engine_wq_item *q_head, *q_tail;
     bool writer_stop;
-    pthread_mutex_t pause_lock;   /* held by the writer per group; Verify holds it to freeze writes */
+    pthread_mutex_t pause_lock; /* held by the writer per group; Verify holds it to freeze writes */
     /* lifecycle */
     atomic_bool shutting_down;
     atomic_bool broken;
-    atomic_int inflight;          /* public calls in progress */
-    atomic_uint submitted;        /* requests handed to the writer, not yet answered */
-    atomic_uint seq_waiters;      /* read calls waiting for a min_seq */
+    atomic_int inflight;     /* public calls in progress */
+    atomic_uint submitted;   /* requests handed to the writer, not yet answered */
+    atomic_uint seq_waiters; /* read calls waiting for a min_seq */
     /* counters */
     _Atomic uint64_t n_writes, n_groups, n_routes, n_attends, n_gets, n_lists;
-    msa__engine_lease_table_t *leases;   /* held snapshots (lease.h) */
+    msa__engine_lease_table_t *leases; /* held snapshots (lease.h) */
 };
 
-
 typedef struct msa__engine_snap {
-    msa_engine_t *e;              /* owner: Get results close their snapshot later */
+    msa_engine_t *e; /* owner: Get results close their snapshot later */
     msa_store_txn_t *txn;
     uint64_t seq;
     msa_coll_rec_t coll;
     msa_idx_coll_t *ic;
     bool registered;
-    msa__engine_lease_t *lease;          /* a held snapshot this call uses: txn is the lease's */
-    bool lease_locked;            /* the lease's txn is still in use by this call */
+    msa__engine_lease_t *lease; /* a held snapshot this call uses: txn is the lease's */
+    bool lease_locked;          /* the lease's txn is still in use by this call */
 } msa__engine_snap_t;
 
 /* ---- shared helpers (one-liners, inline) ---- */
 
-static inline int64_t mono_ms(void) { return msa_clock_ms(); }
+static inline int64_t mono_ms(void)
+{
+    return msa_clock_ms();
+}
 
 static inline int64_t wall_ms(void)
 {
@@ -116,7 +118,8 @@ static inline int enter(msa_engine_t *e, msa_status_t *st)
     }
     if (atomic_load(&e->broken)) {
         atomic_fetch_sub(&e->inflight, 1);
-        return msa_status_set(st, MSA_EBROKEN, "engine is broken after an internal failure; restart msad");
+        return msa_status_set(st, MSA_EBROKEN,
+                              "engine is broken after an internal failure; restart msad");
     }
     return MSA_OK;
 }
@@ -159,8 +162,8 @@ void *msa__engine_writer_main(void *arg);
 
 /* Opens a read snapshot at the latest commit (or waits for min_seq until
  * deadline_ms) and, when name is set, resolves that collection in it. */
-int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq,
-                          int64_t deadline_ms, msa__engine_snap_t *s, msa_status_t *st);
+int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
+                          msa__engine_snap_t *s, msa_status_t *st);
 /* As msa__engine_snap_open, or the held snapshot snapshot_seq (hold_ms: see
  * engine.h, "held snapshots"). */
 int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq,

@@ -40,7 +40,8 @@ static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_lay
                         uint32_t max_t, query_set_t *qs, msa_status_t *st)
 {
     memset(qs, 0, sizeof *qs);
-    if (n_layers == 0) return msa_status_set(st, MSA_EINVAL, "layers: empty; name at least one layer");
+    if (n_layers == 0)
+        return msa_status_set(st, MSA_EINVAL, "layers: empty; name at least one layer");
     if (n_layers > s->n_layers)
         return msa_status_set(st, MSA_EINVAL, "layers: %u given, collection has %u", n_layers,
                               s->n_layers);
@@ -70,7 +71,8 @@ static int prep_queries(const msa_schema_t *s, const char *cname, uint32_t n_lay
         if (need_q) {
             snprintf(path, sizeof path, "layers[%u].q", i);
             if (need_route) want[0] = qs->T[i];
-            if ((rc = msa_tensor_validate(&lq->q, MSA_DT_UNSPECIFIED, 3, want, path, st))) return rc;
+            if ((rc = msa_tensor_validate(&lq->q, MSA_DT_UNSPECIFIED, 3, want, path, st)))
+                return rc;
             qs->T[i] = lq->q.shape[0];
             if ((rc = tensor_f32(&lq->q, &qs->q[i], st, path))) return rc;
         }
@@ -115,9 +117,9 @@ static int rerank_stored(msa_engine_t *e, msa__engine_snap_t *s, const query_set
     const msa_dtype_t dt = sc->kv_dtype; /* I8 routing: router keys stored in kv_dtype */
     const size_t row = (size_t)H * D;
     msa_idx_scorer_t *scorer = NULL;
-    int rc = msa_idx_scorer_create(qs->rq[i], qs->T[i], sc->query_heads, H, D, cosine,
-                                   sc->head_reduce, sc->query_reduce, MSA_DT_F32,
-                                   msa_idx_get_isa(e->idx), &scorer);
+    int rc =
+        msa_idx_scorer_create(qs->rq[i], qs->T[i], sc->query_heads, H, D, cosine, sc->head_reduce,
+                              sc->query_reduce, MSA_DT_F32, msa_idx_get_isa(e->idx), &scorer);
     if (rc) return msa_status_set(st, rc, "route: re-rank: %s", msa_strerror(rc));
     float *keys = NULL, *rs = NULL;
     size_t cap = 0;
@@ -134,7 +136,8 @@ static int rerank_stored(msa_engine_t *e, msa__engine_snap_t *s, const query_set
         }
         size_t rows = v.len / (row * msa_dtype_size(dt));
         if (rows > cap) {
-            float *k2 = msa_realloc(keys, rows * row * sizeof *k2), *r2 = msa_realloc(rs, rows * sizeof *r2);
+            float *k2 = msa_realloc(keys, rows * row * sizeof *k2),
+                  *r2 = msa_realloc(rs, rows * sizeof *r2);
             if (k2) keys = k2;
             if (r2) rs = r2;
             if (!k2 || !r2) {
@@ -155,9 +158,9 @@ static int rerank_stored(msa_engine_t *e, msa__engine_snap_t *s, const query_set
     return rc;
 }
 
-static int route_layer(msa_engine_t *e, msa__engine_snap_t *s, const query_set_t *qs, uint32_t i, uint32_t k,
-                       const uint64_t *excl, size_t n_excl, uint64_t **ids, float **scores,
-                       uint32_t *n, msa_status_t *st)
+static int route_layer(msa_engine_t *e, msa__engine_snap_t *s, const query_set_t *qs, uint32_t i,
+                       uint32_t k, const uint64_t *excl, size_t n_excl, uint64_t **ids,
+                       float **scores, uint32_t *n, msa_status_t *st)
 {
     msa_idx_hit_t *hits = msa_malloc(k * sizeof *hits);
     *ids = msa_malloc(k * sizeof **ids);
@@ -180,8 +183,12 @@ static int route_layer(msa_engine_t *e, msa__engine_snap_t *s, const query_set_t
         }
         hits = more;
     }
-    msa_idx_route_args_t a = {.layer_pos = (uint32_t)qs->pos[i], .q = qs->rq[i], .T = qs->T[i],
-                              .snapshot = s->seq, .exclude = excl, .n_exclude = n_excl,
+    msa_idx_route_args_t a = {.layer_pos = (uint32_t)qs->pos[i],
+                              .q = qs->rq[i],
+                              .T = qs->T[i],
+                              .snapshot = s->seq,
+                              .exclude = excl,
+                              .n_exclude = n_excl,
                               .top_k = want};
     int rc = msa_idx_route(e->idx, s->ic, &a, hits, n);
     if (rc == MSA_OK && i8) {
@@ -210,8 +217,8 @@ typedef struct route_layers_ctx {
     const uint64_t *excl;
     size_t n_excl;
     msa_engine_route_result_t *r;
-    msa_status_t *st;             /* per layer */
-    int *rc;                      /* per layer */
+    msa_status_t *st; /* per layer */
+    int *rc;          /* per layer */
 } route_layers_ctx_t;
 
 static void route_layer_task(void *arg, size_t i, unsigned worker)
@@ -220,8 +227,8 @@ static void route_layer_task(void *arg, size_t i, unsigned worker)
     route_layers_ctx_t *c = arg;
     msa_engine_layer_route_t *lr = &c->r->layers[i];
     msa_status_clear(&c->st[i]);
-    c->rc[i] = route_layer(c->e, c->s, c->qs, (uint32_t)i, c->k, c->excl, c->n_excl,
-                           &lr->doc_ids, &lr->scores, &lr->n, &c->st[i]);
+    c->rc[i] = route_layer(c->e, c->s, c->qs, (uint32_t)i, c->k, c->excl, c->n_excl, &lr->doc_ids,
+                           &lr->scores, &lr->n, &c->st[i]);
 }
 
 void msa_engine_route_result_free(msa_engine_route_result_t *r)
@@ -235,8 +242,8 @@ void msa_engine_route_result_free(msa_engine_route_result_t *r)
     free(r);
 }
 
-int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_engine_route_result_t **out,
-                  msa_status_t *st)
+int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req,
+                     msa_engine_route_result_t **out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -245,7 +252,7 @@ int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_eng
     query_set_t qs = {0};
     msa_engine_route_result_t *r = NULL;
     rc = msa__engine_snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
-                      req->c.snapshot_seq, req->c.hold_ms, &s, st);
+                                  req->c.snapshot_seq, req->c.hold_ms, &s, st);
     if (rc) return leave(e, rc);
     uint32_t k = 0;
     if ((rc = msa__engine_check_model(&s.coll.schema, req->c.model, st))) goto done;
@@ -266,9 +273,15 @@ int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_eng
     r->snapshot_seq = s.seq;
     r->n_layers = qs.n;
     for (uint32_t i = 0; i < qs.n; i++) r->layers[i].layer = req->layers[i].layer;
-    route_layers_ctx_t lc = {.e = e, .s = &s, .qs = &qs, .k = k, .excl = req->exclude_ids,
-                             .n_excl = req->n_exclude, .r = r,
-                             .st = msa_calloc(qs.n, sizeof *lc.st), .rc = msa_calloc(qs.n, sizeof(int))};
+    route_layers_ctx_t lc = {.e = e,
+                             .s = &s,
+                             .qs = &qs,
+                             .k = k,
+                             .excl = req->exclude_ids,
+                             .n_excl = req->n_exclude,
+                             .r = r,
+                             .st = msa_calloc(qs.n, sizeof *lc.st),
+                             .rc = msa_calloc(qs.n, sizeof(int))};
     if (!lc.st || !lc.rc) {
         free(lc.st);
         free(lc.rc);
@@ -294,7 +307,8 @@ int msa_engine_route(msa_engine_t *e, const msa_engine_route_req_t *req, msa_eng
 done:
     query_set_free(&qs);
     msa__engine_snap_close(e, &s);
-    if (rc) msa_engine_route_result_free(r);
+    if (rc)
+        msa_engine_route_result_free(r);
     else {
         *out = r;
         atomic_fetch_add(&e->n_routes, 1);
@@ -324,10 +338,10 @@ static int load_block(msa__engine_snap_t *s, int pos, uint64_t id, int kind, msa
 {
     const msa_schema_t *sc = &s->coll.schema;
     size_t row = (size_t)sc->kv_heads * sc->head_dim * msa_dtype_size(sc->kv_dtype);
-    int rc = msa_store_block_get(s->txn, s->coll.id, id, (uint16_t)pos, (msa_block_kind_t)kind,
-                                 view);
-    const char *why = rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)"
-                                         : msa_strerror(rc);
+    int rc =
+        msa_store_block_get(s->txn, s->coll.id, id, (uint16_t)pos, (msa_block_kind_t)kind, view);
+    const char *why =
+        rc == MSA_ECORRUPT ? "stored data is damaged (checksum mismatch)" : msa_strerror(rc);
     if (rc == MSA_OK && view->len % row != 0) {
         rc = MSA_ECORRUPT;
         why = "has the wrong size";
@@ -342,12 +356,12 @@ static int load_block(msa__engine_snap_t *s, int pos, uint64_t id, int kind, msa
 
 /* Gathers the pooled K and V of the selected documents of one layer from the
  * snapshot into float32 [R][H][D] arrays. */
-static int gather_kv(msa__engine_snap_t *s, int pos, const uint64_t *ids, uint32_t n, float **k, float **v,
-                     size_t *R, msa_status_t *st)
+static int gather_kv(msa__engine_snap_t *s, int pos, const uint64_t *ids, uint32_t n, float **k,
+                     float **v, size_t *R, msa_status_t *st)
 {
     const msa_schema_t *sc = &s->coll.schema;
     size_t W = (size_t)sc->kv_heads * sc->head_dim, esz = msa_dtype_size(sc->kv_dtype), rows = 0;
-    msa_store_view_t (*views)[2] = msa_calloc(n ? n : 1, sizeof *views);
+    msa_store_view_t(*views)[2] = msa_calloc(n ? n : 1, sizeof *views);
     if (!views) return msa_status_set(st, MSA_ENOMEM, "attend: out of memory");
     int rc = MSA_OK;
     for (uint32_t i = 0; i < n && rc == MSA_OK; i++) {
@@ -400,9 +414,9 @@ static int gpu_load(void *arg, uint32_t i, const void **k, const void **v, uint3
 
 /* Attention of one layer on the CUDA backend through its K/V cache. Returns
  * MSA_EUNAVAIL when the device cannot take it (the CPU attends then). */
-static int gpu_attend_layer(msa_engine_t *e, msa__engine_snap_t *s, int pos, const uint64_t *ids, uint32_t n,
-                            const float *q, uint32_t T, float scale, float *o, float *lse,
-                            msa_status_t *st)
+static int gpu_attend_layer(msa_engine_t *e, msa__engine_snap_t *s, int pos, const uint64_t *ids,
+                            uint32_t n, const float *q, uint32_t T, float scale, float *o,
+                            float *lse, msa_status_t *st)
 {
     const msa_schema_t *sc = &s->coll.schema;
     uint64_t *versions = msa_malloc((n ? n : 1) * sizeof *versions);
@@ -414,11 +428,22 @@ static int gpu_attend_layer(msa_engine_t *e, msa__engine_snap_t *s, int pos, con
         versions[i] = d.updated_seq;
     }
     gpu_load_ctx_t lc = {.s = s, .pos = pos, .ids = ids, .st = st};
-    msa_gpu_attend_args_t a = {.coll_id = s->coll.id, .layer = (uint32_t)pos, .docs = ids,
-                               .versions = versions, .n = n, .load = gpu_load, .load_arg = &lc,
-                               .q = q, .T = T, .Hq = sc->query_heads, .H = sc->kv_heads,
-                               .D = sc->head_dim, .scale = scale, .kv_dtype = sc->kv_dtype,
-                               .out = o, .lse = lse};
+    msa_gpu_attend_args_t a = {.coll_id = s->coll.id,
+                               .layer = (uint32_t)pos,
+                               .docs = ids,
+                               .versions = versions,
+                               .n = n,
+                               .load = gpu_load,
+                               .load_arg = &lc,
+                               .q = q,
+                               .T = T,
+                               .Hq = sc->query_heads,
+                               .H = sc->kv_heads,
+                               .D = sc->head_dim,
+                               .scale = scale,
+                               .kv_dtype = sc->kv_dtype,
+                               .out = o,
+                               .lse = lse};
     if (rc == MSA_OK) rc = msa_gpu_attend(e->gpu, &a);
     if (rc && rc != MSA_EUNAVAIL && st->code == MSA_OK)
         msa_status_set(st, rc, "attend: device: %s", msa_strerror(rc));
@@ -455,16 +480,17 @@ static int check_doc_ids(msa__engine_snap_t *s, const uint64_t *ids, size_t n, m
         msa_doc_rec_t d;
         rc = msa_store_doc_get(s->txn, s->coll.id, ids[i], &d);
         if (rc == MSA_ENOTFOUND)
-            rc = msa_status_set(st, rc, "doc_ids[%zu]: document %llu not found in collection \"%s\"",
-                                i, (unsigned long long)ids[i], s->coll.name);
+            rc =
+                msa_status_set(st, rc, "doc_ids[%zu]: document %llu not found in collection \"%s\"",
+                               i, (unsigned long long)ids[i], s->coll.name);
         else
             fill_status(st, rc, "document lookup");
     }
     return rc;
 }
 
-int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_engine_attend_result_t **out,
-                   msa_status_t *st)
+int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req,
+                      msa_engine_attend_result_t **out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -474,7 +500,7 @@ int msa_engine_attend(msa_engine_t *e, const msa_engine_attend_req_t *req, msa_e
     msa_engine_attend_result_t *r = NULL;
     float *k = NULL, *v = NULL, *o = NULL;
     rc = msa__engine_snap_open_at(e, req->c.collection, req->c.min_seq, req->c.deadline_ms,
-                      req->c.snapshot_seq, req->c.hold_ms, &s, st);
+                                  req->c.snapshot_seq, req->c.hold_ms, &s, st);
     if (rc) return leave(e, rc);
     const msa_schema_t *sc = &s.coll.schema;
     uint32_t topk = 0;
@@ -570,7 +596,8 @@ done:
     free(o);
     query_set_free(&qs);
     msa__engine_snap_close(e, &s);
-    if (rc) msa_engine_attend_result_free(r);
+    if (rc)
+        msa_engine_attend_result_free(r);
     else {
         *out = r;
         atomic_fetch_add(&e->n_attends, 1);
@@ -596,11 +623,12 @@ void msa_engine_get_result_free(msa_engine_get_result_t *r)
 static void view_tensor(msa_tensor_t *t, msa_dtype_t dt, uint32_t C, uint32_t H, uint32_t D,
                         msa_store_view_t v)
 {
-    *t = (msa_tensor_t){.dtype = dt, .ndim = 3, .shape = {C, H, D}, .data = v.data, .nbytes = v.len};
+    *t =
+        (msa_tensor_t){.dtype = dt, .ndim = 3, .shape = {C, H, D}, .data = v.data, .nbytes = v.len};
 }
 
 int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_get_result_t **out,
-                msa_status_t *st)
+                   msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -616,8 +644,8 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
         free(r);
         return leave(e, msa_status_set(st, MSA_ENOMEM, "get: out of memory"));
     }
-    rc = msa__engine_snap_open_at(e, req->collection, req->min_seq, req->deadline_ms, req->snapshot_seq,
-                      req->hold_ms, s, st);
+    rc = msa__engine_snap_open_at(e, req->collection, req->min_seq, req->deadline_ms,
+                                  req->snapshot_seq, req->hold_ms, s, st);
     if (rc) {
         free(s);
         free(r);
@@ -636,8 +664,8 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
                 int p = msa_schema_layer_pos(sc, req->layers[l]);
                 if (p < 0)
                     rc = msa_status_set(st, MSA_EINVAL,
-                                        "layers[%u]: %u is not a memory layer of collection \"%s\"", l,
-                                        req->layers[l], s->coll.name);
+                                        "layers[%u]: %u is not a memory layer of collection \"%s\"",
+                                        l, req->layers[l], s->coll.name);
                 for (uint32_t j = 0; j < nl && rc == MSA_OK; j++)
                     if (pos[j] == p)
                         rc = msa_status_set(st, MSA_EINVAL, "layers[%u]: duplicate layer %u", l,
@@ -728,7 +756,8 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
             uint32_t C = g->info.chunks, H = sc->kv_heads, D = sc->head_dim;
             view_tensor(&gl->k, sc->kv_dtype, C, H, D, kv[0]);
             view_tensor(&gl->v, sc->kv_dtype, C, H, D, kv[1]);
-            if (kinds == 3) view_tensor(&gl->router_k, msa_schema_router_store_dtype(sc), C, H, D, kv[2]);
+            if (kinds == 3)
+                view_tensor(&gl->router_k, msa_schema_router_store_dtype(sc), C, H, D, kv[2]);
         }
     }
     if (rc == MSA_OK) rc = msa__engine_snap_hold(e, s, req->hold_ms, st);
@@ -751,21 +780,23 @@ static void list_result_clear(msa_engine_list_result_t *r)
     r->docs = NULL;
 }
 
-static int list_into(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engine_list_result_t *out,
-                 msa_status_t *st)
+static int list_into(msa_engine_t *e, const msa_engine_list_req_t *req,
+                     msa_engine_list_result_t *out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
     memset(out, 0, sizeof *out);
     if (req->limit > MAX_LIST_LIMIT)
-        return leave(e, msa_status_set(st, MSA_EINVAL, "limit: %u, at most %d", req->limit,
-                                       MAX_LIST_LIMIT));
+        return leave(
+            e, msa_status_set(st, MSA_EINVAL, "limit: %u, at most %d", req->limit, MAX_LIST_LIMIT));
     uint32_t limit = req->limit ? req->limit : 1000;
     msa__engine_snap_t s;
-    rc = msa__engine_snap_open_at(e, req->collection, 0, 0, req->snapshot_seq, req->hold_ms, &s, st);
+    rc =
+        msa__engine_snap_open_at(e, req->collection, 0, 0, req->snapshot_seq, req->hold_ms, &s, st);
     if (rc) return leave(e, rc);
     out->docs = msa_malloc(limit * sizeof *out->docs);
-    if (!out->docs) rc = msa_status_set(st, MSA_ENOMEM, "list: out of memory");
+    if (!out->docs)
+        rc = msa_status_set(st, MSA_ENOMEM, "list: out of memory");
     else
         rc = fill_status(st,
                          msa_store_doc_list(s.txn, s.coll.id, req->after_id, limit, out->docs,
@@ -774,20 +805,24 @@ static int list_into(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engi
     out->snapshot_seq = s.seq;
     if (rc == MSA_OK) rc = msa__engine_snap_hold(e, &s, req->hold_ms, st);
     msa__engine_snap_close(e, &s);
-    if (rc) list_result_clear(out);
-    else atomic_fetch_add(&e->n_lists, 1);
+    if (rc)
+        list_result_clear(out);
+    else
+        atomic_fetch_add(&e->n_lists, 1);
     return leave(e, rc);
 }
 
-int msa_engine_list(msa_engine_t *e, const msa_engine_list_req_t *req, msa_engine_list_result_t **out,
-                    msa_status_t *st)
+int msa_engine_list(msa_engine_t *e, const msa_engine_list_req_t *req,
+                    msa_engine_list_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_list_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = list_into(e, req, r, st);
-    if (rc) msa_engine_list_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_list_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -797,4 +832,3 @@ void msa_engine_list_result_free(msa_engine_list_result_t *r)
     list_result_clear(r);
     free(r);
 }
-

@@ -38,7 +38,7 @@ void msa__engine_snap_close(msa_engine_t *e, msa__engine_snap_t *s)
 /* Opens a snapshot that includes min_seq (waiting up to the configured limit
  * or the deadline) and, when name is given, resolves the collection in it. */
 int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
-                     msa__engine_snap_t *s, msa_status_t *st)
+                          msa__engine_snap_t *s, msa_status_t *st)
 {
     memset(s, 0, sizeof *s);
     s->e = e;
@@ -72,10 +72,9 @@ int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, i
         int wrc = msa_idx_wait_applied(e->idx, min_seq, limit);
         atomic_fetch_sub(&e->seq_waiters, 1);
         if (wrc != MSA_OK)
-            return msa_status_set(st, MSA_ETIMEOUT,
-                                  "min_seq: commit %llu not reached in time (commit seq is %llu)",
-                                  (unsigned long long)min_seq,
-                                  (unsigned long long)msa_idx_applied(e->idx));
+            return msa_status_set(
+                st, MSA_ETIMEOUT, "min_seq: commit %llu not reached in time (commit seq is %llu)",
+                (unsigned long long)min_seq, (unsigned long long)msa_idx_applied(e->idx));
     }
     if (deadline_ms > 0 && mono_ms() > deadline_ms)
         return msa_status_set(st, MSA_ETIMEOUT, "deadline passed before the call started");
@@ -91,7 +90,9 @@ int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, i
         rc = msa__engine_find_coll(s->txn, name, &s->coll, st);
         if (rc == MSA_OK) {
             s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
-            if (!s->ic) rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index", name);
+            if (!s->ic)
+                rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index",
+                                    name);
         }
         if (rc) msa__engine_snap_close(e, s);
     }
@@ -111,8 +112,9 @@ void msa__engine_lease_close(void *ctx, msa_store_txn_t *txn, uint64_t seq)
 /* msa__engine_snap_open for the reads that take snapshot_seq and hold_snapshot_ms (Route,
  * Attend, Get, List): snapshot_seq != 0 borrows that held snapshot (see
  * msa__engine_lease_borrow) and resolves the collection in it. */
-int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
-                        uint64_t snapshot_seq, uint32_t hold_ms, msa__engine_snap_t *s, msa_status_t *st)
+int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq,
+                             int64_t deadline_ms, uint64_t snapshot_seq, uint32_t hold_ms,
+                             msa__engine_snap_t *s, msa_status_t *st)
 {
     memset(s, 0, sizeof *s);
     s->e = e;
@@ -139,7 +141,9 @@ int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq
             /* A collection dropped after seq stays in the index while a
              * snapshot older than the drop is registered, as this one is. */
             s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
-            if (!s->ic) rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index", name);
+            if (!s->ic)
+                rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index",
+                                    name);
         }
         if (rc) msa__engine_snap_close(e, s);
     }
@@ -150,7 +154,8 @@ int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq
  * (or renews the one it borrowed). The snapshot then belongs to the lease and
  * s only counts as its user; msa__engine_snap_close still ends s. Errors: MSA_EFULL at
  * --max-held-snapshots (s unchanged). */
-int msa__engine_snap_hold(msa_engine_t *e, msa__engine_snap_t *s, uint32_t hold_ms, msa_status_t *st)
+int msa__engine_snap_hold(msa_engine_t *e, msa__engine_snap_t *s, uint32_t hold_ms,
+                          msa_status_t *st)
 {
     if (!hold_ms) return MSA_OK;
     if (s->lease) {
@@ -173,4 +178,3 @@ void msa__engine_snap_unlock(msa__engine_snap_t *s)
     if (s->lease && s->lease_locked) msa__engine_lease_unlock(s->lease);
     s->lease_locked = false;
 }
-

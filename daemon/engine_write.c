@@ -15,21 +15,21 @@ typedef enum { WQ_WRITE = 1, WQ_CREATE, WQ_DROP } wq_kind_t;
 typedef struct prep_doc {
     uint32_t chunks;
     uint64_t tensor_bytes;
-    uint8_t *buf;                 /* every block's bytes */
+    uint8_t *buf; /* every block's bytes */
     msa_store_block_t *blocks;
     size_t n_blocks;
-    float *router;                /* [L][chunks][W] stored router keys as float32 */
-    const float **router_rows;    /* per layer position into router */
+    float *router;             /* [L][chunks][W] stored router keys as float32 */
+    const float **router_rows; /* per layer position into router */
 } prep_doc_t;
 
 /* A request queued for the writer; lives on the caller's stack. */
 typedef struct msa__engine_wq_item {
     wq_kind_t kind;
-    const char *name;             /* collection */
-    uint32_t coll_id;             /* as validated; the writer re-checks it */
-    const msa_schema_t *schema;   /* create */
-    const msa_engine_write_req_t *req;   /* write */
-    prep_doc_t *prep;             /* per op (NULL entries for deletes) */
+    const char *name;                  /* collection */
+    uint32_t coll_id;                  /* as validated; the writer re-checks it */
+    const msa_schema_t *schema;        /* create */
+    const msa_engine_write_req_t *req; /* write */
+    prep_doc_t *prep;                  /* per op (NULL entries for deletes) */
     /* results */
     int rc;
     msa_status_t *st;
@@ -84,14 +84,14 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_
     snprintf(fpath, sizeof fpath, "%s.id", path);
     int rc = msa__engine_check_id(d->id, fpath, st);
     if (rc) return rc;
-    if (d->tokens == 0)
-        return msa_status_set(st, MSA_EINVAL, "%s.tokens: 0, want > 0", path);
+    if (d->tokens == 0) return msa_status_set(st, MSA_EINVAL, "%s.tokens: 0, want > 0", path);
     size_t bad;
     if (d->text_len && !msa__engine_valid_utf8((const unsigned char *)d->text, d->text_len, &bad))
         return msa_status_set(st, MSA_EINVAL, "%s.text: invalid UTF-8 at byte %zu", path, bad);
     if (d->n_layers != s->n_layers)
-        return msa_status_set(st, MSA_EINVAL, "%s.layers: %u layers, want %u (one per schema layer)",
-                              path, d->n_layers, s->n_layers);
+        return msa_status_set(st, MSA_EINVAL,
+                              "%s.layers: %u layers, want %u (one per schema layer)", path,
+                              d->n_layers, s->n_layers);
 
     uint32_t H = s->kv_heads, D = s->head_dim, W = H * D, P = s->chunk_tokens;
     uint32_t C = (uint32_t)(((uint64_t)d->tokens + P - 1) / P);
@@ -101,9 +101,10 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_
         const msa_engine_layer_kv_t *lk = &d->layers[l];
         int pos = msa_schema_layer_pos(s, lk->layer);
         if (pos < 0)
-            return msa_status_set(st, MSA_EINVAL,
-                                  "%s.layers[%u].layer: %u is not a memory layer of collection \"%s\"",
-                                  path, l, lk->layer, coll->name);
+            return msa_status_set(
+                st, MSA_EINVAL,
+                "%s.layers[%u].layer: %u is not a memory layer of collection \"%s\"", path, l,
+                lk->layer, coll->name);
         if (by_pos[pos])
             return msa_status_set(st, MSA_EINVAL, "%s.layers[%u].layer: duplicate layer %u", path,
                                   l, lk->layer);
@@ -119,10 +120,11 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_
                                   "separate_router_keys",
                                   path, l, coll->name);
         if (!s->separate_router_keys && has_r)
-            return msa_status_set(st, MSA_EINVAL,
-                                  "%s.layers[%u].router_k: given, but collection \"%s\" routes on K "
-                                  "(separate_router_keys = false)",
-                                  path, l, coll->name);
+            return msa_status_set(
+                st, MSA_EINVAL,
+                "%s.layers[%u].router_k: given, but collection \"%s\" routes on K "
+                "(separate_router_keys = false)",
+                path, l, coll->name);
         if (has_r) {
             snprintf(fpath, sizeof fpath, "%s.layers[%u].router_k", path, l);
             if ((rc = msa_tensor_validate(&lk->router_k, MSA_DT_UNSPECIFIED, 3, want, fpath, st)))
@@ -177,18 +179,17 @@ static int prep_put(const msa_coll_rec_t *coll, const msa_engine_doc_t *d, size_
                 static const char *const kname[3] = {"k", "v", "router_k"};
                 free(tmp);
                 prep_free(p);
-                return msa_status_set(st, MSA_EINVAL,
-                                      "%s.layers[%u].%s: element %ld is out of %s range after %s",
-                                      path, (unsigned)(lk - d->layers), kname[kind], nf,
-                                      msa_dtype_name(dt),
-                                      d->raw ? "mean-pooling in float32" : "rounding");
+                return msa_status_set(
+                    st, MSA_EINVAL, "%s.layers[%u].%s: element %ld is out of %s range after %s",
+                    path, (unsigned)(lk - d->layers), kname[kind], nf, msa_dtype_name(dt),
+                    d->raw ? "mean-pooling in float32" : "rounding");
             }
             /* The index routes on the keys as stored, not on the client's originals. */
             bool routes_here = kind == (s->separate_router_keys ? MSA_BLOCK_R : MSA_BLOCK_K);
             if (routes_here) msa_tensor_to_f32(dt, w, rows, router);
             size_t len = rows * msa_dtype_size(dt);
-            p->blocks[b++] = (msa_store_block_t){.layer_pos = (uint16_t)l, .kind = (uint8_t)kind,
-                                                 .data = w, .len = len};
+            p->blocks[b++] = (msa_store_block_t){
+                .layer_pos = (uint16_t)l, .kind = (uint8_t)kind, .data = w, .len = len};
             w += len;
         }
         if (rc) break;
@@ -224,15 +225,16 @@ static int apply_write(msa_store_txn_t *w, wq_item_t *it, uint64_t seq)
                                   "ops[%zu].expect_absent: document %llu exists (version %llu)", i,
                                   (unsigned long long)id, (unsigned long long)old.version);
         if (op->expect_version && (!exists || old.version != op->expect_version))
-            return msa_status_set(it->st, MSA_EPRECOND,
-                                  "ops[%zu].expect_version: document %llu is at version %llu, want %llu",
-                                  i, (unsigned long long)id,
-                                  (unsigned long long)(exists ? old.version : 0),
-                                  (unsigned long long)op->expect_version);
+            return msa_status_set(
+                it->st, MSA_EPRECOND,
+                "ops[%zu].expect_version: document %llu is at version %llu, want %llu", i,
+                (unsigned long long)id, (unsigned long long)(exists ? old.version : 0),
+                (unsigned long long)op->expect_version);
         if (op->kind == MSA_OP_DELETE) {
             if (!exists)
-                return msa_status_set(it->st, MSA_ENOTFOUND, "ops[%zu].delete_id: document %llu not found",
-                                      i, (unsigned long long)id);
+                return msa_status_set(it->st, MSA_ENOTFOUND,
+                                      "ops[%zu].delete_id: document %llu not found", i,
+                                      (unsigned long long)id);
             rc = msa_store_doc_delete(w, coll.id, id);
             if (rc) return fill_status(it->st, rc, "delete");
             it->versions[i] = 0;
@@ -301,7 +303,8 @@ static int index_item(msa_engine_t *e, wq_item_t *it)
         if (op->kind == MSA_OP_DELETE)
             rc = msa_idx_doc_delete(c, op->delete_id, it->seq);
         else
-            rc = msa_idx_doc_put(c, op->put.id, it->seq, it->prep[i].chunks, it->prep[i].router_rows);
+            rc = msa_idx_doc_put(c, op->put.id, it->seq, it->prep[i].chunks,
+                                 it->prep[i].router_rows);
     }
     msa_idx_coll_release(c);
     return rc;
@@ -323,7 +326,7 @@ static int commit_group(msa_engine_t *e, wq_item_t *group)
             if (it->rc == MSA_OK) it->rc = end;
         }
         if (it->rc == MSA_EFULL || it->rc == MSA_EBROKEN || it->rc == MSA_EIO) {
-            rc = it->rc;  /* the txn is unusable: the whole group retries or fails */
+            rc = it->rc; /* the txn is unusable: the whole group retries or fails */
             msa_store_abort(w);
             return rc;
         }
@@ -418,7 +421,7 @@ static void process_group(msa_engine_t *e, wq_item_t *group)
             group = it->next;
             it->next = NULL;
             process_group(e, it);
-            it->next = group;   /* msa__engine_writer_main walks the list afterwards */
+            it->next = group; /* msa__engine_writer_main walks the list afterwards */
         }
         return;
     }
@@ -439,9 +442,10 @@ static void process_group(msa_engine_t *e, wq_item_t *group)
         for (wq_item_t *it = group; it; it = it->next) {
             it->rc = rc;
             if (rc == MSA_EFULL)
-                msa_status_set(it->st, rc, "store full: the LMDB map reached its limit or the disk "
-                                           "is full; free space (delete documents), raise the map "
-                                           "limit (--map-max-mb) or free disk space");
+                msa_status_set(it->st, rc,
+                               "store full: the LMDB map reached its limit or the disk "
+                               "is full; free space (delete documents), raise the map "
+                               "limit (--map-max-mb) or free disk space");
             else
                 msa_status_set(it->st, rc, "commit failed: %s", msa_strerror(rc));
         }
@@ -486,8 +490,10 @@ static int submit(msa_engine_t *e, wq_item_t *it)
      * commit not yet applied belongs to a counted request (see msa__engine_snap_open). */
     atomic_fetch_add(&e->submitted, 1);
     pthread_mutex_lock(&e->q_lock);
-    if (e->q_tail) e->q_tail->next = it;
-    else e->q_head = it;
+    if (e->q_tail)
+        e->q_tail->next = it;
+    else
+        e->q_head = it;
     e->q_tail = it;
     pthread_cond_signal(&e->q_cond);
     while (!it->done) pthread_cond_wait(&e->done_cond, &e->q_lock);
@@ -511,7 +517,7 @@ static void info_from_rec(const msa_coll_rec_t *c, msa_engine_coll_info_t *out)
 }
 
 static int create_collection_into(msa_engine_t *e, const char *name, const msa_schema_t *schema,
-                              msa_engine_coll_info_t *out, msa_status_t *st)
+                                  msa_engine_coll_info_t *out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -531,7 +537,7 @@ static int create_collection_into(msa_engine_t *e, const char *name, const msa_s
 }
 
 static int drop_collection_into(msa_engine_t *e, const char *name, uint64_t *commit_seq,
-                            msa_status_t *st)
+                                msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -541,13 +547,14 @@ static int drop_collection_into(msa_engine_t *e, const char *name, uint64_t *com
     rc = submit(e, &it);
     if (rc == MSA_OK) {
         *commit_seq = it.seq;
-        msa_log(MSA_LOG_INFO, "collection \"%s\" dropped (seq %llu)", name, (unsigned long long)it.seq);
+        msa_log(MSA_LOG_INFO, "collection \"%s\" dropped (seq %llu)", name,
+                (unsigned long long)it.seq);
     }
     return leave(e, rc);
 }
 
 static int describe_collection_into(msa_engine_t *e, const char *name, msa_engine_coll_info_t *out,
-                                msa_status_t *st)
+                                    msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -579,7 +586,8 @@ static int collect_coll(void *arg, const msa_coll_rec_t *c)
     return 0;
 }
 
-static int list_collections_into(msa_engine_t *e, msa_engine_coll_info_t **out, size_t *n, msa_status_t *st)
+static int list_collections_into(msa_engine_t *e, msa_engine_coll_info_t **out, size_t *n,
+                                 msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -590,7 +598,8 @@ static int list_collections_into(msa_engine_t *e, msa_engine_coll_info_t **out, 
         rc = fill_status(st, msa_store_coll_foreach(s.txn, collect_coll, &l), "list collections");
         msa__engine_snap_close(e, &s);
     }
-    if (rc) free(l.v);
+    if (rc)
+        free(l.v);
     else {
         *out = l.v;
         *n = l.n;
@@ -598,15 +607,17 @@ static int list_collections_into(msa_engine_t *e, msa_engine_coll_info_t **out, 
     return leave(e, rc);
 }
 
-int msa_engine_create_collection(msa_engine_t *e, const char *name, const msa_schema_t *schema, msa_engine_create_collection_result_t **out,
-                                 msa_status_t *st)
+int msa_engine_create_collection(msa_engine_t *e, const char *name, const msa_schema_t *schema,
+                                 msa_engine_create_collection_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_create_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = create_collection_into(e, name, schema, &r->info, st);
-    if (rc) msa_engine_create_collection_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_create_collection_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -616,15 +627,17 @@ void msa_engine_create_collection_result_free(msa_engine_create_collection_resul
     free(r);
 }
 
-int msa_engine_drop_collection(msa_engine_t *e, const char *name, msa_engine_drop_collection_result_t **out,
-                               msa_status_t *st)
+int msa_engine_drop_collection(msa_engine_t *e, const char *name,
+                               msa_engine_drop_collection_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_drop_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = drop_collection_into(e, name, &r->commit_seq, st);
-    if (rc) msa_engine_drop_collection_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_drop_collection_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -634,15 +647,17 @@ void msa_engine_drop_collection_result_free(msa_engine_drop_collection_result_t 
     free(r);
 }
 
-int msa_engine_describe_collection(msa_engine_t *e, const char *name, msa_engine_describe_collection_result_t **out,
-                                   msa_status_t *st)
+int msa_engine_describe_collection(msa_engine_t *e, const char *name,
+                                   msa_engine_describe_collection_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_describe_collection_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = describe_collection_into(e, name, &r->info, st);
-    if (rc) msa_engine_describe_collection_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_describe_collection_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -659,8 +674,10 @@ int msa_engine_list_collections(msa_engine_t *e, msa_engine_list_collections_res
     msa_engine_list_collections_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = list_collections_into(e, &r->colls, &r->n, st);
-    if (rc) msa_engine_list_collections_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_list_collections_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -673,8 +690,8 @@ void msa_engine_list_collections_result_free(msa_engine_list_collections_result_
 
 /* ==== writes ============================================================================ */
 
-static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req, msa_engine_write_result_t *out,
-                  msa_status_t *st)
+static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req,
+                      msa_engine_write_result_t *out, msa_status_t *st)
 {
     int rc = enter(e, st);
     if (rc) return rc;
@@ -699,9 +716,10 @@ static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req, msa_en
                                 "ops[%zu].put.text: %zu bytes, at most %u (--max-text-bytes)", i,
                                 d->text_len, e->cfg.max_text_bytes);
         else if (d->metadata_len > e->cfg.max_metadata_bytes)
-            rc = msa_status_set(st, MSA_EINVAL,
-                                "ops[%zu].put.metadata: %zu bytes, at most %u (--max-metadata-bytes)",
-                                i, d->metadata_len, e->cfg.max_metadata_bytes);
+            rc = msa_status_set(
+                st, MSA_EINVAL,
+                "ops[%zu].put.metadata: %zu bytes, at most %u (--max-metadata-bytes)", i,
+                d->metadata_len, e->cfg.max_metadata_bytes);
         if (rc) goto done;
     }
     /* Resolve the collection (the writer re-checks it by id at commit). */
@@ -727,14 +745,20 @@ static int write_into(msa_engine_t *e, const msa_engine_write_req_t *req, msa_en
             snprintf(path, sizeof path, "ops[%zu].delete_id", i);
             rc = msa__engine_check_id(op->delete_id, path, st);
             if (rc == MSA_OK && op->expect_absent)
-                rc = msa_status_set(st, MSA_EINVAL, "ops[%zu].expect_absent: only valid with put", i);
+                rc = msa_status_set(st, MSA_EINVAL, "ops[%zu].expect_absent: only valid with put",
+                                    i);
         } else {
             rc = msa_status_set(st, MSA_EINVAL, "ops[%zu]: neither put nor delete_id is set", i);
         }
     }
     if (rc) goto done;
-    wq_item_t it = {.kind = WQ_WRITE, .name = req->collection, .coll_id = coll.id, .req = req,
-                    .prep = prep, .st = st, .versions = versions};
+    wq_item_t it = {.kind = WQ_WRITE,
+                    .name = req->collection,
+                    .coll_id = coll.id,
+                    .req = req,
+                    .prep = prep,
+                    .st = st,
+                    .versions = versions};
     rc = submit(e, &it);
     if (rc == MSA_OK) {
         out->commit_seq = it.seq;
@@ -753,15 +777,17 @@ done:
     return leave(e, rc);
 }
 
-int msa_engine_write(msa_engine_t *e, const msa_engine_write_req_t *req, msa_engine_write_result_t **out,
-                     msa_status_t *st)
+int msa_engine_write(msa_engine_t *e, const msa_engine_write_req_t *req,
+                     msa_engine_write_result_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa_engine_write_result_t *r = msa__engine_result_new(sizeof *r, st);
     if (!r) return MSA_ENOMEM;
     int rc = write_into(e, req, r, st);
-    if (rc) msa_engine_write_result_free(r);
-    else *out = r;
+    if (rc)
+        msa_engine_write_result_free(r);
+    else
+        *out = r;
     return rc;
 }
 
@@ -771,4 +797,3 @@ void msa_engine_write_result_free(msa_engine_write_result_t *r)
     free(r->versions);
     free(r);
 }
-

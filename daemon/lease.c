@@ -30,21 +30,21 @@
 
 struct msa__engine_lease {
     uint64_t seq;
-    msa_store_txn_t *txn;     /* detached read txn */
-    pthread_mutex_t use;      /* held by the borrower using txn */
-    uint32_t holders;         /* leases granted and not released */
-    uint32_t users;           /* borrowers and adopting callers not yet put */
-    int64_t expires_ms;       /* CLOCK_MONOTONIC ms */
-    bool gone;                /* out of the table; the last user closes it */
+    msa_store_txn_t *txn; /* detached read txn */
+    pthread_mutex_t use;  /* held by the borrower using txn */
+    uint32_t holders;     /* leases granted and not released */
+    uint32_t users;       /* borrowers and adopting callers not yet put */
+    int64_t expires_ms;   /* CLOCK_MONOTONIC ms */
+    bool gone;            /* out of the table; the last user closes it */
     struct msa__engine_lease *next;
 };
 
 struct msa__engine_lease_table {
     pthread_mutex_t lock;
-    pthread_cond_t cond;      /* wakes the reaper: stop, or a new expiry */
+    pthread_cond_t cond; /* wakes the reaper: stop, or a new expiry */
     msa__engine_lease_t *head;
     uint32_t n, max;
-    bool paused;              /* adoption refused (revoked at once) while set */
+    bool paused; /* adoption refused (revoked at once) while set */
     const char *pause_why;
     bool stop;
     pthread_t reaper;
@@ -53,7 +53,7 @@ struct msa__engine_lease_table {
     struct {
         uint64_t seq;
         const char *why;
-    } ring[GONE_RING];        /* recently revoked seqs */
+    } ring[GONE_RING]; /* recently revoked seqs */
     unsigned ring_next;
     msa__engine_lease_stats_t stats; /* .held unused: n is the truth */
 };
@@ -111,7 +111,8 @@ static bool expire_if_due(msa__engine_lease_table_t *L, msa__engine_lease_t *h, 
 }
 
 /* The live entry for seq (lock held), expiring it first when due. */
-static msa__engine_lease_t *find(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **closing)
+static msa__engine_lease_t *find(msa__engine_lease_table_t *L, uint64_t seq,
+                                 msa__engine_lease_t **closing)
 {
     for (msa__engine_lease_t *h = L->head; h; h = h->next) {
         if (h->seq != seq) continue;
@@ -145,8 +146,8 @@ static void *reaper_main(void *arg)
     return NULL;
 }
 
-int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn, void *ctx,
-                            msa__engine_lease_table_t **out)
+int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn,
+                                   void *ctx, msa__engine_lease_table_t **out)
 {
     *out = NULL;
     msa__engine_lease_table_t *L = msa_calloc(1, sizeof *L);
@@ -190,7 +191,7 @@ void msa__engine_lease_table_destroy(msa__engine_lease_table_t *L)
 }
 
 int msa__engine_lease_borrow(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **out,
-                      msa_store_txn_t **txn, msa_status_t *st)
+                             msa_store_txn_t **txn, msa_status_t *st)
 {
     *out = NULL;
     *txn = NULL;
@@ -223,7 +224,10 @@ int msa__engine_lease_borrow(msa__engine_lease_table_t *L, uint64_t seq, msa__en
     return MSA_OK;
 }
 
-void msa__engine_lease_unlock(msa__engine_lease_t *h) { pthread_mutex_unlock(&h->use); }
+void msa__engine_lease_unlock(msa__engine_lease_t *h)
+{
+    pthread_mutex_unlock(&h->use);
+}
 
 void msa__engine_lease_put(msa__engine_lease_table_t *L, msa__engine_lease_t *h)
 {
@@ -254,8 +258,8 @@ static void remember_gone(msa__engine_lease_table_t *L, uint64_t seq, const char
     L->ring_next = (L->ring_next + 1) % GONE_RING;
 }
 
-int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
-                     msa__engine_lease_t **out, msa_status_t *st)
+int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq,
+                            uint32_t hold_ms, msa__engine_lease_t **out, msa_status_t *st)
 {
     *out = NULL;
     msa__engine_lease_t *closing = NULL;

@@ -38,8 +38,8 @@ typedef struct msa__engine_lease_stats {
 typedef void (*msa__engine_lease_close_fn)(void *ctx, msa_store_txn_t *txn, uint64_t seq);
 
 /* max_held: snapshots held at once. Starts the reaper. MSA_ENOMEM, MSA_EINTERNAL. */
-int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn, void *ctx,
-                            msa__engine_lease_table_t **out);
+int msa__engine_lease_table_create(uint32_t max_held, msa__engine_lease_close_fn close_fn,
+                                   void *ctx, msa__engine_lease_table_t **out);
 /* Stops the reaper and closes every held snapshot. Callers must have put back
  * every borrowed one. NULL is a no-op. */
 void msa__engine_lease_table_destroy(msa__engine_lease_table_t *L);
@@ -49,7 +49,7 @@ void msa__engine_lease_table_destroy(msa__engine_lease_table_t *L);
  * caller's thread; *txn is its read txn. MSA_EPRECOND (st names snapshot_seq)
  * when no lease on seq is held: never held, expired, released or revoked. */
 int msa__engine_lease_borrow(msa__engine_lease_table_t *L, uint64_t seq, msa__engine_lease_t **out,
-                      msa_store_txn_t **txn, msa_status_t *st);
+                             msa_store_txn_t **txn, msa_status_t *st);
 /* The caller is done with the txn (other threads may borrow it now) but
  * still reads views into the snapshot's pages: it stays a user. */
 void msa__engine_lease_unlock(msa__engine_lease_t *h);
@@ -57,7 +57,8 @@ void msa__engine_lease_unlock(msa__engine_lease_t *h);
  * snapshot that left the table meanwhile is closed by the last user. */
 void msa__engine_lease_put(msa__engine_lease_table_t *L, msa__engine_lease_t *h);
 /* Extends the lease to at least now + hold_ms. No-op when it ended meanwhile. */
-void msa__engine_lease_renew(msa__engine_lease_table_t *L, msa__engine_lease_t *h, uint32_t hold_ms);
+void msa__engine_lease_renew(msa__engine_lease_table_t *L, msa__engine_lease_t *h,
+                             uint32_t hold_ms);
 
 /* Grants a lease on the snapshot (txn, seq) a call just read:
  * - a lease on seq is held already: it gains a holder and the later expiry;
@@ -68,8 +69,8 @@ void msa__engine_lease_renew(msa__engine_lease_table_t *L, msa__engine_lease_t *
  *   registration, and *out is the new held snapshot with the caller counted
  *   as its user (unlocked): msa__engine_lease_put it when done.
  * MSA_EFULL (st names --max-held-snapshots) when the table is full. */
-int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq, uint32_t hold_ms,
-                     msa__engine_lease_t **out, msa_status_t *st);
+int msa__engine_lease_adopt(msa__engine_lease_table_t *L, msa_store_txn_t **txn, uint64_t seq,
+                            uint32_t hold_ms, msa__engine_lease_t **out, msa_status_t *st);
 /* Ends one holder's lease on seq; the snapshot closes when none is left
  * (once its users are done). false when no lease on seq is held. */
 bool msa__engine_lease_release(msa__engine_lease_table_t *L, uint64_t seq);

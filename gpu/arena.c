@@ -14,7 +14,7 @@ typedef struct range {
 
 struct msa_gpu_arena {
     uint64_t size, used;
-    range_t *free;               /* sorted by off, never adjacent */
+    range_t *free; /* sorted by off, never adjacent */
     size_t n_free, cap_free;
 };
 
@@ -100,5 +100,11 @@ void msa_gpu_arena_free(msa_gpu_arena_t *a, uint64_t off, uint64_t n)
     }
 }
 
-uint64_t msa_gpu_arena_used(const msa_gpu_arena_t *a) { return a->used; }
-uint64_t msa_gpu_arena_size(const msa_gpu_arena_t *a) { return a->size; }
+uint64_t msa_gpu_arena_used(const msa_gpu_arena_t *a)
+{
+    return a->used;
+}
+uint64_t msa_gpu_arena_size(const msa_gpu_arena_t *a)
+{
+    return a->size;
+}

@@ -44,56 +44,53 @@
 #include <math.h>
 #include <stdint.h>
 
-namespace {
+namespace
+{
 
-constexpr uint32_t kRowsPerTile = 32;                    // one row per lane when scoring
-constexpr uint32_t kMaxWarps = 8;                        // query vectors per CTA
-constexpr uint32_t kAccPerLane = MSA_CUDA_ATTEND_MAX_D / 32;  // acc[] registers per lane
+constexpr uint32_t kRowsPerTile = 32;                        // one row per lane when scoring
+constexpr uint32_t kMaxWarps = 8;                            // query vectors per CTA
+constexpr uint32_t kAccPerLane = MSA_CUDA_ATTEND_MAX_D / 32; // acc[] registers per lane
 constexpr uint32_t kMaxSplits = 128;
-constexpr uint32_t kCtasPerSm = 8;                       // grid size target of the split kernel
+constexpr uint32_t kCtasPerSm = 8; // grid size target of the split kernel
 constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(MSA_CUDA_ATTEND_MAX_D % 32 == 0, "lanes own d = lane + 32 i");
 
 // Dynamic shared memory of the split kernel at its largest shape (D = MAX_D,
 // kMaxWarps warps): K tile [32][D|1], V tile [32][D], queries [warps][D].
-constexpr size_t kMaxSplitSmem = ((size_t)kRowsPerTile * (MSA_CUDA_ATTEND_MAX_D | 1) +
-                                  (size_t)kRowsPerTile * MSA_CUDA_ATTEND_MAX_D +
-                                  (size_t)kMaxWarps * MSA_CUDA_ATTEND_MAX_D) *
-                                 sizeof(float);
+constexpr size_t kMaxSplitSmem =
+    ((size_t)kRowsPerTile * (MSA_CUDA_ATTEND_MAX_D | 1) +
+     (size_t)kRowsPerTile * MSA_CUDA_ATTEND_MAX_D + (size_t)kMaxWarps * MSA_CUDA_ATTEND_MAX_D) *
+    sizeof(float);
 static_assert(kMaxSplitSmem <= 227 * 1024, "fits Hopper's opt-in shared memory per block");
 
 struct AttendParams {
-    const float *q;                    // device [T][Hq][D]
-    const msa_dev_kv_block_t *blocks;  // device [n_blocks]
+    const float *q;                   // device [T][Hq][D]
+    const msa_dev_kv_block_t *blocks; // device [n_blocks]
     uint32_t n_blocks;
     uint32_t T, Hq, H, D, G;
-    uint32_t kpitch;                   // floats per K row in shared memory (odd: no bank conflicts)
+    uint32_t kpitch; // floats per K row in shared memory (odd: no bank conflicts)
     float scale;
-    uint32_t splits;                   // S >= 1
-    float *out, *lse;                  // final results (S = 1 writes them directly)
-    float *part_acc;                   // S > 1: [S][T*Hq][D] unnormalised accumulators
-    float *part_m, *part_l;            // S > 1: [S][T*Hq] running max and sum
+    uint32_t splits;        // S >= 1
+    float *out, *lse;       // final results (S = 1 writes them directly)
+    float *part_acc;        // S > 1: [S][T*Hq][D] unnormalised accumulators
+    float *part_m, *part_l; // S > 1: [S][T*Hq] running max and sum
 };
 
 // Element i of a K/V buffer of dtype DT, as float32 (exact for all three).
-template <int DT>
-__device__ __forceinline__ float load_f32(const void *p, size_t i);
+template <int DT> __device__ __forceinline__ float load_f32(const void *p, size_t i);
 
-template <>
-__device__ __forceinline__ float load_f32<MSA_DT_F32>(const void *p, size_t i)
+template <> __device__ __forceinline__ float load_f32<MSA_DT_F32>(const void *p, size_t i)
 {
     return static_cast<const float *>(p)[i];
 }
 
-template <>
-__device__ __forceinline__ float load_f32<MSA_DT_F16>(const void *p, size_t i)
+template <> __device__ __forceinline__ float load_f32<MSA_DT_F16>(const void *p, size_t i)
 {
     return __half2float(static_cast<const __half *>(p)[i]);
 }
 
-template <>
-__device__ __forceinline__ float load_f32<MSA_DT_BF16>(const void *p, size_t i)
+template <> __device__ __forceinline__ float load_f32<MSA_DT_BF16>(const void *p, size_t i)
 {
     // bfloat16 is the high half of a float32.
     return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t *>(p)[i]) << 16);
@@ -123,8 +120,7 @@ __device__ __forceinline__ unsigned long long max_u64(unsigned long long a, unsi
 
 // ---- kernel 1: one split of the rows for up to kMaxWarps query vectors ------------
 
-template <int DT>
-__global__ void attend_split_kernel(AttendParams p)
+template <int DT> __global__ void attend_split_kernel(AttendParams p)
 {
     // Shared memory: K tile [32][kpitch], V tile [32][D], queries [warps][D].
     extern __shared__ float smem[];
@@ -142,7 +138,7 @@ __global__ void attend_split_kernel(AttendParams p)
     const uint32_t vi = blockIdx.x * nwarps + warp;
     const bool active = vi < nvec;
     const uint32_t t = active ? vi / p.G : 0, j = active ? h * p.G + vi % p.G : 0;
-    const size_t o = (size_t)t * p.Hq + j;  // index into lse, and out / D
+    const size_t o = (size_t)t * p.Hq + j; // index into lse, and out / D
     for (uint32_t d = lane; d < D; d += 32) q_s[warp * D + d] = active ? p.q[o * D + d] : 0.0f;
 
     // R = total rows over all blocks, then this CTA's range [r0, r1).
@@ -151,7 +147,7 @@ __global__ void attend_split_kernel(AttendParams p)
     unsigned long long mine = 0;
     for (uint32_t b = threadIdx.x; b < p.n_blocks; b += blockDim.x) mine += p.blocks[b].nrows;
     if (mine) atomicAdd(&total_rows, mine);
-    __syncthreads();  // also publishes q_s
+    __syncthreads(); // also publishes q_s
     const unsigned long long R = total_rows;
     const unsigned long long chunk = (R + p.splits - 1) / p.splits;
     const unsigned long long r0 = min_u64(R, (unsigned long long)s * chunk);
@@ -161,9 +157,9 @@ __global__ void attend_split_kernel(AttendParams p)
 #pragma unroll
     for (uint32_t i = 0; i < kAccPerLane; i++) acc[i] = 0.0f;
 
-    const size_t row_stride = (size_t)p.H * D;  // elements from one row to the next
+    const size_t row_stride = (size_t)p.H * D; // elements from one row to the next
     const float *qv = q_s + warp * D;
-    unsigned long long base = 0;                // global index of block b's first row
+    unsigned long long base = 0; // global index of block b's first row
     // All loop bounds below are the same for every thread of the CTA, so the
     // barriers inside are reached by all of them.
     for (uint32_t b = 0; b < p.n_blocks && base < r1; b++) {
@@ -171,7 +167,7 @@ __global__ void attend_split_kernel(AttendParams p)
         const unsigned long long lo = max_u64(r0, base), hi = min_u64(r1, base + blk.nrows);
         for (unsigned long long row = lo; row < hi; row += kRowsPerTile) {
             const uint32_t nr = (uint32_t)min_u64(kRowsPerTile, hi - row);
-            const size_t first = (size_t)(row - base);  // row within the block
+            const size_t first = (size_t)(row - base); // row within the block
 
             // Tile load, coalesced along d: K[first + r][h][d] and V likewise.
             for (uint32_t e = threadIdx.x; e < nr * D; e += blockDim.x) {
@@ -195,7 +191,7 @@ __global__ void attend_split_kernel(AttendParams p)
             // this tile. m_new is the same on every lane (warp reduction).
             const float m_new = fmaxf(m, warp_max(logit));
             if (m_new != -INFINITY) {
-                const float corr = expf(m - m_new);  // 0 on the first tile (m = -inf)
+                const float corr = expf(m - m_new); // 0 on the first tile (m = -inf)
                 const float pr = lane < nr ? expf(logit - m_new) : 0.0f;
                 l = l * corr + warp_sum(pr);
 #pragma unroll
@@ -211,7 +207,7 @@ __global__ void attend_split_kernel(AttendParams p)
                 }
                 m = m_new;
             }
-            __syncthreads();  // the tile is overwritten next
+            __syncthreads(); // the tile is overwritten next
         }
         base += blk.nrows;
     }
@@ -228,14 +224,14 @@ __global__ void attend_split_kernel(AttendParams p)
         }
         if (lane == 0) p.lse[o] = any ? m + logf(l) : -INFINITY;
     } else {
-        const size_t ps = (size_t)s * p.T * p.Hq + o;  // partial index [s][o]
+        const size_t ps = (size_t)s * p.T * p.Hq + o; // partial index [s][o]
 #pragma unroll
         for (uint32_t i = 0; i < kAccPerLane; i++) {
             const uint32_t d = lane + 32 * i;
             if (d < D) p.part_acc[ps * D + d] = acc[i];
         }
         if (lane == 0) {
-            p.part_m[ps] = m;  // -inf and l = 0 for an empty split
+            p.part_m[ps] = m; // -inf and l = 0 for an empty split
             p.part_l[ps] = l;
         }
     }
@@ -270,7 +266,7 @@ __global__ void attend_merge_kernel(AttendParams p)
         if (lane == 0) p.lse[o] = -INFINITY;
         return;
     }
-    const float inv = 1.0f / L;  // L >= 1: the split holding M contributes l_s >= 1
+    const float inv = 1.0f / L; // L >= 1: the split holding M contributes l_s >= 1
     for (uint32_t d = lane; d < D; d += 32) {
         float x = 0.0f;
         for (uint32_t s = 0; s < S; s++) {
@@ -288,7 +284,7 @@ size_t work_per_split(uint32_t T, uint32_t Hq, uint32_t D)
     return (size_t)T * Hq * ((size_t)D + 2) * sizeof(float);
 }
 
-}  // namespace
+} // namespace
 
 int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
 {
@@ -311,9 +307,15 @@ int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
     }
     void (*split_kernel)(AttendParams);
     switch (a->kv_dtype) {
-    case MSA_DT_F32: split_kernel = attend_split_kernel<MSA_DT_F32>; break;
-    case MSA_DT_F16: split_kernel = attend_split_kernel<MSA_DT_F16>; break;
-    case MSA_DT_BF16: split_kernel = attend_split_kernel<MSA_DT_BF16>; break;
+    case MSA_DT_F32:
+        split_kernel = attend_split_kernel<MSA_DT_F32>;
+        break;
+    case MSA_DT_F16:
+        split_kernel = attend_split_kernel<MSA_DT_F16>;
+        break;
+    case MSA_DT_BF16:
+        split_kernel = attend_split_kernel<MSA_DT_BF16>;
+        break;
     default:
         msa_log(MSA_LOG_ERROR, "cuda attend: unsupported kv dtype %d", (int)a->kv_dtype);
         return MSA_EINVAL;
@@ -323,7 +325,7 @@ int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
     const uint32_t G = a->Hq / a->H, nvec = a->T * G, TH = a->T * a->Hq;
     const uint32_t nwarps = nvec < kMaxWarps ? nvec : kMaxWarps;
     const uint32_t tiles = (nvec + nwarps - 1) / nwarps;
-    const uint32_t kpitch = a->D | 1u;  // odd and >= D
+    const uint32_t kpitch = a->D | 1u; // odd and >= D
     const size_t smem =
         ((size_t)kRowsPerTile * kpitch + (size_t)kRowsPerTile * a->D + (size_t)nwarps * a->D) *
         sizeof(float);
@@ -336,8 +338,8 @@ int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
     if (splits > 1) {
         // Fewer splits when the work space cannot hold their partials.
         const bool aligned = ((uintptr_t)a->work % sizeof(float)) == 0;
-        const size_t fit = a->work && aligned ? a->work_bytes / work_per_split(a->T, a->Hq, a->D)
-                                              : 0;
+        const size_t fit =
+            a->work && aligned ? a->work_bytes / work_per_split(a->T, a->Hq, a->D) : 0;
         if (splits > fit) splits = (uint32_t)fit;
         if (splits < 2) splits = 1;
     }
@@ -380,7 +382,7 @@ int msa__cuda_attend(struct msa_dev_lane *l, const msa_dev_attend_args_t *a)
     split_kernel<<<dim3(tiles, a->H, splits), nwarps * 32, smem, l->stream>>>(p);
     MSA_CK_LAUNCH(l, "attend_split_kernel");
     if (splits > 1) {
-        const uint32_t per_block = 8;  // warps (outputs) per merge block
+        const uint32_t per_block = 8; // warps (outputs) per merge block
         const uint32_t merge_blocks = (TH + per_block - 1) / per_block;
         attend_merge_kernel<<<merge_blocks, per_block * 32, 0, l->stream>>>(p);
         MSA_CK_LAUNCH(l, "attend_merge_kernel");

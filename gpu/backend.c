@@ -32,26 +32,26 @@
 #include <unistd.h>
 
 #define MAX_DEVICES 16
-#define MAX_BATCH 16               /* queries per coalesced pass */
+#define MAX_BATCH 16 /* queries per coalesced pass */
 #define ALIGN 256
 
 typedef struct gdev {
     msa_dev_t *dev;
     msa_dev_info_t info;
-    void *route_base;              /* device region of the routing arena */
+    void *route_base; /* device region of the routing arena */
     msa_gpu_arena_t *route_arena;
     void *cache_base;
     msa_gpu_kvcache_t *cache;
-    uint64_t scratch_bytes;        /* lanes' scratch, for memory_used */
+    uint64_t scratch_bytes; /* lanes' scratch, for memory_used */
 } gdev_t;
 
 /* One shard of one mirror: rows [0, n_rows) of its device buffers. */
 typedef struct shard {
-    unsigned dev;                  /* index into g->dev */
-    uint64_t keys_off, scales_off, ent_off;  /* arena offsets, MSA_GPU_ARENA_NONE if none */
+    unsigned dev;                           /* index into g->dev */
+    uint64_t keys_off, scales_off, ent_off; /* arena offsets, MSA_GPU_ARENA_NONE if none */
     uint32_t cap_rows, cap_ent;
     uint32_t n_rows, n_ent;
-    uint32_t *hidx;                /* host entry index of each device entry */
+    uint32_t *hidx; /* host entry index of each device entry */
 } shard_t;
 
 /* A query waiting in a coalescing queue; the pass's leader fills rc/out. */
@@ -77,18 +77,18 @@ typedef struct mirror {
     bool resident;
     uint64_t layout_gen, delete_gen;
     size_t synced_ent;
-    uint64_t bytes;                /* device bytes held */
-    shard_t *sh;                   /* [g->n_shards] */
+    uint64_t bytes; /* device bytes held */
+    shard_t *sh;    /* [g->n_shards] */
     /* under g->lock: */
-    uint64_t last_use;             /* LRU tick */
-    int64_t last_use_ms;           /* monotonic time of that use */
+    uint64_t last_use;   /* LRU tick */
+    int64_t last_use_ms; /* monotonic time of that use */
     /* coalescing, under qlock: */
     pthread_mutex_t qlock;
     pthread_cond_t qcond;
     waiter_t *pending;
     unsigned n_pending;
     bool leading;
-    atomic_uint users;             /* route calls of this mirror inside the backend */
+    atomic_uint users; /* route calls of this mirror inside the backend */
     struct mirror *next;
 } mirror_t;
 
@@ -99,13 +99,13 @@ struct msa_gpu {
     pthread_mutex_t lock;
     mirror_t *mirrors;
     uint64_t tick;
-    void *link;                    /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
+    void *link; /* NCCL communicator over the GPUs (>= 2 real GPUs), or NULL */
     _Atomic uint64_t n_routes, n_streamed, n_fallback, n_batches, n_coalesced, n_page_in,
         n_page_out, n_syncs, n_att_dev, n_att_fallback;
     _Atomic uint64_t pinned_bytes; /* host memory pinned for the index's row arrays */
     uint64_t pinned_cap;           /* at most this much (half the host's memory) */
     atomic_bool warned_fallback;
-    atomic_bool disabled;          /* set by a device failure: everything goes to the CPU */
+    atomic_bool disabled; /* set by a device failure: everything goes to the CPU */
 };
 
 /* A device error (not lack of room) may leave the CUDA context unusable (a
@@ -120,9 +120,15 @@ static void device_failed(msa_gpu_t *g, const char *what, int rc)
             what, msa_strerror(rc));
 }
 
-static size_t align_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
+static size_t align_up(size_t n)
+{
+    return (n + ALIGN - 1) / ALIGN * ALIGN;
+}
 
-static void *dptr(void *base, uint64_t off) { return (char *)base + off; }
+static void *dptr(void *base, uint64_t off)
+{
+    return (char *)base + off;
+}
 
 /* ==== open / close ============================================================ */
 
@@ -166,8 +172,8 @@ static int dev_setup(msa_gpu_t *g, unsigned i, char *why, size_t len)
             "gpu: device %u %s: %.1f GiB, routing arena %.2f GiB, K/V cache %.2f GiB, %u lanes x "
             "%llu MiB scratch, %u shard%s",
             i, d->info.name, d->info.total_bytes / 1073741824.0, route / 1073741824.0,
-            cache / 1073741824.0, lanes, (unsigned long long)(scratch >> 20),
-            g->cfg.shards_per_gpu, g->cfg.shards_per_gpu == 1 ? "" : "s");
+            cache / 1073741824.0, lanes, (unsigned long long)(scratch >> 20), g->cfg.shards_per_gpu,
+            g->cfg.shards_per_gpu == 1 ? "" : "s");
     return MSA_OK;
 }
 
@@ -336,7 +342,10 @@ static uint64_t route_alloc(msa_gpu_t *g, unsigned d, uint64_t n, mirror_t *self
 /* ==== mirrors ======================================================================== */
 
 /* The shape lives right after the mirror struct (allocated together). */
-static mirror_shape_t *shape_of(mirror_t *m) { return (mirror_shape_t *)(void *)(m + 1); }
+static mirror_shape_t *shape_of(mirror_t *m)
+{
+    return (mirror_shape_t *)(void *)(m + 1);
+}
 
 static mirror_t *mirror_get(msa_gpu_t *g, uint32_t coll, uint32_t layer)
 {
@@ -380,8 +389,8 @@ static bool mirror_fresh(const mirror_t *m, const msa_idx_layer_view_t *v)
  * copying what it has. MSA_EFULL when the arena cannot make room (s is left
  * as it was), a device error when a copy failed (the new ranges are given
  * back, the old ones kept). */
-static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *lane,
-                         uint32_t rows, uint32_t ents)
+static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *lane, uint32_t rows,
+                         uint32_t ents)
 {
     mirror_shape_t *sp = shape_of(m);
     gdev_t *d = &g->dev[s->dev];
@@ -392,16 +401,15 @@ static int shard_reserve(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *
         uint64_t cap = ((uint64_t)s->n_rows + rows) * 5 / 4 + 64;
         if (cap > UINT32_MAX) return MSA_EFULL;
         uint64_t k = route_alloc(g, s->dev, cap * sp->row_bytes, m);
-        uint64_t sc = sp->i8 ? route_alloc(g, s->dev, cap * sp->H * sizeof(float), m)
-                             : MSA_GPU_ARENA_NONE;
-        int rc = (k == MSA_GPU_ARENA_NONE || (sp->i8 && sc == MSA_GPU_ARENA_NONE)) ? MSA_EFULL
-                                                                                 : MSA_OK;
+        uint64_t sc =
+            sp->i8 ? route_alloc(g, s->dev, cap * sp->H * sizeof(float), m) : MSA_GPU_ARENA_NONE;
+        int rc =
+            (k == MSA_GPU_ARENA_NONE || (sp->i8 && sc == MSA_GPU_ARENA_NONE)) ? MSA_EFULL : MSA_OK;
         if (rc == MSA_OK && s->keys_off != MSA_GPU_ARENA_NONE) {
             rc = msa_dev_d2d(lane, dptr(d->route_base, k), dptr(d->route_base, s->keys_off),
                              (size_t)s->n_rows * sp->row_bytes);
             if (rc == MSA_OK && sp->i8)
-                rc = msa_dev_d2d(lane, dptr(d->route_base, sc),
-                                 dptr(d->route_base, s->scales_off),
+                rc = msa_dev_d2d(lane, dptr(d->route_base, sc), dptr(d->route_base, s->scales_off),
                                  (size_t)s->n_rows * sp->H * sizeof(float));
             /* The old ranges are reused only after the copies ran. */
             int sync = msa_dev_lane_sync(lane);
@@ -478,8 +486,10 @@ static int shard_upload_entries(msa_gpu_t *g, shard_t *s, msa_dev_lane_t *lane,
         uint32_t n = s->n_ent - i < cap ? s->n_ent - i : (uint32_t)cap;
         for (uint32_t j = 0; j < n; j++) {
             const msa_idx_entry_t *e = &v->ent[s->hidx[i + j]];
-            st[j] = (msa_dev_entry_t){.doc = e->doc, .created = e->created,
-                                      .deleted = e->deleted, .row0 = local_row0[i + j],
+            st[j] = (msa_dev_entry_t){.doc = e->doc,
+                                      .created = e->created,
+                                      .deleted = e->deleted,
+                                      .row0 = local_row0[i + j],
                                       .nrows = e->nrows};
         }
         int rc = msa_dev_h2d(lane, dst + i, st, n * sizeof *st);
@@ -515,10 +525,12 @@ static int shard_append(msa_gpu_t *g, mirror_t *m, shard_t *s, msa_dev_lane_t *l
     if (rc) return rc;
     gdev_t *d = &g->dev[s->dev];
     uint64_t r0 = v->ent[e0].row0;
-    rc = msa_dev_h2d(lane, (char *)dptr(d->route_base, s->keys_off) + (size_t)s->n_rows * sp->row_bytes,
-                         v->rows + r0 * sp->row_bytes, (size_t)rows * sp->row_bytes);
+    rc = msa_dev_h2d(lane,
+                     (char *)dptr(d->route_base, s->keys_off) + (size_t)s->n_rows * sp->row_bytes,
+                     v->rows + r0 * sp->row_bytes, (size_t)rows * sp->row_bytes);
     if (rc == MSA_OK && sp->i8)
-        rc = msa_dev_h2d(lane, (float *)dptr(d->route_base, s->scales_off) + (size_t)s->n_rows * sp->H,
+        rc = msa_dev_h2d(lane,
+                         (float *)dptr(d->route_base, s->scales_off) + (size_t)s->n_rows * sp->H,
                          v->scales + r0 * sp->H, (size_t)rows * sp->H * sizeof(float));
     if (rc) return rc;
     for (size_t e = e0; e < e1; e++) s->hidx[s->n_ent++] = (uint32_t)e;
@@ -637,8 +649,13 @@ static float *batch_columns(waiter_t *const *w, unsigned nq, size_t *bytes)
 static void score_args(const msa_idx_colplan_t *p, msa_dtype_t dt, unsigned nq,
                        msa_dev_score_args_t *a)
 {
-    *a = (msa_dev_score_args_t){.key_dtype = dt, .H = p->H, .D = p->D, .plan = dev_plan(p->plan),
-                                .ncol = p->ncol, .G = p->G, .query_reduce = p->query_reduce,
+    *a = (msa_dev_score_args_t){.key_dtype = dt,
+                                .H = p->H,
+                                .D = p->D,
+                                .plan = dev_plan(p->plan),
+                                .ncol = p->ncol,
+                                .G = p->G,
+                                .query_reduce = p->query_reduce,
                                 .nq = nq};
 }
 
@@ -655,7 +672,7 @@ typedef struct pass_dev {
     msa_dev_lane_t *lane;
     float *cols;
     const uint64_t *excl[MAX_BATCH];
-    float *scores[64];             /* per local shard (s / n_dev) */
+    float *scores[64]; /* per local shard (s / n_dev) */
     void *sel_work;
     size_t sel_bytes;
     void *gemm_work;
@@ -744,13 +761,18 @@ static void run_batch(msa_gpu_t *g, mirror_t *m, msa_dtype_t key_dtype, waiter_t
         if (!sh->n_ent) continue;
         for (unsigned i = 0; i < nq && rc == MSA_OK; i++) {
             uint32_t n = 0;
-            msa_dev_select_args_t a = {
-                .scores = p->scores[s / g->n_dev] + (size_t)i * sh->n_rows,
-                .ent = dptr(g->dev[sh->dev].route_base, sh->ent_off), .n_ent = sh->n_ent,
-                .snapshot = w[i]->snapshot, .exclude = p->excl[i],
-                .n_exclude = (uint32_t)w[i]->n_excl, .chunk_mean = w[i]->chunk_mean,
-                .top_k = w[i]->top_k, .work = p->sel_work, .work_bytes = p->sel_bytes,
-                .out = hits, .n_out = &n};
+            msa_dev_select_args_t a = {.scores = p->scores[s / g->n_dev] + (size_t)i * sh->n_rows,
+                                       .ent = dptr(g->dev[sh->dev].route_base, sh->ent_off),
+                                       .n_ent = sh->n_ent,
+                                       .snapshot = w[i]->snapshot,
+                                       .exclude = p->excl[i],
+                                       .n_exclude = (uint32_t)w[i]->n_excl,
+                                       .chunk_mean = w[i]->chunk_mean,
+                                       .top_k = w[i]->top_k,
+                                       .work = p->sel_work,
+                                       .work_bytes = p->sel_bytes,
+                                       .out = hits,
+                                       .n_out = &n};
             rc = msa_dev_select(p->lane, &a);
             if (rc == MSA_OK) merge_hits(&tk[i], hits, n);
         }
@@ -824,8 +846,10 @@ static int run_streamed(msa_gpu_t *g, const msa_idx_layer_view_t *v, waiter_t *w
         size_t n = v->n_ent - i < stage_cap ? v->n_ent - i : stage_cap;
         for (size_t j = 0; j < n; j++) {
             const msa_idx_entry_t *e = &v->ent[i + j];
-            stage[j] = (msa_dev_entry_t){.doc = e->doc, .created = e->created,
-                                         .deleted = e->deleted, .row0 = (uint32_t)e->row0,
+            stage[j] = (msa_dev_entry_t){.doc = e->doc,
+                                         .created = e->created,
+                                         .deleted = e->deleted,
+                                         .row0 = (uint32_t)e->row0,
                                          .nrows = e->nrows};
         }
         rc = msa_dev_h2d(lane, ent + i, stage, n * sizeof *stage);
@@ -854,11 +878,17 @@ static int run_streamed(msa_gpu_t *g, const msa_idx_layer_view_t *v, waiter_t *w
     }
     uint32_t n_out = 0;
     if (rc == MSA_OK) {
-        msa_dev_select_args_t a = {.scores = scores, .ent = ent, .n_ent = (uint32_t)v->n_ent,
-                                   .snapshot = w->snapshot, .exclude = excl,
+        msa_dev_select_args_t a = {.scores = scores,
+                                   .ent = ent,
+                                   .n_ent = (uint32_t)v->n_ent,
+                                   .snapshot = w->snapshot,
+                                   .exclude = excl,
                                    .n_exclude = (uint32_t)w->n_excl,
-                                   .chunk_mean = w->chunk_mean, .top_k = w->top_k,
-                                   .work = sel, .work_bytes = sel_bytes, .out = w->out,
+                                   .chunk_mean = w->chunk_mean,
+                                   .top_k = w->top_k,
+                                   .work = sel,
+                                   .work_bytes = sel_bytes,
+                                   .out = w->out,
                                    .n_out = &n_out};
         rc = msa_dev_select(lane, &a);
     }
@@ -964,9 +994,14 @@ static int accel_route(void *ctx, const msa_idx_layer_view_t *v, const msa_idx_s
         return MSA_EUNAVAIL;
     }
     if (v->n_ent == 0) return MSA_OK;
-    waiter_t w = {.scorer = s, .snapshot = snapshot, .excl = excl, .n_excl = n_excl,
-                  .top_k = top_k, .chunk_mean = v->schema->chunk_reduce == MSA_CHUNK_MEAN,
-                  .out = out, .n_out = n_out};
+    waiter_t w = {.scorer = s,
+                  .snapshot = snapshot,
+                  .excl = excl,
+                  .n_excl = n_excl,
+                  .top_k = top_k,
+                  .chunk_mean = v->schema->chunk_reduce == MSA_CHUNK_MEAN,
+                  .out = out,
+                  .n_out = n_out};
     msa_idx_scorer_colplan(s, &w.plan);
     mirror_t *m = mirror_get(g, v->coll_id, v->layer_pos);
     if (!m) return MSA_EUNAVAIL;
@@ -1049,7 +1084,7 @@ void msa_gpu_accel(msa_gpu_t *g, msa_idx_accel_t *out)
 /* Every array handed to the index starts with this header (64 bytes keep the
  * payload 64-byte aligned), so host_free knows how it was allocated. */
 typedef struct host_hdr {
-    uint64_t pinned_bytes;         /* 0: malloc'd */
+    uint64_t pinned_bytes; /* 0: malloc'd */
     uint64_t pad[7];
 } host_hdr_t;
 
@@ -1064,8 +1099,7 @@ static void *host_alloc(void *ctx, size_t bytes)
     size_t total = sizeof(host_hdr_t) + bytes;
     host_hdr_t *h = NULL;
     const uint64_t pin_min = g->cfg.pin_min_bytes ? g->cfg.pin_min_bytes : PIN_MIN_BYTES_DEFAULT;
-    if (bytes >= pin_min &&
-        atomic_fetch_add(&g->pinned_bytes, total) + total <= g->pinned_cap &&
+    if (bytes >= pin_min && atomic_fetch_add(&g->pinned_bytes, total) + total <= g->pinned_cap &&
         msa_dev_host_alloc(g->dev[0].dev, total, (void **)&h) == MSA_OK) {
         h->pinned_bytes = total;
         return h + 1;
@@ -1142,7 +1176,8 @@ void msa_gpu_get_device_stats(msa_gpu_t *g, unsigned i, msa_gpu_device_stats_t *
 
 void msa_gpu_forget_coll(msa_gpu_t *g, uint32_t coll_id)
 {
-    for (unsigned i = 0; i < g->n_dev; i++) msa_gpu_kvcache_invalidate_coll(g->dev[i].cache, coll_id);
+    for (unsigned i = 0; i < g->n_dev; i++)
+        msa_gpu_kvcache_invalidate_coll(g->dev[i].cache, coll_id);
 }
 
 /* Which GPU's cache holds a block: spread by a hash of its key, so the
@@ -1188,8 +1223,8 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
     msa_dev_lane_t *lane[MAX_DEVICES] = {0};
     bool need[MAX_DEVICES] = {true};
     for (uint32_t i = 0; i < a->n; i++) {
-        msa_gpu_kvkey_t key = {.doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id,
-                               .layer = a->layer};
+        msa_gpu_kvkey_t key = {
+            .doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id, .layer = a->layer};
         home[i] = block_home(g, &key);
         need[home[i]] = true;
     }
@@ -1209,8 +1244,8 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
     for (uint32_t i = 0; i < a->n && rc == MSA_OK; i++) {
         unsigned h = home[i];
         gdev_t *hd = &g->dev[h];
-        msa_gpu_kvkey_t key = {.doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id,
-                               .layer = a->layer};
+        msa_gpu_kvkey_t key = {
+            .doc = a->docs[i], .version = a->versions[i], .coll = a->coll_id, .layer = a->layer};
         if (msa_gpu_kvcache_lookup(hd->cache, &key, &pin[i]) == MSA_OK) {
             void *kd = msa_gpu_kvblock_k(pin[i]), *vd = msa_gpu_kvblock_v(pin[i]);
             uint32_t nrows = msa_gpu_kvblock_nrows(pin[i]);
@@ -1262,10 +1297,19 @@ int msa_gpu_attend(msa_gpu_t *g, const msa_gpu_attend_args_t *a)
     }
     if (rc == MSA_OK) rc = msa_dev_h2d(l0, desc_d, desc, a->n * sizeof *desc);
     if (rc == MSA_OK) {
-        msa_dev_attend_args_t at = {.q = q, .T = a->T, .Hq = a->Hq, .H = a->H, .D = a->D,
-                                    .scale = a->scale, .kv_dtype = a->kv_dtype, .blocks = desc_d,
-                                    .n_blocks = a->n, .out = out, .lse = lse,
-                                    .work = cv.base + cv.at, .work_bytes = cv.cap - cv.at};
+        msa_dev_attend_args_t at = {.q = q,
+                                    .T = a->T,
+                                    .Hq = a->Hq,
+                                    .H = a->H,
+                                    .D = a->D,
+                                    .scale = a->scale,
+                                    .kv_dtype = a->kv_dtype,
+                                    .blocks = desc_d,
+                                    .n_blocks = a->n,
+                                    .out = out,
+                                    .lse = lse,
+                                    .work = cv.base + cv.at,
+                                    .work_bytes = cv.cap - cv.at};
         rc = msa_dev_attend(l0, &at);
     }
     if (rc == MSA_OK) rc = msa_dev_d2h(l0, a->out, out, qn * sizeof(float));

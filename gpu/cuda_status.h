@@ -45,34 +45,31 @@ int msa__cuda_status_nccl(ncclResult_t e, const char *stmt, const char *func, in
 #ifdef __cplusplus
 }
 
-static inline int msa__cuda_status(cudaError_t e, const char *stmt, const char *func,
-                                   int line)
+static inline int msa__cuda_status(cudaError_t e, const char *stmt, const char *func, int line)
 {
     return msa__cuda_status_rt(e, stmt, func, line);
 }
-static inline int msa__cuda_status(cublasStatus_t e, const char *stmt, const char *func,
-                                   int line)
+static inline int msa__cuda_status(cublasStatus_t e, const char *stmt, const char *func, int line)
 {
     return msa__cuda_status_blas(e, stmt, func, line);
 }
-static inline int msa__cuda_status(ncclResult_t e, const char *stmt, const char *func,
-                                   int line)
+static inline int msa__cuda_status(ncclResult_t e, const char *stmt, const char *func, int line)
 {
     return msa__cuda_status_nccl(e, stmt, func, line);
 }
 #define MSA_CK_RC(stmt) msa__cuda_status((stmt), #stmt, __func__, __LINE__)
 #else
-#define MSA_CK_RC(stmt)                                                                  \
-    _Generic((stmt),                                                                     \
-        cudaError_t: msa__cuda_status_rt,                                                \
-        cublasStatus_t: msa__cuda_status_blas,                                           \
-        ncclResult_t: msa__cuda_status_nccl)((stmt), #stmt, __func__, __LINE__)
+#define MSA_CK_RC(stmt)                            \
+    _Generic((stmt), cudaError_t                   \
+             : msa__cuda_status_rt, cublasStatus_t \
+             : msa__cuda_status_blas, ncclResult_t \
+             : msa__cuda_status_nccl)((stmt), #stmt, __func__, __LINE__)
 #endif
 
-#define MSA_CK(stmt)                                                                     \
-    do {                                                                                 \
-        int ck_rc_ = MSA_CK_RC(stmt);                                                    \
-        if (ck_rc_ != MSA_OK) return ck_rc_;                                             \
+#define MSA_CK(stmt)                         \
+    do {                                     \
+        int ck_rc_ = MSA_CK_RC(stmt);        \
+        if (ck_rc_ != MSA_OK) return ck_rc_; \
     } while (0)
 
 #endif

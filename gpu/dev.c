@@ -117,7 +117,10 @@ void msa_dev_lane_release(msa_dev_lane_t *l)
     pthread_mutex_unlock(&p->mu);
 }
 
-msa_dev_t *msa_dev_lane_dev(msa_dev_lane_t *l) { return LANE(l)->dev; }
+msa_dev_t *msa_dev_lane_dev(msa_dev_lane_t *l)
+{
+    return LANE(l)->dev;
+}
 
 void *msa_dev_lane_scratch(msa_dev_lane_t *l, size_t *bytes)
 {
@@ -158,7 +161,10 @@ void msa_dev_close(msa_dev_t *d)
     if (d) OPS(d)->close(d);
 }
 
-void msa_dev_get_info(const msa_dev_t *d, msa_dev_info_t *out) { OPS(d)->get_info(d, out); }
+void msa_dev_get_info(const msa_dev_t *d, msa_dev_info_t *out)
+{
+    OPS(d)->get_info(d, out);
+}
 int msa_dev_malloc(msa_dev_t *d, size_t bytes, void **out)
 {
     return OPS(d)->dmalloc(d, bytes, out);
@@ -189,7 +195,10 @@ int msa_dev_d2d(msa_dev_lane_t *l, void *dst, const void *src, size_t n)
 {
     return n ? LANE_OPS(l)->d2d(l, dst, src, n) : MSA_OK;
 }
-int msa_dev_lane_sync(msa_dev_lane_t *l) { return LANE_OPS(l)->lane_sync(l); }
+int msa_dev_lane_sync(msa_dev_lane_t *l)
+{
+    return LANE_OPS(l)->lane_sync(l);
+}
 int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
                       const void *src, size_t n, void *link)
 {

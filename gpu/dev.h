@@ -64,15 +64,15 @@ typedef struct msa_dev_lane msa_dev_lane_t;
  * (msa_gpu_config_t.dev); only the outermost layer (msad's options, the test
  * tools) may fill it from the environment, with msa_dev_config_env. */
 typedef struct msa_dev_config {
-    bool sim;                    /* the simulated device of dev_sim.c (tests only) */
-    int sim_devices;             /* sim: devices offered; 0 = 1, < 0 = none */
-    uint64_t sim_mem_bytes;      /* sim: device memory of each; 0 = 4 GiB */
-    bool sim_fault;              /* sim: inject a sticky fault: every kernel call after */
-    uint64_t sim_fail_after;     /*   the first sim_fail_after fails with MSA_EINTERNAL */
-    bool sync_check;             /* CUDA: sync the stream after every launch, so an
+    bool sim;                /* the simulated device of dev_sim.c (tests only) */
+    int sim_devices;         /* sim: devices offered; 0 = 1, < 0 = none */
+    uint64_t sim_mem_bytes;  /* sim: device memory of each; 0 = 4 GiB */
+    bool sim_fault;          /* sim: inject a sticky fault: every kernel call after */
+    uint64_t sim_fail_after; /*   the first sim_fail_after fails with MSA_EINTERNAL */
+    bool sync_check;         /* CUDA: sync the stream after every launch, so an
                                   * asynchronous fault is reported by the launch that
                                   * caused it (debugging; slow) */
-    uint32_t gemm_min_cols;      /* CUDA: score uses cuBLAS when nq * ncol >= this; 0 = 17
+    uint32_t gemm_min_cols;  /* CUDA: score uses cuBLAS when nq * ncol >= this; 0 = 17
                                   * (up to 16 columns stream through the fused kernel);
                                   * 1 forces GEMM whenever the work space allows */
 } msa_dev_config_t;
@@ -92,8 +92,8 @@ typedef struct msa_dev_info {
     char name[128];
     int ordinal;
     bool sim;
-    size_t total_bytes;          /* device memory */
-    size_t free_bytes;           /* at open */
+    size_t total_bytes; /* device memory */
+    size_t free_bytes;  /* at open */
 } msa_dev_info_t;
 
 /* Devices the implementation cfg picks offers: CUDA devices, or (sim)
@@ -148,32 +148,36 @@ int msa_dev_peer_copy(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_l
 
 /* ---- routing kernels ----------------------------------------------------------------- */
 
-typedef enum { MSA_DEV_PLAN_LINEAR = 0, MSA_DEV_PLAN_MAXVEC = 1, MSA_DEV_PLAN_GENERAL = 2 } msa_dev_plan_t;
+typedef enum {
+    MSA_DEV_PLAN_LINEAR = 0,
+    MSA_DEV_PLAN_MAXVEC = 1,
+    MSA_DEV_PLAN_GENERAL = 2
+} msa_dev_plan_t;
 
 /* One document version as the device sees it (row0 is local to the shard's
  * key buffer). 32 bytes. */
 typedef struct msa_dev_entry {
     uint64_t doc;
     uint64_t created;
-    uint64_t deleted;            /* UINT64_MAX while live */
+    uint64_t deleted; /* UINT64_MAX while live */
     uint32_t row0;
     uint32_t nrows;
 } msa_dev_entry_t;
 
 typedef struct msa_dev_score_args {
-    const void *keys;            /* device: nrows rows of H*D key_dtype values */
-    const float *scales;         /* device: [nrows][H] for I8, else NULL */
-    msa_dtype_t key_dtype;       /* F32, F16, BF16, I8 */
+    const void *keys;      /* device: nrows rows of H*D key_dtype values */
+    const float *scales;   /* device: [nrows][H] for I8, else NULL */
+    msa_dtype_t key_dtype; /* F32, F16, BF16, I8 */
     uint32_t nrows, H, D;
     msa_dev_plan_t plan;
-    uint32_t ncol;               /* columns per head per query */
-    uint32_t G;                  /* query heads per kv head (GENERAL) */
+    uint32_t ncol;                   /* columns per head per query */
+    uint32_t G;                      /* query heads per kv head (GENERAL) */
     msa_query_reduce_t query_reduce; /* GENERAL: MAX or MEAN (LAST arrives as T' = 1) */
-    const float *cols;           /* device: [nq][H][ncol][D] */
+    const float *cols;               /* device: [nq][H][ncol][D] */
     uint32_t nq;
-    float *scores;               /* device: scores[i * ld + r] */
+    float *scores; /* device: scores[i * ld + r] */
     size_t ld;
-    void *work;                  /* device scratch for the GEMM path (may be NULL) */
+    void *work; /* device scratch for the GEMM path (may be NULL) */
     size_t work_bytes;
 } msa_dev_score_args_t;
 
@@ -181,19 +185,19 @@ typedef struct msa_dev_score_args {
 int msa_dev_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a);
 
 typedef struct msa_dev_select_args {
-    const float *scores;         /* device: score of entry row r at scores[r - row_base] */
+    const float *scores; /* device: score of entry row r at scores[r - row_base] */
     uint32_t row_base;
-    const msa_dev_entry_t *ent;  /* device */
+    const msa_dev_entry_t *ent; /* device */
     uint32_t n_ent;
     uint64_t snapshot;
-    const uint64_t *exclude;     /* device, sorted ascending (may be NULL when n_exclude = 0) */
+    const uint64_t *exclude; /* device, sorted ascending (may be NULL when n_exclude = 0) */
     uint32_t n_exclude;
     bool chunk_mean;
-    uint32_t top_k;              /* 1..MSA_MAX_TOP_K */
-    void *work;                  /* device scratch, at least msa_dev_select_work(n_ent, top_k) */
+    uint32_t top_k; /* 1..MSA_MAX_TOP_K */
+    void *work;     /* device scratch, at least msa_dev_select_work(n_ent, top_k) */
     size_t work_bytes;
-    msa_idx_hit_t *out;          /* host: top_k entries */
-    uint32_t *n_out;             /* host */
+    msa_idx_hit_t *out; /* host: top_k entries */
+    uint32_t *n_out;    /* host */
 } msa_dev_select_args_t;
 
 size_t msa_dev_select_work(uint32_t n_ent, uint32_t top_k);
@@ -205,21 +209,21 @@ int msa_dev_select(msa_dev_lane_t *l, const msa_dev_select_args_t *a);
 /* ---- attention -------------------------------------------------------------------------- */
 
 typedef struct msa_dev_kv_block {
-    const void *k, *v;           /* device: rows [nrows][H][D] of kv_dtype */
+    const void *k, *v; /* device: rows [nrows][H][D] of kv_dtype */
     uint32_t nrows;
 } msa_dev_kv_block_t;
 
 typedef struct msa_dev_attend_args {
-    const float *q;              /* device [T][Hq][D] */
+    const float *q; /* device [T][Hq][D] */
     uint32_t T, Hq, H, D;
     float scale;
-    msa_dtype_t kv_dtype;        /* F32, F16, BF16 */
+    msa_dtype_t kv_dtype;             /* F32, F16, BF16 */
     const msa_dev_kv_block_t *blocks; /* device array of n_blocks */
     uint32_t n_blocks;
-    float *out;                  /* device [T][Hq][D] */
-    float *lse;                  /* device [T][Hq] */
-    void *work;                  /* device scratch for the row splits (may be NULL: */
-    size_t work_bytes;           /*   fewer splits, same answer) */
+    float *out;        /* device [T][Hq][D] */
+    float *lse;        /* device [T][Hq] */
+    void *work;        /* device scratch for the row splits (may be NULL: */
+    size_t work_bytes; /*   fewer splits, same answer) */
 } msa_dev_attend_args_t;
 
 /* Queues the attention on the lane (contract above). MSA_EINVAL for shapes

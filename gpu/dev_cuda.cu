@@ -36,8 +36,7 @@ extern "C" int msa__cuda_status_rt(cudaError_t e, const char *stmt, const char *
     return e == cudaErrorMemoryAllocation ? MSA_ENOMEM : MSA_EINTERNAL;
 }
 
-extern "C" int msa__cuda_status_blas(cublasStatus_t e, const char *stmt, const char *func,
-                                     int line)
+extern "C" int msa__cuda_status_blas(cublasStatus_t e, const char *stmt, const char *func, int line)
 {
     if (e == CUBLAS_STATUS_SUCCESS) return MSA_OK;
     msa_log(MSA_LOG_ERROR, "cublas: %s failed in %s (line %d): %s", stmt, func, line,
@@ -108,8 +107,8 @@ static void cuda_close(msa_dev_t *d)
     free(d);
 }
 
-static int cuda_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes,
-                     size_t lane_scratch, size_t lane_staging, msa_dev_t **out)
+static int cuda_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes, size_t lane_scratch,
+                     size_t lane_staging, msa_dev_t **out)
 {
     *out = NULL;
     int n = cuda_count(cfg, NULL, 0);
@@ -126,8 +125,7 @@ static int cuda_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes,
     size_t free_b = 0, total_b = 0;
     if (rc == MSA_OK) rc = MSA_CK_RC(cudaMemGetInfo(&free_b, &total_b));
     if (rc == MSA_OK)
-        rc = msa__dev_pool_open(d, lanes, sizeof(struct msa_dev_lane), lane_scratch,
-                                lane_staging);
+        rc = msa__dev_pool_open(d, lanes, sizeof(struct msa_dev_lane), lane_scratch, lane_staging);
     if (rc == MSA_OK) rc = msa__cuda_score_init(d);
     if (rc != MSA_OK) {
         cuda_close(d);
@@ -145,7 +143,10 @@ static int cuda_open(const msa_dev_config_t *cfg, int ordinal, unsigned lanes,
     return MSA_OK;
 }
 
-static void cuda_get_info(const msa_dev_t *d, msa_dev_info_t *out) { *out = d->info; }
+static void cuda_get_info(const msa_dev_t *d, msa_dev_info_t *out)
+{
+    *out = d->info;
+}
 
 static int cuda_dmalloc(msa_dev_t *d, size_t bytes, void **out)
 {
@@ -236,11 +237,10 @@ static int cuda_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
 }
 
 extern "C" const msa_dev_ops_t msa__dev_cuda_ops = {
-    cuda_count,     cuda_open,       cuda_close,          cuda_get_info,
-    cuda_dmalloc,   cuda_dfree,      cuda_host_alloc,     cuda_host_free,
-    cuda_lane_open, cuda_lane_close, cuda_h2d,            cuda_d2h,
-    cuda_d2d,       cuda_lane_sync,  msa__cuda_peer_copy, cuda_score,
-    cuda_select,    cuda_attend,
+    cuda_count, cuda_open,       cuda_close,     cuda_get_info,  cuda_dmalloc,
+    cuda_dfree, cuda_host_alloc, cuda_host_free, cuda_lane_open, cuda_lane_close,
+    cuda_h2d,   cuda_d2h,        cuda_d2d,       cuda_lane_sync, msa__cuda_peer_copy,
+    cuda_score, cuda_select,     cuda_attend,
 };
 
 /* ==== bench helpers ========================================================== */
@@ -257,9 +257,12 @@ __device__ __forceinline__ uint64_t mix64(uint64_t x)
 
 __device__ __forceinline__ void store_as(msa_dtype_t dt, void *dst, size_t i, float v)
 {
-    if (dt == MSA_DT_F32) ((float *)dst)[i] = v;
-    else if (dt == MSA_DT_F16) ((__half *)dst)[i] = __float2half_rn(v);
-    else ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
+    if (dt == MSA_DT_F32)
+        ((float *)dst)[i] = v;
+    else if (dt == MSA_DT_F16)
+        ((__half *)dst)[i] = __float2half_rn(v);
+    else
+        ((__nv_bfloat16 *)dst)[i] = __float2bfloat16_rn(v);
 }
 
 __global__ void fill_uniform_kernel(void *dst, size_t n, msa_dtype_t dt, uint64_t seed, float lo,

@@ -26,21 +26,21 @@
  * on the request path); device scratch and pinned host staging sit in the
  * head (the pool's part, dev_impl.h). */
 struct msa_dev_lane {
-    msa_dev_lane_head_t head;    /* must stay first (dev.c casts) */
-    struct msa_dev *dv;          /* owner, typed */
+    msa_dev_lane_head_t head; /* must stay first (dev.c casts) */
+    struct msa_dev *dv;       /* owner, typed */
     cudaStream_t stream;
     cublasHandle_t blas;
-    void *blas_ws_d;             /* cuBLAS workspace, blas_ws_bytes */
+    void *blas_ws_d; /* cuBLAS workspace, blas_ws_bytes */
     size_t blas_ws_bytes;
 };
 
 struct msa_dev {
-    msa_dev_head_t head;         /* must stay first (dev.c casts); holds the lane pool */
+    msa_dev_head_t head; /* must stay first (dev.c casts); holds the lane pool */
     int ordinal;
     cudaDeviceProp prop;
     msa_dev_info_t info;
-    bool sync_check;             /* cfg.sync_check: sync after every launch */
-    uint32_t gemm_min_cols;      /* score: GEMM path when nq*ncol >= this (cfg.gemm_min_cols) */
+    bool sync_check;        /* cfg.sync_check: sync after every launch */
+    uint32_t gemm_min_cols; /* score: GEMM path when nq*ncol >= this (cfg.gemm_min_cols) */
 };
 
 /* CUDA, cuBLAS and NCCL statuses: MSA_CK / MSA_CK_RC of cuda_status.h. */
@@ -48,10 +48,10 @@ struct msa_dev {
 /* After a kernel launch: cudaGetLastError, and with sync_check a stream sync,
  * both translated. `what` names the kernel in the log. */
 int msa__cuda_after_launch(struct msa_dev_lane *l, const char *what, const char *func, int line);
-#define MSA_CK_LAUNCH(l, what)                                                           \
-    do {                                                                                 \
-        int ck_rc_ = msa__cuda_after_launch((l), (what), __func__, __LINE__);            \
-        if (ck_rc_ != MSA_OK) return ck_rc_;                                             \
+#define MSA_CK_LAUNCH(l, what)                                                \
+    do {                                                                      \
+        int ck_rc_ = msa__cuda_after_launch((l), (what), __func__, __LINE__); \
+        if (ck_rc_ != MSA_OK) return ck_rc_;                                  \
     } while (0)
 
 /* ---- ops: int msa__cuda_<op>(lane, &descriptor) ----------------------------------
@@ -97,8 +97,8 @@ int msa__cuda_fill_uniform(msa_dev_lane_t *l, void *dst, size_t n, msa_dtype_t d
 int msa__cuda_convert(msa_dev_lane_t *l, const float *src, void *dst, size_t n, msa_dtype_t dt);
 /* Symmetric int8 per (row, head), as msa_tensor_quantize_i8: for nrows rows of
  * H*D float32, q = round(x / s), s = max|x[h,:]| / 127 (0 -> 0). */
-int msa__cuda_quantize_i8(msa_dev_lane_t *l, const float *src, size_t nrows, uint32_t H,
-                          uint32_t D, int8_t *dst, float *scales);
+int msa__cuda_quantize_i8(msa_dev_lane_t *l, const float *src, size_t nrows, uint32_t H, uint32_t D,
+                          int8_t *dst, float *scales);
 /* Reads bytes (a multiple of 16) of device memory at src with a read-reduce
  * kernel, reps times, and returns the best read bandwidth in GB/s (1e9 B/s),
  * timed with CUDA events on the lane's stream. Synchronous. */

@@ -36,8 +36,8 @@ typedef struct msa_dev_ops {
     int (*d2h)(msa_dev_lane_t *l, void *dst, const void *src, size_t n);
     int (*d2d)(msa_dev_lane_t *l, void *dst, const void *src, size_t n);
     int (*lane_sync)(msa_dev_lane_t *l);
-    int (*peer_copy)(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane,
-                     const void *src, size_t n, void *link);
+    int (*peer_copy)(msa_dev_lane_t *dst_lane, void *dst, msa_dev_lane_t *src_lane, const void *src,
+                     size_t n, void *link);
     int (*score)(msa_dev_lane_t *l, const msa_dev_score_args_t *a);
     int (*select)(msa_dev_lane_t *l, const msa_dev_select_args_t *a);
     int (*attend)(msa_dev_lane_t *l, const msa_dev_attend_args_t *a);
@@ -46,20 +46,20 @@ typedef struct msa_dev_ops {
 /* Every msa_dev_lane_t of an implementation starts with this. */
 typedef struct msa_dev_lane_head {
     msa_dev_t *dev;
-    bool busy;                   /* guarded by the pool's mu */
-    void *scratch_d;             /* device scratch, scratch_bytes */
+    bool busy;       /* guarded by the pool's mu */
+    void *scratch_d; /* device scratch, scratch_bytes */
     size_t scratch_bytes;
-    void *staging_h;             /* pinned host staging, staging_bytes */
+    void *staging_h; /* pinned host staging, staging_bytes */
     size_t staging_bytes;
 } msa_dev_lane_head_t;
 
 /* The lanes of one device: each serves one thread at a time; acquire blocks
  * while all are busy. */
 typedef struct msa_dev_pool {
-    bool ready;                  /* mu and lane_free initialised */
+    bool ready; /* mu and lane_free initialised */
     pthread_mutex_t mu;
     pthread_cond_t lane_free;
-    unsigned char *lanes;        /* n lanes of lane_size bytes, each led by a msa_dev_lane_head_t */
+    unsigned char *lanes; /* n lanes of lane_size bytes, each led by a msa_dev_lane_head_t */
     size_t lane_size;
     unsigned n;
 } msa_dev_pool_t;

@@ -25,23 +25,23 @@
 
 /* A simulated lane has nothing of its own: scratch and staging sit in the head. */
 struct msa_dev_lane {
-    msa_dev_lane_head_t head;    /* must stay first (dev.c casts) */
+    msa_dev_lane_head_t head; /* must stay first (dev.c casts) */
 };
 
 struct msa_dev {
-    msa_dev_head_t head;         /* must stay first (dev.c casts) */
+    msa_dev_head_t head; /* must stay first (dev.c casts) */
     int ordinal;
-    bool fault;                  /* inject a fault after fail_after kernel calls */
+    bool fault; /* inject a fault after fail_after kernel calls */
     uint64_t fail_after;
     atomic_uint_fast64_t kernel_calls;
-    size_t mem_cap, mem_used;    /* bytes of simulated device memory */
-    pthread_mutex_t lock;        /* mem_used */
+    size_t mem_cap, mem_used; /* bytes of simulated device memory */
+    pthread_mutex_t lock;     /* mem_used */
 };
 
 /* Every simulated allocation carries its size in front, for the memory cap. */
 typedef struct alloc_hdr {
     size_t bytes;
-    size_t pad[7];               /* keeps the payload 64-byte aligned */
+    size_t pad[7]; /* keeps the payload 64-byte aligned */
 } alloc_hdr_t;
 
 static int sim_count(const msa_dev_config_t *cfg, char *why, size_t len)
@@ -213,8 +213,10 @@ static int sim_score(msa_dev_lane_t *l, const msa_dev_score_args_t *a)
                             float x = C[h * nc + t * a->G + g];
                             m = (x > m || x != x) ? x : m;
                         }
-                    if (a->query_reduce == MSA_QUERY_MAX) acc = (m > acc || m != m) ? m : acc;
-                    else acc += m;
+                    if (a->query_reduce == MSA_QUERY_MAX)
+                        acc = (m > acc || m != m) ? m : acc;
+                    else
+                        acc += m;
                 }
                 score = a->query_reduce == MSA_QUERY_MAX ? acc : acc / (float)T;
             } else {
@@ -238,8 +240,10 @@ static bool excluded(const uint64_t *ex, uint32_t n, uint64_t doc)
     uint32_t lo = 0, hi = n;
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
-        if (ex[mid] < doc) lo = mid + 1;
-        else hi = mid;
+        if (ex[mid] < doc)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo < n && ex[lo] == doc;
 }
@@ -282,8 +286,7 @@ static int sim_attend(msa_dev_lane_t *l, const msa_dev_attend_args_t *a)
             msa_tensor_to_f32(a->kv_dtype, a->blocks[b].v, n, v + off);
             off += n;
         }
-        rc = msa_idx_attend(a->q, a->T, a->Hq, a->H, a->D, k, v, R, a->scale, a->out, a->lse,
-                            NULL);
+        rc = msa_idx_attend(a->q, a->T, a->Hq, a->H, a->D, k, v, R, a->scale, a->out, a->lse, NULL);
     }
     free(k);
     free(v);

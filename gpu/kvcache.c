@@ -26,17 +26,17 @@
 
 struct msa_gpu_kvblock {
     msa_gpu_kvkey_t kb_key;
-    uint64_t kb_off;             /* arena offset of K; V follows at kb_off + kb_side_alloc */
-    uint64_t kb_side;            /* bytes per side as asked */
-    uint64_t kb_side_alloc;      /* bytes per side rounded up to the arena alignment */
-    uint64_t kb_hash;            /* hash of kb_key (cached for rehashing) */
-    uintptr_t kb_k, kb_v;        /* device addresses of K and V */
+    uint64_t kb_off;        /* arena offset of K; V follows at kb_off + kb_side_alloc */
+    uint64_t kb_side;       /* bytes per side as asked */
+    uint64_t kb_side_alloc; /* bytes per side rounded up to the arena alignment */
+    uint64_t kb_hash;       /* hash of kb_key (cached for rehashing) */
+    uintptr_t kb_k, kb_v;   /* device addresses of K and V */
     uint32_t kb_nrows;
-    uint32_t kb_refs;            /* pins; > 0 <=> in the busy list */
-    bool kb_in_map;              /* published (in the hash map) */
-    bool kb_dead;                /* never to be published; freed at the last release */
-    struct msa_gpu_kvblock *kb_hnext;           /* hash chain */
-    struct msa_gpu_kvblock *kb_prev, *kb_next;  /* lru or busy list */
+    uint32_t kb_refs;                 /* pins; > 0 <=> in the busy list */
+    bool kb_in_map;                   /* published (in the hash map) */
+    bool kb_dead;                     /* never to be published; freed at the last release */
+    struct msa_gpu_kvblock *kb_hnext; /* hash chain */
+    struct msa_gpu_kvblock *kb_prev, *kb_next; /* lru or busy list */
 };
 
 typedef struct list {
@@ -45,14 +45,14 @@ typedef struct list {
 
 struct msa_gpu_kvcache {
     pthread_mutex_t kc_mu;
-    uintptr_t kc_base;           /* device address of offset 0 */
-    msa_gpu_arena_t *kc_arena;   /* offsets within the region */
+    uintptr_t kc_base;         /* device address of offset 0 */
+    msa_gpu_arena_t *kc_arena; /* offsets within the region */
     msa_gpu_kvblock_t **kc_buckets;
-    size_t kc_nbuckets;          /* power of two */
-    size_t kc_nmap;              /* blocks in the map */
+    size_t kc_nbuckets; /* power of two */
+    size_t kc_nmap;     /* blocks in the map */
     list_t kc_lru, kc_busy;
-    uint64_t kc_pinned_bytes;    /* arena bytes held by busy blocks */
-    msa_gpu_kvcache_stats_t kc_st;  /* hits, misses, evictions, blocks (bytes filled on read) */
+    uint64_t kc_pinned_bytes;      /* arena bytes held by busy blocks */
+    msa_gpu_kvcache_stats_t kc_st; /* hits, misses, evictions, blocks (bytes filled on read) */
 };
 
 /* ---- helpers -------------------------------------------------------------------- */
@@ -82,23 +82,32 @@ static bool key_eq(const msa_gpu_kvkey_t *a, const msa_gpu_kvkey_t *b)
            a->layer == b->layer;
 }
 
-static uint64_t block_bytes(const msa_gpu_kvblock_t *b) { return 2 * b->kb_side_alloc; }
+static uint64_t block_bytes(const msa_gpu_kvblock_t *b)
+{
+    return 2 * b->kb_side_alloc;
+}
 
 static void list_push_head(list_t *l, msa_gpu_kvblock_t *b)
 {
     b->kb_prev = NULL;
     b->kb_next = l->head;
-    if (l->head) l->head->kb_prev = b;
-    else l->tail = b;
+    if (l->head)
+        l->head->kb_prev = b;
+    else
+        l->tail = b;
     l->head = b;
 }
 
 static void list_remove(list_t *l, msa_gpu_kvblock_t *b)
 {
-    if (b->kb_prev) b->kb_prev->kb_next = b->kb_next;
-    else l->head = b->kb_next;
-    if (b->kb_next) b->kb_next->kb_prev = b->kb_prev;
-    else l->tail = b->kb_prev;
+    if (b->kb_prev)
+        b->kb_prev->kb_next = b->kb_next;
+    else
+        l->head = b->kb_next;
+    if (b->kb_next)
+        b->kb_next->kb_prev = b->kb_prev;
+    else
+        l->tail = b->kb_prev;
     b->kb_prev = b->kb_next = NULL;
 }
 
@@ -309,8 +318,10 @@ void msa_gpu_kvcache_release(msa_gpu_kvcache_t *c, msa_gpu_kvblock_t *b)
     if (--b->kb_refs == 0) {
         list_remove(&c->kc_busy, b);
         c->kc_pinned_bytes -= block_bytes(b);
-        if (b->kb_in_map) list_push_head(&c->kc_lru, b); /* most recently used */
-        else block_free(c, b);                             /* abandoned or dead */
+        if (b->kb_in_map)
+            list_push_head(&c->kc_lru, b); /* most recently used */
+        else
+            block_free(c, b); /* abandoned or dead */
     }
     pthread_mutex_unlock(&c->kc_mu);
 }
@@ -353,8 +364,23 @@ void msa_gpu_kvcache_stats(msa_gpu_kvcache_t *c, msa_gpu_kvcache_stats_t *out)
 
 /* ---- block accessors (fields are immutable while the block is pinned) ----------- */
 
-void *msa_gpu_kvblock_k(const msa_gpu_kvblock_t *b) { return (void *)b->kb_k; }
-void *msa_gpu_kvblock_v(const msa_gpu_kvblock_t *b) { return (void *)b->kb_v; }
-uint32_t msa_gpu_kvblock_nrows(const msa_gpu_kvblock_t *b) { return b->kb_nrows; }
-uint64_t msa_gpu_kvblock_bytes_per_side(const msa_gpu_kvblock_t *b) { return b->kb_side; }
-const msa_gpu_kvkey_t *msa_gpu_kvblock_key(const msa_gpu_kvblock_t *b) { return &b->kb_key; }
+void *msa_gpu_kvblock_k(const msa_gpu_kvblock_t *b)
+{
+    return (void *)b->kb_k;
+}
+void *msa_gpu_kvblock_v(const msa_gpu_kvblock_t *b)
+{
+    return (void *)b->kb_v;
+}
+uint32_t msa_gpu_kvblock_nrows(const msa_gpu_kvblock_t *b)
+{
+    return b->kb_nrows;
+}
+uint64_t msa_gpu_kvblock_bytes_per_side(const msa_gpu_kvblock_t *b)
+{
+    return b->kb_side;
+}
+const msa_gpu_kvkey_t *msa_gpu_kvblock_key(const msa_gpu_kvblock_t *b)
+{
+    return &b->kb_key;
+}

@@ -39,19 +39,19 @@ typedef struct msa_gpu_kvcache msa_gpu_kvcache_t;
 typedef struct msa_gpu_kvblock msa_gpu_kvblock_t;
 
 typedef struct msa_gpu_kvkey {
-    uint64_t doc;                /* document id */
-    uint64_t version;            /* created commit seq of the document version */
-    uint32_t coll;               /* collection id */
-    uint32_t layer;              /* model layer index */
+    uint64_t doc;     /* document id */
+    uint64_t version; /* created commit seq of the document version */
+    uint32_t coll;    /* collection id */
+    uint32_t layer;   /* model layer index */
 } msa_gpu_kvkey_t;
 
 typedef struct msa_gpu_kvcache_stats {
-    uint64_t hits;               /* lookups that found a published block */
-    uint64_t misses;             /* lookups that did not */
-    uint64_t evictions;          /* blocks evicted to make room (LRU) */
-    uint64_t blocks;             /* blocks holding cache space (any state) */
-    uint64_t bytes_used;         /* bytes of the region allocated (rounded to 256) */
-    uint64_t bytes_total;        /* bytes of the region the cache manages */
+    uint64_t hits;        /* lookups that found a published block */
+    uint64_t misses;      /* lookups that did not */
+    uint64_t evictions;   /* blocks evicted to make room (LRU) */
+    uint64_t blocks;      /* blocks holding cache space (any state) */
+    uint64_t bytes_used;  /* bytes of the region allocated (rounded to 256) */
+    uint64_t bytes_total; /* bytes of the region the cache manages */
 } msa_gpu_kvcache_stats_t;
 
 /* Creates a cache over the device region [base_d, base_d + bytes) (base_d
@@ -107,8 +107,8 @@ uint64_t msa_gpu_kvcache_invalidate_coll(msa_gpu_kvcache_t *c, uint32_t coll_id)
 void msa_gpu_kvcache_stats(msa_gpu_kvcache_t *c, msa_gpu_kvcache_stats_t *out);
 
 /* Accessors of a pinned block (immutable while pinned; no lock taken). */
-void *msa_gpu_kvblock_k(const msa_gpu_kvblock_t *b);     /* device: K, bytes_per_side */
-void *msa_gpu_kvblock_v(const msa_gpu_kvblock_t *b);     /* device: V, bytes_per_side */
+void *msa_gpu_kvblock_k(const msa_gpu_kvblock_t *b); /* device: K, bytes_per_side */
+void *msa_gpu_kvblock_v(const msa_gpu_kvblock_t *b); /* device: V, bytes_per_side */
 uint32_t msa_gpu_kvblock_nrows(const msa_gpu_kvblock_t *b);
 uint64_t msa_gpu_kvblock_bytes_per_side(const msa_gpu_kvblock_t *b);
 const msa_gpu_kvkey_t *msa_gpu_kvblock_key(const msa_gpu_kvblock_t *b);

@@ -29,17 +29,17 @@ struct msa_gpu_nccl {
     void *lib;
     nccl_fns_t f;
     int ndev;
-    ncclComm_t *comm;            /* [ndev]: rank d drives device d */
+    ncclComm_t *comm; /* [ndev]: rank d drives device d */
     char version[32];
 };
 
-#define SYM(field, name)                                                                 \
-    do {                                                                                 \
-        *(void **)(&n->f.field) = dlsym(n->lib, name);                                   \
-        if (!n->f.field) {                                                               \
-            snprintf(why, len, "libnccl.so.2 has no %s", name);                          \
-            goto fail;                                                                   \
-        }                                                                                \
+#define SYM(field, name)                                        \
+    do {                                                        \
+        *(void **)(&n->f.field) = dlsym(n->lib, name);          \
+        if (!n->f.field) {                                      \
+            snprintf(why, len, "libnccl.so.2 has no %s", name); \
+            goto fail;                                          \
+        }                                                       \
     } while (0)
 
 /* Every rank adds its own rank + 1: the sum proves the clique moves data. */
@@ -66,8 +66,7 @@ static int self_check(msa_gpu_nccl_t *n, char *why, size_t len)
             r = n->f.all_reduce(buf[d], buf[d], 1, ncclFloat32, ncclSum, n->comm[d], st[d]);
         ncclResult_t r2 = n->f.group_end();
         if (r != ncclSuccess || r2 != ncclSuccess) {
-            snprintf(why, len, "NCCL all-reduce: %s",
-                     n->f.error_string(r != ncclSuccess ? r : r2));
+            snprintf(why, len, "NCCL all-reduce: %s", n->f.error_string(r != ncclSuccess ? r : r2));
             rc = MSA_EUNAVAIL;
         }
     }
@@ -97,15 +96,24 @@ static int self_check(msa_gpu_nccl_t *n, char *why, size_t len)
 static const char *nccl_name(ncclResult_t e)
 {
     switch (e) {
-    case ncclSuccess: return "ncclSuccess";
-    case ncclUnhandledCudaError: return "ncclUnhandledCudaError";
-    case ncclSystemError: return "ncclSystemError";
-    case ncclInternalError: return "ncclInternalError";
-    case ncclInvalidArgument: return "ncclInvalidArgument";
-    case ncclInvalidUsage: return "ncclInvalidUsage";
-    case ncclRemoteError: return "ncclRemoteError";
-    case ncclInProgress: return "ncclInProgress";
-    default: return "unknown NCCL result";
+    case ncclSuccess:
+        return "ncclSuccess";
+    case ncclUnhandledCudaError:
+        return "ncclUnhandledCudaError";
+    case ncclSystemError:
+        return "ncclSystemError";
+    case ncclInternalError:
+        return "ncclInternalError";
+    case ncclInvalidArgument:
+        return "ncclInvalidArgument";
+    case ncclInvalidUsage:
+        return "ncclInvalidUsage";
+    case ncclRemoteError:
+        return "ncclRemoteError";
+    case ncclInProgress:
+        return "ncclInProgress";
+    default:
+        return "unknown NCCL result";
     }
 }
 
@@ -189,13 +197,18 @@ int msa_gpu_nccl_move(msa_gpu_nccl_t *n, int src_dev, const void *src, void *src
         return MSA_EINVAL;
     cudaStream_t ss = (cudaStream_t)src_stream, ds = (cudaStream_t)dst_stream;
     int rc = MSA_CK_RC(n->f.group_start());
-    if (rc == MSA_OK) rc = MSA_CK_RC(n->f.send(src, bytes, ncclInt8, dst_dev, n->comm[src_dev], ss));
-    if (rc == MSA_OK) rc = MSA_CK_RC(n->f.recv(dst, bytes, ncclInt8, src_dev, n->comm[dst_dev], ds));
+    if (rc == MSA_OK)
+        rc = MSA_CK_RC(n->f.send(src, bytes, ncclInt8, dst_dev, n->comm[src_dev], ss));
+    if (rc == MSA_OK)
+        rc = MSA_CK_RC(n->f.recv(dst, bytes, ncclInt8, src_dev, n->comm[dst_dev], ds));
     int end = MSA_CK_RC(n->f.group_end()); /* closes the group whatever happened in it */
     return rc != MSA_OK ? rc : end;
 }
 
-const char *msa_gpu_nccl_version(const msa_gpu_nccl_t *n) { return n->version; }
+const char *msa_gpu_nccl_version(const msa_gpu_nccl_t *n)
+{
+    return n->version;
+}
 #else
 /* Built without CUDA: nothing (the CUDA backend needs a CUDA build). */
 typedef int msa_gpu_nccl_unused_t;

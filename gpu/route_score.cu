@@ -42,29 +42,33 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
-namespace {
+namespace
+{
 
-constexpr int kWarps = 8;                 // warps (rows in flight) per block of the row kernels
+constexpr int kWarps = 8; // warps (rows in flight) per block of the row kernels
 constexpr int kThreads = kWarps * 32;
 constexpr unsigned kFull = 0xffffffffu;
-constexpr uint32_t kMaxFusedCols = 16;    // largest NC template of the fused kernel
-constexpr size_t kAlign = 256;            // alignment of every carve from work
+constexpr uint32_t kMaxFusedCols = 16; // largest NC template of the fused kernel
+constexpr size_t kAlign = 256;         // alignment of every carve from work
 
 struct ScoreParams {
     const void *keys;
     const float *scales;
-    uint32_t nrows, H, D, W;              // W = H * D elements per row
+    uint32_t nrows, H, D, W; // W = H * D elements per row
     int dt, plan, qred;
-    uint32_t ncol, G, nq;                 // nq: queries of this launch
-    const float *cols;                    // [nq][H][ncol][D]
-    float *scores;                        // scores[i * ld + r]
+    uint32_t ncol, G, nq; // nq: queries of this launch
+    const float *cols;    // [nq][H][ncol][D]
+    float *scores;        // scores[i * ld + r]
     size_t ld;
 };
 
 /* ==== shared device helpers ================================================== */
 
 // A max that keeps a NaN once it has seen one (as the contract's reference does).
-__device__ __forceinline__ float max_nan(float m, float x) { return (x > m || x != x) ? x : m; }
+__device__ __forceinline__ float max_nan(float m, float x)
+{
+    return (x > m || x != x) ? x : m;
+}
 
 __device__ __forceinline__ float warp_sum(float v)
 {
@@ -101,10 +105,14 @@ __device__ float plan_score(int plan, int qred, uint32_t H, uint32_t ncol, uint3
 __device__ __forceinline__ float key_at(int dt, const void *keys, size_t i)
 {
     switch (dt) {
-    case MSA_DT_F32: return ((const float *)keys)[i];
-    case MSA_DT_F16: return __half2float(((const __half *)keys)[i]);
-    case MSA_DT_BF16: return __bfloat162float(((const __nv_bfloat16 *)keys)[i]);
-    default: return (float)((const int8_t *)keys)[i];
+    case MSA_DT_F32:
+        return ((const float *)keys)[i];
+    case MSA_DT_F16:
+        return __half2float(((const __half *)keys)[i]);
+    case MSA_DT_BF16:
+        return __bfloat162float(((const __nv_bfloat16 *)keys)[i]);
+    default:
+        return (float)((const int8_t *)keys)[i];
     }
 }
 
@@ -160,8 +168,7 @@ __device__ __forceinline__ float2 half2_bits(uint32_t w)
 }
 
 // The chunk as 8 floats (exact conversions).
-template <int DT>
-__device__ __forceinline__ void unpack(const uint4 &a, const uint4 &b, float v[8])
+template <int DT> __device__ __forceinline__ void unpack(const uint4 &a, const uint4 &b, float v[8])
 {
     const uint32_t w[4] = {a.x, a.y, a.z, a.w};
     if (DT == MSA_DT_F32) {
@@ -186,19 +193,23 @@ __device__ __forceinline__ void unpack(const uint4 &a, const uint4 &b, float v[8
         }
     } else {
 #pragma unroll
-        for (int k = 0; k < 8; k++)
-            v[k] = (float)(int8_t)(uint8_t)(w[k / 4] >> (8 * (k % 4)));
+        for (int k = 0; k < 8; k++) v[k] = (float)(int8_t)(uint8_t)(w[k / 4] >> (8 * (k % 4)));
     }
 }
 
 // Steps (32 chunks each) whose loads are issued together: 8-byte I8 loads
 // need more of them in flight for the same bytes.
-template <int DT> struct Unroll { static constexpr int value = DT == MSA_DT_I8 ? 8 : 4; };
+template <int DT> struct Unroll {
+    static constexpr int value = DT == MSA_DT_I8 ? 8 : 4;
+};
 
 // Shared memory: [NC][W] query floats (column j, chunk k: elements 0-3 at
 // float4 index j*W/4 + k, elements 4-7 at j*W/4 + W/8 + k), then per warp NC
 // reduced column values.
-size_t fused_smem(uint32_t NC, uint32_t W) { return ((size_t)NC * W + (size_t)kWarps * NC) * 4; }
+size_t fused_smem(uint32_t NC, uint32_t W)
+{
+    return ((size_t)NC * W + (size_t)kWarps * NC) * 4;
+}
 
 template <int DT, int NC>
 __global__ void __launch_bounds__(kThreads) score_fused_kernel(ScoreParams p)
@@ -222,9 +233,9 @@ __global__ void __launch_bounds__(kThreads) score_fused_kernel(ScoreParams p)
     float *red = sq + (size_t)NC * W + warp * NC;
     __syncthreads();
 
-    const uint32_t cph = D / 8;                    // chunks per head
-    const uint32_t lpg = cph < 32 ? cph : 32;      // lanes sharing one head within a step
-    const uint32_t sph = cph < 32 ? 1 : cph / 32;  // steps per head
+    const uint32_t cph = D / 8;                   // chunks per head
+    const uint32_t lpg = cph < 32 ? cph : 32;     // lanes sharing one head within a step
+    const uint32_t sph = cph < 32 ? 1 : cph / 32; // steps per head
     const uint32_t nsteps = (W8 + 31) / 32;
     const bool general = p.plan == MSA_DEV_PLAN_GENERAL;
     constexpr int U = Unroll<DT>::value;
@@ -249,12 +260,12 @@ __global__ void __launch_bounds__(kThreads) score_fused_kernel(ScoreParams p)
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const uint32_t s = s0 + u;
-                if (s >= nsteps) break;                // uniform across the warp
+                if (s >= nsteps) break; // uniform across the warp
                 const uint32_t k = s * 32 + lane;
-                const bool valid = k < W8;             // whole head groups are valid or not
+                const bool valid = k < W8; // whole head groups are valid or not
                 const uint32_t kk = valid ? k : 0;
                 float kv[8];
-                unpack<DT>(ra[u], rb[u], kv);          // zeros when !valid
+                unpack<DT>(ra[u], rb[u], kv); // zeros when !valid
                 const float sc =
                     (DT == MSA_DT_I8 && valid) ? p.scales[(size_t)row * p.H + kk / cph] : 1.0f;
 #pragma unroll
@@ -311,33 +322,37 @@ typedef void (*fused_fn)(ScoreParams);
 
 fused_fn fused_kernel(int dt, uint32_t nc)
 {
-#define MSA_FUSED_CASE(DT)                                                               \
-    case DT:                                                                             \
-        return nc <= 1 ? score_fused_kernel<DT, 1>                                       \
-               : nc <= 2 ? score_fused_kernel<DT, 2>                                     \
-               : nc <= 4 ? score_fused_kernel<DT, 4>                                     \
-               : nc <= 8 ? score_fused_kernel<DT, 8>                                     \
+#define MSA_FUSED_CASE(DT)                           \
+    case DT:                                         \
+        return nc <= 1   ? score_fused_kernel<DT, 1> \
+               : nc <= 2 ? score_fused_kernel<DT, 2> \
+               : nc <= 4 ? score_fused_kernel<DT, 4> \
+               : nc <= 8 ? score_fused_kernel<DT, 8> \
                          : score_fused_kernel<DT, 16>;
     switch (dt) {
         MSA_FUSED_CASE(MSA_DT_F32)
         MSA_FUSED_CASE(MSA_DT_F16)
         MSA_FUSED_CASE(MSA_DT_BF16)
         MSA_FUSED_CASE(MSA_DT_I8)
-    default: return nullptr;
+    default:
+        return nullptr;
     }
 #undef MSA_FUSED_CASE
 }
 
-uint32_t pow2_cols(uint32_t n) { return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16; }
+uint32_t pow2_cols(uint32_t n)
+{
+    return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
+}
 
 /* ==== GEMM path ============================================================== */
 
 struct PrepParams {
-    const float *cols;                    // [nq][H][ncol][D]
-    uint32_t H, D, ncol, N, N2, K;        // N = nq*ncol columns, N2 = N or 2N (hi/lo)
-    int dt;                               // key dtype (I8 -> BF16 columns)
-    void *Bp;                             // [batch][N2][K] of the GEMM's B type
-    float *fac;                           // [batch][N]: factor undoing the column scale
+    const float *cols;             // [nq][H][ncol][D]
+    uint32_t H, D, ncol, N, N2, K; // N = nq*ncol columns, N2 = N or 2N (hi/lo)
+    int dt;                        // key dtype (I8 -> BF16 columns)
+    void *Bp;                      // [batch][N2][K] of the GEMM's B type
+    float *fac;                    // [batch][N]: factor undoing the column scale
 };
 
 // One block per (column jj, batch b): B columns for the GEMM; see the file
@@ -362,7 +377,7 @@ __global__ void __launch_bounds__(256) gemm_prep_kernel(PrepParams pp)
         for (uint32_t w = 0; w < blockDim.x / 32; w++) m = fmaxf(m, wmax[w]);
         if (m > 0.0f && isfinite(m)) {
             int ex;
-            frexpf(m, &ex);                           // m < 2^ex
+            frexpf(m, &ex); // m < 2^ex
             // max|q * 2^sh| < 2^14. The clamp keeps 2^sh and 2^-sh normal
             // floats; a tighter one (it was +-60) let columns above 2^74
             // overflow the half range after all.
@@ -371,7 +386,8 @@ __global__ void __launch_bounds__(256) gemm_prep_kernel(PrepParams pp)
             fac = ldexpf(1.0f, -sh);
         }
     }
-    const size_t hi_at = ((size_t)b * pp.N2 + jj) * pp.K, lo_at = ((size_t)b * pp.N2 + pp.N + jj) * pp.K;
+    const size_t hi_at = ((size_t)b * pp.N2 + jj) * pp.K,
+                 lo_at = ((size_t)b * pp.N2 + pp.N + jj) * pp.K;
     for (uint32_t kk = threadIdx.x; kk < pp.K; kk += blockDim.x) {
         const float v = value(kk) * f;
         if (pp.dt == MSA_DT_F32) {
@@ -398,9 +414,9 @@ __global__ void i8_to_bf16_kernel(const int8_t *src, __nv_bfloat16 *dst, size_t 
 }
 
 struct EpiParams {
-    const float *C;                       // [batch][N2][rt]
-    const float *fac;                     // [batch][N]
-    const float *scales;                  // I8: [nrows][H]
+    const float *C;      // [batch][N2][rt]
+    const float *fac;    // [batch][N]
+    const float *scales; // I8: [nrows][H]
     uint32_t r0, rt, H, ncol, G, N, N2;
     int plan, qred;
     bool flat, hilo, i8;
@@ -415,19 +431,23 @@ __global__ void __launch_bounds__(256) gemm_epilogue_kernel(EpiParams e)
     const uint32_t r = blockIdx.x * blockDim.x + threadIdx.x, i = blockIdx.y;
     if (r >= e.rt) return;
     const uint32_t row = e.r0 + r;
-    float s = plan_score(e.plan, e.qred, e.flat ? 1 : e.H, e.ncol, e.G, [&](uint32_t h, uint32_t c) {
-        const uint32_t jj = i * e.ncol + c;
-        const float *Cb = e.C + (size_t)h * e.N2 * e.rt;   // h is 0 when flat
-        float v = Cb[(size_t)jj * e.rt + r];
-        if (e.hilo) v += Cb[(size_t)(e.N + jj) * e.rt + r];
-        v *= e.fac[(size_t)h * e.N + jj];
-        if (e.i8) v *= e.scales[(size_t)row * e.H + h];
-        return v;
-    });
+    float s =
+        plan_score(e.plan, e.qred, e.flat ? 1 : e.H, e.ncol, e.G, [&](uint32_t h, uint32_t c) {
+            const uint32_t jj = i * e.ncol + c;
+            const float *Cb = e.C + (size_t)h * e.N2 * e.rt; // h is 0 when flat
+            float v = Cb[(size_t)jj * e.rt + r];
+            if (e.hilo) v += Cb[(size_t)(e.N + jj) * e.rt + r];
+            v *= e.fac[(size_t)h * e.N + jj];
+            if (e.i8) v *= e.scales[(size_t)row * e.H + h];
+            return v;
+        });
     e.scores[(size_t)i * e.ld + row] = s;
 }
 
-size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+size_t align_up(size_t n)
+{
+    return (n + kAlign - 1) / kAlign * kAlign;
+}
 
 // The GEMM path. *done = false (and nothing queued) when work cannot hold one
 // tile of rows: the caller then uses the fused or generic kernel.
@@ -441,21 +461,25 @@ int score_gemm(struct msa_dev_lane *l, const msa_dev_score_args_t *a, const Scor
     const uint64_t N = (uint64_t)a->nq * a->ncol, N2 = hilo ? 2 * N : N;
     const uint32_t W = a->H * a->D, batches = flat ? 1 : a->H, K = flat ? W : a->D;
     const size_t qesz = dt == MSA_DT_F32 ? 4 : 2, kesz = msa_dtype_size(a->key_dtype);
-    if (a->nq > 65535 || batches > 65535 || N2 > (uint64_t)INT32_MAX / 2) return MSA_OK; // grid limits
+    if (a->nq > 65535 || batches > 65535 || N2 > (uint64_t)INT32_MAX / 2)
+        return MSA_OK; // grid limits
 
     // Carve work: B columns, column factors, then per tile C (and the I8 tile).
     uintptr_t base = ((uintptr_t)a->work + kAlign - 1) & ~(uintptr_t)(kAlign - 1);
     size_t skip = base - (uintptr_t)a->work;
     if (a->work_bytes <= skip) return MSA_OK;
     const size_t avail = a->work_bytes - skip;
-    const size_t b_bytes = align_up((size_t)W * N2 * qesz), f_bytes = align_up((size_t)batches * N * 4);
+    const size_t b_bytes = align_up((size_t)W * N2 * qesz),
+                 f_bytes = align_up((size_t)batches * N * 4);
     const size_t per_row = (size_t)batches * N2 * 4 + (i8 ? (size_t)W * 2 : 0);
     const size_t fixed = b_bytes + f_bytes + 2 * kAlign;
     const size_t min_rows = a->nrows < 32 ? a->nrows : 32;
     if (avail < fixed + per_row * min_rows) return MSA_OK;
     size_t R = (avail - fixed) / per_row;
-    if (R >= a->nrows) R = a->nrows;
-    else R = R / 32 * 32;                              // keeps tiles (and ldc) tidy
+    if (R >= a->nrows)
+        R = a->nrows;
+    else
+        R = R / 32 * 32; // keeps tiles (and ldc) tidy
     if (R > (size_t)INT32_MAX / 2) R = (size_t)INT32_MAX / 2 / 32 * 32;
 
     char *w = (char *)base;
@@ -468,10 +492,11 @@ int score_gemm(struct msa_dev_lane *l, const msa_dev_score_args_t *a, const Scor
     gemm_prep_kernel<<<dim3((unsigned)N, batches), 256, 0, l->stream>>>(pp);
     MSA_CK_LAUNCH(l, "gemm_prep_kernel");
 
-    const cudaDataType_t ctype = dt == MSA_DT_F32 ? CUDA_R_32F
+    const cudaDataType_t ctype = dt == MSA_DT_F32   ? CUDA_R_32F
                                  : dt == MSA_DT_F16 ? CUDA_R_16F
                                                     : CUDA_R_16BF;
-    const cublasComputeType_t comp = dt == MSA_DT_F32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
+    const cublasComputeType_t comp =
+        dt == MSA_DT_F32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
     const float alpha = 1.0f, beta = 0.0f;
     const unsigned sms = (unsigned)l->dv->prop.multiProcessorCount;
     for (size_t r0 = 0; r0 < a->nrows; r0 += R) {
@@ -488,14 +513,13 @@ int score_gemm(struct msa_dev_lane *l, const msa_dev_score_args_t *a, const Scor
         // Column-major view: op(A) = A^T is rt x K (A is K x rt, lda = W, each
         // batch shifted by K elements = one head), B is K x N2 (ldb = K), C is
         // rt x N2 (ldc = rt): C[b][j][r].
-        MSA_CK(cublasGemmStridedBatchedEx(l->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rt, (int)N2,
-                                          (int)K, &alpha, A, ctype, (int)W, (long long)K, Bp,
-                                          ctype, (int)K, (long long)N2 * K, &beta, C, CUDA_R_32F,
-                                          (int)rt, (long long)N2 * rt, (int)batches, comp,
-                                          CUBLAS_GEMM_DEFAULT));
-        EpiParams e = {C,      fac,         a->scales,   (uint32_t)r0, (uint32_t)rt, a->H,
-                       a->ncol, a->G,       (uint32_t)N, (uint32_t)N2, a->plan,      p.qred,
-                       flat,   hilo,        i8,          a->scores,    a->ld};
+        MSA_CK(cublasGemmStridedBatchedEx(
+            l->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)rt, (int)N2, (int)K, &alpha, A, ctype, (int)W,
+            (long long)K, Bp, ctype, (int)K, (long long)N2 * K, &beta, C, CUDA_R_32F, (int)rt,
+            (long long)N2 * rt, (int)batches, comp, CUBLAS_GEMM_DEFAULT));
+        EpiParams e = {C,       fac,  a->scales,   (uint32_t)r0, (uint32_t)rt, a->H,
+                       a->ncol, a->G, (uint32_t)N, (uint32_t)N2, a->plan,      p.qred,
+                       flat,    hilo, i8,          a->scores,    a->ld};
         gemm_epilogue_kernel<<<dim3((unsigned)((rt + 255) / 256), a->nq), 256, 0, l->stream>>>(e);
         MSA_CK_LAUNCH(l, "gemm_epilogue_kernel");
     }
@@ -560,7 +584,7 @@ int launch_fused(struct msa_dev_lane *l, const msa_dev_score_args_t *a, ScorePar
     return MSA_OK;
 }
 
-}  // namespace
+} // namespace
 
 int msa__cuda_score_init(struct msa_dev *d)
 {
@@ -597,9 +621,21 @@ int msa__cuda_score(struct msa_dev_lane *l, const msa_dev_score_args_t *a)
     }
     // GENERAL: QUERY_MAX takes the max over t', anything else the mean (LAST
     // arrives as T' = 1, where the two agree), as the reference does.
-    ScoreParams p = {a->keys, a->scales, a->nrows, a->H, a->D, a->H * a->D, dt, (int)a->plan,
+    ScoreParams p = {a->keys,
+                     a->scales,
+                     a->nrows,
+                     a->H,
+                     a->D,
+                     a->H * a->D,
+                     dt,
+                     (int)a->plan,
                      a->query_reduce == MSA_QUERY_MAX ? (int)MSA_QUERY_MAX : (int)MSA_QUERY_MEAN,
-                     a->ncol, a->G, a->nq, a->cols, a->scores, a->ld};
+                     a->ncol,
+                     a->G,
+                     a->nq,
+                     a->cols,
+                     a->scores,
+                     a->ld};
 
     const uint64_t ncols = (uint64_t)a->nq * a->ncol;
     if (ncols >= l->dv->gemm_min_cols && a->work) {

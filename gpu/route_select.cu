@@ -28,21 +28,22 @@
 #include <stdlib.h>
 #include <string.h>
 
-namespace {
+namespace
+{
 
 constexpr int kBlock = 256;
-constexpr int kPasses = 12;             // 96 key bits, 8 per pass
+constexpr int kPasses = 12; // 96 key bits, 8 per pass
 
 // The select's bookkeeping on the device (in the tail of work).
 struct SelState {
-    uint32_t hist[256];                 // histogram of the current pass
-    uint32_t pref_hi;                   // prefix of the k-th key: score bits
-    uint32_t bits;                      // leading key bits the prefix fixes
-    uint64_t pref_lo;                   //   ... and ~doc bits
-    uint32_t k_rem;                     // hits still needed among keys equal to the prefix
-    uint32_t done;                      // the prefix decides every hit
-    uint32_t n_out;                     // hits written by the compaction
-    uint32_t n_eq;                      // equal-to-prefix entries taken so far
+    uint32_t hist[256]; // histogram of the current pass
+    uint32_t pref_hi;   // prefix of the k-th key: score bits
+    uint32_t bits;      // leading key bits the prefix fixes
+    uint64_t pref_lo;   //   ... and ~doc bits
+    uint32_t k_rem;     // hits still needed among keys equal to the prefix
+    uint32_t done;      // the prefix decides every hit
+    uint32_t n_out;     // hits written by the compaction
+    uint32_t n_eq;      // equal-to-prefix entries taken so far
 };
 static_assert(sizeof(SelState) + 256 <= 4096, "state must fit the tail of the select work");
 
@@ -66,8 +67,10 @@ __device__ bool excluded(const uint64_t *ex, uint32_t n, uint64_t doc)
     uint32_t lo = 0, hi = n;
     while (lo < hi) {
         const uint32_t mid = lo + (hi - lo) / 2;
-        if (ex[mid] < doc) lo = mid + 1;
-        else hi = mid;
+        if (ex[mid] < doc)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
     return lo < n && ex[lo] == doc;
 }
@@ -82,8 +85,8 @@ struct SelParams {
     uint32_t n_exclude;
     bool chunk_mean;
     uint32_t k;
-    uint32_t *sk;                       // [n_ent] ordered score keys, 0 = not a candidate
-    msa_idx_hit_t *hits;                // [k]
+    uint32_t *sk;        // [n_ent] ordered score keys, 0 = not a candidate
+    msa_idx_hit_t *hits; // [k]
     SelState *st;
 };
 
@@ -127,7 +130,8 @@ __global__ void init_state_kernel(SelState *st, uint32_t k)
 }
 
 // Compares the leading `bits` bits of key (hi : lo) with the prefix.
-__device__ __forceinline__ int cmp_prefix(uint32_t hi, uint64_t lo, const SelState *st, uint32_t bits)
+__device__ __forceinline__ int cmp_prefix(uint32_t hi, uint64_t lo, const SelState *st,
+                                          uint32_t bits)
 {
     if (bits == 0) return 0;
     if (bits <= 32) {
@@ -135,21 +139,22 @@ __device__ __forceinline__ int cmp_prefix(uint32_t hi, uint64_t lo, const SelSta
         return a > b ? 1 : a < b ? -1 : 0;
     }
     if (hi != st->pref_hi) return hi > st->pref_hi ? 1 : -1;
-    const uint32_t lb = bits - 32;      // 1..64
+    const uint32_t lb = bits - 32; // 1..64
     const uint64_t a = lo >> (64 - lb), b = st->pref_lo >> (64 - lb);
     return a > b ? 1 : a < b ? -1 : 0;
 }
 
 __device__ __forceinline__ uint32_t digit(uint32_t hi, uint64_t lo, int pass)
 {
-    return pass < 4 ? (hi >> (24 - 8 * pass)) & 255u : (uint32_t)(lo >> (56 - 8 * (pass - 4))) & 255u;
+    return pass < 4 ? (hi >> (24 - 8 * pass)) & 255u
+                    : (uint32_t)(lo >> (56 - 8 * (pass - 4))) & 255u;
 }
 
 // Histogram of digit `pass` over the candidates that match the prefix.
 __global__ void __launch_bounds__(kBlock) hist_kernel(SelParams p, int pass)
 {
     SelState *st = p.st;
-    if (st->done) return;               // uniform: written only by pick_kernel
+    if (st->done) return; // uniform: written only by pick_kernel
     __shared__ uint32_t h[256];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0;
     __syncthreads();
@@ -174,7 +179,7 @@ __global__ void pick_kernel(SelState *st, int pass)
     if (pass == 0) {
         uint32_t total = 0;
         for (int b = 0; b < 256; b++) total += st->hist[b];
-        if (total <= st->k_rem) {       // every valid entry is a hit
+        if (total <= st->k_rem) { // every valid entry is a hit
             st->k_rem = total;
             st->done = 1;
         }
@@ -184,10 +189,12 @@ __global__ void pick_kernel(SelState *st, int pass)
         for (int b = 255; b >= 0; b--) {
             const uint32_t c = st->hist[b];
             if (cum + c >= st->k_rem) {
-                if (pass < 4) st->pref_hi |= (uint32_t)b << (24 - 8 * pass);
-                else st->pref_lo |= (uint64_t)b << (56 - 8 * (pass - 4));
+                if (pass < 4)
+                    st->pref_hi |= (uint32_t)b << (24 - 8 * pass);
+                else
+                    st->pref_lo |= (uint64_t)b << (56 - 8 * (pass - 4));
                 st->bits = 8u * (pass + 1);
-                st->k_rem -= cum;       // the cum keys above bin b are hits
+                st->k_rem -= cum; // the cum keys above bin b are hits
                 if (c == st->k_rem) st->done = 1;
                 break;
             }
@@ -212,7 +219,7 @@ __global__ void __launch_bounds__(kBlock) compact_kernel(SelParams p)
         if (c == 0) take = atomicAdd(&st->n_eq, 1u) < st->k_rem;
         if (take) {
             const uint32_t slot = atomicAdd(&st->n_out, 1u);
-            if (slot < p.k) {           // always true; guards the buffer regardless
+            if (slot < p.k) { // always true; guards the buffer regardless
                 p.hits[slot].score = key_score(hi);
                 p.hits[slot].id = doc;
             }
@@ -227,9 +234,12 @@ int cmp_hit(const void *x, const void *y)
     return a->id < b->id ? -1 : a->id > b->id ? 1 : 0;
 }
 
-size_t round256(size_t n) { return (n + 255) / 256 * 256; }
+size_t round256(size_t n)
+{
+    return (n + 255) / 256 * 256;
+}
 
-}  // namespace
+} // namespace
 
 int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
 {
@@ -249,9 +259,18 @@ int msa__cuda_select(struct msa_dev_lane *l, const msa_dev_select_args_t *a)
     const size_t keys_b = round256((size_t)a->n_ent * 4);
     const size_t hits_off = keys_b;
     const size_t hits_b = round256((size_t)a->top_k * 16);
-    SelParams p = {a->scores, a->row_base, a->ent, a->n_ent, a->snapshot, a->exclude,
-                   a->n_exclude, a->chunk_mean, a->top_k, (uint32_t *)w,
-                   (msa_idx_hit_t *)(w + hits_off), (SelState *)(w + hits_off + hits_b)};
+    SelParams p = {a->scores,
+                   a->row_base,
+                   a->ent,
+                   a->n_ent,
+                   a->snapshot,
+                   a->exclude,
+                   a->n_exclude,
+                   a->chunk_mean,
+                   a->top_k,
+                   (uint32_t *)w,
+                   (msa_idx_hit_t *)(w + hits_off),
+                   (SelState *)(w + hits_off + hits_b)};
 
     const size_t nb = ((size_t)a->n_ent + kBlock - 1) / kBlock;
     const size_t cap = (size_t)l->dv->prop.multiProcessorCount * 8;

@@ -31,12 +31,14 @@ static const char *const scope_names[] = {
 };
 #define N_SCOPES (sizeof scope_names / sizeof scope_names[0])
 
-const char *msa_rpc_scope_name(msa_rpc_scope_t s) {
+const char *msa_rpc_scope_name(msa_rpc_scope_t s)
+{
     return (unsigned)s < N_SCOPES ? scope_names[s] : "?";
 }
 
 /* A token's scope: any named scope but NONE. */
-static int parse_scope(const char *s, msa_rpc_scope_t *out) {
+static int parse_scope(const char *s, msa_rpc_scope_t *out)
+{
     for (unsigned i = MSA_RPC_SCOPE_NONE + 1; i < N_SCOPES; i++)
         if (!strcmp(s, scope_names[i])) {
             *out = (msa_rpc_scope_t)i;
@@ -45,22 +47,26 @@ static int parse_scope(const char *s, msa_rpc_scope_t *out) {
     return -1;
 }
 
-void msa_rpc_auth_free(msa_rpc_auth_t *a) {
+void msa_rpc_auth_free(msa_rpc_auth_t *a)
+{
     if (!a) return;
     for (size_t i = 0; i < a->n; i++) {
         /* Scrub secrets before giving the memory back. */
         volatile char *p = a->tokens[i].tok;
-        for (size_t k = 0; k < a->tokens[i].len; k++)
-            p[k] = 0;
+        for (size_t k = 0; k < a->tokens[i].len; k++) p[k] = 0;
         free(a->tokens[i].tok);
     }
     free(a->tokens);
     free(a);
 }
 
-size_t msa_rpc_auth_count(const msa_rpc_auth_t *a) { return a ? a->n : 0; }
+size_t msa_rpc_auth_count(const msa_rpc_auth_t *a)
+{
+    return a ? a->n : 0;
+}
 
-int msa_rpc_auth_load(const char *path, msa_rpc_auth_t **out, msa_status_t *st) {
+int msa_rpc_auth_load(const char *path, msa_rpc_auth_t **out, msa_status_t *st)
+{
     int rc = MSA_OK;
     char *line = NULL;
     size_t cap = 0;
@@ -83,22 +89,17 @@ int msa_rpc_auth_load(const char *path, msa_rpc_auth_t **out, msa_status_t *st) 
     while ((len = getline(&line, &cap, f)) >= 0) {
         lineno++;
         char *p = line;
-        while (*p && isspace((unsigned char)*p))
-            p++;
+        while (*p && isspace((unsigned char)*p)) p++;
         if (*p == '\0' || *p == '#') continue;
         char *tok = p;
-        while (*p && !isspace((unsigned char)*p))
-            p++;
+        while (*p && !isspace((unsigned char)*p)) p++;
         size_t tok_len = (size_t)(p - tok);
         if (*p) *p++ = '\0';
-        while (*p && isspace((unsigned char)*p))
-            p++;
+        while (*p && isspace((unsigned char)*p)) p++;
         char *scope = p;
-        while (*p && !isspace((unsigned char)*p))
-            p++;
+        while (*p && !isspace((unsigned char)*p)) p++;
         if (*p) *p++ = '\0';
-        while (*p && isspace((unsigned char)*p))
-            p++;
+        while (*p && isspace((unsigned char)*p)) p++;
         msa_rpc_scope_t sc;
         if (*scope == '\0') {
             rc = msa_status_set(st, MSA_EINVAL, "%s:%u: want `token scope`, scope missing", path,
@@ -171,8 +172,8 @@ fail:
  * runs over all of b, so the time depends on the configured length only:
  * never on the contents, nor on how long the presented token is (a shorter
  * one reads as zeros past its end), which would leak b's length. */
-static unsigned ct_compare(const unsigned char *a, size_t alen, const unsigned char *b,
-                           size_t blen) {
+static unsigned ct_compare(const unsigned char *a, size_t alen, const unsigned char *b, size_t blen)
+{
     unsigned diff = (alen != blen);
     for (size_t i = 0; i < blen; i++) {
         size_t in = (size_t)0 - (size_t)(i < alen); /* all ones while i < alen */
@@ -183,7 +184,8 @@ static unsigned ct_compare(const unsigned char *a, size_t alen, const unsigned c
 }
 
 int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len, msa_rpc_scope_t need,
-                       msa_status_t *st) {
+                       msa_status_t *st)
+{
     if (need == MSA_RPC_SCOPE_NONE || !a) return MSA_OK;
     if (!value)
         return msa_status_set(st, MSA_EUNAUTH, "missing `authorization: Bearer <token>` metadata");
@@ -195,8 +197,7 @@ int msa_rpc_auth_check(const msa_rpc_auth_t *a, const char *value, size_t len, m
         tok++;
         tok_len--;
     }
-    while (tok_len && (tok[tok_len - 1] == ' ' || tok[tok_len - 1] == '\r'))
-        tok_len--;
+    while (tok_len && (tok[tok_len - 1] == ' ' || tok[tok_len - 1] == '\r')) tok_len--;
     if (tok_len == 0) return msa_status_set(st, MSA_EUNAUTH, "authorization: empty token");
 
     /* Compare against every token, never stopping early, and pick the scope

@@ -95,7 +95,8 @@ static const optdef_t defs[O_COUNT] = {
     [O_TLS_CA] = {"tls-client-ca", "FILE", "require client certificates signed by this CA"},
     [O_BACKUP] = {"backup-dir", "DIR", "directory for Backup (default: backups refused)"},
     [O_MAX_MSG] = {"max-message-mb", "N", "largest request/response in MiB (default 256)"},
-    [O_MAX_QTOK] = {"max-query-tokens", "N", "query tokens per layer of Route/Attend (default 65536)"},
+    [O_MAX_QTOK] = {"max-query-tokens", "N",
+                    "query tokens per layer of Route/Attend (default 65536)"},
     [O_MAX_OPS] = {"max-write-ops", "N", "ops per Write request (default 4096)"},
     [O_MAX_TEXT] = {"max-text-bytes", "N", "text bytes per document (default 16777216 = 16 MiB)"},
     [O_MAX_META] = {"max-metadata-bytes", "N",
@@ -126,7 +127,8 @@ static const optdef_t defs[O_COUNT] = {
                           "cuda: routing keys resident per GPU, GiB; least recently used "
                           "layers past it are streamed from host memory (default 75% of free)"},
     [O_GPU_ROUTING_MB] = {"gpu-routing-mb", "N", "cuda: as --gpu-routing-gb in MiB (wins)"},
-    [O_GPU_CACHE_GB] = {"gpu-cache-gb", "N", "cuda: K/V block cache per GPU, GiB (default 12% of free)"},
+    [O_GPU_CACHE_GB] = {"gpu-cache-gb", "N",
+                        "cuda: K/V block cache per GPU, GiB (default 12% of free)"},
     [O_GPU_CACHE_MB] = {"gpu-cache-mb", "N", "cuda: as --gpu-cache-gb in MiB (wins)"},
     [O_GPU_COALESCE] = {"gpu-coalesce-us", "N",
                         "cuda: longest wait to batch concurrent queries of one layer into one "
@@ -142,7 +144,8 @@ static const optdef_t defs[O_COUNT] = {
     [O_VERSION] = {"version", NULL, "print the version and exit"},
 };
 
-void msa_rpc_opts_usage(FILE *f) {
+void msa_rpc_opts_usage(FILE *f)
+{
     fprintf(f, "usage: msad [OPTIONS]\n\n"
                "The MSA memory daemon: a persistent, transactional store of pooled K/V\n"
                "memory with top-k routing and attention, served over gRPC (msa.v1).\n\n"
@@ -157,14 +160,16 @@ void msa_rpc_opts_usage(FILE *f) {
                "writes, close the store and exit 0. Bad options exit 2.\n");
 }
 
-static int find_opt(const char *name, size_t len) {
+static int find_opt(const char *name, size_t len)
+{
     for (int i = 0; i < O_COUNT; i++)
         if (strlen(defs[i].name) == len && !strncmp(defs[i].name, name, len)) return i;
     return -1;
 }
 
 static int parse_uint(const char *src, const char *v, unsigned lo, unsigned hi, unsigned *out,
-                      msa_status_t *st) {
+                      msa_status_t *st)
+{
     char *end = NULL;
     errno = 0;
     unsigned long x = strtoul(v, &end, 10);
@@ -176,7 +181,8 @@ static int parse_uint(const char *src, const char *v, unsigned lo, unsigned hi, 
     return MSA_OK;
 }
 
-static int set_str(char **dst, const char *v, const char *src, msa_status_t *st) {
+static int set_str(char **dst, const char *v, const char *src, msa_status_t *st)
+{
     if (!*v) return msa_status_set(st, MSA_EINVAL, "%s: empty value", src);
     char *s = strdup(v);
     if (!s) return msa_status_set(st, MSA_ENOMEM, "out of memory");
@@ -186,10 +192,13 @@ static int set_str(char **dst, const char *v, const char *src, msa_status_t *st)
 }
 
 /* Applies one option; src names it in messages ("--threads" or "FILE:LINE: threads"). */
-static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_status_t *st) {
+static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_status_t *st)
+{
     switch ((opt_id_t)id) {
-    case O_CONFIG: return set_str(&o->config, v, src, st);
-    case O_DATA: return set_str(&o->data_dir, v, src, st);
+    case O_CONFIG:
+        return set_str(&o->config, v, src, st);
+    case O_DATA:
+        return set_str(&o->data_dir, v, src, st);
     case O_LISTEN: {
         if (!*v) return msa_status_set(st, MSA_EINVAL, "%s: empty address", src);
         if (strncmp(v, "unix:", 5) != 0 && !strchr(v, ':'))
@@ -221,27 +230,48 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         else
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want auto|cpu|cuda", src, v);
         return MSA_OK;
-    case O_THREADS: return parse_uint(src, v, 0, 1024, &o->threads, st);
-    case O_HANDLERS: return parse_uint(src, v, 0, 4096, &o->handlers, st);
-    case O_MAX_QUEUE: return parse_uint(src, v, 0, 1u << 20, &o->max_queue, st);
-    case O_MAX_QUEUE_MB: return parse_uint(src, v, 1, 1u << 20, &o->max_queue_mb, st);
-    case O_MAX_CONN: return parse_uint(src, v, 1, 1u << 20, &o->max_connections, st);
-    case O_IDLE_TIMEOUT: return parse_uint(src, v, 1, 86400 * 7, &o->idle_timeout_s, st);
-    case O_HANDSHAKE_TIMEOUT: return parse_uint(src, v, 1, 3600, &o->handshake_timeout_s, st);
-    case O_MAX_WAITERS: return parse_uint(src, v, 1, 1u << 16, &o->max_min_seq_waiters, st);
-    case O_TOKENS: return set_str(&o->tokens_file, v, src, st);
-    case O_TLS_CERT: return set_str(&o->tls_cert, v, src, st);
-    case O_TLS_KEY: return set_str(&o->tls_key, v, src, st);
-    case O_TLS_CA: return set_str(&o->tls_client_ca, v, src, st);
-    case O_BACKUP: return set_str(&o->backup_dir, v, src, st);
-    case O_MAX_MSG: return parse_uint(src, v, 1, 2047, &o->max_message_mb, st);
-    case O_MAX_QTOK: return parse_uint(src, v, 1, 1u << 24, &o->max_query_tokens, st);
-    case O_MAX_OPS: return parse_uint(src, v, 1, 1u << 24, &o->max_write_ops, st);
-    case O_MAX_TEXT: return parse_uint(src, v, 1, 2047u << 20, &o->max_text_bytes, st);
-    case O_MAX_META: return parse_uint(src, v, 1, 2047u << 20, &o->max_metadata_bytes, st);
-    case O_MAX_IDS: return parse_uint(src, v, 1, 1u << 24, &o->max_ids, st);
-    case O_MAX_HELD: return parse_uint(src, v, 1, 1u << 20, &o->max_held_snapshots, st);
-    case O_MAX_HOLD_MS: return parse_uint(src, v, 1, 86400000, &o->max_snapshot_hold_ms, st);
+    case O_THREADS:
+        return parse_uint(src, v, 0, 1024, &o->threads, st);
+    case O_HANDLERS:
+        return parse_uint(src, v, 0, 4096, &o->handlers, st);
+    case O_MAX_QUEUE:
+        return parse_uint(src, v, 0, 1u << 20, &o->max_queue, st);
+    case O_MAX_QUEUE_MB:
+        return parse_uint(src, v, 1, 1u << 20, &o->max_queue_mb, st);
+    case O_MAX_CONN:
+        return parse_uint(src, v, 1, 1u << 20, &o->max_connections, st);
+    case O_IDLE_TIMEOUT:
+        return parse_uint(src, v, 1, 86400 * 7, &o->idle_timeout_s, st);
+    case O_HANDSHAKE_TIMEOUT:
+        return parse_uint(src, v, 1, 3600, &o->handshake_timeout_s, st);
+    case O_MAX_WAITERS:
+        return parse_uint(src, v, 1, 1u << 16, &o->max_min_seq_waiters, st);
+    case O_TOKENS:
+        return set_str(&o->tokens_file, v, src, st);
+    case O_TLS_CERT:
+        return set_str(&o->tls_cert, v, src, st);
+    case O_TLS_KEY:
+        return set_str(&o->tls_key, v, src, st);
+    case O_TLS_CA:
+        return set_str(&o->tls_client_ca, v, src, st);
+    case O_BACKUP:
+        return set_str(&o->backup_dir, v, src, st);
+    case O_MAX_MSG:
+        return parse_uint(src, v, 1, 2047, &o->max_message_mb, st);
+    case O_MAX_QTOK:
+        return parse_uint(src, v, 1, 1u << 24, &o->max_query_tokens, st);
+    case O_MAX_OPS:
+        return parse_uint(src, v, 1, 1u << 24, &o->max_write_ops, st);
+    case O_MAX_TEXT:
+        return parse_uint(src, v, 1, 2047u << 20, &o->max_text_bytes, st);
+    case O_MAX_META:
+        return parse_uint(src, v, 1, 2047u << 20, &o->max_metadata_bytes, st);
+    case O_MAX_IDS:
+        return parse_uint(src, v, 1, 1u << 24, &o->max_ids, st);
+    case O_MAX_HELD:
+        return parse_uint(src, v, 1, 1u << 20, &o->max_held_snapshots, st);
+    case O_MAX_HOLD_MS:
+        return parse_uint(src, v, 1, 86400000, &o->max_snapshot_hold_ms, st);
     case O_SYNC:
         if (!strcmp(v, "full"))
             o->nosync = false;
@@ -250,10 +280,14 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         else
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want full|nosync", src, v);
         return MSA_OK;
-    case O_MAP_MAX: return parse_uint(src, v, 0, 1u << 20, &o->map_max_gb, st);
-    case O_MAP_MB: return parse_uint(src, v, 0, 1u << 30, &o->map_mb, st);
-    case O_MAP_MAX_MB: return parse_uint(src, v, 0, 1u << 30, &o->map_max_mb, st);
-    case O_MAX_READERS: return parse_uint(src, v, 0, 1u << 20, &o->max_readers, st);
+    case O_MAP_MAX:
+        return parse_uint(src, v, 0, 1u << 20, &o->map_max_gb, st);
+    case O_MAP_MB:
+        return parse_uint(src, v, 0, 1u << 30, &o->map_mb, st);
+    case O_MAP_MAX_MB:
+        return parse_uint(src, v, 0, 1u << 30, &o->map_max_mb, st);
+    case O_MAX_READERS:
+        return parse_uint(src, v, 0, 1u << 20, &o->max_readers, st);
     case O_CHECK:
         if (!strcmp(v, "full"))
             o->check_on_start = MSA_STORE_CHECK_FULL;
@@ -264,17 +298,28 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         else
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want full|quick|off", src, v);
         return MSA_OK;
-    case O_GRACE: return parse_uint(src, v, 1, 86400, &o->shutdown_grace_s, st);
-    case O_METRICS: return set_str(&o->metrics, v, src, st);
-    case O_GPU_SHARDS: return parse_uint(src, v, 1, 64, &o->gpu_shards, st);
-    case O_GPU_ROUTING_GB: return parse_uint(src, v, 1, 1u << 16, &o->gpu_routing_gb, st);
-    case O_GPU_ROUTING_MB: return parse_uint(src, v, 1, 1u << 26, &o->gpu_routing_mb, st);
-    case O_GPU_CACHE_GB: return parse_uint(src, v, 0, 1u << 16, &o->gpu_cache_gb, st);
-    case O_GPU_CACHE_MB: return parse_uint(src, v, 0, 1u << 26, &o->gpu_cache_mb, st);
-    case O_GPU_COALESCE: return parse_uint(src, v, 0, 100000, &o->gpu_coalesce_us, st);
-    case O_GPU_GRACE: return parse_uint(src, v, 0, 3600000, &o->gpu_evict_grace_ms, st);
-    case O_GPU_LANES: return parse_uint(src, v, 1, 64, &o->gpu_lanes, st);
-    case O_GPU_SCRATCH: return parse_uint(src, v, 16, 1u << 20, &o->gpu_scratch_mb, st);
+    case O_GRACE:
+        return parse_uint(src, v, 1, 86400, &o->shutdown_grace_s, st);
+    case O_METRICS:
+        return set_str(&o->metrics, v, src, st);
+    case O_GPU_SHARDS:
+        return parse_uint(src, v, 1, 64, &o->gpu_shards, st);
+    case O_GPU_ROUTING_GB:
+        return parse_uint(src, v, 1, 1u << 16, &o->gpu_routing_gb, st);
+    case O_GPU_ROUTING_MB:
+        return parse_uint(src, v, 1, 1u << 26, &o->gpu_routing_mb, st);
+    case O_GPU_CACHE_GB:
+        return parse_uint(src, v, 0, 1u << 16, &o->gpu_cache_gb, st);
+    case O_GPU_CACHE_MB:
+        return parse_uint(src, v, 0, 1u << 26, &o->gpu_cache_mb, st);
+    case O_GPU_COALESCE:
+        return parse_uint(src, v, 0, 100000, &o->gpu_coalesce_us, st);
+    case O_GPU_GRACE:
+        return parse_uint(src, v, 0, 3600000, &o->gpu_evict_grace_ms, st);
+    case O_GPU_LANES:
+        return parse_uint(src, v, 1, 64, &o->gpu_lanes, st);
+    case O_GPU_SCRATCH:
+        return parse_uint(src, v, 16, 1u << 20, &o->gpu_scratch_mb, st);
     case O_LOG_LEVEL:
         if (strcmp(v, "debug") && strcmp(v, "info") && strcmp(v, "warn") && strcmp(v, "error") &&
             strcmp(v, "off"))
@@ -289,25 +334,30 @@ static int apply(msa_rpc_opts_t *o, int id, const char *v, const char *src, msa_
         else
             return msa_status_set(st, MSA_EINVAL, "%s: '%s', want text|json", src, v);
         return MSA_OK;
-    case O_HELP: o->action = MSA_RPC_HELP; return MSA_OK;
-    case O_VERSION: o->action = MSA_RPC_VERSION; return MSA_OK;
-    case O_COUNT: break;
+    case O_HELP:
+        o->action = MSA_RPC_HELP;
+        return MSA_OK;
+    case O_VERSION:
+        o->action = MSA_RPC_VERSION;
+        return MSA_OK;
+    case O_COUNT:
+        break;
     }
     return msa_status_set(st, MSA_EINVAL, "%s: unknown option", src);
 }
 
-static char *trim(char *s) {
-    while (*s && isspace((unsigned char)*s))
-        s++;
+static char *trim(char *s)
+{
+    while (*s && isspace((unsigned char)*s)) s++;
     char *e = s + strlen(s);
-    while (e > s && isspace((unsigned char)e[-1]))
-        *--e = '\0';
+    while (e > s && isspace((unsigned char)e[-1])) *--e = '\0';
     return s;
 }
 
 /* Applies the config file, skipping keys given as flags. */
 static int read_config(msa_rpc_opts_t *o, const char *path, const bool *from_flags,
-                       msa_status_t *st) {
+                       msa_status_t *st)
+{
     FILE *f = fopen(path, "r");
     if (!f) return msa_status_set(st, MSA_EIO, "--config %s: %s", path, strerror(errno));
     int rc = MSA_OK;
@@ -348,7 +398,8 @@ fail:
     return rc;
 }
 
-int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *st) {
+int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *st)
+{
     memset(o, 0, sizeof(*o));
     o->backend = MSA_BACKEND_AUTO;
     o->max_message_mb = 256;
@@ -357,7 +408,7 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
     o->gpu_coalesce_us = 100;
     o->gpu_evict_grace_ms = 1000;
     o->gpu_cache_gb = o->gpu_cache_mb = UINT_MAX; /* unset: the engine's default */
-    msa_dev_config_env(&o->gpu_dev); /* tests: the simulated device, debugging knobs */
+    msa_dev_config_env(&o->gpu_dev);              /* tests: the simulated device, debugging knobs */
     bool from_flags[O_COUNT] = {false};
     int rc;
 
@@ -412,10 +463,10 @@ int msa_rpc_opts_parse(int argc, char **argv, msa_rpc_opts_t *o, msa_status_t *s
     return MSA_OK;
 }
 
-void msa_rpc_opts_free(msa_rpc_opts_t *o) {
+void msa_rpc_opts_free(msa_rpc_opts_t *o)
+{
     if (!o) return;
-    for (size_t i = 0; i < o->n_listen; i++)
-        free(o->listen[i]);
+    for (size_t i = 0; i < o->n_listen; i++) free(o->listen[i]);
     free(o->listen);
     free(o->config);
     free(o->data_dir);

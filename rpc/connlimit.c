@@ -35,7 +35,8 @@ static struct {
     atomic_int_fast64_t last_log_s; /* rate limit of the refusal warning */
 } g = {.exempt = -1, .reserve = -1};
 
-static accept4_fn real_accept4(void) {
+static accept4_fn real_accept4(void)
+{
     accept4_fn f = atomic_load(&g.real_accept4);
     if (!f) {
         f = (accept4_fn)dlsym(RTLD_NEXT, "accept4");
@@ -44,7 +45,8 @@ static accept4_fn real_accept4(void) {
     return f;
 }
 
-static close_fn real_close(void) {
+static close_fn real_close(void)
+{
     close_fn f = atomic_load(&g.real_close);
     if (!f) {
         f = (close_fn)dlsym(RTLD_NEXT, "close");
@@ -53,7 +55,8 @@ static close_fn real_close(void) {
     return f;
 }
 
-uint64_t msa_rpc_conn_raise_nofile(void) {
+uint64_t msa_rpc_conn_raise_nofile(void)
+{
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return 1024;
     if (rl.rlim_cur < rl.rlim_max) {
@@ -65,7 +68,8 @@ uint64_t msa_rpc_conn_raise_nofile(void) {
     return rl.rlim_cur == RLIM_INFINITY ? (uint64_t)1 << 20 : (uint64_t)rl.rlim_cur;
 }
 
-int msa_rpc_conn_arm(unsigned max_conn, bool plaintext) {
+int msa_rpc_conn_arm(unsigned max_conn, bool plaintext)
+{
     if (atomic_load(&g.armed)) { /* a later server in the same process */
         g.max = max_conn;
         g.plaintext = plaintext;
@@ -86,16 +90,32 @@ int msa_rpc_conn_arm(unsigned max_conn, bool plaintext) {
     return 0;
 }
 
-void msa_rpc_conn_exempt(int listen_fd) { atomic_store(&g.exempt, listen_fd); }
+void msa_rpc_conn_exempt(int listen_fd)
+{
+    atomic_store(&g.exempt, listen_fd);
+}
 
-uint64_t msa_rpc_conn_open(void) { return atomic_load(&g.open); }
-uint64_t msa_rpc_conn_accepted(void) { return atomic_load(&g.accepted); }
-uint64_t msa_rpc_conn_refused(void) { return atomic_load(&g.refused); }
-unsigned msa_rpc_conn_max(void) { return atomic_load(&g.armed) ? g.max : 0; }
+uint64_t msa_rpc_conn_open(void)
+{
+    return atomic_load(&g.open);
+}
+uint64_t msa_rpc_conn_accepted(void)
+{
+    return atomic_load(&g.accepted);
+}
+uint64_t msa_rpc_conn_refused(void)
+{
+    return atomic_load(&g.refused);
+}
+unsigned msa_rpc_conn_max(void)
+{
+    return atomic_load(&g.armed) ? g.max : 0;
+}
 
 /* Tells the peer why (plaintext HTTP/2: a GOAWAY with ENHANCE_YOUR_CALM and
  * a reason a client may log), then closes. */
-static void refuse(int fd, const char *why) {
+static void refuse(int fd, const char *why)
+{
     atomic_fetch_add(&g.refused, 1);
     if (g.plaintext) {
         unsigned char buf[160];
@@ -110,8 +130,8 @@ static void refuse(int fd, const char *why) {
         f[0] = (unsigned char)(len >> 16);
         f[1] = (unsigned char)(len >> 8);
         f[2] = (unsigned char)len;
-        f[3] = 7; /* GOAWAY */
-        memset(f + 4, 0, 5 + 4); /* flags, stream 0, last stream id 0 */
+        f[3] = 7;                                      /* GOAWAY */
+        memset(f + 4, 0, 5 + 4);                       /* flags, stream 0, last stream id 0 */
         f[13] = 0, f[14] = 0, f[15] = 0, f[16] = 0x0b; /* ENHANCE_YOUR_CALM */
         memcpy(f + 17, why, dl);
         ssize_t w = send(fd, buf, 17 + dl, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -128,7 +148,8 @@ static void refuse(int fd, const char *why) {
 /* Out of descriptors: give the reserve back to the kernel, accept the
  * waiting connection with it and refuse it, take the reserve again.
  * Returns 1 when a connection was shed, 0 when none was waiting. */
-static int shed(int lfd) {
+static int shed(int lfd)
+{
     int r = atomic_exchange(&g.reserve, -1);
     if (r >= 0) real_close()(r);
     int c = real_accept4()(lfd, NULL, NULL, SOCK_CLOEXEC);
@@ -153,7 +174,8 @@ static int shed(int lfd) {
     return shed_one;
 }
 
-int accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags) {
+int accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags)
+{
     accept4_fn acc = real_accept4();
     if (!acc) {
         errno = ENOSYS;
@@ -198,7 +220,8 @@ int accept4(int fd, struct sockaddr *addr, socklen_t *addrlen, int flags) {
     return -1;
 }
 
-int close(int fd) {
+int close(int fd)
+{
     atomic_uchar *slot = atomic_load(&g.slot);
     /* Clear before the real close: once closed, the number may be reused by
      * a concurrent accept, which must find the slot free. */

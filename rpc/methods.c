@@ -15,10 +15,10 @@
 
 #include "health.pb-c.h"
 #include "memory.pb-c.h"
-#include "wire.pb-c.h"
 #include "msa_alloc.h"
 #include "msa_clock.h"
 #include "msa_log.h"
+#include "wire.pb-c.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -29,14 +29,16 @@
 
 /* ==== helpers ================================================================ */
 
-int64_t msa__rpc_now_ms(void) {
+int64_t msa__rpc_now_ms(void)
+{
     return msa_clock_ms();
 }
 
 #define OOM(st) msa_status_set((st), MSA_ENOMEM, "out of memory building the message")
 
 /* One varint at p[*i..len); 0 when truncated. */
-static int varint(const uint8_t *p, size_t len, size_t *i, uint64_t *out) {
+static int varint(const uint8_t *p, size_t len, size_t *i, uint64_t *out)
+{
     uint64_t v = 0;
     for (unsigned shift = 0; shift < 64 && *i < len; shift += 7) {
         uint8_t b = p[(*i)++];
@@ -54,7 +56,8 @@ static int varint(const uint8_t *p, size_t len, size_t *i, uint64_t *out) {
  * so "c\0junk" would silently act on "c". path (capacity cap) is the field
  * path so far; it is restored on return. Malformed bytes are left to unpack. */
 static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_t len, char *path,
-                    size_t cap, int depth, msa_status_t *st) {
+                    size_t cap, int depth, msa_status_t *st)
+{
     unsigned seen[64] = {0}; /* per field: entries so far, for "ops[3]" */
     size_t i = 0;
     while (i < len) {
@@ -64,18 +67,24 @@ static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_
         case 0:
             if (!varint(p, len, &i, &flen)) return MSA_OK;
             continue;
-        case 1: i += 8; continue;
-        case 5: i += 4; continue;
+        case 1:
+            i += 8;
+            continue;
+        case 5:
+            i += 4;
+            continue;
         case 2:
             if (!varint(p, len, &i, &flen) || flen > len - i) return MSA_OK;
             break;
-        default: return MSA_OK;
+        default:
+            return MSA_OK;
         }
         size_t start = i;
         i += flen;
         const ProtobufCFieldDescriptor *f =
-            key >> 3 <= UINT32_MAX ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
-                                   : NULL;
+            key >> 3 <= UINT32_MAX
+                ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                : NULL;
         if (!f || (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE))
             continue;
         size_t fi = (size_t)(f - d->fields);
@@ -88,11 +97,11 @@ static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_
         int rc = MSA_OK;
         if (f->type == PROTOBUF_C_TYPE_STRING) {
             if (memchr(p + start, 0, flen))
-                rc = msa_status_set(st, MSA_EINVAL,
-                                    "%s: contains a NUL byte at offset %zu; names and strings "
-                                    "may not",
-                                    path, (size_t)((const uint8_t *)memchr(p + start, 0, flen) -
-                                                   (p + start)));
+                rc = msa_status_set(
+                    st, MSA_EINVAL,
+                    "%s: contains a NUL byte at offset %zu; names and strings "
+                    "may not",
+                    path, (size_t)((const uint8_t *)memchr(p + start, 0, flen) - (p + start)));
         } else if (depth < 32) {
             rc = nul_walk(f->descriptor, p + start, flen, path, cap, depth + 1, st);
         }
@@ -106,7 +115,8 @@ static int nul_walk(const ProtobufCMessageDescriptor *d, const uint8_t *p, size_
  * so is a NUL inside any string field (a name cut short would act on another
  * object). Out of memory while unpacking is MSA_ENOMEM, not the client's fault. */
 static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
-                  ProtobufCMessage **out, msa_status_t *st) {
+                  ProtobufCMessage **out, msa_status_t *st)
+{
     *out = protobuf_c_message_unpack(d, &req->arena->pb, req->len, req->data);
     /* wire.proto's messages are msad's private view of the public ones. */
     const char *name = strncmp(d->name, "msa.v1.wire.", 12) == 0 ? d->name + 12 : d->name;
@@ -122,7 +132,8 @@ static int unpack(const msa_rpc_req_t *req, const ProtobufCMessageDescriptor *d,
 /* Packs m into a malloc'd buffer, refusing responses above the send limit so
  * that the client gets a clear RESOURCE_EXHAUSTED instead of a reset. */
 static int pack(const msa_rpc_ctx_t *ctx, const ProtobufCMessage *m, msa_rpc_reply_t *rep,
-                msa_status_t *st) {
+                msa_status_t *st)
+{
     size_t n = protobuf_c_message_get_packed_size(m);
     if (n > ctx->max_send)
         return msa_status_set(st, MSA_EFULL,
@@ -138,13 +149,20 @@ static int pack(const msa_rpc_ctx_t *ctx, const ProtobufCMessage *m, msa_rpc_rep
     return MSA_OK;
 }
 
-static const char *opt_str(const char *s) { return (s && *s) ? s : NULL; }
-static const char *str(const char *s) { return s ? s : ""; }
+static const char *opt_str(const char *s)
+{
+    return (s && *s) ? s : NULL;
+}
+static const char *str(const char *s)
+{
+    return s ? s : "";
+}
 
 /* Unknown enum values survive protobuf-c decoding as plain ints. */
 static int check_enum(int v, int max, const char *st_fmt, msa_status_t *st, ...)
     __attribute__((format(printf, 3, 5)));
-static int check_enum(int v, int max, const char *path_fmt, msa_status_t *st, ...) {
+static int check_enum(int v, int max, const char *path_fmt, msa_status_t *st, ...)
+{
     if (v >= 0 && v <= max) return MSA_OK;
     char path[160];
     va_list ap;
@@ -159,7 +177,8 @@ static int check_enum(int v, int max, const char *path_fmt, msa_status_t *st, ..
 /* A proto Tensor as a borrowed engine view. An absent tensor (t == NULL)
  * becomes data NULL, ndim 0, which the engine reports as missing. */
 static int tensor_in(const Msa__V1__Tensor *t, msa_tensor_t *out, const char *path,
-                     msa_status_t *st) {
+                     msa_status_t *st)
+{
     memset(out, 0, sizeof(*out));
     if (!t) return MSA_OK;
     int rc = check_enum((int)t->dtype, MSA__V1__DTYPE__I8, "%s.dtype", st, path);
@@ -169,8 +188,7 @@ static int tensor_in(const Msa__V1__Tensor *t, msa_tensor_t *out, const char *pa
                               t->n_shape, MSA_TENSOR_MAX_DIMS);
     out->dtype = (msa_dtype_t)t->dtype;
     out->ndim = (uint32_t)t->n_shape;
-    for (size_t i = 0; i < t->n_shape; i++)
-        out->shape[i] = t->shape[i];
+    for (size_t i = 0; i < t->n_shape; i++) out->shape[i] = t->shape[i];
     out->data = t->data.data;
     out->nbytes = t->data.len;
     /* A present but empty tensor still counts as present. */
@@ -180,7 +198,8 @@ static int tensor_in(const Msa__V1__Tensor *t, msa_tensor_t *out, const char *pa
 
 /* An engine tensor as a proto Tensor whose data borrows the engine's bytes. */
 static Msa__V1__Tensor *tensor_out(msa_rpc_arena_t *a, msa_dtype_t dt, const uint32_t *shape,
-                                   uint32_t ndim, const void *data, size_t nbytes) {
+                                   uint32_t ndim, const void *data, size_t nbytes)
+{
     Msa__V1__Tensor *t = msa_rpc_arena_alloc(a, sizeof(*t));
     uint32_t *sh = msa_rpc_arena_alloc(a, sizeof(uint32_t) * (ndim ? ndim : 1));
     if (!t || !sh) return NULL;
@@ -194,7 +213,8 @@ static Msa__V1__Tensor *tensor_out(msa_rpc_arena_t *a, msa_dtype_t dt, const uin
     return t;
 }
 
-static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_status_t *st) {
+static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_status_t *st)
+{
     memset(s, 0, sizeof(*s));
     if (!p) return msa_status_set(st, MSA_EINVAL, "schema: missing");
     if (p->n_layers > MSA_MAX_LAYERS)
@@ -216,8 +236,7 @@ static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_st
         return msa_status_set(st, MSA_EINVAL, "schema.model: %zu bytes, at most %d", mlen,
                               MSA_MAX_MODEL_LEN);
     s->n_layers = (uint32_t)p->n_layers;
-    for (size_t i = 0; i < p->n_layers; i++)
-        s->layers[i] = p->layers[i];
+    for (size_t i = 0; i < p->n_layers; i++) s->layers[i] = p->layers[i];
     s->kv_heads = p->kv_heads;
     s->query_heads = p->query_heads;
     s->head_dim = p->head_dim;
@@ -235,7 +254,8 @@ static int schema_in(const Msa__V1__CollectionSchema *p, msa_schema_t *s, msa_st
 }
 
 /* Borrows s (layers, model) until the response is packed. */
-static Msa__V1__CollectionSchema *schema_out(msa_rpc_arena_t *a, const msa_schema_t *s) {
+static Msa__V1__CollectionSchema *schema_out(msa_rpc_arena_t *a, const msa_schema_t *s)
+{
     Msa__V1__CollectionSchema *p = msa_rpc_arena_alloc(a, sizeof(*p));
     if (!p) return NULL;
     msa__v1__collection_schema__init(p);
@@ -258,7 +278,8 @@ static Msa__V1__CollectionSchema *schema_out(msa_rpc_arena_t *a, const msa_schem
 }
 
 static int coll_info_out(msa_rpc_arena_t *a, const msa_engine_coll_info_t *ci,
-                         Msa__V1__CollectionInfo *p) {
+                         Msa__V1__CollectionInfo *p)
+{
     msa__v1__collection_info__init(p);
     p->name = (char *)ci->name;
     p->schema = schema_out(a, &ci->schema);
@@ -271,7 +292,8 @@ static int coll_info_out(msa_rpc_arena_t *a, const msa_engine_coll_info_t *ci,
     return MSA_OK;
 }
 
-static void doc_info_out(const msa_doc_rec_t *r, Msa__V1__DocumentInfo *p) {
+static void doc_info_out(const msa_doc_rec_t *r, Msa__V1__DocumentInfo *p)
+{
     msa__v1__document_info__init(p);
     p->id = r->id;
     p->version = r->version;
@@ -286,7 +308,8 @@ static void doc_info_out(const msa_doc_rec_t *r, Msa__V1__DocumentInfo *p) {
 
 /* Route/Attend layers -> engine queries (views into the request). */
 static int queries_in(msa_rpc_arena_t *a, Msa__V1__LayerQuery **layers, size_t n, bool with_q,
-                      msa_engine_layer_query_t **out, msa_status_t *st) {
+                      msa_engine_layer_query_t **out, msa_status_t *st)
+{
     msa_engine_layer_query_t *q = msa_rpc_arena_calloc(a, n ? n : 1, sizeof(*q));
     if (!q) return OOM(st);
     char path[64];
@@ -309,7 +332,8 @@ static int queries_in(msa_rpc_arena_t *a, Msa__V1__LayerQuery **layers, size_t n
 /* ==== Memory service ========================================================== */
 
 static int h_create_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                               msa_rpc_reply_t *rep, msa_status_t *st) {
+                               msa_rpc_reply_t *rep, msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__create_collection_request__descriptor, &m, st);
     if (rc) return rc;
@@ -321,14 +345,17 @@ static int h_create_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *re
     rc = msa_engine_create_collection(ctx->engine, str(r->name), schema, &res, st);
     if (rc) return rc;
     Msa__V1__CollectionInfo out;
-    if (coll_info_out(req->arena, &res->info, &out)) rc = OOM(st);
-    else rc = pack(ctx, &out.base, rep, st);
+    if (coll_info_out(req->arena, &res->info, &out))
+        rc = OOM(st);
+    else
+        rc = pack(ctx, &out.base, rep, st);
     msa_engine_create_collection_result_free(res);
     return rc;
 }
 
 static int h_drop_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                             msa_rpc_reply_t *rep, msa_status_t *st) {
+                             msa_rpc_reply_t *rep, msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__drop_collection_request__descriptor, &m, st);
     if (rc) return rc;
@@ -343,7 +370,8 @@ static int h_drop_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
 }
 
 static int h_list_collections(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                              msa_rpc_reply_t *rep, msa_status_t *st) {
+                              msa_rpc_reply_t *rep, msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__list_collections_request__descriptor, &m, st);
     if (rc) return rc;
@@ -375,7 +403,8 @@ fail:
 }
 
 static int h_describe_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                                 msa_rpc_reply_t *rep, msa_status_t *st) {
+                                 msa_rpc_reply_t *rep, msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__describe_collection_request__descriptor, &m, st);
     if (rc) return rc;
@@ -384,14 +413,17 @@ static int h_describe_collection(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *
     rc = msa_engine_describe_collection(ctx->engine, str(r->name), &res, st);
     if (rc) return rc;
     Msa__V1__CollectionInfo out;
-    if (coll_info_out(req->arena, &res->info, &out)) rc = OOM(st);
-    else rc = pack(ctx, &out.base, rep, st);
+    if (coll_info_out(req->arena, &res->info, &out))
+        rc = OOM(st);
+    else
+        rc = pack(ctx, &out.base, rep, st);
     msa_engine_describe_collection_result_free(res);
     return rc;
 }
 
 static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                   msa_status_t *st) {
+                   msa_status_t *st)
+{
     ProtobufCMessage *m;
     /* The wire form keeps text as bytes: a NUL inside it is data. */
     int rc = unpack(req, &msa__v1__wire__write_request__descriptor, &m, st);
@@ -441,9 +473,9 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
         }
     }
     msa_engine_write_req_t wr = {.collection = str(r->collection),
-                          .model = opt_str(r->model),
-                          .n_ops = r->n_ops,
-                          .ops = ops};
+                                 .model = opt_str(r->model),
+                                 .n_ops = r->n_ops,
+                                 .ops = ops};
     msa_engine_write_result_t *res = NULL;
     rc = msa_engine_write(ctx->engine, &wr, &res, st);
     if (rc) return rc;
@@ -457,25 +489,26 @@ static int h_write(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
 }
 
 static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                 msa_status_t *st) {
+                 msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__get_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__GetRequest *r = (const void *)m;
     msa_rpc_arena_t *a = req->arena;
     msa_engine_get_req_t gr = {.collection = str(r->collection),
-                        .n_ids = r->n_ids,
-                        .ids = r->ids,
-                        .with_text = r->with_text,
-                        .with_metadata = r->with_metadata,
-                        .with_tensors = r->with_tensors,
-                        .n_layers = (uint32_t)r->n_layers,
-                        .layers = r->layers,
-                        .min_seq = r->min_seq,
-                        .deadline_ms = req->deadline_ms,
-                        .snapshot_seq = r->snapshot_seq,
-                        .hold_ms = r->hold_snapshot_ms,
-                        .max_bytes = ctx->max_send};
+                               .n_ids = r->n_ids,
+                               .ids = r->ids,
+                               .with_text = r->with_text,
+                               .with_metadata = r->with_metadata,
+                               .with_tensors = r->with_tensors,
+                               .n_layers = (uint32_t)r->n_layers,
+                               .layers = r->layers,
+                               .min_seq = r->min_seq,
+                               .deadline_ms = req->deadline_ms,
+                               .snapshot_seq = r->snapshot_seq,
+                               .hold_ms = r->hold_snapshot_ms,
+                               .max_bytes = ctx->max_send};
     msa_engine_get_result_t *res = NULL;
     rc = msa_engine_get(ctx->engine, &gr, &res, st);
     if (rc) return rc;
@@ -544,16 +577,17 @@ oom:
 }
 
 static int h_list(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                  msa_status_t *st) {
+                  msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__list_request__descriptor, &m, st);
     if (rc) return rc;
     const Msa__V1__ListRequest *r = (const void *)m;
     msa_engine_list_req_t lr = {.collection = str(r->collection),
-                         .after_id = r->after_id,
-                         .limit = r->limit,
-                         .snapshot_seq = r->snapshot_seq,
-                         .hold_ms = r->hold_snapshot_ms};
+                                .after_id = r->after_id,
+                                .limit = r->limit,
+                                .snapshot_seq = r->snapshot_seq,
+                                .hold_ms = r->hold_snapshot_ms};
     msa_engine_list_result_t *res = NULL;
     rc = msa_engine_list(ctx->engine, &lr, &res, st);
     if (rc) return rc;
@@ -581,7 +615,8 @@ fail:
 }
 
 static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                   msa_status_t *st) {
+                   msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__route_request__descriptor, &m, st);
     if (rc) return rc;
@@ -590,16 +625,16 @@ static int h_route(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
     msa_engine_layer_query_t *qs;
     if ((rc = queries_in(a, r->layers, r->n_layers, false, &qs, st))) return rc;
     msa_engine_route_req_t rr = {.c = {.collection = str(r->collection),
-                                .model = opt_str(r->model),
-                                .min_seq = r->min_seq,
-                                .deadline_ms = req->deadline_ms,
-                                .snapshot_seq = r->snapshot_seq,
-                                .hold_ms = r->hold_snapshot_ms},
-                          .n_layers = (uint32_t)r->n_layers,
-                          .layers = qs,
-                          .top_k = r->top_k,
-                          .n_exclude = r->n_exclude_ids,
-                          .exclude_ids = r->exclude_ids};
+                                       .model = opt_str(r->model),
+                                       .min_seq = r->min_seq,
+                                       .deadline_ms = req->deadline_ms,
+                                       .snapshot_seq = r->snapshot_seq,
+                                       .hold_ms = r->hold_snapshot_ms},
+                                 .n_layers = (uint32_t)r->n_layers,
+                                 .layers = qs,
+                                 .top_k = r->top_k,
+                                 .n_exclude = r->n_exclude_ids,
+                                 .exclude_ids = r->exclude_ids};
     msa_engine_route_result_t *res = NULL;
     rc = msa_engine_route(ctx->engine, &rr, &res, st);
     if (rc) return rc;
@@ -632,7 +667,8 @@ fail:
 }
 
 static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                    msa_status_t *st) {
+                    msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__attend_request__descriptor, &m, st);
     if (rc) return rc;
@@ -642,24 +678,25 @@ static int h_attend(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
     msa_engine_layer_query_t *qs;
     if ((rc = queries_in(a, r->layers, r->n_layers, true, &qs, st))) return rc;
     msa_engine_attend_req_t ar = {.c = {.collection = str(r->collection),
-                                 .model = opt_str(r->model),
-                                 .min_seq = r->min_seq,
-                                 .deadline_ms = req->deadline_ms,
-                                 .snapshot_seq = r->snapshot_seq,
-                                 .hold_ms = r->hold_snapshot_ms},
-                           .n_layers = (uint32_t)r->n_layers,
-                           .layers = qs,
-                           .top_k = r->top_k,
-                           .n_exclude = r->n_exclude_ids,
-                           .exclude_ids = r->exclude_ids,
-                           .n_doc_ids = r->n_doc_ids,
-                           .doc_ids = r->doc_ids,
-                           .scale = r->scale,
-                           .out_dtype = (msa_dtype_t)r->out_dtype};
+                                        .model = opt_str(r->model),
+                                        .min_seq = r->min_seq,
+                                        .deadline_ms = req->deadline_ms,
+                                        .snapshot_seq = r->snapshot_seq,
+                                        .hold_ms = r->hold_snapshot_ms},
+                                  .n_layers = (uint32_t)r->n_layers,
+                                  .layers = qs,
+                                  .top_k = r->top_k,
+                                  .n_exclude = r->n_exclude_ids,
+                                  .exclude_ids = r->exclude_ids,
+                                  .n_doc_ids = r->n_doc_ids,
+                                  .doc_ids = r->doc_ids,
+                                  .scale = r->scale,
+                                  .out_dtype = (msa_dtype_t)r->out_dtype};
     /* The output grows with T x Hq x D per layer (F32 doubles a BF16 query):
      * refuse before computing what could not be sent anyway. */
     uint64_t want = 0;
-    size_t osz = r->out_dtype == MSA__V1__DTYPE__F16 || r->out_dtype == MSA__V1__DTYPE__BF16 ? 2 : 4;
+    size_t osz =
+        r->out_dtype == MSA__V1__DTYPE__F16 || r->out_dtype == MSA__V1__DTYPE__BF16 ? 2 : 4;
     for (size_t i = 0; i < r->n_layers; i++) {
         const msa_tensor_t *q = &qs[i].q;
         if (q->ndim != 3) continue; /* the engine names the bad shape */
@@ -719,7 +756,8 @@ typedef struct counters_acc {
     int oom;
 } counters_acc_t;
 
-static void add_counter(void *arg, const char *key, uint64_t value) {
+static void add_counter(void *arg, const char *key, uint64_t value)
+{
     counters_acc_t *c = arg;
     if (c->oom) return;
     if (c->n == c->cap) {
@@ -746,7 +784,8 @@ static void add_counter(void *arg, const char *key, uint64_t value) {
 }
 
 /* Host memory figures for the "cpu" device entry. */
-static void host_memory(uint64_t *total, uint64_t *used) {
+static void host_memory(uint64_t *total, uint64_t *used)
+{
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     *total = (pages > 0 && psz > 0) ? (uint64_t)pages * (uint64_t)psz : 0;
     *used = 0;
@@ -760,7 +799,8 @@ static void host_memory(uint64_t *total, uint64_t *used) {
 }
 
 static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                   msa_status_t *st) {
+                   msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__stats_request__descriptor, &m, st);
     if (rc) return rc;
@@ -813,7 +853,8 @@ static int h_stats(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_r
 }
 
 static int h_release_snapshot(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req,
-                              msa_rpc_reply_t *rep, msa_status_t *st) {
+                              msa_rpc_reply_t *rep, msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__release_snapshot_request__descriptor, &m, st);
     if (rc) return rc;
@@ -830,7 +871,8 @@ static int h_release_snapshot(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req
 /* ==== Admin service ============================================================ */
 
 static int h_backup(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                    msa_status_t *st) {
+                    msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__backup_request__descriptor, &m, st);
     if (rc) return rc;
@@ -846,7 +888,8 @@ static int h_backup(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
 }
 
 static int h_verify(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                    msa_status_t *st) {
+                    msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &msa__v1__verify_request__descriptor, &m, st);
     if (rc) return rc;
@@ -866,7 +909,8 @@ static int h_verify(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_
 /* ==== Health =================================================================== */
 
 static int h_health_check(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_reply_t *rep,
-                          msa_status_t *st) {
+                          msa_status_t *st)
+{
     ProtobufCMessage *m;
     int rc = unpack(req, &grpc__health__v1__health_check_request__descriptor, &m, st);
     if (rc) return rc;

@@ -27,53 +27,56 @@ static const char *const code_names[MSA_RPC_N_CODES] = {
 #undef X
 };
 
-const char *msa_rpc_code_name(int code) {
+const char *msa_rpc_code_name(int code)
+{
     if (code < 0 || code >= MSA_RPC_N_CODES) return "UNKNOWN";
     return code_names[code];
 }
 
-int msa_rpc_metrics_init(msa_rpc_metrics_t *mx, size_t n_methods, const char *const *names) {
+int msa_rpc_metrics_init(msa_rpc_metrics_t *mx, size_t n_methods, const char *const *names)
+{
     memset(mx, 0, sizeof(*mx));
     mx->m = calloc(n_methods ? n_methods : 1, sizeof(*mx->m));
     if (!mx->m) return MSA_ENOMEM;
     mx->n_methods = n_methods;
     mx->names = names;
     for (size_t i = 0; i < n_methods; i++) {
-        for (int c = 0; c < MSA_RPC_N_CODES; c++)
-            atomic_init(&mx->m[i].by_code[c], 0);
-        for (int b = 0; b <= MSA_RPC_N_BUCKETS; b++)
-            atomic_init(&mx->m[i].buckets[b], 0);
+        for (int c = 0; c < MSA_RPC_N_CODES; c++) atomic_init(&mx->m[i].by_code[c], 0);
+        for (int b = 0; b <= MSA_RPC_N_BUCKETS; b++) atomic_init(&mx->m[i].buckets[b], 0);
         atomic_init(&mx->m[i].sum_us, 0);
     }
     return MSA_OK;
 }
 
-void msa_rpc_metrics_free(msa_rpc_metrics_t *mx) {
+void msa_rpc_metrics_free(msa_rpc_metrics_t *mx)
+{
     if (!mx) return;
     free(mx->m);
     mx->m = NULL;
     mx->n_methods = 0;
 }
 
-void msa_rpc_metrics_record(msa_rpc_metrics_t *mx, size_t method, int code, uint64_t ns) {
+void msa_rpc_metrics_record(msa_rpc_metrics_t *mx, size_t method, int code, uint64_t ns)
+{
     if (method >= mx->n_methods) return;
     if (code < 0 || code >= MSA_RPC_N_CODES) code = 2; /* UNKNOWN */
     msa_rpc_method_metrics_t *m = &mx->m[method];
     atomic_fetch_add_explicit(&m->by_code[code], 1, memory_order_relaxed);
     double s = (double)ns * 1e-9;
     int b = 0;
-    while (b < MSA_RPC_N_BUCKETS && s > bucket_le[b])
-        b++;
+    while (b < MSA_RPC_N_BUCKETS && s > bucket_le[b]) b++;
     atomic_fetch_add_explicit(&m->buckets[b], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&m->sum_us, ns / 1000, memory_order_relaxed);
 }
 
-static uint64_t ld(const _Atomic uint64_t *p) {
+static uint64_t ld(const _Atomic uint64_t *p)
+{
     return atomic_load_explicit((_Atomic uint64_t *)p, memory_order_relaxed);
 }
 
 void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stats_result_t *es,
-                              void (*fn)(void *arg, const char *key, uint64_t value), void *arg) {
+                              void (*fn)(void *arg, const char *key, uint64_t value), void *arg)
+{
     char key[96];
     uint64_t by_code[MSA_RPC_N_CODES] = {0};
     for (size_t i = 0; i < mx->n_methods; i++) {
@@ -113,13 +116,15 @@ void msa_rpc_metrics_counters(const msa_rpc_metrics_t *mx, const msa_engine_stat
  * "GAUGE"; key (the Stats counter, or the StatsResponse field) ends the HELP
  * text as "[Stats: key]", the rule tests/test_daemon.py checks. */
 static void family_line(FILE *f, const char *kind, const char *family, const char *help,
-                        const char *key, uint64_t v) {
+                        const char *key, uint64_t v)
+{
     const char *type = strcmp(kind, "COUNTER") == 0 ? "counter" : "gauge";
     fprintf(f, "# HELP msad_%s %s [Stats: %s]\n# TYPE msad_%s %s\nmsad_%s %llu\n", family, help,
             key, family, type, family, (unsigned long long)v);
 }
 
-char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_t *len) {
+char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_t *len)
+{
     char *buf = NULL;
     size_t n = 0;
     FILE *f = open_memstream(&buf, &n);
@@ -140,8 +145,7 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
                "# TYPE msad_errors_total counter\n");
     for (int c = 1; c < MSA_RPC_N_CODES; c++) {
         uint64_t v = 0;
-        for (size_t i = 0; i < mx->n_methods; i++)
-            v += ld(&mx->m[i].by_code[c]);
+        for (size_t i = 0; i < mx->n_methods; i++) v += ld(&mx->m[i].by_code[c]);
         fprintf(f, "msad_errors_total{code=\"%s\"} %llu\n", code_names[c], (unsigned long long)v);
     }
     fprintf(f, "# HELP msad_request_duration_seconds Time from call arrival to status sent.\n"
@@ -162,12 +166,13 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
         fprintf(f, "msad_request_duration_seconds_count{method=\"%s\"} %llu\n", mx->names[i],
                 (unsigned long long)cum);
     }
-    fprintf(f, "# HELP msad_connections Client connections open now, and the cap.\n"
-               "# TYPE msad_connections gauge\nmsad_connections %llu\n"
-               "# TYPE msad_connections_max gauge\nmsad_connections_max %u\n"
-               "# HELP msad_connections_refused_total Connections closed at accept: past "
-               "--max-connections or out of file descriptors.\n"
-               "# TYPE msad_connections_refused_total counter\nmsad_connections_refused_total %llu\n",
+    fprintf(f,
+            "# HELP msad_connections Client connections open now, and the cap.\n"
+            "# TYPE msad_connections gauge\nmsad_connections %llu\n"
+            "# TYPE msad_connections_max gauge\nmsad_connections_max %u\n"
+            "# HELP msad_connections_refused_total Connections closed at accept: past "
+            "--max-connections or out of file descriptors.\n"
+            "# TYPE msad_connections_refused_total counter\nmsad_connections_refused_total %llu\n",
             (unsigned long long)msa_rpc_conn_open(), msa_rpc_conn_max(),
             (unsigned long long)msa_rpc_conn_refused());
 #define X(kind, key, family, help, field) family_line(f, #kind, family, help, key, ld(&mx->field));
@@ -187,7 +192,7 @@ char *msa_rpc_metrics_render(const msa_rpc_metrics_t *mx, msa_engine_t *e, size_
 #define X(field, family, help) family_line(f, "GAUGE", family, help, #field, es.field);
         MSA_RPC_STATS_FIELDS(X)
 #undef X
-#define X(kind, key, family, help, field)                                                          \
+#define X(kind, key, family, help, field) \
     family_line(f, #kind, family, help, key, (uint64_t)es.field);
         MSA_RPC_ENGINE_COUNTERS(X)
         if (es.n_gpu) {
@@ -227,13 +232,15 @@ struct msa_rpc_http {
     void *_Atomic probe_arg;
 };
 
-void msa_rpc_http_set_probe(msa_rpc_http_t *h, msa_rpc_probe_fn fn, void *arg) {
+void msa_rpc_http_set_probe(msa_rpc_http_t *h, msa_rpc_probe_fn fn, void *arg)
+{
     atomic_store(&h->probe_arg, arg);
     atomic_store(&h->probe, fn);
 }
 
 /* /healthz: liveness as a load balancer or systemd watchdog sees it. */
-static enum MHD_Result healthz(msa_rpc_http_t *h, struct MHD_Connection *conn) {
+static enum MHD_Result healthz(msa_rpc_http_t *h, struct MHD_Connection *conn)
+{
     char msg[400] = "ok";
     int rc = MSA_OK;
     msa_rpc_probe_fn fn = atomic_load(&h->probe);
@@ -251,7 +258,8 @@ static enum MHD_Result healthz(msa_rpc_http_t *h, struct MHD_Connection *conn) {
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
-                                  size_t *upload_data_size, void **con_cls) {
+                                  size_t *upload_data_size, void **con_cls)
+{
     msa_rpc_http_t *h = cls;
     struct MHD_Response *resp;
     enum MHD_Result ret;
@@ -290,7 +298,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 
 /* Splits "HOST:PORT", "[V6]:PORT", ":PORT" or "PORT" into a socket address. */
 static int parse_addr(const char *addr, struct sockaddr_storage *ss, socklen_t *sl,
-                      msa_status_t *st) {
+                      msa_status_t *st)
+{
     char host[256] = "127.0.0.1";
     const char *port;
     const char *colon = strrchr(addr, ':');
@@ -330,7 +339,8 @@ static int parse_addr(const char *addr, struct sockaddr_storage *ss, socklen_t *
 }
 
 int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine_t *e,
-                       msa_rpc_http_t **out, msa_status_t *st) {
+                       msa_rpc_http_t **out, msa_status_t *st)
+{
     struct sockaddr_storage ss;
     socklen_t sl = 0;
     int rc = parse_addr(addr, &ss, &sl, st);
@@ -350,8 +360,9 @@ int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine
         port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     }
     h->d = MHD_start_daemon(flags, port, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR,
-                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MSA_RPC_HTTP_MAX_CONN,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)5, MHD_OPTION_END);
+                            (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT,
+                            (unsigned)MSA_RPC_HTTP_MAX_CONN, MHD_OPTION_CONNECTION_TIMEOUT,
+                            (unsigned)5, MHD_OPTION_END);
     if (!h->d) {
         free(h);
         return msa_status_set(st, MSA_EIO, "--metrics: cannot listen on %s", addr);
@@ -373,9 +384,13 @@ int msa_rpc_http_start(const char *addr, const msa_rpc_metrics_t *mx, msa_engine
     return MSA_OK;
 }
 
-const char *msa_rpc_http_bound(const msa_rpc_http_t *h) { return h->bound; }
+const char *msa_rpc_http_bound(const msa_rpc_http_t *h)
+{
+    return h->bound;
+}
 
-void msa_rpc_http_stop(msa_rpc_http_t *h) {
+void msa_rpc_http_stop(msa_rpc_http_t *h)
+{
     if (!h) return;
     MHD_stop_daemon(h->d);
     free(h);

@@ -23,8 +23,8 @@
 #include "server.h"
 
 #include <errno.h>
-#include <limits.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -40,7 +40,8 @@
 /* The self-pipe: written by on_signal, read by main. */
 static int sig_pipe[2] = {-1, -1};
 
-static void on_signal(int sig) {
+static void on_signal(int sig)
+{
     int saved = errno;
     unsigned char b = (unsigned char)sig;
     ssize_t n = write(sig_pipe[1], &b, 1); /* full pipe: a signal is already pending */
@@ -48,7 +49,8 @@ static void on_signal(int sig) {
     errno = saved;
 }
 
-static int install_signals(void) {
+static int install_signals(void)
+{
     if (pipe(sig_pipe) != 0) return -1;
     for (int i = 0; i < 2; i++) {
         fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
@@ -67,7 +69,8 @@ static int install_signals(void) {
 }
 
 /* Blocks until SIGTERM or SIGINT; returns it. */
-static int wait_stop_signal(void) {
+static int wait_stop_signal(void)
+{
     for (;;) {
         unsigned char b;
         ssize_t n = read(sig_pipe[0], &b, 1);
@@ -86,7 +89,8 @@ static int wait_stop_signal(void) {
 }
 
 /* Reads a whole (small, PEM) file; NULL with st set on failure. */
-static char *read_file(const char *path, const char *what, msa_status_t *st) {
+static char *read_file(const char *path, const char *what, msa_status_t *st)
+{
     FILE *f = fopen(path, "rb");
     if (!f) {
         msa_status_set(st, MSA_EIO, "%s %s: %s", what, path, strerror(errno));
@@ -126,7 +130,8 @@ fail:
 }
 
 /* The last OpenSSL error as text ("" when none). */
-static const char *ssl_err(char *buf, size_t n) {
+static const char *ssl_err(char *buf, size_t n)
+{
     unsigned long e = ERR_get_error();
     buf[0] = '\0';
     if (e) ERR_error_string_n(e, buf, n);
@@ -137,8 +142,9 @@ static const char *ssl_err(char *buf, size_t n) {
 /* Checks the TLS files before gRPC sees them: gRPC only says "cannot bind"
  * about a bad certificate or a key of another certificate. st names the
  * file and what is wrong. */
-static int check_tls(const char *cert_path, const char *cert, const char *key_path,
-                     const char *key, const char *ca_path, const char *ca, msa_status_t *st) {
+static int check_tls(const char *cert_path, const char *cert, const char *key_path, const char *key,
+                     const char *ca_path, const char *ca, msa_status_t *st)
+{
     char eb[256];
     int rc = MSA_OK;
     X509 *x = NULL;
@@ -184,7 +190,8 @@ fail:
 
 /* --backup-dir must exist or be creatable (its parent exists): found at
  * start, not at the first Backup. */
-static int check_backup_dir(const char *dir, msa_status_t *st) {
+static int check_backup_dir(const char *dir, msa_status_t *st)
+{
     struct stat sb;
     if (stat(dir, &sb) == 0) {
         if (!S_ISDIR(sb.st_mode))
@@ -198,18 +205,21 @@ static int check_backup_dir(const char *dir, msa_status_t *st) {
 }
 
 /* True for addresses only this host can reach (loopback, unix sockets). */
-static int is_local_listen(const char *a) {
+static int is_local_listen(const char *a)
+{
     if (!strncmp(a, "unix:", 5)) return 1;
     if (!strncmp(a, "127.", 4) || !strncmp(a, "localhost:", 10) || !strncmp(a, "[::1]:", 6))
         return 1;
     return 0;
 }
 
-static int probe(void *arg, char *msg, size_t n) {
+static int probe(void *arg, char *msg, size_t n)
+{
     return msa_rpc_server_probe(arg, 2000, msg, n);
 }
 
-static void log_host(const char *backend) {
+static void log_host(const char *backend)
+{
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     double gib = (pages > 0 && psz > 0) ? (double)pages * (double)psz / (1024.0 * 1024 * 1024) : 0;
@@ -217,7 +227,8 @@ static void log_host(const char *backend) {
             gib, strcmp(backend, "cuda") == 0 ? " + CUDA (see the engine's device log)" : "");
 }
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     msa_rpc_opts_t o;
     msa_status_t st;
     msa_status_clear(&st);
@@ -287,7 +298,8 @@ int main(int argc, char **argv) {
     msa_log(MSA_LOG_INFO, "msad %s starting: data %s, sync %s", MSA_VERSION, o.data_dir,
             o.nosync ? "nosync" : "full");
     /* Every client connection is a descriptor: take what the hard limit allows. */
-    msa_log(MSA_LOG_INFO, "file limit %llu descriptors", (unsigned long long)msa_rpc_conn_raise_nofile());
+    msa_log(MSA_LOG_INFO, "file limit %llu descriptors",
+            (unsigned long long)msa_rpc_conn_raise_nofile());
     if (!auth && !cert)
         for (size_t i = 0; i < o.n_listen; i++)
             if (!is_local_listen(o.listen[i]))
@@ -316,12 +328,14 @@ int main(int argc, char **argv) {
     cfg.max_min_seq_waiters = o.max_min_seq_waiters;
     cfg.check_on_start = o.check_on_start;
     cfg.gpu.shards_per_gpu = o.gpu_shards;
-    cfg.gpu.routing_bytes = o.gpu_routing_mb ? (uint64_t)o.gpu_routing_mb << 20
-                                             : (uint64_t)o.gpu_routing_gb << 30;
-    if (o.gpu_cache_mb != UINT_MAX) cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_mb << 20;
-    else if (o.gpu_cache_gb != UINT_MAX) cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_gb << 30;
-    cfg.gpu.cache_off = cfg.gpu.cache_bytes == 0 &&
-                        (o.gpu_cache_mb != UINT_MAX || o.gpu_cache_gb != UINT_MAX);
+    cfg.gpu.routing_bytes =
+        o.gpu_routing_mb ? (uint64_t)o.gpu_routing_mb << 20 : (uint64_t)o.gpu_routing_gb << 30;
+    if (o.gpu_cache_mb != UINT_MAX)
+        cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_mb << 20;
+    else if (o.gpu_cache_gb != UINT_MAX)
+        cfg.gpu.cache_bytes = (uint64_t)o.gpu_cache_gb << 30;
+    cfg.gpu.cache_off =
+        cfg.gpu.cache_bytes == 0 && (o.gpu_cache_mb != UINT_MAX || o.gpu_cache_gb != UINT_MAX);
     cfg.gpu.coalesce_us = o.gpu_coalesce_us;
     cfg.gpu.evict_grace_ms = o.gpu_evict_grace_ms;
     cfg.gpu.lanes = o.gpu_lanes;
@@ -333,7 +347,8 @@ int main(int argc, char **argv) {
         goto fail;
     }
     log_host(msa_engine_backend_name(engine));
-    msa_log(MSA_LOG_INFO, "store at commit %llu", (unsigned long long)msa_engine_commit_seq(engine));
+    msa_log(MSA_LOG_INFO, "store at commit %llu",
+            (unsigned long long)msa_engine_commit_seq(engine));
     if (auth) msa_log(MSA_LOG_INFO, "auth: %zu tokens", msa_rpc_auth_count(auth));
 
     msa_rpc_server_opts_t so = {.listen = (const char *const *)o.listen,

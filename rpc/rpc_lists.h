@@ -28,47 +28,47 @@
  * compute): answered on the completion-queue thread without a hand-off.
  * The order is the order of the per-method metrics. ReleaseSnapshot ends a
  * lease a read call took: the caller's own scope sufficed to take it. */
-#define MSA_RPC_METHODS(X)                                                                         \
-    X(CREATE, "/msa.v1.Memory/CreateCollection", "CreateCollection", ADMIN, false,                 \
-      h_create_collection)                                                                         \
-    X(DROP, "/msa.v1.Memory/DropCollection", "DropCollection", ADMIN, false, h_drop_collection)    \
-    X(LISTCOLL, "/msa.v1.Memory/ListCollections", "ListCollections", READ, false,                  \
-      h_list_collections)                                                                          \
-    X(DESCRIBE, "/msa.v1.Memory/DescribeCollection", "DescribeCollection", READ, false,            \
-      h_describe_collection)                                                                       \
-    X(WRITE, "/msa.v1.Memory/Write", "Write", WRITE, false, h_write)                               \
-    X(GET, "/msa.v1.Memory/Get", "Get", READ, false, h_get)                                        \
-    X(LIST, "/msa.v1.Memory/List", "List", READ, false, h_list)                                    \
-    X(ROUTE, "/msa.v1.Memory/Route", "Route", READ, false, h_route)                                \
-    X(ATTEND, "/msa.v1.Memory/Attend", "Attend", READ, false, h_attend)                            \
-    X(STATS, "/msa.v1.Memory/Stats", "Stats", READ, false, h_stats)                                \
-    X(RELEASE, "/msa.v1.Memory/ReleaseSnapshot", "ReleaseSnapshot", READ, false,                   \
-      h_release_snapshot)                                                                          \
-    X(BACKUP, "/msa.v1.Admin/Backup", "Backup", ADMIN, false, h_backup)                            \
-    X(VERIFY, "/msa.v1.Admin/Verify", "Verify", ADMIN, false, h_verify)                            \
+#define MSA_RPC_METHODS(X)                                                                      \
+    X(CREATE, "/msa.v1.Memory/CreateCollection", "CreateCollection", ADMIN, false,              \
+      h_create_collection)                                                                      \
+    X(DROP, "/msa.v1.Memory/DropCollection", "DropCollection", ADMIN, false, h_drop_collection) \
+    X(LISTCOLL, "/msa.v1.Memory/ListCollections", "ListCollections", READ, false,               \
+      h_list_collections)                                                                       \
+    X(DESCRIBE, "/msa.v1.Memory/DescribeCollection", "DescribeCollection", READ, false,         \
+      h_describe_collection)                                                                    \
+    X(WRITE, "/msa.v1.Memory/Write", "Write", WRITE, false, h_write)                            \
+    X(GET, "/msa.v1.Memory/Get", "Get", READ, false, h_get)                                     \
+    X(LIST, "/msa.v1.Memory/List", "List", READ, false, h_list)                                 \
+    X(ROUTE, "/msa.v1.Memory/Route", "Route", READ, false, h_route)                             \
+    X(ATTEND, "/msa.v1.Memory/Attend", "Attend", READ, false, h_attend)                         \
+    X(STATS, "/msa.v1.Memory/Stats", "Stats", READ, false, h_stats)                             \
+    X(RELEASE, "/msa.v1.Memory/ReleaseSnapshot", "ReleaseSnapshot", READ, false,                \
+      h_release_snapshot)                                                                       \
+    X(BACKUP, "/msa.v1.Admin/Backup", "Backup", ADMIN, false, h_backup)                         \
+    X(VERIFY, "/msa.v1.Admin/Verify", "Verify", ADMIN, false, h_verify)                         \
     X(HEALTH, "/grpc.health.v1.Health/Check", "HealthCheck", NONE, true, h_health_check)
 
 /* X(number, NAME, msa_code): every gRPC status code, in number order, with
  * the MSA_E* code a client turns it into (codes outside the list: UNKNOWN
  * and MSA_EINTERNAL). The server's direction (MSA_E* -> gRPC) is
  * msa_rpc_grpc_status in rpc/server.c: several engine codes share a status. */
-#define MSA_RPC_GRPC_CODES(X)                                                                      \
-    X(0, OK, MSA_OK)                                                                               \
-    X(1, CANCELLED, MSA_EUNAVAIL)                                                                  \
-    X(2, UNKNOWN, MSA_EINTERNAL)                                                                   \
-    X(3, INVALID_ARGUMENT, MSA_EINVAL)                                                             \
-    X(4, DEADLINE_EXCEEDED, MSA_ETIMEOUT)                                                          \
-    X(5, NOT_FOUND, MSA_ENOTFOUND)                                                                 \
-    X(6, ALREADY_EXISTS, MSA_EEXIST)                                                               \
-    X(7, PERMISSION_DENIED, MSA_EPERM)                                                             \
-    X(8, RESOURCE_EXHAUSTED, MSA_EFULL)                                                            \
-    X(9, FAILED_PRECONDITION, MSA_EPRECOND)                                                        \
-    X(10, ABORTED, MSA_EPRECOND)                                                                   \
-    X(11, OUT_OF_RANGE, MSA_EINVAL)                                                                \
-    X(12, UNIMPLEMENTED, MSA_EINTERNAL)                                                            \
-    X(13, INTERNAL, MSA_EINTERNAL)                                                                 \
-    X(14, UNAVAILABLE, MSA_EUNAVAIL)                                                               \
-    X(15, DATA_LOSS, MSA_ECORRUPT)                                                                 \
+#define MSA_RPC_GRPC_CODES(X)               \
+    X(0, OK, MSA_OK)                        \
+    X(1, CANCELLED, MSA_EUNAVAIL)           \
+    X(2, UNKNOWN, MSA_EINTERNAL)            \
+    X(3, INVALID_ARGUMENT, MSA_EINVAL)      \
+    X(4, DEADLINE_EXCEEDED, MSA_ETIMEOUT)   \
+    X(5, NOT_FOUND, MSA_ENOTFOUND)          \
+    X(6, ALREADY_EXISTS, MSA_EEXIST)        \
+    X(7, PERMISSION_DENIED, MSA_EPERM)      \
+    X(8, RESOURCE_EXHAUSTED, MSA_EFULL)     \
+    X(9, FAILED_PRECONDITION, MSA_EPRECOND) \
+    X(10, ABORTED, MSA_EPRECOND)            \
+    X(11, OUT_OF_RANGE, MSA_EINVAL)         \
+    X(12, UNIMPLEMENTED, MSA_EINTERNAL)     \
+    X(13, INTERNAL, MSA_EINTERNAL)          \
+    X(14, UNAVAILABLE, MSA_EUNAVAIL)        \
+    X(15, DATA_LOSS, MSA_ECORRUPT)          \
     X(16, UNAUTHENTICATED, MSA_EUNAUTH)
 
 /* ---- counters --------------------------------------------------------------------------------
@@ -80,37 +80,38 @@
  * engine and GPU lists, msa_rpc_metrics_t for the server list). */
 
 /* X(field, family, help): StatsResponse.<field>, gauge msad_<family>. */
-#define MSA_RPC_STATS_FIELDS(X)                                                                    \
-    X(commit_seq, "commit_seq", "Last committed sequence number.")                                 \
-    X(store_bytes, "store_bytes", "Size of the LMDB data file in bytes.")                          \
-    X(collections, "collections", "Collections in the store.")                                     \
-    X(documents, "documents", "Live documents over all collections.")                              \
+#define MSA_RPC_STATS_FIELDS(X)                                           \
+    X(commit_seq, "commit_seq", "Last committed sequence number.")        \
+    X(store_bytes, "store_bytes", "Size of the LMDB data file in bytes.") \
+    X(collections, "collections", "Collections in the store.")            \
+    X(documents, "documents", "Live documents over all collections.")     \
     X(chunks, "chunks", "Pooled chunks over all collections (index rows per layer).")
 
 /* X(kind, key, family, help, field): StatsResponse.counters[key]. */
-#define MSA_RPC_ENGINE_COUNTERS(X)                                                                 \
-    X(COUNTER, "engine.writes", "engine_writes_total", "Write requests committed by the engine.",  \
-      writes)                                                                                      \
-    X(COUNTER, "engine.write_groups", "engine_write_groups_total",                                 \
-      "Group commits (LMDB transactions).", write_groups)                                          \
-    X(COUNTER, "engine.routes", "engine_routes_total", "Route calls served by the engine.", routes) \
-    X(COUNTER, "engine.attends", "engine_attends_total", "Attend calls served by the engine.",     \
-      attends)                                                                                     \
-    X(COUNTER, "engine.gets", "engine_gets_total", "Get calls served by the engine.", gets)        \
-    X(COUNTER, "engine.lists", "engine_lists_total", "List calls served by the engine.", lists)    \
-    X(GAUGE, "engine.index_bytes", "index_bytes", "Routing rows resident in host memory, bytes.",  \
-      index_bytes)                                                                                 \
-    X(GAUGE, "engine.snapshots_held", "snapshots_held", "Held snapshots (snapshot leases) open now.", \
-      snapshots_held)                                                                              \
-    X(COUNTER, "engine.snapshot_leases_granted", "snapshot_leases_granted_total",                  \
-      "Snapshot leases granted (hold_snapshot_ms).", leases_granted)                               \
-    X(COUNTER, "engine.snapshot_leases_renewed", "snapshot_leases_renewed_total",                  \
-      "Snapshot leases renewed by a call on a held snapshot.", leases_renewed)                     \
-    X(COUNTER, "engine.snapshot_leases_released", "snapshot_leases_released_total",                \
-      "Snapshot leases ended by ReleaseSnapshot.", leases_released)                                \
-    X(COUNTER, "engine.snapshot_leases_expired", "snapshot_leases_expired_total",                  \
-      "Held snapshots closed because their lease ran out.", leases_expired)                        \
-    X(COUNTER, "engine.snapshot_leases_revoked", "snapshot_leases_revoked_total",                  \
+#define MSA_RPC_ENGINE_COUNTERS(X)                                                                \
+    X(COUNTER, "engine.writes", "engine_writes_total", "Write requests committed by the engine.", \
+      writes)                                                                                     \
+    X(COUNTER, "engine.write_groups", "engine_write_groups_total",                                \
+      "Group commits (LMDB transactions).", write_groups)                                         \
+    X(COUNTER, "engine.routes", "engine_routes_total", "Route calls served by the engine.",       \
+      routes)                                                                                     \
+    X(COUNTER, "engine.attends", "engine_attends_total", "Attend calls served by the engine.",    \
+      attends)                                                                                    \
+    X(COUNTER, "engine.gets", "engine_gets_total", "Get calls served by the engine.", gets)       \
+    X(COUNTER, "engine.lists", "engine_lists_total", "List calls served by the engine.", lists)   \
+    X(GAUGE, "engine.index_bytes", "index_bytes", "Routing rows resident in host memory, bytes.", \
+      index_bytes)                                                                                \
+    X(GAUGE, "engine.snapshots_held", "snapshots_held",                                           \
+      "Held snapshots (snapshot leases) open now.", snapshots_held)                               \
+    X(COUNTER, "engine.snapshot_leases_granted", "snapshot_leases_granted_total",                 \
+      "Snapshot leases granted (hold_snapshot_ms).", leases_granted)                              \
+    X(COUNTER, "engine.snapshot_leases_renewed", "snapshot_leases_renewed_total",                 \
+      "Snapshot leases renewed by a call on a held snapshot.", leases_renewed)                    \
+    X(COUNTER, "engine.snapshot_leases_released", "snapshot_leases_released_total",               \
+      "Snapshot leases ended by ReleaseSnapshot.", leases_released)                               \
+    X(COUNTER, "engine.snapshot_leases_expired", "snapshot_leases_expired_total",                 \
+      "Held snapshots closed because their lease ran out.", leases_expired)                       \
+    X(COUNTER, "engine.snapshot_leases_revoked", "snapshot_leases_revoked_total",                 \
       "Held snapshots closed by the server (map growth).", leases_revoked)
 
 /* CUDA backend only (n_gpu > 0). X(kind, key, family, help, field). */
@@ -121,7 +122,8 @@
       "Device routes whose keys were streamed from host memory.", gpu.routes_streamed)             \
     X(COUNTER, "gpu.routes_fallback", "gpu_routes_fallback_total",                                 \
       "Layer routes the CUDA backend handed to the CPU.", gpu.routes_fallback)                     \
-    X(COUNTER, "gpu.passes", "gpu_passes_total", "Device passes over a layer's keys.", gpu.batches) \
+    X(COUNTER, "gpu.passes", "gpu_passes_total", "Device passes over a layer's keys.",             \
+      gpu.batches)                                                                                 \
     X(COUNTER, "gpu.coalesced", "gpu_coalesced_total",                                             \
       "Queries that shared a device pass with another.", gpu.coalesced)                            \
     X(COUNTER, "gpu.page_ins", "gpu_page_ins_total", "Layers made resident in device memory.",     \
@@ -145,15 +147,15 @@
       "Host memory pinned for the index's row arrays, bytes.", gpu.pinned_bytes)
 
 /* The server's own counters (msa_rpc_metrics_t). X(kind, key, family, help, field). */
-#define MSA_RPC_SERVER_COUNTERS(X)                                                                 \
-    X(GAUGE, "rpc.inflight", "inflight_requests", "Calls accepted and not yet answered.",          \
-      inflight)                                                                                    \
-    X(GAUGE, "rpc.queued", "queued_requests", "Calls waiting for a handler thread.", queued)       \
-    X(GAUGE, "rpc.queued_bytes", "queued_request_bytes", "Request bytes of the queued calls.",     \
-      queued_bytes)                                                                                \
-    X(COUNTER, "rpc.busy_rejects", "busy_rejects_total", "Calls refused: handler queue full.",     \
-      busy_rejects)                                                                                \
-    X(COUNTER, "rpc.bytes_in", "received_bytes_total", "Request payload bytes.", bytes_in)         \
+#define MSA_RPC_SERVER_COUNTERS(X)                                                             \
+    X(GAUGE, "rpc.inflight", "inflight_requests", "Calls accepted and not yet answered.",      \
+      inflight)                                                                                \
+    X(GAUGE, "rpc.queued", "queued_requests", "Calls waiting for a handler thread.", queued)   \
+    X(GAUGE, "rpc.queued_bytes", "queued_request_bytes", "Request bytes of the queued calls.", \
+      queued_bytes)                                                                            \
+    X(COUNTER, "rpc.busy_rejects", "busy_rejects_total", "Calls refused: handler queue full.", \
+      busy_rejects)                                                                            \
+    X(COUNTER, "rpc.bytes_in", "received_bytes_total", "Request payload bytes.", bytes_in)     \
     X(COUNTER, "rpc.bytes_out", "sent_bytes_total", "Response payload bytes.", bytes_out)
 
 #endif

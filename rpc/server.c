@@ -31,14 +31,14 @@
 
 #include <errno.h>
 #include <netdb.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -52,25 +52,39 @@
 
 /* ==== status mapping ============================================================ */
 
-int msa_rpc_grpc_status(int msa_code) {
+int msa_rpc_grpc_status(int msa_code)
+{
     switch (msa_code) {
-    case MSA_OK: return GRPC_STATUS_OK;
-    case MSA_EINVAL: return GRPC_STATUS_INVALID_ARGUMENT;
-    case MSA_ENOTFOUND: return GRPC_STATUS_NOT_FOUND;
-    case MSA_EEXIST: return GRPC_STATUS_ALREADY_EXISTS;
-    case MSA_EPRECOND: return GRPC_STATUS_FAILED_PRECONDITION;
-    case MSA_EFULL: return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    case MSA_ENOMEM: return GRPC_STATUS_RESOURCE_EXHAUSTED;
-    case MSA_EUNAUTH: return GRPC_STATUS_UNAUTHENTICATED;
-    case MSA_EPERM: return GRPC_STATUS_PERMISSION_DENIED;
-    case MSA_EUNAVAIL: return GRPC_STATUS_UNAVAILABLE;
-    case MSA_ETIMEOUT: return GRPC_STATUS_DEADLINE_EXCEEDED;
+    case MSA_OK:
+        return GRPC_STATUS_OK;
+    case MSA_EINVAL:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case MSA_ENOTFOUND:
+        return GRPC_STATUS_NOT_FOUND;
+    case MSA_EEXIST:
+        return GRPC_STATUS_ALREADY_EXISTS;
+    case MSA_EPRECOND:
+        return GRPC_STATUS_FAILED_PRECONDITION;
+    case MSA_EFULL:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case MSA_ENOMEM:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
+    case MSA_EUNAUTH:
+        return GRPC_STATUS_UNAUTHENTICATED;
+    case MSA_EPERM:
+        return GRPC_STATUS_PERMISSION_DENIED;
+    case MSA_EUNAVAIL:
+        return GRPC_STATUS_UNAVAILABLE;
+    case MSA_ETIMEOUT:
+        return GRPC_STATUS_DEADLINE_EXCEEDED;
     /* Stored bytes that fail their checksum: unrecoverable loss of data. */
-    case MSA_ECORRUPT: return GRPC_STATUS_DATA_LOSS;
+    case MSA_ECORRUPT:
+        return GRPC_STATUS_DATA_LOSS;
     case MSA_EINTERNAL:
     case MSA_EBROKEN:
     case MSA_EIO:
-    default: return GRPC_STATUS_INTERNAL;
+    default:
+        return GRPC_STATUS_INTERNAL;
     }
 }
 
@@ -119,7 +133,7 @@ struct msa_rpc_server {
     unsigned n_handlers_started;
     unsigned max_queue;
     uint64_t max_queue_bytes;
-    unsigned max_conn; /* client connections at once (connlimit) */
+    unsigned max_conn;          /* client connections at once (connlimit) */
     grpc_resource_quota *quota; /* receive memory of all connections */
     const msa_rpc_auth_t *auth;
     msa_rpc_metrics_t metrics;
@@ -136,8 +150,8 @@ struct msa_rpc_server {
     pthread_cond_t q_cv;
     call_t *q_head, *q_tail;
     size_t q_len;
-    uint64_t q_bytes;  /* request bytes of the queued calls */
-    int q_quit; /* handlers exit once the queue is empty */
+    uint64_t q_bytes; /* request bytes of the queued calls */
+    int q_quit;       /* handlers exit once the queue is empty */
 
     /* shutdown notification (tag completes on pollers[0]) */
     pthread_mutex_t sd_mu;
@@ -147,13 +161,15 @@ struct msa_rpc_server {
     int shut;    /* msa_rpc_server_shutdown finished */
 };
 
-static int64_t now_ns(void) {
+static int64_t now_ns(void)
+{
     return msa_clock_ns();
 }
 
 /* grpc's deadline -> the engine's CLOCK_MONOTONIC milliseconds (0 = none).
  * Converted through "time left" so that gRPC's clock bases do not matter. */
-static int64_t deadline_ms(gpr_timespec d) {
+static int64_t deadline_ms(gpr_timespec d)
+{
     if (d.tv_sec == INT64_MAX || gpr_time_cmp(d, gpr_inf_future(d.clock_type)) == 0) return 0;
     gpr_timespec left = gpr_time_sub(d, gpr_now(d.clock_type));
     int64_t ms = gpr_time_to_millis(left);
@@ -164,7 +180,8 @@ static int64_t deadline_ms(gpr_timespec d) {
 
 /* ==== calls ========================================================================== */
 
-static void call_free(call_t *c) {
+static void call_free(call_t *c)
+{
     if (c->call) grpc_call_unref(c->call);
     grpc_metadata_array_destroy(&c->md);
     if (c->payload) grpc_byte_buffer_destroy(c->payload);
@@ -175,7 +192,8 @@ static void call_free(call_t *c) {
 }
 
 /* Requests one more call of `method` on poller pl's CQ. */
-static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
+static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method)
+{
     if (atomic_load(&s->stopping)) return;
     call_t *c = calloc(1, sizeof(*c));
     if (!c) {
@@ -190,9 +208,8 @@ static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
     c->details = grpc_empty_slice();
     grpc_metadata_array_init(&c->md);
     msa_rpc_arena_init(&c->arena);
-    grpc_call_error err =
-        grpc_server_request_registered_call(s->server, s->method_tags[method], &c->call,
-                                            &c->deadline, &c->md, NULL, pl->cq, pl->cq, c);
+    grpc_call_error err = grpc_server_request_registered_call(
+        s->server, s->method_tags[method], &c->call, &c->deadline, &c->md, NULL, pl->cq, pl->cq, c);
     if (err != GRPC_CALL_OK) {
         /* Only expected while shutting down. */
         if (!atomic_load(&s->stopping))
@@ -203,22 +220,28 @@ static void request_call(msa_rpc_server_t *s, poller_t *pl, size_t method) {
     }
 }
 
-static int log_level_for(int code) {
+static int log_level_for(int code)
+{
     switch (code) {
     case GRPC_STATUS_INTERNAL:
     case GRPC_STATUS_UNKNOWN:
-    case GRPC_STATUS_DATA_LOSS: return MSA_LOG_ERROR;
+    case GRPC_STATUS_DATA_LOSS:
+        return MSA_LOG_ERROR;
     case GRPC_STATUS_RESOURCE_EXHAUSTED:
-    case GRPC_STATUS_UNAVAILABLE: return MSA_LOG_WARN;
+    case GRPC_STATUS_UNAVAILABLE:
+        return MSA_LOG_WARN;
     case GRPC_STATUS_UNAUTHENTICATED:
-    case GRPC_STATUS_PERMISSION_DENIED: return MSA_LOG_INFO;
-    default: return MSA_LOG_DEBUG; /* the client's mistake; the client got the message */
+    case GRPC_STATUS_PERMISSION_DENIED:
+        return MSA_LOG_INFO;
+    default:
+        return MSA_LOG_DEBUG; /* the client's mistake; the client got the message */
     }
 }
 
 /* Sends the reply: status from rc/st, message from c->resp when rc is OK.
  * This is where an engine error becomes an RPC status, so it is logged here. */
-static void reply(call_t *c, int rc, const msa_status_t *st) {
+static void reply(call_t *c, int rc, const msa_status_t *st)
+{
     msa_rpc_server_t *s = c->srv;
     c->code = msa_rpc_grpc_status(rc);
     if (rc != MSA_OK) {
@@ -266,7 +289,8 @@ static void reply(call_t *c, int rc, const msa_status_t *st) {
 
 /* Decodes nothing itself: flattens the payload, runs the method's handler and
  * replies. Runs on a handler thread (or on the poller for on_poller methods). */
-static void handle(call_t *c) {
+static void handle(call_t *c)
+{
     msa_rpc_server_t *s = c->srv;
     const msa_rpc_method_t *m = &msa__rpc_methods[c->method];
     msa_status_t st;
@@ -325,7 +349,8 @@ done:
 }
 
 /* Finds the authorization header among the request metadata. */
-static const grpc_slice *find_auth(const grpc_metadata_array *md) {
+static const grpc_slice *find_auth(const grpc_metadata_array *md)
+{
     for (size_t i = 0; i < md->count; i++)
         if (grpc_slice_str_cmp(md->metadata[i].key, "authorization") == 0)
             return &md->metadata[i].value;
@@ -337,23 +362,25 @@ static const grpc_slice *find_auth(const grpc_metadata_array *md) {
 /* Queues c for a handler; MSA_EFULL when the queue is at its limit in calls
  * or in request bytes. The byte budget bounds what queued requests hold in
  * memory however large each one is (up to --max-message-mb). */
-static int enqueue(msa_rpc_server_t *s, call_t *c, msa_status_t *st) {
+static int enqueue(msa_rpc_server_t *s, call_t *c, msa_status_t *st)
+{
     uint64_t bytes = c->payload ? (uint64_t)grpc_byte_buffer_length(c->payload) : 0;
     pthread_mutex_lock(&s->q_mu);
     if (s->q_len >= s->max_queue) {
         pthread_mutex_unlock(&s->q_mu);
-        return msa_status_set(st, MSA_EFULL, "too many concurrent requests (%u queued); retry later",
-                              s->max_queue);
+        return msa_status_set(
+            st, MSA_EFULL, "too many concurrent requests (%u queued); retry later", s->max_queue);
     }
     /* One call always fits an empty queue, so a large request still runs. */
     if (s->q_len && s->q_bytes + bytes > s->max_queue_bytes) {
         uint64_t held = s->q_bytes;
         pthread_mutex_unlock(&s->q_mu);
-        return msa_status_set(st, MSA_EFULL,
-                              "too many concurrent requests: %llu bytes of requests queued, this one "
-                              "%llu, limit %llu (--max-queue-mb); retry later",
-                              (unsigned long long)held, (unsigned long long)bytes,
-                              (unsigned long long)s->max_queue_bytes);
+        return msa_status_set(
+            st, MSA_EFULL,
+            "too many concurrent requests: %llu bytes of requests queued, this one "
+            "%llu, limit %llu (--max-queue-mb); retry later",
+            (unsigned long long)held, (unsigned long long)bytes,
+            (unsigned long long)s->max_queue_bytes);
     }
     c->next = NULL;
     c->queued_bytes = bytes;
@@ -371,12 +398,12 @@ static int enqueue(msa_rpc_server_t *s, call_t *c, msa_status_t *st) {
     return MSA_OK;
 }
 
-static void *handler_main(void *arg) {
+static void *handler_main(void *arg)
+{
     msa_rpc_server_t *s = arg;
     for (;;) {
         pthread_mutex_lock(&s->q_mu);
-        while (!s->q_head && !s->q_quit)
-            pthread_cond_wait(&s->q_cv, &s->q_mu);
+        while (!s->q_head && !s->q_quit) pthread_cond_wait(&s->q_cv, &s->q_mu);
         call_t *c = s->q_head;
         if (!c) { /* quit and drained */
             pthread_mutex_unlock(&s->q_mu);
@@ -399,7 +426,8 @@ static void *handler_main(void *arg) {
  * receiving the payload. Shutdown and the token are checked here, before any
  * of the payload is read: a refused caller's body stays in the client's
  * flow-control window and never in msad's memory. */
-static void on_new_call(call_t *c) {
+static void on_new_call(call_t *c)
+{
     msa_rpc_server_t *s = c->srv;
     const msa_rpc_method_t *m = &msa__rpc_methods[c->method];
     msa_status_t st;
@@ -440,7 +468,8 @@ fail:
 }
 
 /* The payload arrived (or the client went away): dispatch. */
-static void on_received(call_t *c, int success) {
+static void on_received(call_t *c, int success)
+{
     msa_rpc_server_t *s = c->srv;
     const msa_rpc_method_t *m = &msa__rpc_methods[c->method];
     msa_status_t st;
@@ -463,7 +492,8 @@ fail:
     reply(c, rc, &st);
 }
 
-static void on_sent(call_t *c) {
+static void on_sent(call_t *c)
+{
     msa_rpc_server_t *s = c->srv;
     msa_rpc_metrics_record(&s->metrics, c->method, c->code, (uint64_t)(now_ns() - c->t0_ns));
     atomic_fetch_sub(&s->metrics.inflight, 1);
@@ -474,7 +504,8 @@ static void on_sent(call_t *c) {
     call_free(c);
 }
 
-static void *poller_main(void *arg) {
+static void *poller_main(void *arg)
+{
     poller_t *pl = arg;
     msa_rpc_server_t *s = pl->srv;
     for (;;) {
@@ -507,20 +538,23 @@ static void *poller_main(void *arg) {
 
 /* ==== start ================================================================================ */
 
-static unsigned online_cpus(void) {
+static unsigned online_cpus(void)
+{
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (unsigned)n : 1;
 }
 
 /* The file system path of a "unix:" address, or NULL. */
-static const char *unix_path(const char *addr) {
+static const char *unix_path(const char *addr)
+{
     if (strncmp(addr, "unix:", 5) != 0) return NULL;
     const char *p = addr + 5;
     if (p[0] == '/' && p[1] == '/') p += 2; /* unix:///abs/path */
     return p;
 }
 
-static int bind_all(msa_rpc_server_t *s, const msa_rpc_server_opts_t *o, msa_status_t *st) {
+static int bind_all(msa_rpc_server_t *s, const msa_rpc_server_opts_t *o, msa_status_t *st)
+{
     grpc_server_credentials *creds = NULL;
     if (o->tls_cert_pem || o->tls_key_pem) {
         if (!o->tls_cert_pem || !o->tls_key_pem)
@@ -589,8 +623,7 @@ static void release(msa_rpc_server_t *s)
     if (s->pollers)
         for (unsigned i = 0; i < s->n_pollers; i++)
             if (s->pollers[i].cq) grpc_completion_queue_destroy(s->pollers[i].cq);
-    for (size_t i = 0; i < s->n_bound; i++)
-        free(s->bound[i]);
+    for (size_t i = 0; i < s->n_bound; i++) free(s->bound[i]);
     free(s->bound);
     free(s->method_tags);
     free(s->pollers);
@@ -606,7 +639,8 @@ static void release(msa_rpc_server_t *s)
 }
 
 int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rpc_server_t **out,
-                         msa_status_t *st) {
+                         msa_status_t *st)
+{
     int rc = MSA_OK;
     if (o->n_listen == 0) return msa_status_set(st, MSA_EINVAL, "no listen address");
     size_t max_msg = o->max_message ? o->max_message : DEFAULT_MAX_MESSAGE;
@@ -650,11 +684,12 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
     s->max_conn = o->max_connections ? o->max_connections : 1024;
     if (s->max_conn > fd_cap) {
         if (o->max_connections)
-            msa_log(MSA_LOG_WARN,
-                    "--max-connections %u: the file limit (%llu, `ulimit -n`) leaves room for %llu; "
-                    "using %llu",
-                    o->max_connections, (unsigned long long)nofile, (unsigned long long)fd_cap,
-                    (unsigned long long)fd_cap);
+            msa_log(
+                MSA_LOG_WARN,
+                "--max-connections %u: the file limit (%llu, `ulimit -n`) leaves room for %llu; "
+                "using %llu",
+                o->max_connections, (unsigned long long)nofile, (unsigned long long)fd_cap,
+                (unsigned long long)fd_cap);
         s->max_conn = (unsigned)fd_cap;
     }
     if (s->max_conn == 0) {
@@ -711,9 +746,8 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
         goto fail;
     }
     for (size_t i = 0; i < msa__rpc_n_methods; i++) {
-        s->method_tags[i] =
-            grpc_server_register_method(s->server, msa__rpc_methods[i].path, NULL,
-                                        GRPC_SRM_PAYLOAD_NONE, 0);
+        s->method_tags[i] = grpc_server_register_method(s->server, msa__rpc_methods[i].path, NULL,
+                                                        GRPC_SRM_PAYLOAD_NONE, 0);
         if (!s->method_tags[i]) {
             rc = msa_status_set(st, MSA_EINTERNAL, "cannot register %s", msa__rpc_methods[i].path);
             goto fail;
@@ -733,8 +767,7 @@ int msa_rpc_server_start(msa_engine_t *e, const msa_rpc_server_opts_t *o, msa_rp
 
     for (unsigned i = 0; i < s->n_pollers; i++)
         for (size_t m = 0; m < msa__rpc_n_methods; m++)
-            for (int k = 0; k < REQUESTS_PER_METHOD; k++)
-                request_call(s, &s->pollers[i], m);
+            for (int k = 0; k < REQUESTS_PER_METHOD; k++) request_call(s, &s->pollers[i], m);
     for (unsigned i = 0; i < s->n_handlers; i++) {
         if (pthread_create(&s->handlers[i], NULL, handler_main, s) != 0) {
             rc = msa_status_set(st, MSA_ENOMEM, "cannot start handler thread %u", i);
@@ -787,17 +820,25 @@ fail:
     return rc;
 }
 
-const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i) {
+const char *msa_rpc_server_bound(const msa_rpc_server_t *s, size_t i)
+{
     return i < s->n_bound ? s->bound[i] : NULL;
 }
 
-const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s) { return &s->metrics; }
+const msa_rpc_metrics_t *msa_rpc_server_metrics(const msa_rpc_server_t *s)
+{
+    return &s->metrics;
+}
 
-unsigned msa_rpc_server_max_connections(const msa_rpc_server_t *s) { return s->max_conn; }
+unsigned msa_rpc_server_max_connections(const msa_rpc_server_t *s)
+{
+    return s->max_conn;
+}
 
 /* A socket connected (or connecting) to the bound address a; -1 on failure.
  * Wildcard hosts are probed on loopback. */
-static int probe_connect(const char *a) {
+static int probe_connect(const char *a)
+{
     const char *upath = unix_path(a);
     if (upath) {
         struct sockaddr_un un;
@@ -825,8 +866,10 @@ static int probe_connect(const char *a) {
         h[hl - 1] = '\0';
         h++;
     }
-    if (!*h || !strcmp(h, "0.0.0.0")) h = "127.0.0.1";
-    else if (!strcmp(h, "::")) h = "::1";
+    if (!*h || !strcmp(h, "0.0.0.0"))
+        h = "127.0.0.1";
+    else if (!strcmp(h, "::"))
+        h = "::1";
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof(hints));
     hints.ai_socktype = SOCK_STREAM;
@@ -841,7 +884,8 @@ static int probe_connect(const char *a) {
     return fd;
 }
 
-int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t msg_len) {
+int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t msg_len)
+{
     if (atomic_load(&s->draining)) {
         snprintf(msg, msg_len, "shutting down");
         return MSA_EUNAVAIL;
@@ -864,12 +908,12 @@ int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t 
     }
     close(fd);
     if (!ok) {
-        snprintf(msg, msg_len, "listener %s did not accept a connection within %d ms",
-                 s->bound[0], timeout_ms);
+        snprintf(msg, msg_len, "listener %s did not accept a connection within %d ms", s->bound[0],
+                 timeout_ms);
         return MSA_EUNAVAIL;
     }
-    snprintf(msg, msg_len, "ok: %llu of %u connections open", (unsigned long long)msa_rpc_conn_open(),
-             s->max_conn);
+    snprintf(msg, msg_len, "ok: %llu of %u connections open",
+             (unsigned long long)msa_rpc_conn_open(), s->max_conn);
     return MSA_OK;
 }
 
@@ -877,7 +921,8 @@ int msa_rpc_server_probe(msa_rpc_server_t *s, int timeout_ms, char *msg, size_t 
 
 /* Waits for the shutdown tag until deadline (CLOCK_REALTIME for the condvar);
  * returns 1 when it came. */
-static int wait_shutdown_tag(msa_rpc_server_t *s, int ms) {
+static int wait_shutdown_tag(msa_rpc_server_t *s, int ms)
+{
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += ms / 1000;
@@ -895,7 +940,8 @@ static int wait_shutdown_tag(msa_rpc_server_t *s, int ms) {
     return done;
 }
 
-void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms) {
+void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms)
+{
     if (!s || s->shut) return;
     /* Phase 1, lame duck: new calls get UNAVAILABLE while the calls already
      * past the gate run to completion (bounded by the grace period). */
@@ -932,12 +978,10 @@ void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms) {
     s->q_quit = 1;
     pthread_cond_broadcast(&s->q_cv);
     pthread_mutex_unlock(&s->q_mu);
-    for (unsigned i = 0; i < s->n_handlers_started; i++)
-        pthread_join(s->handlers[i], NULL);
+    for (unsigned i = 0; i < s->n_handlers_started; i++) pthread_join(s->handlers[i], NULL);
     s->n_handlers_started = 0;
     /* Pollers: drain their queues and exit. */
-    for (unsigned i = 0; i < s->n_pollers; i++)
-        grpc_completion_queue_shutdown(s->pollers[i].cq);
+    for (unsigned i = 0; i < s->n_pollers; i++) grpc_completion_queue_shutdown(s->pollers[i].cq);
     for (unsigned i = 0; i < s->n_pollers; i++) {
         if (s->pollers[i].started) pthread_join(s->pollers[i].thread, NULL);
         s->pollers[i].started = 0;
@@ -945,14 +989,14 @@ void msa_rpc_server_shutdown(msa_rpc_server_t *s, int grace_ms) {
     s->shut = 1;
 }
 
-void msa_rpc_server_destroy(msa_rpc_server_t *s) {
+void msa_rpc_server_destroy(msa_rpc_server_t *s)
+{
     if (!s) return;
     if (!s->shut) {
         /* Threads may be partly started (failed start): make sure pollers
          * exist to receive the tag before waiting for it. */
         int any_poller = 0;
-        for (unsigned i = 0; i < s->n_pollers; i++)
-            any_poller |= s->pollers[i].started;
+        for (unsigned i = 0; i < s->n_pollers; i++) any_poller |= s->pollers[i].started;
         if (any_poller && s->pollers[0].started) {
             msa_rpc_server_shutdown(s, 5000);
         } else {
@@ -963,8 +1007,7 @@ void msa_rpc_server_destroy(msa_rpc_server_t *s) {
             s->q_quit = 1;
             pthread_cond_broadcast(&s->q_cv);
             pthread_mutex_unlock(&s->q_mu);
-            for (unsigned i = 0; i < s->n_handlers_started; i++)
-                pthread_join(s->handlers[i], NULL);
+            for (unsigned i = 0; i < s->n_handlers_started; i++) pthread_join(s->handlers[i], NULL);
             for (unsigned i = 0; i < s->n_pollers; i++) {
                 grpc_completion_queue_shutdown(s->pollers[i].cq);
                 if (s->pollers[i].started) {

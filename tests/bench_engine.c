@@ -100,8 +100,10 @@ static void *ingest_thread(void *arg)
                 bytes += 3.0 * t.nbytes;
             }
             ops[j] = (msa_engine_write_op_t){.kind = MSA_OP_PUT,
-                                      .put = {.id = (uint64_t)id, .tokens = (uint32_t)tk,
-                                              .n_layers = LAYERS, .layers = &lk[j * LAYERS]}};
+                                             .put = {.id = (uint64_t)id,
+                                                     .tokens = (uint32_t)tk,
+                                                     .n_layers = LAYERS,
+                                                     .layers = &lk[j * LAYERS]}};
         }
         msa_engine_write_req_t req = {.collection = "bench", .n_ops = (size_t)n, .ops = ops};
         msa_engine_write_result_t *res = NULL;
@@ -232,8 +234,9 @@ int main(int argc, char **argv)
     snprintf(data_dir, sizeof data_dir, "%s/store", dir);
     bool cuda = !strcmp(backend, "cuda");
     msa_engine_config_t cfg = {.data_dir = data_dir,
-                            .backend = cuda ? MSA_BACKEND_CUDA : MSA_BACKEND_CPU,
-                            .threads = (unsigned)threads, .gpu = {.shards_per_gpu = 1}};
+                               .backend = cuda ? MSA_BACKEND_CUDA : MSA_BACKEND_CPU,
+                               .threads = (unsigned)threads,
+                               .gpu = {.shards_per_gpu = 1}};
     msa_dev_config_env(&cfg.gpu.dev); /* MSA_GPU_SIM=1: the simulated device */
     msa_engine_t *e;
     msa_status_t st;
@@ -287,12 +290,14 @@ int main(int argc, char **argv)
     msa_engine_layer_query_t lq[LAYERS];
     for (int l = 0; l < LAYERS; l++) {
         lq[l] = (msa_engine_layer_query_t){.layer = s.layers[l]};
-        lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {T, HQ, D},
+        lq[l].routing_q = (msa_tensor_t){.dtype = MSA_DT_F32,
+                                         .ndim = 3,
+                                         .shape = {T, HQ, D},
                                          .data = q + (size_t)l * T * HQ * D,
                                          .nbytes = (size_t)T * HQ * D * 4};
     }
-    msa_engine_route_req_t rr = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
-                          .top_k = TOP_K};
+    msa_engine_route_req_t rr = {
+        .c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq, .top_k = TOP_K};
     double *ms = malloc(reps * sizeof *ms), first_route_ms = 0;
     for (int r = -1; r < reps; r++) {
         msa_engine_route_result_t *res;
@@ -301,8 +306,10 @@ int main(int argc, char **argv)
             fprintf(stderr, "route: %s\n", st.msg);
             return 1;
         }
-        if (r >= 0) ms[r] = (now_s() - t0) * 1e3;
-        else first_route_ms = (now_s() - t0) * 1e3;
+        if (r >= 0)
+            ms[r] = (now_s() - t0) * 1e3;
+        else
+            first_route_ms = (now_s() - t0) * 1e3;
         msa_engine_route_result_free(res);
     }
     if (cuda)
@@ -311,7 +318,8 @@ int main(int argc, char **argv)
     qsort(ms, reps, sizeof *ms, cmp_double);
     double rows = (double)info.chunks;
     msa_engine_describe_collection_result_t *ci = NULL;
-    if (msa_engine_describe_collection(e, "bench", &ci, &st) == MSA_OK) rows = (double)ci->info.chunks;
+    if (msa_engine_describe_collection(e, "bench", &ci, &st) == MSA_OK)
+        rows = (double)ci->info.chunks;
     msa_engine_describe_collection_result_free(ci);
     double key_bytes = rows * LAYERS * H * D * 2;
     double macs = rows * LAYERS * (double)T * H * D;
@@ -325,8 +333,8 @@ int main(int argc, char **argv)
     /* Attend over the routed documents (q = routing_q): routing plus the K/V
      * gather from LMDB and the attention itself. */
     for (int l = 0; l < LAYERS; l++) lq[l].q = lq[l].routing_q;
-    msa_engine_attend_req_t ar = {.c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq,
-                           .top_k = TOP_K};
+    msa_engine_attend_req_t ar = {
+        .c = {.collection = "bench"}, .n_layers = LAYERS, .layers = lq, .top_k = TOP_K};
     double *ams = malloc(reps * sizeof *ams), cold_ms = 0;
     for (int r = -1; r < reps; r++) {
         msa_engine_attend_result_t *res;
@@ -335,8 +343,10 @@ int main(int argc, char **argv)
             fprintf(stderr, "attend: %s\n", st.msg);
             return 1;
         }
-        if (r >= 0) ams[r] = (now_s() - t0) * 1e3;
-        else cold_ms = (now_s() - t0) * 1e3;
+        if (r >= 0)
+            ams[r] = (now_s() - t0) * 1e3;
+        else
+            cold_ms = (now_s() - t0) * 1e3;
         msa_engine_attend_result_free(res);
     }
     qsort(ams, reps, sizeof *ams, cmp_double);
@@ -378,8 +388,12 @@ int main(int argc, char **argv)
             uint64_t *ids = malloc(ndocs * sizeof *ids);
             for (long i = 0; i < ndocs; i++) ids[i] = (uint64_t)i + 1;
             uint32_t layer = s.layers[l];
-            msa_engine_get_req_t gr = {.collection = "bench", .n_ids = (size_t)ndocs, .ids = ids,
-                                .with_tensors = true, .n_layers = 1, .layers = &layer};
+            msa_engine_get_req_t gr = {.collection = "bench",
+                                       .n_ids = (size_t)ndocs,
+                                       .ids = ids,
+                                       .with_tensors = true,
+                                       .n_layers = 1,
+                                       .layers = &layer};
             msa_engine_get_result_t *g;
             if (msa_engine_get(e, &gr, &g, &st)) {
                 fprintf(stderr, "get: %s\n", st.msg);

@@ -386,9 +386,9 @@ static int op_write(probe_t *p, const cJSON *op, cJSON *res, arena_t *a, msa_sta
         }
     }
     msa_engine_write_req_t req = {.collection = jget_str(op, "collection", ""),
-                           .model = jget_str(op, "model", NULL),
-                           .n_ops = n,
-                           .ops = w};
+                                  .model = jget_str(op, "model", NULL),
+                                  .n_ops = n,
+                                  .ops = w};
     msa_engine_write_result_t *out = NULL;
     int rc = msa_engine_write(p->e, &req, &out, st);
     if (rc == MSA_OK) {
@@ -547,8 +547,8 @@ static int op_get(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
 static int op_list(probe_t *p, const cJSON *op, cJSON *res, msa_status_t *st)
 {
     msa_engine_list_req_t req = {.collection = jget_str(op, "collection", ""),
-                          .after_id = jget_u64(op, "after_id", 0),
-                          .limit = (uint32_t)jget_u64(op, "limit", 0)};
+                                 .after_id = jget_u64(op, "after_id", 0),
+                                 .limit = (uint32_t)jget_u64(op, "limit", 0)};
     msa_engine_list_result_t *out = NULL;
     int rc = msa_engine_list(p->e, &req, &out, st);
     if (rc == MSA_OK) {
@@ -631,8 +631,8 @@ static int run_op(probe_t *p, const cJSON *op, int idx, cJSON *res, arena_t *a, 
     }
     if (!strcmp(kind, "backup")) {
         msa_engine_backup_result_t *out = NULL;
-        int rc = msa_engine_backup(p->e, jget_str(op, "name", ""), jget_bool(op, "compact"), &out,
-                                   st);
+        int rc =
+            msa_engine_backup(p->e, jget_str(op, "name", ""), jget_bool(op, "compact"), &out, st);
         if (rc == MSA_OK) {
             jadd_u64(res, "snapshot_seq", out->seq);
             jadd_u64(res, "bytes", out->bytes);

@@ -66,10 +66,10 @@ static msa_schema_t test_schema(void)
 static msa_engine_config_t test_config(const char *dir)
 {
     msa_engine_config_t cfg = {.data_dir = dir,
-                            .backend = MSA_BACKEND_CPU,
-                            .threads = 1,
-                            .nosync = true,
-                            .check_on_start = MSA_STORE_CHECK_OFF};
+                               .backend = MSA_BACKEND_CPU,
+                               .threads = 1,
+                               .nosync = true,
+                               .check_on_start = MSA_STORE_CHECK_OFF};
     return cfg;
 }
 
@@ -93,13 +93,13 @@ static int write_doc(uint64_t id, msa_status_t *st)
     memset(&op, 0, sizeof op);
     op.kind = MSA_OP_PUT;
     op.put = (msa_engine_doc_t){.id = id,
-                         .text = "text",
-                         .text_len = 4,
-                         .metadata = "{}",
-                         .metadata_len = 2,
-                         .tokens = TOKENS,
-                         .n_layers = 1,
-                         .layers = &lk};
+                                .text = "text",
+                                .text_len = 4,
+                                .metadata = "{}",
+                                .metadata_len = 2,
+                                .tokens = TOKENS,
+                                .n_layers = 1,
+                                .layers = &lk};
     msa_engine_write_req_t req = {.collection = "af", .n_ops = 1, .ops = &op};
     msa_engine_write_result_t *res = NULL;
     int rc = msa_engine_write(eng, &req, &res, st);
@@ -235,7 +235,8 @@ static msa_engine_layer_query_t g_lq;
 
 TEST(route)
 {
-    msa_engine_route_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
+    msa_engine_route_req_t req = {
+        .c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
     msa_status_t st;
     FAULT_LOOP("route", n, rc, ({
                    msa_engine_route_result_t *r = NULL;
@@ -251,7 +252,8 @@ TEST(route)
 
 TEST(attend)
 {
-    msa_engine_attend_req_t req = {.c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
+    msa_engine_attend_req_t req = {
+        .c = {.collection = "af"}, .n_layers = 1, .layers = &g_lq, .top_k = 4};
     msa_status_t st;
     FAULT_LOOP("attend", n, rc, ({
                    msa_engine_attend_result_t *r = NULL;
@@ -269,11 +271,11 @@ TEST(get)
 {
     uint64_t ids[2] = {1, 2};
     msa_engine_get_req_t req = {.collection = "af",
-                         .n_ids = 2,
-                         .ids = ids,
-                         .with_text = true,
-                         .with_metadata = true,
-                         .with_tensors = true};
+                                .n_ids = 2,
+                                .ids = ids,
+                                .with_text = true,
+                                .with_metadata = true,
+                                .with_tensors = true};
     msa_status_t st;
     FAULT_LOOP("get", n, rc, ({
                    msa_engine_get_result_t *g = NULL;

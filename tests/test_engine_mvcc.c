@@ -90,8 +90,10 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
     }
     msa_engine_layer_kv_t lk[2];
     for (int l = 0; l < 2; l++)
-        lk[l] = (msa_engine_layer_kv_t){.layer = l ? 5 : 3, .k = f32_tensor(zeros, C),
-                                 .v = f32_tensor(gen[l], C), .router_k = f32_tensor(gen[l], C)};
+        lk[l] = (msa_engine_layer_kv_t){.layer = l ? 5 : 3,
+                                        .k = f32_tensor(zeros, C),
+                                        .v = f32_tensor(gen[l], C),
+                                        .router_k = f32_tensor(gen[l], C)};
     msa_engine_write_op_t ops[2];
     memset(ops, 0, sizeof ops);
     for (int i = 0; i < 2; i++) {
@@ -100,9 +102,12 @@ static int write_pair_to(const char *coll, int n_layers, float g, bool del, msa_
             ops[i].delete_id = i ? DOC_B : DOC_A;
         } else {
             ops[i].kind = MSA_OP_PUT;
-            ops[i].put = (msa_engine_doc_t){.id = i ? DOC_B : DOC_A, .text = "pair", .text_len = 4,
-                                     .tokens = TOKENS, .n_layers = (uint32_t)n_layers,
-                                     .layers = lk};
+            ops[i].put = (msa_engine_doc_t){.id = i ? DOC_B : DOC_A,
+                                            .text = "pair",
+                                            .text_len = 4,
+                                            .tokens = TOKENS,
+                                            .n_layers = (uint32_t)n_layers,
+                                            .layers = lk};
         }
     }
     msa_engine_write_req_t req = {.collection = coll, .n_ops = 2, .ops = ops};
@@ -140,12 +145,12 @@ static void *reader(void *arg)
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
     msa_engine_layer_query_t lq = {.layer = 3};
-    lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
-                                  .nbytes = sizeof q};
+    lq.routing_q = (msa_tensor_t){
+        .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     lq.q = lq.routing_q;
     while (!atomic_load(&stop)) {
-        msa_engine_attend_req_t req = {.c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq,
-                                .top_k = 4};
+        msa_engine_attend_req_t req = {
+            .c = {.collection = "mvcc"}, .n_layers = 1, .layers = &lq, .top_k = 4};
         msa_engine_attend_result_t *r = NULL;
         msa_status_t st;
         int rc = msa_engine_attend(eng, &req, &r, &st);
@@ -177,8 +182,8 @@ TEST(pinned_snapshot)
     msa_status_t st;
     CHECK_MSG(write_pair(7.0f, false, &st) == MSA_OK, "%s", st.msg);
     uint64_t ids[2] = {DOC_A, DOC_B};
-    msa_engine_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true,
-                        .with_tensors = true};
+    msa_engine_get_req_t gr = {
+        .collection = "mvcc", .n_ids = 2, .ids = ids, .with_text = true, .with_tensors = true};
     msa_engine_get_result_t *g = NULL;
     CHECK_MSG(msa_engine_get(eng, &gr, &g, &st) == MSA_OK, "get: %s", st.msg);
     if (!g) return;
@@ -238,15 +243,17 @@ static void *held_reader(void *arg)
     float q[1 * HQ * D];
     for (int i = 0; i < HQ * D; i++) q[i] = 1.0f;
     msa_engine_layer_query_t lq = {.layer = 3};
-    lq.routing_q = (msa_tensor_t){.dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q,
-                                  .nbytes = sizeof q};
+    lq.routing_q = (msa_tensor_t){
+        .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     lq.q = lq.routing_q;
     uint64_t ids[2] = {DOC_A, DOC_B};
     while (!atomic_load(&stop)) {
         msa_status_t st;
-        msa_engine_attend_req_t req = {.c = {.collection = "mvcc", .snapshot_seq = held_seq,
-                                      .hold_ms = id == 0 ? 20000 : 0},
-                                .n_layers = 1, .layers = &lq, .top_k = 4};
+        msa_engine_attend_req_t req = {
+            .c = {.collection = "mvcc", .snapshot_seq = held_seq, .hold_ms = id == 0 ? 20000 : 0},
+            .n_layers = 1,
+            .layers = &lq,
+            .top_k = 4};
         msa_engine_attend_result_t *r = NULL;
         int rc = msa_engine_attend(eng, &req, &r, &st);
         CHECK_MSG(rc == MSA_OK, "attend at held %llu: %s", (unsigned long long)held_seq, st.msg);
@@ -261,8 +268,11 @@ static void *held_reader(void *arg)
                 CHECK_MSG(fabsf(((const float *)la->out)[j] - 5.0f) < 1e-5f, "held V %g",
                           ((const float *)la->out)[j]);
         msa_engine_attend_result_free(r);
-        msa_engine_get_req_t gr = {.collection = "mvcc", .n_ids = 2, .ids = ids, .with_tensors = true,
-                            .snapshot_seq = held_seq};
+        msa_engine_get_req_t gr = {.collection = "mvcc",
+                                   .n_ids = 2,
+                                   .ids = ids,
+                                   .with_tensors = true,
+                                   .snapshot_seq = held_seq};
         msa_engine_get_result_t *g = NULL;
         rc = msa_engine_get(eng, &gr, &g, &st);
         CHECK_MSG(rc == MSA_OK, "get at held: %s", st.msg);
@@ -296,8 +306,8 @@ static void *short_lease_taker(void *arg)
         msa_engine_list_req_t again = {.collection = "mvcc", .snapshot_seq = seq};
         rc = msa_engine_list(eng, &again, &res, &st);
         /* Another thread's lease on the same seq may have been released. */
-        CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s",
-                  (unsigned long long)seq, st.msg);
+        CHECK_MSG(rc == MSA_OK || rc == MSA_EPRECOND, "list at %llu: %s", (unsigned long long)seq,
+                  st.msg);
         if (rc == MSA_OK) msa_engine_list_result_free(res);
         /* A lease on the main held seq shares it: always give that one back. */
         if (i % 2 || seq == held_seq) {
@@ -333,7 +343,8 @@ TEST(held_snapshot_readers)
     for (int i = 0; i < TAKERS; i++) pthread_join(t[i], NULL);
     printf("held: %ld reads of held snapshot %llu checked, %ld short leases\n",
            atomic_load(&held_checked), (unsigned long long)held_seq, atomic_load(&short_leases));
-    CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld", atomic_load(&held_checked));
+    CHECK_MSG(atomic_load(&held_checked) > 20, "too few held reads: %ld",
+              atomic_load(&held_checked));
     CHECK_MSG(msa_engine_commit_seq(eng) > held_seq + 20, "writers did not move on");
     msa_engine_release_snapshot_result_t *rel = NULL;
     CHECK_OK(msa_engine_release_snapshot(eng, held_seq, &rel, &st));
@@ -383,8 +394,8 @@ static void *reader2(void *arg)
             .dtype = MSA_DT_F32, .ndim = 3, .shape = {1, HQ, D}, .data = q, .nbytes = sizeof q};
     }
     while (!atomic_load(&stop)) {
-        msa_engine_route_req_t req = {.c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq,
-                               .top_k = 4};
+        msa_engine_route_req_t req = {
+            .c = {.collection = "mvcc2"}, .n_layers = 2, .layers = lq, .top_k = 4};
         msa_engine_route_result_t *r = NULL;
         msa_status_t st;
         int rc = msa_engine_route(eng, &req, &r, &st);

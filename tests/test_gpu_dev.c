@@ -609,9 +609,9 @@ TEST(lanes_and_copies)
  * before it took a config: defaults when unset, the same edge values. */
 TEST(config_env)
 {
-    static const char *vars[] = {"MSA_GPU_SIM", "MSA_GPU_SIM_DEVICES", "MSA_GPU_SIM_MEM_MB",
-                                 "MSA_GPU_SIM_FAIL_AFTER", "MSA_GPU_SYNC_CHECK",
-                                 "MSA_GPU_GEMM_MIN_COLS"};
+    static const char *vars[] = {"MSA_GPU_SIM",        "MSA_GPU_SIM_DEVICES",
+                                 "MSA_GPU_SIM_MEM_MB", "MSA_GPU_SIM_FAIL_AFTER",
+                                 "MSA_GPU_SYNC_CHECK", "MSA_GPU_GEMM_MIN_COLS"};
     char *saved[6];
     for (int i = 0; i < 6; i++) {
         const char *v = getenv(vars[i]);
@@ -645,8 +645,8 @@ TEST(config_env)
     CHECK_EQ_I(msa_dev_count(&c, why, sizeof why), 0);
     CHECK_STR(why, "MSA_GPU_SIM_DEVICES=0");
 
-    setenv("MSA_GPU_SIM", "yes", 1);          /* only "1" switches it on */
-    setenv("MSA_GPU_SIM_DEVICES", "3x", 1);   /* not a number: the default */
+    setenv("MSA_GPU_SIM", "yes", 1);           /* only "1" switches it on */
+    setenv("MSA_GPU_SIM_DEVICES", "3x", 1);    /* not a number: the default */
     setenv("MSA_GPU_SIM_FAIL_AFTER", "-1", 1); /* negative: no fault */
     msa_dev_config_env(&c);
     CHECK(!c.sim);
@@ -657,16 +657,18 @@ TEST(config_env)
     CHECK_EQ_I(msa_dev_count(&z, why, sizeof why), 1);
 
     for (int i = 0; i < 6; i++) {
-        if (saved[i]) setenv(vars[i], saved[i], 1);
-        else unsetenv(vars[i]);
+        if (saved[i])
+            setenv(vars[i], saved[i], 1);
+        else
+            unsetenv(vars[i]);
         free(saved[i]);
     }
 }
 
 static const msa_test_t tests[] = {
-    TEST_ENTRY(config_env),
-    TEST_ENTRY(lanes_and_copies), TEST_ENTRY(score_edges),   TEST_ENTRY(score_fixed_shapes),
-    TEST_ENTRY(score_all_dtypes_plans), TEST_ENTRY(select_edges), TEST_ENTRY(select_exact_topk),
+    TEST_ENTRY(config_env),         TEST_ENTRY(lanes_and_copies),       TEST_ENTRY(score_edges),
+    TEST_ENTRY(score_fixed_shapes), TEST_ENTRY(score_all_dtypes_plans), TEST_ENTRY(select_edges),
+    TEST_ENTRY(select_exact_topk),
 };
 
 int main(int argc, char **argv)

@@ -182,11 +182,16 @@ static void fixture_docs(void)
         msa_engine_write_op_t op;
         memset(&op, 0, sizeof op);
         op.kind = MSA_OP_PUT;
-        op.put = (msa_engine_doc_t){.id = 1, .text = "seed", .text_len = 4, .metadata = "{}",
-                             .metadata_len = 2, .tokens = d[i].tokens, .n_layers = d[i].nl,
-                             .layers = d[i].l};
-        msa_engine_write_req_t req = {.collection = d[i].coll, .model = d[i].model, .n_ops = 1,
-                               .ops = &op};
+        op.put = (msa_engine_doc_t){.id = 1,
+                                    .text = "seed",
+                                    .text_len = 4,
+                                    .metadata = "{}",
+                                    .metadata_len = 2,
+                                    .tokens = d[i].tokens,
+                                    .n_layers = d[i].nl,
+                                    .layers = d[i].l};
+        msa_engine_write_req_t req = {
+            .collection = d[i].coll, .model = d[i].model, .n_ops = 1, .ops = &op};
         msa_engine_write_result_t *res = NULL;
         msa_status_t st;
         if (msa_engine_write(eng, &req, &res, &st)) DIE("seed %s: %s", d[i].coll, st.msg);
@@ -241,9 +246,14 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     snprintf(backup_dir, sizeof backup_dir, "%s/backup", root);
     if (mkdir(backup_dir, 0700)) DIE("mkdir %s failed", backup_dir);
 
-    msa_engine_config_t cfg = {.data_dir = data_dir, .backend = MSA_BACKEND_CPU, .threads = 1,
-                            .nosync = true, .map_size = 8u << 20, .map_max = 256u << 20,
-                            .backup_dir = backup_dir, .min_seq_wait_ms = 1};
+    msa_engine_config_t cfg = {.data_dir = data_dir,
+                               .backend = MSA_BACKEND_CPU,
+                               .threads = 1,
+                               .nosync = true,
+                               .map_size = 8u << 20,
+                               .map_max = 256u << 20,
+                               .backup_dir = backup_dir,
+                               .min_seq_wait_ms = 1};
     msa_status_t st;
     if (msa_engine_open(&cfg, &eng, &st)) DIE("engine open: %s", st.msg);
     fixture_collections();
