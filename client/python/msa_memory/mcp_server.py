@@ -21,7 +21,7 @@ threshold on the fused routing score.
 
 Failures are MCP tool errors (``isError``), never a crash of the server: an msad
 error keeps msad's status and message ("NOT_FOUND: ..."), an unknown id is
-"NOT_FOUND: no note with id N", bad arguments are named. msad may be down when the
+msad's NOT_FOUND message, bad arguments are named. msad may be down when the
 server starts: the collection is opened on the first call that needs it and
 again after a connection failure.
 
@@ -95,6 +95,8 @@ def build_server(addr, collection, encoder, token=None, create=True, name="msa-m
                             pass
             raise ToolError(str(e)) from None
         except KeyError as e:
+            if isinstance(e.__cause__, MsaError):      # msad's NOT_FOUND, its message
+                raise ToolError(str(e.__cause__)) from None
             raise ToolError("NOT_FOUND: no note with id %s" % e.args[0]) from None
         except (ValueError, TypeError) as e:
             raise ToolError("INVALID_ARGUMENT: %s" % e) from None

@@ -259,7 +259,7 @@ class Memory:
                                   model=self.model)
         except MsaError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:
-                raise KeyError(id) from None
+                raise KeyError(id) from e      # __cause__: msad's own error
             raise
         self._seen(r.commit_seq)
 
@@ -271,7 +271,7 @@ class Memory:
                 with_metadata=True, min_seq=self.last_seq))
         except MsaError as e:
             if e.code == grpc.StatusCode.NOT_FOUND and len(ids) == 1:
-                raise KeyError(ids[0]) from None
+                raise KeyError(ids[0]) from e
             raise
         return list(r.records)
 
