@@ -12,8 +12,10 @@ independent references and a real msad.
     no content word with their fact (tests/paraphrase_set.py checks it): dense
     recall@1 and @3 above the floors below, msad's scores equal the reference
     cosines, and the lexical baseline on the same set is far worse; the hybrid
-    collection (lexical + dense) with mean fusion (default) and RRF (measured, worse); a fact in the 3rd passage of a long
-    note is found; a collection of another passage length is refused.
+    collection (lexical + dense) with mean fusion (its default) and with RRF
+    (measured, worse here); a fact in the 3rd passage of a long note is found;
+    interleave reads a two-hop chain; a collection of another passage length is
+    refused.
 
 Run: MSA_BIN=build/bin ~/.cache/msad/venv/bin/python tests/test_sentence.py (exit 77
 when msad or the msa_client package is not built).
@@ -217,6 +219,18 @@ class EndToEnd(unittest.TestCase):
         hits = mem.search("Where was the chart leading to the riches concealed?", k=1)
         self.assertEqual(hits[0].id, i)
         self.assertEqual(hits[0].metadata, {"kind": "long"})
+
+    def test_interleave(self):
+        # Memory.interleave through the dense encoder's encode_interleave (rows: the
+        # question, and the question + each relevant note read).
+        mem = Memory(self.d.addr, "interleave", ONNX)
+        a = mem.add("The Orvaline ledger was entrusted to Tessa Quibble.")
+        b = mem.add("Tessa Quibble moved to the harbour town of Selmouth last spring.")
+        mem.add_many(PS.DISTRACTORS + [f for f, _ in PS.PAIRS])
+        r = mem.interleave("Where does the keeper of the Orvaline ledger live now?",
+                           max_rounds=2, k_per_round=1)
+        self.assertEqual(r.ids, [a, b])
+        self.assertEqual(r.trace[1]["query_tokens"] > r.trace[0]["query_tokens"], True)
 
     def test_other_passage_length_refused(self):
         Memory(self.d.addr, "p128", ONNX).add("x")
