@@ -10,6 +10,8 @@ a real msad.
     the id; an msad error keeps msad's own message (the collection dropped behind
     the server's back: the tool error carries the same text a direct msa_client call
     gets); the server answers after every error;
+  * a collection of another encoder: tool errors naming ModelMismatch and the
+    collection;
   * msad not running: tool calls are errors with gRPC's UNAVAILABLE, the server
     stays up;
   * streamable HTTP on 127.0.0.1 with the dense encoder (--encoder sentence): a
@@ -161,6 +163,18 @@ class Stdio(unittest.TestCase):
             # ... and the server still answers.
             self.assertEqual(len((await s.list_tools()).tools), 6)
         self.run_session("mcp_stdio", body)
+
+    def test_encoder_mismatch(self):
+        from msa_memory import LexicalEncoder, Memory
+        Memory(self.d.addr, "mcp_other", LexicalEncoder(head_dim=64)).close()
+
+        async def body(s):
+            _, err = await call(s, "remember", text="hello")
+            self.assertIn("ModelMismatch", err)
+            self.assertIn("mcp_other", err)
+            _, err = await call(s, "recall", query="hello")
+            self.assertIn("ModelMismatch", err)
+        self.run_session("mcp_other", body)
 
     def test_msad_down(self):
         port = free_port()

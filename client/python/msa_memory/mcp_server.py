@@ -63,7 +63,7 @@ def build_server(addr, collection, encoder, token=None, create=True, name="msa-m
 
     from msa_client import MsaError
 
-    from .memory import Memory
+    from .memory import Memory, MemoryError_
 
     state = {"mem": None}
     lock = threading.Lock()
@@ -100,6 +100,8 @@ def build_server(addr, collection, encoder, token=None, create=True, name="msa-m
             raise ToolError("NOT_FOUND: no note with id %s" % e.args[0]) from None
         except (ValueError, TypeError) as e:
             raise ToolError("INVALID_ARGUMENT: %s" % e) from None
+        except MemoryError_ as e:                  # e.g. too many concurrent updates
+            raise ToolError("%s: %s" % (type(e).__name__, e)) from None
 
     def note_id(s):
         try:
