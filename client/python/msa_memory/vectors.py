@@ -22,7 +22,6 @@ the stores refuse a filter argument instead of filtering results afterwards.
 """
 
 import hashlib
-import json
 import math
 
 import grpc
