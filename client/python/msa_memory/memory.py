@@ -24,7 +24,8 @@ Design (README "Agent memory" says the same):
   layer's candidate list gets that layer's lowest returned score (an upper bound of
   its true score there; it only affects documents outside some layer's top-depth).
   Ties by smaller id, like msad. ``fusion="rrf"`` uses reciprocal-rank fusion
-  (sum over layers of 1 / (60 + rank)) instead.
+  (sum over layers of 1 / (60 + rank)) instead; left out, the encoder's ``fusion``
+  attribute decides (HybridEncoder: rrf), else mean.
 * Reads pass ``min_seq`` = the last commit this Memory wrote, so a search sees the
   notes this process just added (read-your-writes) even with other clients writing.
 * Metadata: any JSON value, stored as UTF-8 JSON (bytes are stored as they are and
@@ -117,13 +118,15 @@ class Memory:
     """
 
     def __init__(self, addr, collection, encoder, token=None, create=True, client=None,
-                 depth=None, fusion="mean", kv_dtype=None, routing_dtype=None, **client_kw):
+                 depth=None, fusion=None, kv_dtype=None, routing_dtype=None, **client_kw):
         self.encoder = encoder
         self.collection = collection
         self.model = encoder.identity
         self.client = client or Client(addr, token=token, **client_kw)
         self._own_client = client is None
         self.depth = depth
+        if fusion is None:                 # the encoder's preference (HybridEncoder: rrf)
+            fusion = getattr(encoder, "fusion", "mean")
         if fusion not in ("mean", "rrf"):
             raise ValueError("fusion: 'mean' or 'rrf'")
         self.fusion = fusion
@@ -256,7 +259,7 @@ class Memory:
                                   model=self.model)
         except MsaError as e:
             if e.code == grpc.StatusCode.NOT_FOUND:
-                raise KeyError(id) from None
+                raise KeyError(id) from e      # __cause__: msad's own error
             raise
         self._seen(r.commit_seq)
 
@@ -268,7 +271,7 @@ class Memory:
                 with_metadata=True, min_seq=self.last_seq))
         except MsaError as e:
             if e.code == grpc.StatusCode.NOT_FOUND and len(ids) == 1:
-                raise KeyError(ids[0]) from None
+                raise KeyError(ids[0]) from e
             raise
         return list(r.records)
 
@@ -279,6 +282,35 @@ class Memory:
         return {"id": rec.info.id, "text": rec.document.text,
                 "metadata": _dec_meta(rec.document.metadata), "version": rec.info.version,
                 "tokens": rec.info.tokens, "updated_unix_ms": rec.info.updated_unix_ms}
+
+    def list(self, after_id=0, limit=100):
+        """One page of notes in id order: (notes, next_after_id), notes as get()
+        returns them, next_after_id 0 when there is no more (List, then Get)."""
+        page = self.client.list_docs(self.collection, after_id=int(after_id),
+                                     limit=max(1, min(int(limit), 1000)))
+        docs, nxt = page
+        if not docs:
+            return [], 0
+        recs = self._texts_full([d["id"] for d in docs])
+        return recs, nxt
+
+    def _texts_full(self, ids):
+        try:
+            recs = self._get_raw(ids)
+        except (KeyError, MsaError) as e:         # one was deleted meanwhile: one by one
+            if isinstance(e, MsaError) and e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            out = []
+            for i in ids:
+                try:
+                    out.append(self.get(i))
+                except KeyError:
+                    continue
+            return out
+        return [{"id": r.info.id, "text": r.document.text,
+                 "metadata": _dec_meta(r.document.metadata), "version": r.info.version,
+                 "tokens": r.info.tokens, "updated_unix_ms": r.info.updated_unix_ms}
+                for r in recs]
 
     def __len__(self):
         return self.client.describe(self.collection)["documents"]
