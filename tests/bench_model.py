@@ -18,13 +18,12 @@ Prints one JSON line per size ("bench_model: {...}") and a table.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from daemon_util import BIN, Daemon  # noqa: E402
+from daemon_util import BIN, Daemon, cpu_model  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(BIN)), "python"))
 import torch  # noqa: E402
@@ -37,17 +36,6 @@ SIZES = {
     "small": dict(layers=8, memory_layers=(4, 5, 6, 7), hidden=512, heads=8, kv_heads=4,
                   head_dim=64, chunk_tokens=16, top_k=8),
 }
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def corpus(n, words=48):

@@ -11,7 +11,6 @@ agreement of the two paths on these passages (max |difference|, min cosine).
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import eval_memory as EV  # noqa: E402
+from daemon_util import cpu_model  # noqa: E402
 
 EV.setup_paths()
 warnings.filterwarnings("ignore")
@@ -26,17 +26,6 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 
 from msa_memory.sentence import SentenceEncoder  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():

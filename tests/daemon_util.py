@@ -378,3 +378,16 @@ class GrpcCase(unittest.TestCase):
         for c in ([contains] if isinstance(contains, str) else contains):
             self.assertIn(c, err.details() or "")
         return err
+
+
+def cpu_model():
+    """The CPU model name (/proc/cpuinfo) that benchmarks print beside every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
