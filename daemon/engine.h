@@ -335,6 +335,7 @@ typedef struct msa_engine_get_req {
     int64_t deadline_ms;
     uint64_t snapshot_seq; /* as msa_engine_read_common_t */
     uint32_t hold_ms;
+    bool skip_router_keys; /* with_tensors: K and V only (router_k.data stays NULL) */
     /* Bytes of text, metadata and tensors the records may hold in all
      * (0 = no limit): past it MSA_EFULL before anything more is read, so a
      * small request cannot build a huge response. */

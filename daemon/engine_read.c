@@ -706,7 +706,7 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
             if (nl) {
                 uint64_t per = (uint64_t)g->info.chunks * sc->kv_heads * sc->head_dim;
                 uint64_t kvb = per * msa_dtype_size(sc->kv_dtype) * 2;
-                if (sc->separate_router_keys)
+                if (sc->separate_router_keys && !req->skip_router_keys)
                     kvb += per * msa_dtype_size(msa_schema_router_store_dtype(sc));
                 add += kvb * nl;
             }
@@ -740,7 +740,7 @@ int msa_engine_get(msa_engine_t *e, const msa_engine_get_req_t *req, msa_engine_
             msa_engine_get_layer_t *gl = &g->layers[g->n_layers++];
             gl->layer = sc->layers[pos[l]];
             msa_store_view_t kv[3] = {{0}};
-            int kinds = sc->separate_router_keys ? 3 : 2;
+            int kinds = sc->separate_router_keys && !req->skip_router_keys ? 3 : 2;
             for (int kind = 0; kind < kinds && rc == MSA_OK; kind++) {
                 rc = msa_store_block_get(s->txn, s->coll.id, req->ids[i], (uint16_t)pos[l],
                                          (msa_block_kind_t)kind, &kv[kind]);

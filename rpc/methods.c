@@ -508,6 +508,7 @@ static int h_get(const msa_rpc_ctx_t *ctx, const msa_rpc_req_t *req, msa_rpc_rep
                                .deadline_ms = req->deadline_ms,
                                .snapshot_seq = r->snapshot_seq,
                                .hold_ms = r->hold_snapshot_ms,
+                               .skip_router_keys = r->skip_router_keys,
                                .max_bytes = ctx->max_send};
     msa_engine_get_result_t *res = NULL;
     rc = msa_engine_get(ctx->engine, &gr, &res, st);

@@ -356,23 +356,31 @@ class TestMemory(Case):
     def test_parallel_bodies_bounded_without_tokens(self):
         # No tokens: 8 parallel 60 MiB Writes, one connection each, with
         # --max-queue-mb 8 --max-message-mb 64. gRPC's resource quota (queue +
-        # one message: 72 MiB) cancels streams past it (3-7 of the 8). It is
-        # soft: peak growth measured 200-297 MiB (without the quota 353-399
-        # MiB, where the client's send rate, not msad, was the limit).
+        # one message: 72 MiB) cancels streams past it. It is soft and its
+        # cancellations depend on timing: 3-7 of the 8 on a loaded machine
+        # (peak growth 200-297 MiB), sometimes 1 on a quiet one, where msad
+        # refuses each body fast enough that they barely overlap (+388 MiB;
+        # without the quota 353-399 MiB). So: up to 3 rounds until the quota
+        # is seen to cancel at least 2 streams (before the fix all 8 bodies were
+        # read in full, in every round), and in every round msad holds no body
+        # twice (peak below the 8 bodies' 480 MiB + 25%).
         with Daemon(args=["--max-queue-mb", "8", "--max-message-mb", "64"]) as d:
             pid = d.proc.pid
             time.sleep(0.2)
             base = proc_kib(pid, "VmHWM")
             big = pb.WriteRequest(collection="w", ops=[
                 pb.WriteOp(put=doc(i + 1, meta=b"z" * (15 * MIB))) for i in range(4)])
-            codes = parallel_writes(d, big, 8)
-            grown = (proc_kib(pid, "VmHWM") - base) / 1024
-            sys.stderr.write("parallel bodies: peak RSS +%.0f MiB, codes %s\n" % (grown, codes))
-            # The quota acted: most bodies were cancelled while arriving (all
-            # 8 were read in full and refused by validation before it).
-            self.assertGreaterEqual(codes.count(SC.RESOURCE_EXHAUSTED), 2, codes)
-            self.assertLess(grown, 360, "peak RSS grew %.0f MiB" % grown)
-            self.assertNotIn(SC.OK, codes)
+            cancelled = []
+            for _round in range(3):
+                codes = parallel_writes(d, big, 8)
+                grown = (proc_kib(pid, "VmHWM") - base) / 1024
+                sys.stderr.write("parallel bodies: peak RSS +%.0f MiB, codes %s\n" % (grown, codes))
+                self.assertLess(grown, 600, "peak RSS grew %.0f MiB" % grown)
+                self.assertTrue(set(codes) <= {SC.RESOURCE_EXHAUSTED, SC.INVALID_ARGUMENT}, codes)
+                cancelled.append(codes.count(SC.RESOURCE_EXHAUSTED))
+                if cancelled[-1] >= 2:
+                    break
+            self.assertGreaterEqual(max(cancelled), 2, "the quota cancelled %s streams" % cancelled)
             self.assertEqual(d.memory().Stats(pb.StatsRequest()).documents, 0)
             self.fresh_health(d)
 

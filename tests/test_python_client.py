@@ -156,6 +156,20 @@ class PythonClientTest(unittest.TestCase):
         self.assertNotIn("text", g)
         self.assertEqual(list(g["layers"]), [LAYERS[1]])
         np.testing.assert_array_equal(g["layers"][LAYERS[1]]["router_k"], bf16_bits_to_f32(bits[LAYERS[1]][2]))
+        # skip_router_keys: the same K and V, no router_k, a third fewer tensor bytes
+        from msa_client import memory_pb2 as pb
+        full = self.c._mem.Get(pb.GetRequest(collection="bf", ids=[11], with_tensors=True))
+        lean = self.c._mem.Get(pb.GetRequest(collection="bf", ids=[11], with_tensors=True,
+                                             skip_router_keys=True))
+        for lf, ll in zip(full.records[0].document.layers, lean.records[0].document.layers):
+            self.assertEqual((lf.k, lf.v), (ll.k, ll.v))
+            self.assertTrue(lf.router_k.data)
+            self.assertFalse(ll.HasField("router_k") and ll.router_k.data)
+        self.assertLess(lean.ByteSize(), full.ByteSize() * 0.7)
+        g = self.c.get("bf", 11, router_keys=False)
+        for l in LAYERS:
+            self.assertEqual(sorted(k for k in g["layers"][l] if k != "dtype"), ["k", "v"])
+            np.testing.assert_array_equal(g["layers"][l]["v"], bf16_bits_to_f32(bits[l][1]))
         # missing router_k in a separate-router-keys collection
         with self.assertRaises(MsaError) as e:
             self.c.put("bf", 12, {l: kv[l][:2] for l in LAYERS}, tokens=12)

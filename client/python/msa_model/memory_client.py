@@ -306,7 +306,8 @@ class MsadMemoryClient:
             n = 0
             if ids:
                 g = self._call("Get", pb.GetRequest(
-                    collection=self.collection, ids=ids, with_tensors=True, layers=[layer_idx]),
+                    collection=self.collection, ids=ids, with_tensors=True, layers=[layer_idx],
+                    skip_router_keys=True),   # the layer attends over K and V only
                     "Get of the selected documents of layer %d" % layer_idx)
                 for rec in g.records:
                     lk = rec.document.layers[0]
