@@ -35,6 +35,24 @@ void msa__engine_snap_close(msa_engine_t *e, msa__engine_snap_t *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Resolves the collection `name` (NULL: none) in the opened snapshot s and
+ * takes its index handle; on failure closes s. A collection dropped after the
+ * snapshot's seq stays in the index while that snapshot is registered, so a
+ * held snapshot older than a drop still finds it. */
+static int resolve_coll(msa_engine_t *e, const char *name, msa__engine_snap_t *s, msa_status_t *st)
+{
+    if (!name) return MSA_OK;
+    int rc = msa__engine_find_coll(s->txn, name, &s->coll, st);
+    if (rc == MSA_OK) {
+        s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
+        if (!s->ic)
+            rc =
+                msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index", name);
+    }
+    if (rc) msa__engine_snap_close(e, s);
+    return rc;
+}
+
 /* Opens a snapshot that includes min_seq (waiting up to the configured limit
  * or the deadline) and, when name is given, resolves the collection in it. */
 int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, int64_t deadline_ms,
@@ -86,17 +104,7 @@ int msa__engine_snap_open(msa_engine_t *e, const char *name, uint64_t min_seq, i
     s->registered = true;
     /* The writer applies right after commit: this wait is microseconds. */
     msa_idx_wait_applied(e->idx, s->seq, 0);
-    if (name) {
-        rc = msa__engine_find_coll(s->txn, name, &s->coll, st);
-        if (rc == MSA_OK) {
-            s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
-            if (!s->ic)
-                rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index",
-                                    name);
-        }
-        if (rc) msa__engine_snap_close(e, s);
-    }
-    return rc;
+    return resolve_coll(e, name, s, st);
 }
 
 /* ---- held snapshots (lease.h) ---- */
@@ -135,19 +143,7 @@ int msa__engine_snap_open_at(msa_engine_t *e, const char *name, uint64_t min_seq
     if (rc) return rc;
     s->lease_locked = true;
     s->seq = snapshot_seq;
-    if (name) {
-        rc = msa__engine_find_coll(s->txn, name, &s->coll, st);
-        if (rc == MSA_OK) {
-            /* A collection dropped after seq stays in the index while a
-             * snapshot older than the drop is registered, as this one is. */
-            s->ic = msa_idx_coll_acquire(e->idx, s->coll.id);
-            if (!s->ic)
-                rc = msa_status_set(st, MSA_EINTERNAL, "collection \"%s\" missing from the index",
-                                    name);
-        }
-        if (rc) msa__engine_snap_close(e, s);
-    }
-    return rc;
+    return resolve_coll(e, name, s, st);
 }
 
 /* After a read succeeded: hold_ms != 0 starts a lease on the snapshot it read

@@ -391,3 +391,15 @@ def cpu_model():
         pass
     import platform
     return platform.processor() or "unknown"
+
+
+def run_pytest_file(path, built, pydir, *args):
+    """Entry of a pytest-style test file run as a script (CTest runs every
+    tests/test_*.py that way): exit 77 when msad or the client package is not
+    built, else pytest's exit code."""
+    if not built:
+        print("skip: msad or the msa_client package (%s) not built" % pydir)
+        sys.exit(77)
+    import pytest
+    sys.exit(pytest.main([path, "-q", "-p", "no:cacheprovider", "-W",
+                          "ignore::DeprecationWarning"] + list(args)))

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from daemon_util import Daemon, msad_path  # noqa: E402
+from daemon_util import Daemon, msad_path, run_pytest_file  # noqa: E402
 import eval_memory as EV  # noqa: E402
 import paraphrase_set as PS  # noqa: E402
 
@@ -30,12 +30,7 @@ BUILT = os.access(msad_path(), os.X_OK) and os.path.exists(
     os.path.join(EV.PYDIR, "msa_client", "memory_pb2.py"))
 
 if __name__ == "__main__":
-    if not BUILT:
-        print("skip: msad or the msa_client package (%s) not built" % EV.PYDIR)
-        sys.exit(77)
-    import pytest
-    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider",
-                          "-W", "ignore::DeprecationWarning"]))
+    run_pytest_file(__file__, BUILT, EV.PYDIR)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
